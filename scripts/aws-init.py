@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Create the SQS queues and KMS key pii-vault needs, in an AWS emulator.
+
+Meant for moto (scripts/services) or a LocalStack init hook: it only needs
+boto3, and every run converges to the same state, because emulators keep
+state in memory and lose it on restart, so this runs on every start.
+
+Prints the resources as KEY=value lines on stdout, for scripts to parse.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import boto3
+from botocore.exceptions import ClientError
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--endpoint-url",
+                   default=os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+                   help="emulator URL (default: $AWS_ENDPOINT_URL or %(default)s)")
+    p.add_argument("--region",
+                   default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                   help="region (default: $AWS_REGION or %(default)s)")
+    p.add_argument("--queue", default="login-queue", help="main queue name (default: %(default)s)")
+    p.add_argument("--dlq", help="dead-letter queue name (default: <queue>-dlq)")
+    p.add_argument("--max-receive-count", type=int, default=5,
+                   help="receives before a message moves to the DLQ (default: %(default)s)")
+    p.add_argument("--visibility-timeout", type=int, default=30,
+                   help="main queue visibility timeout in seconds (default: %(default)s)")
+    p.add_argument("--alias", default="alias/pii-vault", help="KMS key alias (default: %(default)s)")
+    args = p.parse_args()
+    if args.dlq is None:
+        args.dlq = args.queue + "-dlq"
+    if not args.alias.startswith("alias/"):
+        args.alias = "alias/" + args.alias
+    return args
+
+
+def ensure_queue(sqs, name, attributes):
+    """Return the URL of queue `name`, created or updated to `attributes`.
+
+    CreateQueue alone is not idempotent once attributes change (it fails with
+    QueueAlreadyExists), so an existing queue gets SetQueueAttributes instead.
+    """
+    try:
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("AWS.SimpleQueueService.NonExistentQueue",
+                                               "QueueDoesNotExist"):
+            raise
+        return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    if attributes:
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+    return url
+
+
+def ensure_key(kms, alias):
+    """Return the ARN of the key behind `alias`, creating both if missing."""
+    try:
+        return kms.describe_key(KeyId=alias)["KeyMetadata"]["Arn"]
+    except ClientError as e:
+        if e.response["Error"]["Code"] != "NotFoundException":
+            raise
+    key = kms.create_key(
+        KeySpec="SYMMETRIC_DEFAULT",
+        KeyUsage="ENCRYPT_DECRYPT",
+        Description="pii-vault envelope encryption (local emulator)",
+    )["KeyMetadata"]
+    kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+    return key["Arn"]
+
+
+def main():
+    args = parse_args()
+    # Emulators accept any credentials, but boto3 refuses to sign without some.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    session = boto3.session.Session(region_name=args.region)
+    sqs = session.client("sqs", endpoint_url=args.endpoint_url)
+    kms = session.client("kms", endpoint_url=args.endpoint_url)
+
+    dlq_url = ensure_queue(sqs, args.dlq, {})
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+        "Attributes"]["QueueArn"]
+    queue_url = ensure_queue(sqs, args.queue, {
+        "VisibilityTimeout": str(args.visibility_timeout),
+        "RedrivePolicy": json.dumps({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": args.max_receive_count,
+        }),
+    })
+    key_arn = ensure_key(kms, args.alias)
+
+    print(f"QUEUE_URL={queue_url}")
+    print(f"DLQ_URL={dlq_url}")
+    print(f"KMS_KEY_ARN={key_arn}")
+    print(f"KMS_KEY_ALIAS={args.alias}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # one clear line instead of a botocore traceback
+        print(f"aws-init: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,15 @@
+# shellcheck shell=bash
+# Source me (`. scripts/env.sh`) for the settings that match scripts/services.
+# Values already in the environment win, so a real deployment's settings or a
+# one-off override (DATABASE_URL=... cargo test) are never clobbered.
+
+: "${DATABASE_URL:=postgres://pii_vault:pii_vault@127.0.0.1:5432/pii_vault}"
+: "${AWS_ENDPOINT_URL:=http://127.0.0.1:4566}"
+: "${AWS_REGION:=us-east-1}"
+# The Rust SDK reads AWS_REGION; boto3 reads only AWS_DEFAULT_REGION.
+: "${AWS_DEFAULT_REGION:=$AWS_REGION}"
+# Dummy credentials: the emulator accepts any, the SDKs refuse to sign without.
+: "${AWS_ACCESS_KEY_ID:=test}"
+: "${AWS_SECRET_ACCESS_KEY:=test}"
+: "${KMS_KEY_ID:=alias/pii-vault}"
+export DATABASE_URL AWS_ENDPOINT_URL AWS_REGION AWS_DEFAULT_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY KMS_KEY_ID
