@@ -1,0 +1,145 @@
+//! `ingest`: the daemon. Long-polls SQS, validates, tokenizes and seals, writes in batches, and
+//! deletes each message only after its row has committed.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
+use pii_vault::db;
+use pii_vault::ingest::sqs::{self, PollSettings, SqsSource};
+use pii_vault::ingest::{self, Settings};
+use pii_vault::vault::keyring::Keyring;
+use pii_vault::vault::kms::AwsKms;
+
+/// Ingest login events from an SQS queue into PostgreSQL, with ip and device_id tokenized and
+/// sealed.
+///
+/// AWS region, credentials and endpoint come from the standard AWS chain (AWS_REGION,
+/// AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles; AWS_ENDPOINT_URL for an emulator).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    kms: KmsArgs,
+    /// Queue name or URL.
+    #[arg(long, env = "QUEUE", default_value = "login-queue")]
+    queue: String,
+    /// Exit once the queue is empty instead of running until SIGTERM or Ctrl-C.
+    #[arg(long)]
+    drain: bool,
+    /// Most messages per database transaction.
+    #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch_size: u32,
+    /// Longest a message waits for its batch to fill, in milliseconds.
+    #[arg(long, env = "INGEST_FLUSH_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    flush_ms: u64,
+    /// Concurrent long polls (each receives up to 10 messages).
+    #[arg(long, env = "INGEST_POLLERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pollers: u32,
+    /// Concurrent database writers (connections).
+    #[arg(long, env = "INGEST_WRITERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    writers: u32,
+    /// Long-poll wait in seconds [default: 20, or 2 with --drain].
+    #[arg(long, env = "INGEST_WAIT_SECONDS",
+          value_parser = clap::value_parser!(i32).range(0..=20))]
+    wait_seconds: Option<i32>,
+    /// Visibility timeout for received messages, in seconds [default: the queue's].
+    #[arg(long, env = "INGEST_VISIBILITY_TIMEOUT",
+          value_parser = clap::value_parser!(i32).range(0..=43_200))]
+    visibility_timeout: Option<i32>,
+    /// Seal at most this many values under one data key, then make a new one.
+    #[arg(
+        long,
+        env = "INGEST_DATA_KEY_MAX_RECORDS",
+        default_value_t = 10_000_000
+    )]
+    data_key_max_records: u64,
+    /// Use one data key for at most this many seconds.
+    #[arg(long, env = "INGEST_DATA_KEY_MAX_AGE", default_value_t = 86_400)]
+    data_key_max_age: u64,
+    /// On SIGTERM or Ctrl-C, seconds allowed to commit and acknowledge what was received.
+    #[arg(long, env = "INGEST_SHUTDOWN_DEADLINE", default_value_t = 30)]
+    shutdown_deadline: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging();
+    cli::exit_code(run(args).await)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.data_key_max_records == 0 || args.data_key_max_age == 0 {
+        return Err(UsageError(
+            "--data-key-max-records and --data-key-max-age must be positive".into(),
+        )
+        .into());
+    }
+    let settings = Settings {
+        pollers: args.pollers as usize,
+        writers: args.writers as usize,
+        batch_size: args.batch_size as usize,
+        flush_interval: Duration::from_millis(args.flush_ms),
+        drain: args.drain,
+        data_key_max_records: args.data_key_max_records,
+        data_key_max_age: Duration::from_secs(args.data_key_max_age),
+    };
+    let poll = PollSettings {
+        wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
+        visibility_timeout_seconds: args.visibility_timeout,
+    };
+
+    let pool = db::connect(&args.database.database_url, args.writers + 2).await?;
+    db::check_schema(&pool).await?;
+
+    let aws = cli::aws_config().await;
+    let sqs_client = aws_sdk_sqs::Client::new(&aws);
+    let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+        .await
+        .context("finding the queue")?;
+    let source = Arc::new(SqsSource::new(sqs_client, queue_url, poll));
+    let kms = Arc::new(AwsKms::from_conf(&aws));
+    let keyring = Keyring::new(
+        pool.clone(),
+        kms.clone(),
+        &args.kms.kms_key_id,
+        &cli::process_name("ingest"),
+    );
+
+    let shutdown = CancellationToken::new();
+    let signalled = shutdown.clone();
+    tokio::spawn(async move {
+        cli::shutdown_signal().await;
+        tracing::info!("shutdown requested: finishing what was received");
+        signalled.cancel();
+    });
+
+    let deadline = Duration::from_secs(args.shutdown_deadline);
+    let pipeline = ingest::run(source, pool, keyring, settings, shutdown.clone());
+    tokio::pin!(pipeline);
+    let summary = tokio::select! {
+        summary = &mut pipeline => summary?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => {
+            anyhow::bail!(
+                "shutdown deadline of {}s passed before everything received was committed; \
+                 the rest will be redelivered after its visibility timeout",
+                deadline.as_secs()
+            );
+        }
+    };
+    tracing::info!(kms_calls = kms.calls(), "done");
+    println!("{summary}");
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `loadgen`: puts login messages on a queue with SendMessageBatch, from a file (the sample's
+//! JSONL or its original .json.gz array) or generated.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use clap::Parser;
+use tokio::task::JoinSet;
+
+use pii_vault::cli::{self, UsageError};
+use pii_vault::ingest::sqs::SQS_BATCH_LIMIT;
+use pii_vault::synth::Generator;
+
+/// Send login messages to an SQS queue (creating the queue if it is missing).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Queue name or URL.
+    #[arg(long, env = "QUEUE", default_value = "login-queue")]
+    queue: String,
+    /// Send the bodies in this file: JSON lines, or a JSON array (gzip-compressed if the name
+    /// ends in .gz).
+    #[arg(long, conflicts_with = "count", required_unless_present = "count")]
+    file: Option<PathBuf>,
+    /// Send this many generated messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Chance that a generated login reuses an earlier ip, and independently an earlier
+    /// device_id.
+    #[arg(long, default_value_t = 0.2)]
+    dup_rate: f64,
+    /// Chance that a generated message is malformed.
+    #[arg(long, default_value_t = 0.01)]
+    bad_rate: f64,
+    /// Seed of the generator: the same seed sends the same messages.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// SendMessageBatch calls in flight.
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    concurrency: u32,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging();
+    cli::exit_code(run(args).await)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    for (name, rate) in [("--dup-rate", args.dup_rate), ("--bad-rate", args.bad_rate)] {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(UsageError(format!("{name} must be between 0 and 1")).into());
+        }
+    }
+    let bodies: Box<dyn Iterator<Item = String> + Send> = match (&args.file, args.count) {
+        (Some(path), _) => Box::new(read_bodies(path)?.into_iter()),
+        (None, Some(count)) => {
+            let mut generator = Generator::new(args.seed, args.dup_rate, args.bad_rate);
+            Box::new((0..count).map(move |_| generator.next_message().body))
+        }
+        (None, None) => unreachable!("clap requires --file or --count"),
+    };
+
+    let aws = cli::aws_config().await;
+    let client = aws_sdk_sqs::Client::new(&aws);
+    let queue_url = if args.queue.starts_with("http://") || args.queue.starts_with("https://") {
+        args.queue.clone()
+    } else {
+        // Returns the existing queue's URL when it exists (its attributes are left alone).
+        client
+            .create_queue()
+            .queue_name(&args.queue)
+            .send()
+            .await
+            .map_err(aws_sdk_sqs::Error::from)
+            .with_context(|| format!("creating or finding queue {}", args.queue))?
+            .queue_url
+            .context("CreateQueue returned no URL")?
+    };
+
+    let started = std::time::Instant::now();
+    let mut in_flight = JoinSet::new();
+    let mut sent = 0u64;
+    let mut chunk = Vec::with_capacity(SQS_BATCH_LIMIT);
+    let mut bodies = bodies.peekable();
+    while bodies.peek().is_some() {
+        chunk.clear();
+        chunk.extend(bodies.by_ref().take(SQS_BATCH_LIMIT));
+        if in_flight.len() >= args.concurrency as usize {
+            sent += in_flight.join_next().await.expect("not empty")??;
+        }
+        in_flight.spawn(send_batch(client.clone(), queue_url.clone(), chunk.clone()));
+    }
+    while let Some(done) = in_flight.join_next().await {
+        sent += done??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "sent {sent} messages to {queue_url} in {seconds:.2}s ({:.0} msgs/s)",
+        sent as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+async fn send_batch(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    bodies: Vec<String>,
+) -> anyhow::Result<u64> {
+    let entries = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .build()
+                .expect("id and body are set")
+        })
+        .collect();
+    let output = client
+        .send_message_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(aws_sdk_sqs::Error::from)
+        .context("SendMessageBatch")?;
+    if let Some(failed) = output.failed.first() {
+        anyhow::bail!(
+            "SQS refused {} message(s) of a batch: {} {}",
+            output.failed.len(),
+            failed.code,
+            failed.message.as_deref().unwrap_or("")
+        );
+    }
+    Ok(output.successful.len() as u64)
+}
+
+/// The bodies in a file: one per line, or the elements of a JSON array.
+fn read_bodies(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut text = String::new();
+    let reading = if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut text)
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut text)
+    };
+    reading.with_context(|| format!("reading {}", path.display()))?;
+    if text.trim_start().starts_with('[') {
+        let records: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON array", path.display()))?;
+        return Ok(records.iter().map(|r| r.to_string()).collect());
+    }
+    Ok(text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
+}

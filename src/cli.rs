@@ -1,0 +1,133 @@
+//! What the binaries share: common flags, logging, AWS configuration, and how errors end a run.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad arguments or configuration. An error prints as one
+//! line on stderr, with its chain of causes, never as a panic or backtrace.
+
+use std::fmt;
+use std::process::ExitCode;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use tracing_subscriber::EnvFilter;
+
+use crate::db::LOCAL_DATABASE_URL;
+
+/// `--database-url`, shared by every binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = LOCAL_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// `--kms-key-id`, shared by every binary that creates or unwraps keys.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KmsArgs {
+    /// KMS key (id, ARN or alias) that wraps new keys. Existing keys unwrap under the KMS key
+    /// recorded with them.
+    #[arg(long, env = "KMS_KEY_ID", default_value = "alias/pii-vault")]
+    pub kms_key_id: String,
+}
+
+/// An error the user fixes by changing arguments or configuration (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). They never carry personal data
+/// or key material: the types that hold either print redacted.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// AWS configuration from the standard chain: `AWS_REGION`, credentials from the environment,
+/// profile or instance role, and `AWS_ENDPOINT_URL` for an emulator. The SDK retries throttling
+/// and transient faults with back-off before pii-vault sees an error.
+pub async fn aws_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::standard().with_max_attempts(5))
+        .load()
+        .await
+}
+
+/// Names this process in the keys it creates: program, host and pid.
+pub fn process_name(program: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{program}@{host}:{}", std::process::id())
+}
+
+/// Ends the program: prints the error's whole chain as one line and picks the exit code.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            if error.chain().any(|cause| cause.is::<UsageError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `outer: cause: root cause`, skipping causes whose text the outer message already includes.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_joins_the_chain_without_repeats() {
+        let error = anyhow::anyhow!("root cause")
+            .context("middle")
+            .context("middle: root cause wrapped");
+        assert_eq!(one_line(&error), "middle: root cause wrapped");
+        let error = anyhow::anyhow!("root\ncause").context("outer");
+        assert_eq!(one_line(&error), "outer: root cause");
+    }
+}

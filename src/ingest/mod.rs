@@ -1,0 +1,462 @@
+//! The ingest pipeline.
+//!
+//! ```text
+//! pollers (N) --messages--> batcher --batches--> writers (W) --> acknowledge
+//!  receive        bounded    validate, tokenize,  bounded   one transaction     delete exactly
+//!                 channel    seal (CPU, µs)       channel   per batch           what committed
+//! ```
+//!
+//! Bounded channels carry back-pressure: a slow database slows the writers, which slows the
+//! batcher, which stops the pollers from receiving, so memory stays flat whatever the backlog.
+//!
+//! A message is acknowledged only after its row or quarantine entry has committed. A database
+//! fault is retried with back-off for as long as it lasts; a batch that fails for another
+//! reason is split until the message at fault is alone, and that message is left on the queue
+//! (SQS's redrive policy moves it to the dead-letter queue after a few attempts).
+//!
+//! Shutdown (the `shutdown` token): the pollers stop receiving, everything already received is
+//! written and acknowledged, and [`run`] returns. Whatever was not committed simply comes back
+//! after its visibility timeout.
+
+pub mod batch;
+pub mod source;
+pub mod sqs;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::retry::Backoff;
+use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::kms::KeyWrapper;
+use crate::vault::seal::Sealer;
+use crate::vault::token::Tokenizer;
+use batch::Batch;
+use source::{Message, MessageSource, Receipt};
+
+/// How the pipeline runs. Every field has a flag in `ingest` (see its `--help`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Concurrent receive loops.
+    pub pollers: usize,
+    /// Concurrent writer connections.
+    pub writers: usize,
+    /// Most messages in one transaction.
+    pub batch_size: usize,
+    /// Longest a received message waits for its batch to fill.
+    pub flush_interval: Duration,
+    /// Stop once a receive comes back empty, instead of waiting for a shutdown signal.
+    pub drain: bool,
+    /// Seal at most this many values under one data key before making a new one.
+    pub data_key_max_records: u64,
+    /// Use one data key at most this long.
+    pub data_key_max_age: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            pollers: 4,
+            writers: 2,
+            batch_size: 500,
+            flush_interval: Duration::from_millis(100),
+            drain: false,
+            data_key_max_records: 10_000_000,
+            data_key_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("loading keys: {0}")]
+    Keys(#[from] KeyringError),
+    #[error("no message source: {0}")]
+    Source(#[from] source::SourceError),
+}
+
+/// Counters of one run.
+#[derive(Debug, Default)]
+pub struct Stats {
+    received: AtomicU64,
+    stored: AtomicU64,
+    quarantined: AtomicU64,
+    duplicates: AtomicU64,
+    acknowledged: AtomicU64,
+    /// Messages whose batch could not be written: left on the queue to be redelivered.
+    left_on_queue: AtomicU64,
+    write_retries: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub received: u64,
+    pub stored: u64,
+    pub quarantined: u64,
+    pub duplicates: u64,
+    pub acknowledged: u64,
+    pub left_on_queue: u64,
+    pub write_retries: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "received={} stored={} quarantined={} duplicates={} acknowledged={} left_on_queue={} write_retries={}",
+            self.received,
+            self.stored,
+            self.quarantined,
+            self.duplicates,
+            self.acknowledged,
+            self.left_on_queue,
+            self.write_retries
+        )
+    }
+}
+
+impl Stats {
+    pub fn summary(&self) -> Summary {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Summary {
+            received: get(&self.received),
+            stored: get(&self.stored),
+            quarantined: get(&self.quarantined),
+            duplicates: get(&self.duplicates),
+            acknowledged: get(&self.acknowledged),
+            left_on_queue: get(&self.left_on_queue),
+            write_retries: get(&self.write_retries),
+        }
+    }
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry.
+pub async fn run<S: MessageSource, W: KeyWrapper>(
+    source: Arc<S>,
+    pool: PgPool,
+    keyring: Keyring<W>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<Summary, IngestError> {
+    let stats = Arc::new(Stats::default());
+    let keyring = Arc::new(keyring);
+    let tokenizer = with_retry("loading the token key", &shutdown, || {
+        keyring.active_tokenizer()
+    })
+    .await?;
+    let sealer = with_retry("creating a data key", &shutdown, || keyring.new_sealer()).await?;
+    tracing::info!(
+        token_key = %tokenizer.key_id(),
+        data_key = %sealer.key_id(),
+        pollers = settings.pollers,
+        writers = settings.writers,
+        batch_size = settings.batch_size,
+        "ingest started"
+    );
+
+    let tasks = TaskTracker::new();
+    let (message_tx, message_rx) = mpsc::channel::<Message>(settings.batch_size * 2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(settings.writers.max(1));
+    let batch_rx = Arc::new(Mutex::new(batch_rx));
+
+    for _ in 0..settings.pollers.max(1) {
+        tasks.spawn(poll(
+            source.clone(),
+            message_tx.clone(),
+            settings.drain,
+            shutdown.clone(),
+            stats.clone(),
+        ));
+    }
+    drop(message_tx);
+
+    let mut keys = Keys {
+        tokenizer,
+        sealer,
+        sealed: 0,
+        created: Instant::now(),
+        keyring: keyring.clone(),
+    };
+    let batcher_settings = settings.clone();
+    let batcher_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        make_batches(
+            message_rx,
+            batch_tx,
+            &mut keys,
+            &batcher_settings,
+            &batcher_shutdown,
+        )
+        .await
+    });
+
+    for _ in 0..settings.writers.max(1) {
+        tasks.spawn(write_batches(
+            batch_rx.clone(),
+            source.clone(),
+            pool.clone(),
+            stats.clone(),
+        ));
+    }
+    tasks.close();
+    tasks.wait().await;
+    let summary = stats.summary();
+    tracing::info!(%summary, "ingest finished");
+    Ok(summary)
+}
+
+/// Retries `attempt` while it fails transiently, unless shutdown is requested.
+async fn with_retry<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Result<T, KeyringError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, KeyringError>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %error, retry_in = ?delay, "{what} failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(error),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn poll<S: MessageSource>(
+    source: Arc<S>,
+    messages: mpsc::Sender<Message>,
+    drain: bool,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = source.receive() => received,
+        };
+        match received {
+            Ok(batch) if batch.is_empty() => {
+                backoff.reset();
+                if drain {
+                    return;
+                }
+            }
+            Ok(batch) => {
+                backoff.reset();
+                add(&stats.received, batch.len() as u64);
+                for message in batch {
+                    // Fails only when the batcher is gone, i.e. the pipeline is stopping; the
+                    // message was not acknowledged and will be redelivered.
+                    if messages.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                if error.transient {
+                    tracing::warn!(%error, retry_in = ?delay, "receive failed; retrying");
+                } else {
+                    tracing::error!(%error, retry_in = ?delay, "receive failed; retrying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The batcher's keys: the token key, and this process's current data key with its usage.
+struct Keys<W> {
+    tokenizer: Tokenizer,
+    sealer: Sealer,
+    sealed: u64,
+    created: Instant,
+    keyring: Arc<Keyring<W>>,
+}
+
+impl<W: KeyWrapper> Keys<W> {
+    /// Moves to a new data key once the current one has sealed enough or lived long enough.
+    async fn rotate_if_due(&mut self, settings: &Settings, shutdown: &CancellationToken) {
+        let due = self.sealed >= settings.data_key_max_records
+            || self.created.elapsed() >= settings.data_key_max_age;
+        if !due {
+            return;
+        }
+        let keyring = self.keyring.clone();
+        match with_retry("creating a data key", shutdown, || keyring.new_sealer()).await {
+            Ok(sealer) => {
+                tracing::info!(old = %self.sealer.key_id(), new = %sealer.key_id(), "data key rotated");
+                self.sealer = sealer;
+                self.sealed = 0;
+                self.created = Instant::now();
+            }
+            // Keep sealing under the current key rather than stop: it is still sound, only
+            // older than the policy wants.
+            Err(error) => {
+                tracing::error!(%error, "data key rotation failed; keeping the current key")
+            }
+        }
+    }
+}
+
+async fn make_batches<W: KeyWrapper>(
+    mut messages: mpsc::Receiver<Message>,
+    batches: mpsc::Sender<Batch>,
+    keys: &mut Keys<W>,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) {
+    let mut pending = Vec::with_capacity(settings.batch_size);
+    loop {
+        // Wait for the first message of a batch, then fill it until it is full or old enough.
+        let Some(first) = messages.recv().await else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + settings.flush_interval;
+        pending.push(first);
+        while pending.len() < settings.batch_size {
+            match tokio::time::timeout_at(deadline, messages.recv()).await {
+                Ok(Some(message)) => pending.push(message),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        keys.rotate_if_due(settings, shutdown).await;
+        let batch = batch::build(std::mem::take(&mut pending), &keys.tokenizer, &keys.sealer);
+        keys.sealed += 2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
+        if batches.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_batches<S: MessageSource>(
+    batches: Arc<Mutex<mpsc::Receiver<Batch>>>,
+    source: Arc<S>,
+    pool: PgPool,
+    stats: Arc<Stats>,
+) {
+    loop {
+        // Hold the lock only while taking a batch, so the writers share one queue.
+        let next = batches.lock().await.recv().await;
+        let Some(batch) = next else { return };
+        write_and_acknowledge(batch, source.as_ref(), &pool, &stats).await;
+    }
+}
+
+/// Writes a batch (retrying faults, splitting it to isolate a bad message) and acknowledges
+/// exactly the messages that committed.
+async fn write_and_acknowledge<S: MessageSource>(
+    batch: Batch,
+    source: &S,
+    pool: &PgPool,
+    stats: &Stats,
+) {
+    let mut work = vec![batch];
+    while let Some(batch) = work.pop() {
+        match write_with_retry(pool, &batch, stats).await {
+            Ok(written) => {
+                add(&stats.stored, written.stored);
+                add(&stats.quarantined, written.quarantined);
+                add(&stats.duplicates, written.duplicates);
+                let latency = batch.deliveries().map(|d| d.first_read.elapsed()).max();
+                tracing::debug!(
+                    messages = batch.len(),
+                    stored = written.stored,
+                    quarantined = written.quarantined,
+                    duplicates = written.duplicates,
+                    read_to_commit = ?latency.unwrap_or_default(),
+                    "batch committed"
+                );
+                acknowledge(source, batch.receipts(), stats).await;
+            }
+            Err(error) if batch.len() > 1 => {
+                tracing::warn!(error = %error, messages = batch.len(), "batch failed; splitting it to isolate the cause");
+                let (front, back) = batch.split();
+                work.push(back);
+                work.push(front);
+            }
+            Err(error) => {
+                let message_id = batch
+                    .logins
+                    .first()
+                    .map(|r| r.message_id.as_str())
+                    .or_else(|| batch.quarantined.first().map(|r| r.message_id.as_str()))
+                    .unwrap_or_default();
+                tracing::error!(
+                    error = %error,
+                    message_id,
+                    "message cannot be written; left on the queue (the redrive policy moves it to the dead-letter queue)"
+                );
+                add(&stats.left_on_queue, batch.len() as u64);
+            }
+        }
+    }
+}
+
+/// Retries transient database faults with back-off for as long as they last.
+async fn write_with_retry(
+    pool: &PgPool,
+    batch: &Batch,
+    stats: &Stats,
+) -> Result<writer::Written, sqlx::Error> {
+    let mut backoff = Backoff::default();
+    loop {
+        match writer::write(pool, batch).await {
+            Err(error) if crate::db::is_transient(&error) => {
+                let delay = backoff.next_delay();
+                add(&stats.write_retries, 1);
+                tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Deletes committed messages, retrying a few times: a message whose delete is lost is
+/// redelivered later and recognized as already stored.
+async fn acknowledge<S: MessageSource>(source: &S, receipts: Vec<Receipt>, stats: &Stats) {
+    let mut backoff = Backoff::default();
+    for attempt in 1..=5 {
+        match source.acknowledge(receipts.clone()).await {
+            Ok(outcome) => {
+                add(&stats.acknowledged, outcome.deleted as u64);
+                return;
+            }
+            Err(error) if error.transient && attempt < 5 => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "acknowledge failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, messages = receipts.len(), "acknowledge failed; the messages will be redelivered and skipped as duplicates");
+                return;
+            }
+        }
+    }
+}

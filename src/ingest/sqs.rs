@@ -1,0 +1,176 @@
+//! The SQS adapter: long-poll receive and batched delete.
+
+use std::time::Instant;
+
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use time::OffsetDateTime;
+
+use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+
+/// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
+pub const SQS_BATCH_LIMIT: usize = 10;
+
+/// How to poll the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct PollSettings {
+    /// Long-poll wait, 0 to 20 s: a receive returns as soon as a message arrives.
+    pub wait_time_seconds: i32,
+    /// Overrides the queue's visibility timeout for received messages, if set.
+    pub visibility_timeout_seconds: Option<i32>,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            wait_time_seconds: 20,
+            visibility_timeout_seconds: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SqsSource {
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    settings: PollSettings,
+}
+
+impl SqsSource {
+    pub fn new(client: aws_sdk_sqs::Client, queue_url: String, settings: PollSettings) -> Self {
+        Self {
+            client,
+            queue_url,
+            settings,
+        }
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+}
+
+/// The queue URL for `queue`, which is either a URL already or a queue name.
+pub async fn resolve_queue_url(
+    client: &aws_sdk_sqs::Client,
+    queue: &str,
+) -> Result<String, SourceError> {
+    if queue.starts_with("https://") || queue.starts_with("http://") {
+        return Ok(queue.to_owned());
+    }
+    let output = client
+        .get_queue_url()
+        .queue_name(queue)
+        .send()
+        .await
+        .map_err(|e| source_error(&format!("GetQueueUrl {queue}"), e))?;
+    output.queue_url.ok_or_else(|| SourceError {
+        message: format!("GetQueueUrl {queue}: no URL in the response"),
+        transient: false,
+    })
+}
+
+pub(crate) fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let transient = match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            // Queue missing, access denied, bad parameters: retrying will not help.
+            !(code.contains("NonExistentQueue")
+                || code.contains("QueueDoesNotExist")
+                || code.contains("AccessDenied")
+                || code.contains("InvalidParameter")
+                || code.contains("InvalidAddress")
+                || code.contains("InvalidClientTokenId")
+                || code.contains("UnrecognizedClient"))
+        }
+        _ => true,
+    };
+    SourceError {
+        message: format!("{operation}: {}", DisplayErrorContext(&error)),
+        transient,
+    }
+}
+
+fn sent_at(message: &aws_sdk_sqs::types::Message) -> Option<OffsetDateTime> {
+    let millis: i128 = message
+        .attributes
+        .as_ref()?
+        .get(&MessageSystemAttributeName::SentTimestamp)?
+        .parse()
+        .ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+}
+
+impl MessageSource for SqsSource {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(SQS_BATCH_LIMIT as i32)
+            .wait_time_seconds(self.settings.wait_time_seconds)
+            .set_visibility_timeout(self.settings.visibility_timeout_seconds)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send()
+            .await
+            .map_err(|e| source_error("ReceiveMessage", e))?;
+        let read_at = Instant::now();
+        let mut messages = Vec::new();
+        for mut message in output.messages.unwrap_or_default() {
+            let sent_at = sent_at(&message);
+            let (Some(id), Some(receipt)) =
+                (message.message_id.take(), message.receipt_handle.take())
+            else {
+                tracing::warn!("SQS returned a message without id or receipt handle; skipped");
+                continue;
+            };
+            messages.push(Message {
+                id,
+                body: message.body.take().unwrap_or_default().into_bytes(),
+                sent_at,
+                receipt: Receipt(receipt),
+                read_at,
+            });
+        }
+        Ok(messages)
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        let mut outcome = Acknowledged::default();
+        for chunk in receipts.chunks(SQS_BATCH_LIMIT) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, receipt)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&receipt.0)
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let output = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| source_error("DeleteMessageBatch", e))?;
+            outcome.deleted += output.successful.len();
+            for failed in &output.failed {
+                tracing::warn!(
+                    code = failed.code,
+                    message = failed.message.as_deref().unwrap_or(""),
+                    "SQS refused to delete a message; it will be redelivered and recognized as stored"
+                );
+            }
+            outcome.refused += output.failed.len();
+        }
+        Ok(outcome)
+    }
+}

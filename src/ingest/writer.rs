@@ -1,0 +1,128 @@
+//! Writing a batch to PostgreSQL: one transaction, a few statements, whatever the batch size.
+//!
+//! Rows go in through `UNNEST` of one array per column, so a batch of 1,000 logins is one
+//! statement, not 1,000. `ON CONFLICT (message_id) DO NOTHING` makes a redelivered message add
+//! nothing; the login and its vault row are inserted by one statement, so a login never
+//! exists without its sealed values.
+
+use sqlx::PgPool;
+
+use super::batch::Batch;
+
+/// What one committed batch changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub stored: u64,
+    pub quarantined: u64,
+    /// Messages already stored (or quarantined) by an earlier delivery.
+    pub duplicates: u64,
+}
+
+const INSERT_LOGINS: &str = "
+WITH input AS (
+    SELECT * FROM UNNEST(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::int4[], $8::text[], $9::date[], $10::bytea[], $11::bytea[]
+    ) AS t(message_id, user_id, device_type, masked_ip, masked_device_id, locale,
+           app_version, app_version_text, create_date, sealed_ip, sealed_device_id)
+), inserted AS (
+    INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,
+                             app_version, create_date, message_id, token_key_id,
+                             app_version_text)
+    SELECT user_id, device_type, masked_ip, masked_device_id, locale,
+           app_version, create_date, message_id, $12, app_version_text
+    FROM input
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING id, message_id
+)
+INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id)
+SELECT inserted.id, $13, input.sealed_ip, input.sealed_device_id
+FROM inserted JOIN input USING (message_id)";
+
+const INSERT_QUARANTINE: &str = "
+INSERT INTO quarantine (message_id, reason, body_bytes, sealed_body, sent_at, data_key_id)
+SELECT message_id, reason, body_bytes, sealed_body, sent_at, $6
+FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[])
+    AS t(message_id, reason, body_bytes, sealed_body, sent_at)
+ON CONFLICT (message_id) DO NOTHING";
+
+/// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
+pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut written = Written::default();
+    if !batch.logins.is_empty() {
+        let rows = &batch.logins;
+        let stored = sqlx::query(INSERT_LOGINS)
+            .bind(
+                rows.iter()
+                    .map(|r| r.message_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.device_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.masked_ip.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.masked_device_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.locale.as_deref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.app_version).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.app_version_text.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.create_date).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.sealed_ip.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.sealed_device_id.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.token_key_id)
+            .bind(batch.data_key_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        written.stored = stored;
+        written.duplicates += rows.len() as u64 - stored;
+    }
+    if !batch.quarantined.is_empty() {
+        let rows = &batch.quarantined;
+        let quarantined = sqlx::query(INSERT_QUARANTINE)
+            .bind(
+                rows.iter()
+                    .map(|r| r.message_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.body_bytes).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.sealed_body.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.sent_at).collect::<Vec<_>>())
+            .bind(batch.data_key_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        written.quarantined = quarantined;
+        written.duplicates += rows.len() as u64 - quarantined;
+    }
+    tx.commit().await?;
+    Ok(written)
+}

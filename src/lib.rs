@@ -1,0 +1,29 @@
+//! pii-vault ingests login events from AWS SQS into PostgreSQL while keeping the personal
+//! fields (`device_id`, `ip`) protected: each is stored as a deterministic HMAC-SHA256 token, so
+//! analysts can still see duplicates, and as an AES-256-GCM-SIV ciphertext under a data key that
+//! AWS KMS wraps, so a compliance officer can recover it.
+//!
+//! # Map of the crate
+//!
+//! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
+//! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table.
+//! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
+//!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter.
+//!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
+//! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
+//! - [`retry`]: back-off for faults that pass.
+//! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
+//! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, exit codes.
+//!
+//! The binaries (`src/bin/`) are thin: `ingest` (the daemon), `rotate-keys` (key and schema
+//! administration) and `loadgen` (puts test messages on a queue).
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod db;
+pub mod event;
+pub mod ingest;
+pub mod retry;
+pub mod synth;
+pub mod vault;

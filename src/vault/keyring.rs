@@ -1,0 +1,210 @@
+//! Wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through a [`KeyWrapper`].
+//!
+//! A key's id is reserved from the table's sequence *before* KMS is called, because the id is
+//! part of the encryption context KMS binds into the wrapped key. The wrapped key is committed
+//! before the plaintext key is first used, so nothing is ever sealed under a key that could be
+//! lost.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::kms::{KeyWrapper, KmsError};
+use super::seal::Sealer;
+use super::token::Tokenizer;
+use super::{EncryptionContext, KeyId, Purpose, WrappedKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("no active token key: run `rotate-keys init` first")]
+    NoTokenKey,
+    #[error("key {0} does not exist")]
+    NotFound(KeyId),
+    #[error("key {id} is a {found} key, not a {expected} key")]
+    WrongPurpose {
+        id: KeyId,
+        expected: Purpose,
+        found: String,
+    },
+    #[error("key {0} was destroyed: what it protected can no longer be opened")]
+    Destroyed(KeyId),
+    #[error("key {id}: {source}")]
+    Kms {
+        id: KeyId,
+        #[source]
+        source: KmsError,
+    },
+    #[error("key table: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl KeyringError {
+    /// Worth retrying later: KMS throttled or unreachable, or the database connection failed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KeyringError::Kms { source, .. } => source.is_transient(),
+            KeyringError::Database(error) => crate::db::is_transient(error),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `rotate-keys init` created the token key or found one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKeyInit {
+    Created(KeyId),
+    AlreadyActive(KeyId),
+}
+
+/// The key table and the KMS that wraps its keys.
+pub struct Keyring<W> {
+    pool: PgPool,
+    wrapper: Arc<W>,
+    kms_key_id: String,
+    created_by: String,
+}
+
+impl<W> std::fmt::Debug for Keyring<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("kms_key_id", &self.kms_key_id)
+            .field("created_by", &self.created_by)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: KeyWrapper> Keyring<W> {
+    /// `kms_key_id` wraps new keys (an id, ARN or alias); `created_by` names this process in the
+    /// keys it creates.
+    pub fn new(pool: PgPool, wrapper: Arc<W>, kms_key_id: &str, created_by: &str) -> Self {
+        Self {
+            pool,
+            wrapper,
+            kms_key_id: kms_key_id.to_owned(),
+            created_by: created_by.to_owned(),
+        }
+    }
+
+    pub fn wrapper(&self) -> &W {
+        &self.wrapper
+    }
+
+    /// Creates the first token key, unless one is already active.
+    pub async fn init_token_key(&self) -> Result<TokenKeyInit, KeyringError> {
+        if let Some(id) = self.active_token_key_id().await? {
+            return Ok(TokenKeyInit::AlreadyActive(id));
+        }
+        match self.create_key(Purpose::Token).await {
+            Ok((id, _)) => Ok(TokenKeyInit::Created(id)),
+            // Another `init` won the race (the partial unique index allows one active key).
+            Err(KeyringError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                let id = self
+                    .active_token_key_id()
+                    .await?
+                    .ok_or(KeyringError::NoTokenKey)?;
+                Ok(TokenKeyInit::AlreadyActive(id))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn active_token_key_id(&self) -> Result<Option<KeyId>, KeyringError> {
+        let id = sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'active'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(KeyId))
+    }
+
+    /// The tokenizer of the active token key (one KMS Decrypt).
+    pub async fn active_tokenizer(&self) -> Result<Tokenizer, KeyringError> {
+        let id = self
+            .active_token_key_id()
+            .await?
+            .ok_or(KeyringError::NoTokenKey)?;
+        self.tokenizer(id).await
+    }
+
+    /// The tokenizer of a given token key version (one KMS Decrypt).
+    pub async fn tokenizer(&self, id: KeyId) -> Result<Tokenizer, KeyringError> {
+        let key = self.unwrap(id, Purpose::Token).await?;
+        Ok(Tokenizer::new(id, &key))
+    }
+
+    /// A fresh data key for this process's writes (one KMS GenerateDataKey), stored before use.
+    pub async fn new_sealer(&self) -> Result<Sealer, KeyringError> {
+        let (id, key) = self.create_key(Purpose::Data).await?;
+        Ok(Sealer::new(id, &key))
+    }
+
+    /// An existing data key (one KMS Decrypt), to open what it sealed.
+    pub async fn sealer(&self, id: KeyId) -> Result<Sealer, KeyringError> {
+        let key = self.unwrap(id, Purpose::Data).await?;
+        Ok(Sealer::new(id, &key))
+    }
+
+    async fn create_key(
+        &self,
+        purpose: Purpose,
+    ) -> Result<(KeyId, super::SecretKey), KeyringError> {
+        let id = KeyId(
+            sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('vault_keys', 'id'))")
+                .fetch_one(&self.pool)
+                .await?,
+        );
+        let context = EncryptionContext {
+            purpose,
+            key_id: id,
+        };
+        let (key, wrapped) = self
+            .wrapper
+            .generate_key(&self.kms_key_id, context)
+            .await
+            .map_err(|source| KeyringError::Kms { id, source })?;
+        sqlx::query(
+            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(purpose.as_str())
+        .bind(&wrapped.kms_key_id)
+        .bind(&wrapped.ciphertext)
+        .bind(&self.created_by)
+        .execute(&self.pool)
+        .await?;
+        tracing::info!(key_id = %id, %purpose, kms_key = %wrapped.kms_key_id, "created key");
+        Ok((id, key))
+    }
+
+    async fn unwrap(&self, id: KeyId, purpose: Purpose) -> Result<super::SecretKey, KeyringError> {
+        let row: Option<(String, String, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT purpose, kms_key_id, wrapped_key FROM vault_keys WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let (found, kms_key_id, ciphertext) = row.ok_or(KeyringError::NotFound(id))?;
+        if found != purpose.as_str() {
+            return Err(KeyringError::WrongPurpose {
+                id,
+                expected: purpose,
+                found,
+            });
+        }
+        let ciphertext = ciphertext.ok_or(KeyringError::Destroyed(id))?;
+        let wrapped = WrappedKey {
+            ciphertext,
+            kms_key_id,
+        };
+        self.wrapper
+            .unwrap_key(
+                &wrapped,
+                EncryptionContext {
+                    purpose,
+                    key_id: id,
+                },
+            )
+            .await
+            .map_err(|source| KeyringError::Kms { id, source })
+    }
+}

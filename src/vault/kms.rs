@@ -1,0 +1,173 @@
+//! Key wrapping: the [`KeyWrapper`] trait and its AWS KMS implementation.
+//!
+//! KMS is called once per key (to create it, or to unwrap it when a process starts), never per
+//! record. Every call carries the key's [`EncryptionContext`], which KMS authenticates: a
+//! wrapped key unwraps only under the purpose and id it was created for, and KMS key policies
+//! can grant each role exactly the purposes it needs (see `keys/`).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::DataKeySpec;
+
+use super::{EncryptionContext, SecretKey, WrappedKey};
+
+/// Creates and unwraps keys. The AWS implementation is [`AwsKms`]; tests use an in-memory one.
+pub trait KeyWrapper: Send + Sync + 'static {
+    /// A fresh 256-bit key, in plaintext and wrapped under `kms_key_id` with `context`.
+    fn generate_key(
+        &self,
+        kms_key_id: &str,
+        context: EncryptionContext,
+    ) -> impl Future<Output = Result<(SecretKey, WrappedKey), KmsError>> + Send;
+
+    /// Unwraps a stored key; fails unless `context` is the one it was wrapped with.
+    fn unwrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        context: EncryptionContext,
+    ) -> impl Future<Output = Result<SecretKey, KmsError>> + Send;
+}
+
+/// A KMS failure. The text comes from KMS and the SDK and never contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// Throttling, a network failure or a KMS-side fault: worth retrying later.
+    #[error("KMS unavailable: {0}")]
+    Unavailable(String),
+    /// KMS refused: access denied, unknown or disabled key, or a wrapped key that does not match
+    /// its encryption context (altered, moved, or wrapped for another purpose).
+    #[error("KMS refused {operation}: {message}")]
+    Refused {
+        operation: &'static str,
+        message: String,
+    },
+    /// KMS answered without the data it must return.
+    #[error("KMS returned an unusable response to {0}")]
+    BadResponse(&'static str),
+}
+
+impl KmsError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, KmsError::Unavailable(_))
+    }
+
+    fn from_sdk<E, R>(operation: &'static str, error: SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let transient_codes = [
+            "ThrottlingException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "KeyUnavailableException",
+        ];
+        let transient = match &error {
+            SdkError::ServiceError(service) => service
+                .err()
+                .code()
+                .is_some_and(|code| transient_codes.contains(&code)),
+            // Timeouts, connection failures, unreadable responses.
+            _ => true,
+        };
+        let message = DisplayErrorContext(&error).to_string();
+        if transient {
+            KmsError::Unavailable(format!("{operation}: {message}"))
+        } else {
+            KmsError::Refused { operation, message }
+        }
+    }
+}
+
+/// AWS KMS over the SDK; counts its calls so tests and benchmarks can hold it to "once per key".
+#[derive(Debug)]
+pub struct AwsKms {
+    client: aws_sdk_kms::Client,
+    calls: AtomicU64,
+}
+
+impl AwsKms {
+    pub fn new(client: aws_sdk_kms::Client) -> Self {
+        Self {
+            client,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    pub fn from_conf(config: &aws_config::SdkConfig) -> Self {
+        Self::new(aws_sdk_kms::Client::new(config))
+    }
+
+    /// KMS requests made so far (each one an SDK operation, whatever its retries).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn client(&self) -> &aws_sdk_kms::Client {
+        &self.client
+    }
+}
+
+impl KeyWrapper for AwsKms {
+    async fn generate_key(
+        &self,
+        kms_key_id: &str,
+        context: EncryptionContext,
+    ) -> Result<(SecretKey, WrappedKey), KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut output = self
+            .client
+            .generate_data_key()
+            .key_id(kms_key_id)
+            .key_spec(DataKeySpec::Aes256)
+            .set_encryption_context(Some(context.to_map()))
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("GenerateDataKey", e))?;
+        let mut plaintext = output
+            .plaintext
+            .take()
+            .ok_or(KmsError::BadResponse("GenerateDataKey"))?
+            .into_inner();
+        let key = SecretKey::take_from(&mut plaintext)
+            .map_err(|_| KmsError::BadResponse("GenerateDataKey"))?;
+        let wrapped = WrappedKey {
+            ciphertext: output
+                .ciphertext_blob
+                .take()
+                .ok_or(KmsError::BadResponse("GenerateDataKey"))?
+                .into_inner(),
+            kms_key_id: output
+                .key_id
+                .take()
+                .unwrap_or_else(|| kms_key_id.to_owned()),
+        };
+        Ok((key, wrapped))
+    }
+
+    async fn unwrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        context: EncryptionContext,
+    ) -> Result<SecretKey, KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut output = self
+            .client
+            .decrypt()
+            .key_id(&wrapped.kms_key_id)
+            .ciphertext_blob(Blob::new(wrapped.ciphertext.clone()))
+            .set_encryption_context(Some(context.to_map()))
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("Decrypt", e))?;
+        let mut plaintext = output
+            .plaintext
+            .take()
+            .ok_or(KmsError::BadResponse("Decrypt"))?
+            .into_inner();
+        SecretKey::take_from(&mut plaintext).map_err(|_| KmsError::BadResponse("Decrypt"))
+    }
+}

@@ -1,0 +1,181 @@
+//! Everything that touches key material.
+//!
+//! ```text
+//! AWS KMS key (never leaves KMS)
+//!   |-- wraps --> token key  (HMAC-SHA256; one active version)   -> token.rs: Tokenizer
+//!   |-- wraps --> data keys  (AES-256-GCM-SIV; many versions)    -> seal.rs:  Sealer
+//! ```
+//!
+//! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
+//! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
+//! - [`token`]: deterministic per-field tokens.
+//! - [`seal`]: authenticated encryption bound to a value's place.
+//!
+//! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
+
+pub mod keyring;
+pub mod kms;
+pub mod seal;
+pub mod token;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
+use zeroize::Zeroize;
+
+/// Length of every symmetric key pii-vault handles.
+pub const KEY_LEN: usize = 32;
+
+/// A 256-bit plaintext key: heap-allocated once, zeroized on drop, never printed.
+pub struct SecretKey(SecretBox<[u8; KEY_LEN]>);
+
+impl SecretKey {
+    /// Copies `bytes` into a fresh secret and wipes the source, so the caller's buffer (for
+    /// example a KMS response) does not outlive the copy.
+    pub fn take_from(bytes: &mut [u8]) -> Result<Self, InvalidKeyLength> {
+        let result = if bytes.len() == KEY_LEN {
+            let mut key = SecretBox::new(Box::new([0u8; KEY_LEN]));
+            key.expose_secret_mut().copy_from_slice(bytes);
+            Ok(Self(key))
+        } else {
+            Err(InvalidKeyLength(bytes.len()))
+        };
+        bytes.zeroize();
+        result
+    }
+
+    pub(crate) fn expose(&self) -> &[u8; KEY_LEN] {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a key must be {KEY_LEN} bytes, got {0}")]
+pub struct InvalidKeyLength(pub usize);
+
+/// The primary key of a row in `vault_keys`; doubles as the key's version number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct KeyId(pub i64);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a key is for. Stored in `vault_keys.purpose` and sent to KMS in the encryption context,
+/// so KMS key policies can allow each role exactly the operations its purpose needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// The HMAC key behind the tokens.
+    Token,
+    /// An AES-256-GCM-SIV key that seals personal values.
+    Data,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Token => "token",
+            Purpose::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for Purpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The KMS encryption context of a wrapped key: its purpose and its id. KMS authenticates it, so
+/// a wrapped key copied onto another row (another id or purpose) no longer unwraps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncryptionContext {
+    pub purpose: Purpose,
+    pub key_id: KeyId,
+}
+
+impl EncryptionContext {
+    pub const PURPOSE: &'static str = "purpose";
+    pub const KEY_ID: &'static str = "key_id";
+
+    pub fn to_map(self) -> HashMap<String, String> {
+        HashMap::from([
+            (Self::PURPOSE.to_owned(), self.purpose.as_str().to_owned()),
+            (Self::KEY_ID.to_owned(), self.key_id.to_string()),
+        ])
+    }
+}
+
+/// A key as KMS wrapped it: safe to store, useless without KMS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub ciphertext: Vec<u8>,
+    /// The ARN of the KMS key that wrapped it (KMS reports it; we store it for `rewrap`).
+    pub kms_key_id: String,
+}
+
+/// Lowercase hex, used for tokens.
+pub(crate) fn hex_encode(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A key whose bytes are all `byte`: enough to tell keys apart in unit tests.
+    pub fn key(byte: u8) -> SecretKey {
+        SecretKey::take_from(&mut [byte; KEY_LEN]).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_from_wipes_the_source_and_checks_length() {
+        let mut source = [7u8; KEY_LEN];
+        let key = SecretKey::take_from(&mut source).unwrap();
+        assert_eq!(source, [0u8; KEY_LEN]);
+        assert_eq!(key.expose(), &[7u8; KEY_LEN]);
+        let mut short = [7u8; 16];
+        assert_eq!(
+            SecretKey::take_from(&mut short).unwrap_err(),
+            InvalidKeyLength(16)
+        );
+        assert_eq!(short, [0u8; 16]);
+    }
+
+    #[test]
+    fn debug_of_a_key_is_redacted() {
+        let printed = format!("{:?}", testing::key(0xab));
+        assert_eq!(printed, "SecretKey(<redacted>)");
+    }
+
+    #[test]
+    fn encryption_context_names_purpose_and_id() {
+        let map = EncryptionContext {
+            purpose: Purpose::Data,
+            key_id: KeyId(42),
+        }
+        .to_map();
+        assert_eq!(map["purpose"], "data");
+        assert_eq!(map["key_id"], "42");
+        assert_eq!(map.len(), 2);
+    }
+}

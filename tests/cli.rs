@@ -1,0 +1,137 @@
+//! The binaries as a user runs them: flags, exit codes, one-line errors, and the demo's path
+//! (loadgen -> rotate-keys init -> ingest --drain).
+
+mod common;
+
+use common::{TestEnv, stderr, stdout};
+
+const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
+const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+
+fn sample(name: &str) -> String {
+    format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test]
+async fn demo_path_loadgen_init_ingest() {
+    let env = TestEnv::unmigrated().await;
+
+    // ingest needs no DDL rights: on an empty database it refuses and says what to run.
+    let refused = env.run_binary(INGEST, &["--drain"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(message.contains("rotate-keys init"), "{message}");
+    assert_eq!(message.trim_end().lines().count(), 1, "one line: {message}");
+    assert!(
+        !message.contains("pii_vault:pii_vault"),
+        "no password in errors: {message}"
+    );
+
+    let init = env.run_binary(ROTATE_KEYS, &["init"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert!(stdout(&init).contains("created"), "{}", stdout(&init));
+    let again = env.run_binary(ROTATE_KEYS, &["init"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stdout(&again).contains("nothing to do"),
+        "{}",
+        stdout(&again)
+    );
+    assert_eq!(env.count("vault_keys WHERE purpose = 'token'").await, 1);
+
+    let sent = env.run_binary(LOADGEN, &["--file", &sample("sample_data.jsonl")]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert!(
+        stdout(&sent).starts_with("sent 100 messages"),
+        "{}",
+        stdout(&sent)
+    );
+
+    let ingested = env.run_binary(INGEST, &["--drain"]);
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    assert!(
+        stdout(&ingested).contains("stored=99 quarantined=1"),
+        "{}",
+        stdout(&ingested)
+    );
+    assert_eq!(env.count("user_logins").await, 99);
+    assert_eq!(env.messages_on_queue().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn loadgen_reads_the_original_gzip_array_and_generates() {
+    let env = TestEnv::new(30).await;
+    let sent = env.run_binary(LOADGEN, &["--file", &sample("sample_data.json.gz")]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert!(
+        stdout(&sent).starts_with("sent 100 messages"),
+        "{}",
+        stdout(&sent)
+    );
+    let generated = env.run_binary(LOADGEN, &["--count", "25", "--bad-rate", "0.5"]);
+    assert!(generated.status.success(), "{}", stderr(&generated));
+    assert!(
+        stdout(&generated).starts_with("sent 25 messages"),
+        "{}",
+        stdout(&generated)
+    );
+    assert_eq!(env.messages_on_queue().await, 125);
+
+    env.init_token_key().await;
+    let summary = env.drain().await;
+    assert_eq!(summary.received, 125);
+    assert_eq!(summary.stored + summary.quarantined, 125);
+    assert!(
+        summary.quarantined > 1,
+        "about half the generated ones are malformed"
+    );
+    env.cleanup().await;
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_clear_line() {
+    let cases: [(&str, &[&str]); 5] = [
+        (INGEST, &["--batch-size", "0"]),
+        (INGEST, &["--wait-seconds", "21"]),
+        (LOADGEN, &[]),
+        (LOADGEN, &["--count", "5", "--dup-rate", "2"]),
+        (ROTATE_KEYS, &["frobnicate"]),
+    ];
+    for (binary, args) in cases {
+        let output = std::process::Command::new(binary)
+            .args(args)
+            .env("DATABASE_URL", "postgres://nobody:secret@127.0.0.1:1/none")
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{binary} {args:?}: {}",
+            stderr(&output)
+        );
+        assert!(stderr(&output).contains("error"), "{}", stderr(&output));
+    }
+}
+
+#[test]
+fn unreachable_database_is_one_line_without_the_password() {
+    let output = std::process::Command::new(INGEST)
+        .args(["--drain"])
+        .env(
+            "DATABASE_URL",
+            "postgres://someone:hunter2@127.0.0.1:1/none",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.starts_with("error: cannot connect to PostgreSQL"),
+        "{message}"
+    );
+    assert!(message.contains("someone:***@127.0.0.1:1"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+}

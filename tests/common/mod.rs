@@ -1,0 +1,312 @@
+//! Shared set-up of the integration tests: each test gets its own freshly migrated database,
+//! its own queue and its own KMS key, on the real PostgreSQL server and the AWS emulator, so
+//! tests run in parallel without seeing each other.
+//!
+//! A missing service is a loud failure naming the command that starts it: `scripts/services up`
+//! (which `make test` runs first).
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sqs::config::Credentials;
+use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use pii_vault::db;
+use pii_vault::ingest::sqs::{PollSettings, SqsSource};
+use pii_vault::ingest::{self, Settings, Summary};
+use pii_vault::vault::keyring::Keyring;
+use pii_vault::vault::kms::AwsKms;
+
+pub const SAMPLE_JSONL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
+
+pub fn base_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| db::LOCAL_DATABASE_URL.to_owned())
+}
+
+pub fn aws_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
+}
+
+/// A short random suffix for names of per-test resources.
+pub fn unique_suffix() -> String {
+    format!(
+        "{:012x}",
+        RandomState::new().hash_one(Instant::now()) & 0xffff_ffff_ffff
+    )
+}
+
+pub async fn aws_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(aws_endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "pii-vault-tests",
+        ))
+        .load()
+        .await
+}
+
+/// One test's world: a database, a queue and a KMS key of its own.
+pub struct TestEnv {
+    pub database_url: String,
+    pub database_name: String,
+    pub pool: PgPool,
+    pub sqs: aws_sdk_sqs::Client,
+    pub kms: Arc<AwsKms>,
+    pub queue_url: String,
+    pub kms_key_id: String,
+}
+
+impl TestEnv {
+    /// A fresh migrated database, a queue whose messages become visible again after
+    /// `visibility_timeout` seconds, and a KMS key.
+    pub async fn new(visibility_timeout: u32) -> Self {
+        Self::create(visibility_timeout, true).await
+    }
+
+    /// Like [`TestEnv::new`] with an empty database, as before `rotate-keys init`.
+    pub async fn unmigrated() -> Self {
+        Self::create(30, false).await
+    }
+
+    async fn create(visibility_timeout: u32, migrate: bool) -> Self {
+        let suffix = unique_suffix();
+        let base = base_database_url();
+        let admin = db::connect(&base, 1).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable ({e}); start it with `scripts/services up`")
+        });
+        let database_name = format!("pii_vault_test_{suffix}");
+        sqlx::query(&format!("CREATE DATABASE {database_name}"))
+            .execute(&admin)
+            .await
+            .expect("creating the test database (the role needs CREATEDB; see scripts/services)");
+        admin.close().await;
+        let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
+        let database_url = format!("{prefix}/{database_name}");
+        let pool = db::connect(&database_url, 8)
+            .await
+            .expect("connecting to the test database");
+        if migrate {
+            db::migrate(&pool)
+                .await
+                .expect("migrating the test database");
+        }
+
+        let config = aws_config().await;
+        let sqs = aws_sdk_sqs::Client::new(&config);
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(format!("test-{suffix}"))
+            .attributes(QueueAttributeName::VisibilityTimeout, visibility_timeout.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the AWS emulator is not reachable at {} ({}); start it with `scripts/services up`",
+                    aws_endpoint(),
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                )
+            })
+            .queue_url
+            .expect("queue url");
+        let kms_client = aws_sdk_kms::Client::new(&config);
+        let kms_key_id = kms_client
+            .create_key()
+            .description("pii-vault test key")
+            .send()
+            .await
+            .expect("creating a KMS key in the emulator")
+            .key_metadata
+            .expect("key metadata")
+            .arn
+            .expect("key arn");
+        Self {
+            database_url,
+            database_name,
+            pool,
+            sqs,
+            kms: Arc::new(AwsKms::new(kms_client)),
+            queue_url,
+            kms_key_id,
+        }
+    }
+
+    pub fn keyring(&self) -> Keyring<AwsKms> {
+        Keyring::new(
+            self.pool.clone(),
+            self.kms.clone(),
+            &self.kms_key_id,
+            "tests",
+        )
+    }
+
+    /// `rotate-keys init`, in-process.
+    pub async fn init_token_key(&self) {
+        self.keyring()
+            .init_token_key()
+            .await
+            .expect("creating the token key");
+    }
+
+    pub async fn send(&self, bodies: &[String]) {
+        for chunk in bodies.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body)
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let output = self
+                .sqs
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("SendMessageBatch");
+            assert!(output.failed.is_empty(), "{:?}", output.failed);
+        }
+    }
+
+    pub fn source(&self, settings: PollSettings) -> Arc<SqsSource> {
+        Arc::new(SqsSource::new(
+            self.sqs.clone(),
+            self.queue_url.clone(),
+            settings,
+        ))
+    }
+
+    /// Runs the pipeline over the queue until it is empty.
+    pub async fn drain(&self) -> Summary {
+        let source = self.source(PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: None,
+        });
+        self.drain_from(source).await
+    }
+
+    pub async fn drain_from<S: ingest::source::MessageSource>(&self, source: Arc<S>) -> Summary {
+        let settings = Settings {
+            drain: true,
+            flush_interval: Duration::from_millis(20),
+            ..Settings::default()
+        };
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            ingest::run(
+                source,
+                self.pool.clone(),
+                self.keyring(),
+                settings,
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("ingest --drain finishes")
+        .expect("ingest runs")
+    }
+
+    /// Visible plus in-flight messages.
+    pub async fn messages_on_queue(&self) -> u64 {
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("GetQueueAttributes")
+            .attributes
+            .unwrap_or_default();
+        let get = |name: QueueAttributeName| -> u64 {
+            attributes
+                .get(&name)
+                .map(|v| v.parse().unwrap())
+                .unwrap_or(0)
+        };
+        get(QueueAttributeName::ApproximateNumberOfMessages)
+            + get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Environment for running the binaries against this test's world.
+    pub fn binary_env(&self) -> HashMap<&'static str, String> {
+        HashMap::from([
+            ("DATABASE_URL", self.database_url.clone()),
+            ("KMS_KEY_ID", self.kms_key_id.clone()),
+            ("QUEUE", self.queue_url.clone()),
+            ("AWS_ENDPOINT_URL", aws_endpoint()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ])
+    }
+
+    pub fn run_binary(&self, path: &str, args: &[&str]) -> Output {
+        Command::new(path)
+            .args(args)
+            .envs(self.binary_env())
+            .output()
+            .expect("running the binary")
+    }
+
+    /// Drops the test database (left in place when a test fails, for inspection).
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        let admin = db::connect(&base_database_url(), 1).await.unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database_name
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
+        let _ = self
+            .sqs
+            .delete_queue()
+            .queue_url(&self.queue_url)
+            .send()
+            .await;
+    }
+}
+
+pub fn sample_bodies() -> Vec<String> {
+    std::fs::read_to_string(SAMPLE_JSONL)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
