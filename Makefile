@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both start the local services
+# first (PostgreSQL and the AWS emulator), installing them where they are missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+ENV := source scripts/env.sh
+
+.PHONY: demo test services lint fmt
+
+services:
+	scripts/services up
+
+## Set everything up and ingest the 100 sample messages, then show what landed.
+demo: services
+	$(ENV); cargo build --locked --bins
+	$(ENV); target/debug/rotate-keys init
+	$(ENV); target/debug/loadgen --file tests/data/sample_data.jsonl
+	$(ENV); target/debug/ingest --drain
+	$(ENV); psql "$$DATABASE_URL" -c "SELECT user_id, device_type, left(masked_ip, 16) AS masked_ip, left(masked_device_id, 16) AS masked_device_id, locale, app_version, create_date FROM user_logins ORDER BY id DESC LIMIT 10" \
+	  -c "SELECT count(*) AS logins, count(DISTINCT masked_ip) AS distinct_ips, count(*) FILTER (WHERE locale IS NULL) AS null_locales FROM user_logins" \
+	  -c "SELECT message_id, reason FROM quarantine ORDER BY id DESC LIMIT 5"
+
+## Run the whole test suite against the real services.
+test: services
+	$(ENV); cargo test --locked --all-targets
+
+lint:
+	cargo fmt --check
+	cargo clippy --locked --all-targets -- -D warnings
