@@ -34,11 +34,10 @@ async fn sample_queue_gives_99_rows_1_quarantine_and_an_empty_queue() {
     env.send(&bodies).await;
 
     let summary = env.drain().await;
-    assert_eq!(
-        (summary.received, summary.stored, summary.quarantined),
-        (100, 99, 1)
-    );
-    assert_eq!(summary.acknowledged, 100);
+    assert_eq!((summary.stored, summary.quarantined), (99, 1));
+    // At least once: the emulator may hand one message to two concurrent polls.
+    assert_eq!(summary.received, 100 + summary.duplicates);
+    assert_eq!(summary.acknowledged, summary.received);
     assert_eq!(env.count("user_logins").await, 99);
     assert_eq!(env.count("login_vault").await, 99);
     assert_eq!(env.count("quarantine").await, 1);
@@ -263,10 +262,10 @@ async fn a_redelivered_message_adds_nothing_and_a_rerun_leaves_the_same_table() 
     tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
     assert_eq!(env.messages_on_queue().await, 30, "nothing was deleted");
     let second = env.drain().await;
-    assert_eq!(second.received, 30);
     assert_eq!((second.stored, second.quarantined), (0, 0));
-    assert_eq!(second.duplicates, 30);
-    assert_eq!(second.acknowledged, 30);
+    assert!(second.received >= 30);
+    assert_eq!(second.duplicates, second.received);
+    assert_eq!(second.acknowledged, second.received);
     let after: String = sqlx::query_scalar(snapshot)
         .fetch_one(&env.pool)
         .await
@@ -306,7 +305,7 @@ async fn a_batch_whose_commit_fails_is_not_deleted_and_is_stored_once_later() {
         first.stored, 28,
         "the rest of the batch committed once the poison was isolated"
     );
-    assert_eq!(first.acknowledged, 29);
+    assert_eq!(first.acknowledged, 29 + first.duplicates);
     assert_eq!(env.count("user_logins").await, 28);
     assert_eq!(
         env.messages_on_queue().await,
@@ -320,7 +319,7 @@ async fn a_batch_whose_commit_fails_is_not_deleted_and_is_stored_once_later() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
     let second = env.drain().await;
-    assert_eq!((second.received, second.stored), (1, 1));
+    assert_eq!(second.stored, 1);
     let poison: i64 =
         sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = 'poison'")
             .fetch_one(&env.pool)

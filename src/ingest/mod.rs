@@ -94,15 +94,23 @@ pub struct Stats {
     write_retries: AtomicU64,
 }
 
-/// A snapshot of [`Stats`].
+/// A snapshot of [`Stats`]. Once a run has ended,
+/// `received == stored + quarantined + duplicates + left_on_queue`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
+    /// Deliveries read from the source (a redelivered message counts each time).
     pub received: u64,
+    /// New rows in `user_logins`.
     pub stored: u64,
+    /// New rows in `quarantine`.
     pub quarantined: u64,
+    /// Deliveries of messages already stored or quarantined.
     pub duplicates: u64,
+    /// Deliveries deleted from the source after their batch committed.
     pub acknowledged: u64,
+    /// Messages whose batch could not be written: left to be redelivered.
     pub left_on_queue: u64,
+    /// Database writes retried after a transient fault.
     pub write_retries: u64,
 }
 
@@ -382,7 +390,10 @@ async fn write_and_acknowledge<S: MessageSource>(
             Ok(written) => {
                 add(&stats.stored, written.stored);
                 add(&stats.quarantined, written.quarantined);
-                add(&stats.duplicates, written.duplicates);
+                // A message delivered twice within the batch was folded into one row: its
+                // extra deliveries are duplicates too, so the counts add up to `received`.
+                let folded = batch.receipts().len() - batch.len();
+                add(&stats.duplicates, written.duplicates + folded as u64);
                 let latency = batch.deliveries().map(|d| d.first_read.elapsed()).max();
                 tracing::debug!(
                     messages = batch.len(),
