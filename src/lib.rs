@@ -10,20 +10,23 @@
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter.
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
+//! - [`unmask`]: audited recovery of original values; [`audit`]: its hash-chained trail.
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
 //! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, exit codes.
 //!
-//! The binaries (`src/bin/`) are thin: `ingest` (the daemon), `rotate-keys` (key and schema
-//! administration) and `loadgen` (puts test messages on a queue).
+//! The binaries (`src/bin/`) are thin: `ingest` (the daemon), `unmask` (audited recovery),
+//! `rotate-keys` (key and schema administration) and `loadgen` (puts test messages on a queue).
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod db;
 pub mod event;
 pub mod ingest;
 pub mod retry;
 pub mod synth;
+pub mod unmask;
 pub mod vault;

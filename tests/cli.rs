@@ -48,7 +48,8 @@ async fn demo_path_loadgen_init_ingest() {
         stdout(&sent)
     );
 
-    let ingested = env.run_binary(INGEST, &["--drain"]);
+    // The ingester needs nothing beyond the pii_vault_ingester role.
+    let ingested = env.run_binary_as("ingester", INGEST, &["--drain"]);
     assert!(ingested.status.success(), "{}", stderr(&ingested));
     assert!(
         stdout(&ingested).contains("stored=99 quarantined=1"),
@@ -81,7 +82,8 @@ async fn loadgen_reads_the_original_gzip_array_and_generates() {
 
     env.init_token_key().await;
     let summary = env.drain().await;
-    assert_eq!(summary.received, 125);
+    // At least once: the emulator may hand one message to two concurrent polls.
+    assert_eq!(summary.received, 125 + summary.duplicates);
     assert_eq!(summary.stored + summary.quarantined, 125);
     assert!(
         summary.quarantined > 1,

@@ -42,6 +42,8 @@ pub enum KmsError {
     #[error("KMS refused {operation}: {message}")]
     Refused {
         operation: &'static str,
+        /// The KMS error code, e.g. `AccessDeniedException` or `InvalidCiphertextException`.
+        code: String,
         message: String,
     },
     /// KMS answered without the data it must return.
@@ -52,6 +54,11 @@ pub enum KmsError {
 impl KmsError {
     pub fn is_transient(&self) -> bool {
         matches!(self, KmsError::Unavailable(_))
+    }
+
+    /// KMS said this caller may not use the key (as opposed to: the wrapped key is bad).
+    pub fn is_access_denied(&self) -> bool {
+        matches!(self, KmsError::Refused { code, .. } if code == "AccessDeniedException")
     }
 
     fn from_sdk<E, R>(operation: &'static str, error: SdkError<E, R>) -> Self
@@ -65,19 +72,19 @@ impl KmsError {
             "DependencyTimeoutException",
             "KeyUnavailableException",
         ];
-        let transient = match &error {
-            SdkError::ServiceError(service) => service
-                .err()
-                .code()
-                .is_some_and(|code| transient_codes.contains(&code)),
-            // Timeouts, connection failures, unreadable responses.
-            _ => true,
+        let code = match &error {
+            SdkError::ServiceError(service) => service.err().code().map(str::to_owned),
+            _ => None,
         };
         let message = DisplayErrorContext(&error).to_string();
-        if transient {
-            KmsError::Unavailable(format!("{operation}: {message}"))
-        } else {
-            KmsError::Refused { operation, message }
+        match code {
+            Some(code) if !transient_codes.contains(&code.as_str()) => KmsError::Refused {
+                operation,
+                code,
+                message,
+            },
+            // Throttling and KMS-side faults, timeouts, connection failures.
+            _ => KmsError::Unavailable(format!("{operation}: {message}")),
         }
     }
 }

@@ -20,6 +20,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use pii_vault::db;
+use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::vault::keyring::Keyring;
@@ -275,6 +276,31 @@ impl TestEnv {
             .expect("running the binary")
     }
 
+    /// This test's database URL, logged in as one of the local users that `scripts/services up`
+    /// creates (`ingester`, `analyst`, `compliance`, `keyadmin`; password = name).
+    pub fn url_as(&self, user: &str) -> String {
+        let (_, host_and_db) = self
+            .database_url
+            .rsplit_once('@')
+            .expect("URL has credentials");
+        format!("postgres://{user}:{user}@{host_and_db}")
+    }
+
+    /// Runs a binary logged in to the database as `user`.
+    pub fn run_binary_as(&self, user: &str, path: &str, args: &[&str]) -> Output {
+        Command::new(path)
+            .args(args)
+            .envs(self.binary_env())
+            .env("DATABASE_URL", self.url_as(user))
+            .output()
+            .expect("running the binary")
+    }
+
+    /// Ingests `bodies` through the real pipeline, read from memory instead of SQS.
+    pub async fn ingest_bodies(&self, bodies: &[String]) -> Summary {
+        self.drain_from(VecSource::new(bodies)).await
+    }
+
     /// Drops the test database (left in place when a test fails, for inspection).
     pub async fn cleanup(self) {
         self.pool.close().await;
@@ -293,6 +319,53 @@ impl TestEnv {
             .send()
             .await;
     }
+}
+
+/// A message source over bodies in memory: ids `m-0`, `m-1`, ..., sent now.
+pub struct VecSource {
+    pending: std::sync::Mutex<std::collections::VecDeque<Message>>,
+}
+
+impl VecSource {
+    pub fn new(bodies: &[String]) -> Arc<Self> {
+        let now = time::OffsetDateTime::now_utc();
+        let pending = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| Message {
+                id: format!("m-{i}"),
+                body: body.clone().into_bytes(),
+                sent_at: Some(now),
+                receipt: Receipt(format!("r-{i}")),
+                read_at: Instant::now(),
+            })
+            .collect();
+        Arc::new(Self {
+            pending: std::sync::Mutex::new(pending),
+        })
+    }
+}
+
+impl MessageSource for VecSource {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        let mut pending = self.pending.lock().unwrap();
+        let n = pending.len().min(10);
+        Ok(pending.drain(..n).collect())
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        Ok(Acknowledged {
+            deleted: receipts.len(),
+            refused: 0,
+        })
+    }
+}
+
+/// A login body.
+pub fn login(user: &str, ip: &str, device_id: &str) -> String {
+    format!(
+        r#"{{"user_id": "{user}", "app_version": "1.0", "device_type": "ios", "ip": "{ip}", "locale": null, "device_id": "{device_id}"}}"#
+    )
 }
 
 pub fn sample_bodies() -> Vec<String> {
