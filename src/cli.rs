@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 use crate::db::LOCAL_DATABASE_URL;
 
@@ -41,15 +43,43 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Libraries whose most verbose levels print request and response contents (the AWS SDK's
+/// orchestrator logs every ReceiveMessage output, message bodies included, at TRACE). Their
+/// events pass only up to DEBUG, whatever `RUST_LOG` asks: the cap is a second filter, so it
+/// can lower a level but never raise one.
+const CAPPED_CRATES: [&str; 11] = [
+    "aws_config",
+    "aws_runtime",
+    "aws_sdk_kms",
+    "aws_sdk_sqs",
+    "aws_sdk_sts",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "h2",
+    "hyper",
+];
+
+/// The cap on [`CAPPED_CRATES`] (everything else passes).
+pub fn verbosity_cap() -> Targets {
+    CAPPED_CRATES.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |cap, krate| cap.with_target(*krate, LevelFilter::DEBUG),
+    )
+}
+
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). They never carry personal data
-/// or key material: the types that hold either print redacted.
+/// or key material: the types that hold either print redacted, and the libraries that would
+/// print message bodies are capped ([`verbosity_cap`]).
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter(filter)
+        .with_filter(verbosity_cap());
+    tracing_subscriber::registry().with(layer).init();
 }
 
 /// AWS configuration from the standard chain: `AWS_REGION`, credentials from the environment,

@@ -296,6 +296,17 @@ impl TestEnv {
             .expect("running the binary")
     }
 
+    /// Starts a binary in the background against this test's world.
+    pub fn spawn_binary(&self, path: &str, args: &[&str]) -> std::process::Child {
+        Command::new(path)
+            .args(args)
+            .envs(self.binary_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the binary")
+    }
+
     /// Ingests `bodies` through the real pipeline, read from memory instead of SQS.
     pub async fn ingest_bodies(&self, bodies: &[String]) -> Summary {
         self.drain_from(VecSource::new(bodies)).await
@@ -328,13 +339,19 @@ pub struct VecSource {
 
 impl VecSource {
     pub fn new(bodies: &[String]) -> Arc<Self> {
+        let bodies: Vec<Vec<u8>> = bodies.iter().map(|b| b.clone().into_bytes()).collect();
+        Self::from_bytes(&bodies)
+    }
+
+    /// Bodies that need not be text (a file source can deliver any bytes).
+    pub fn from_bytes(bodies: &[Vec<u8>]) -> Arc<Self> {
         let now = time::OffsetDateTime::now_utc();
         let pending = bodies
             .iter()
             .enumerate()
             .map(|(i, body)| Message {
                 id: format!("m-{i}"),
-                body: body.clone().into_bytes(),
+                body: body.clone(),
                 sent_at: Some(now),
                 receipt: Receipt(format!("r-{i}")),
                 read_at: Instant::now(),
@@ -382,4 +399,128 @@ pub fn stdout(output: &Output) -> String {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A TCP proxy on loopback whose link can be cut and restored, to make a real server
+/// unreachable for a while without touching it (other tests share it).
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (cut_flag, link_list) = (cut.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if cut_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound); // connection refused, in effect
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                link_list.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Self {
+            port,
+            cut,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// AWS configuration pointing at `endpoint` (e.g. a [`Proxy`] in front of the emulator).
+pub async fn aws_config_at(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "pii-vault-tests",
+        ))
+        .load()
+        .await
+}
+
+/// Polls `condition` every 100 ms for up to `limit`; true if it held in time.
+pub async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    condition().await
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+}
+
+fn port_of(url: &str, default: u16) -> u16 {
+    let authority = url.split("://").nth(1).unwrap_or(url);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let host_port = authority.split('/').next().unwrap_or(authority);
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The port of the test PostgreSQL server.
+pub fn database_port() -> u16 {
+    port_of(&base_database_url(), 5432)
+}
+
+/// The port of the AWS emulator.
+pub fn aws_port() -> u16 {
+    port_of(&aws_endpoint(), 80)
 }

@@ -1,0 +1,481 @@
+//! Faults over the real wire: nothing lost, nothing stored twice, nothing acknowledged that was
+//! not stored, and no personal value or key byte in the logs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+use common::{Proxy, TestEnv, eventually, sample_bodies, stderr, stdout, terminate};
+use pii_vault::ingest::sqs::{PollSettings, SqsSource};
+use pii_vault::ingest::{self, Settings, Summary};
+use pii_vault::synth::Generator;
+use pii_vault::vault::keyring::Keyring;
+use pii_vault::vault::kms::AwsKms;
+
+const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
+
+fn settings() -> Settings {
+    Settings {
+        flush_interval: Duration::from_millis(20),
+        ..Settings::default()
+    }
+}
+
+fn poll() -> PollSettings {
+    PollSettings {
+        wait_time_seconds: 1,
+        visibility_timeout_seconds: None,
+    }
+}
+
+/// `count` generated bodies and how many of them are malformed.
+fn generated(count: usize, seed: u64) -> (Vec<String>, usize) {
+    let mut generator = Generator::new(seed, 0.2, 0.05);
+    let messages: Vec<_> = (0..count).map(|_| generator.next_message()).collect();
+    let malformed = messages.iter().filter(|m| m.malformed).count();
+    (messages.into_iter().map(|m| m.body).collect(), malformed)
+}
+
+/// Every message exactly once: rows and quarantine entries as expected, no message id twice,
+/// and (generated user ids being unique) no login stored twice under two ids.
+async fn assert_exactly_once(env: &TestEnv, valid: usize, malformed: usize) {
+    let (rows, ids, users): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT message_id), count(DISTINCT user_id) FROM user_logins",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows as usize, valid, "lost or duplicated logins");
+    assert_eq!((ids, users), (rows, rows));
+    assert_eq!(env.count("quarantine").await as usize, malformed);
+    assert_eq!(env.count("login_vault").await, rows);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged_meanwhile() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let proxy = Proxy::start(common::database_port()).await;
+    let proxied = env.database_url.replacen(
+        &format!(":{}/", common::database_port()),
+        &format!(":{}/", proxy.port),
+        1,
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(&proxied)
+        .unwrap();
+    let keyring = Keyring::new(pool.clone(), env.kms.clone(), &env.kms_key_id, "tests");
+    let bodies = sample_bodies();
+    env.send(&bodies[..10]).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(ingest::run(
+        env.source(poll()),
+        pool,
+        keyring,
+        settings(),
+        shutdown.clone(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("user_logins").await == 10
+        })
+        .await
+    );
+
+    proxy.cut();
+    env.send(&bodies[10..40]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.count("user_logins").await,
+        10,
+        "nothing can commit while the database is away"
+    );
+    assert_eq!(env.messages_on_queue().await, 30, "so nothing was deleted");
+
+    proxy.restore();
+    let restored = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.count("user_logins").await == 39
+        })
+        .await
+    );
+    println!(
+        "recovered {:?} after PostgreSQL came back",
+        restored.elapsed()
+    );
+    shutdown.cancel();
+    let summary: Summary = run.await.unwrap().unwrap();
+    assert!(summary.write_retries > 0, "{summary}");
+    assert_eq!((summary.stored, summary.quarantined), (39, 1));
+    assert_eq!(env.messages_on_queue().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_emulator_unreachable_for_a_while_is_retried_and_catches_up() {
+    let env = TestEnv::new(5).await;
+    env.init_token_key().await;
+    let proxy = Proxy::start(common::aws_port()).await;
+    let config = common::aws_config_at(&format!("http://127.0.0.1:{}", proxy.port)).await;
+    let source = Arc::new(SqsSource::new(
+        aws_sdk_sqs::Client::new(&config),
+        env.queue_url.clone(),
+        poll(),
+    ));
+    let kms = Arc::new(AwsKms::from_conf(&config));
+    let keyring = Keyring::new(env.pool.clone(), kms, &env.kms_key_id, "tests");
+    let bodies = sample_bodies();
+    env.send(&bodies[..10]).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(ingest::run(
+        source,
+        env.pool.clone(),
+        keyring,
+        settings(),
+        shutdown.clone(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("user_logins").await == 10
+        })
+        .await
+    );
+
+    proxy.cut();
+    env.send(&bodies[10..40]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.count("user_logins").await, 10);
+    proxy.restore();
+    let restored = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.count("user_logins").await == 39
+        })
+        .await
+    );
+    println!(
+        "recovered {:?} after the emulator came back",
+        restored.elapsed()
+    );
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    // A delete lost during the cut brings its message back; it is recognized as stored.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    env.drain().await;
+    assert_eq!(env.count("user_logins").await, 39);
+    assert_eq!(env.count("quarantine").await, 1);
+    assert_eq!(env.messages_on_queue().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_then_restart_stores_every_message_exactly_once() {
+    let visibility = 2;
+    let env = TestEnv::new(visibility).await;
+    env.init_token_key().await;
+    let (bodies, malformed) = generated(150, 9);
+    env.send(&bodies).await;
+    let trials = 3;
+    for trial in 0..trials {
+        let before = env.count("user_logins").await;
+        let mut child = env.spawn_binary(INGEST, &["--flush-ms", "20", "--batch-size", "20"]);
+        eventually(Duration::from_secs(20), || async {
+            env.count("user_logins").await > before
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100 * trial)).await;
+        child.kill().unwrap(); // SIGKILL: no chance to flush or delete
+        child.wait().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
+    let finish = env.run_binary(INGEST, &["--drain"]);
+    assert!(finish.status.success(), "{}", stderr(&finish));
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
+    assert_eq!(env.messages_on_queue().await, 0);
+    println!(
+        "kill -9 trials: {trials}, sent: {}, lost: 0, duplicated: 0",
+        bodies.len()
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn three_replicas_one_killed_keep_the_table_exact() {
+    let visibility = 3;
+    let env = TestEnv::new(visibility).await;
+    env.init_token_key().await;
+    let (bodies, malformed) = generated(150, 11);
+    env.send(&bodies).await;
+    let mut replicas: Vec<_> = (0..3)
+        .map(|_| {
+            env.spawn_binary(
+                INGEST,
+                &[
+                    "--flush-ms",
+                    "20",
+                    "--batch-size",
+                    "20",
+                    "--wait-seconds",
+                    "1",
+                ],
+            )
+        })
+        .collect();
+    eventually(Duration::from_secs(20), || async {
+        env.count("user_logins").await > 20
+    })
+    .await;
+    replicas[0].kill().unwrap();
+    replicas[0].wait().unwrap();
+    let done = eventually(Duration::from_secs(90), || async {
+        (env.count("user_logins").await + env.count("quarantine").await) as usize == bodies.len()
+    })
+    .await;
+    assert!(
+        done,
+        "the surviving replicas took over the killed one's messages"
+    );
+    for replica in &mut replicas[1..] {
+        terminate(replica);
+        let status = replica.wait().unwrap();
+        assert!(
+            status.success(),
+            "a replica stops cleanly on SIGTERM: {status}"
+        );
+    }
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_commits_what_was_received_and_exits_0() {
+    let visibility = 3;
+    let env = TestEnv::new(visibility).await;
+    env.init_token_key().await;
+    let (bodies, malformed) = generated(150, 13);
+    env.send(&bodies).await;
+    let child = env.spawn_binary(INGEST, &["--flush-ms", "20", "--batch-size", "20"]);
+    eventually(Duration::from_secs(20), || async {
+        env.count("user_logins").await > 0
+    })
+    .await;
+    terminate(&child);
+    let asked = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    println!("stopped {:?} after SIGTERM", asked.elapsed());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "within the default deadline"
+    );
+    let summary = stdout(&output);
+    let field = |name: &str| -> u64 {
+        summary
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in {summary}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        field("acknowledged"),
+        field("received"),
+        "everything received was committed and deleted: {summary}"
+    );
+    assert_eq!(env.count("user_logins").await as u64, field("stored"));
+    tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
+    env.drain().await;
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_goes_to_the_dead_letter_queue() {
+    let env = TestEnv::new(1).await;
+    env.init_token_key().await;
+    let dlq_url = env
+        .sqs
+        .create_queue()
+        .queue_name(format!("test-dlq-{}", common::unique_suffix()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let dlq_arn = env
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    env.sqs
+        .set_queue_attributes()
+        .queue_url(&env.queue_url)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "2"}}"#),
+        )
+        .send()
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused'; END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON user_logins
+           FOR EACH ROW WHEN (NEW.user_id = 'poison') EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut bodies = sample_bodies()[..10].to_vec();
+    bodies.push(common::login("poison", "10.0.0.9", "9"));
+    env.send(&bodies).await;
+
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(ingest::run(
+        env.source(poll()),
+        env.pool.clone(),
+        env.keyring(),
+        settings(),
+        shutdown.clone(),
+    ));
+    let dead_lettered = eventually(Duration::from_secs(30), || async {
+        let received = env
+            .sqs
+            .receive_message()
+            .queue_url(&dlq_url)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        received
+            .messages
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.body().is_some_and(|b| b.contains("\"poison\"")))
+    })
+    .await;
+    shutdown.cancel();
+    let summary = run.await.unwrap().unwrap();
+    assert!(
+        dead_lettered,
+        "the poison message reached the dead-letter queue"
+    );
+    assert!(
+        summary.left_on_queue >= 2,
+        "each failure is counted: {summary}"
+    );
+    assert_eq!(env.count("user_logins").await, 10);
+    assert_eq!(env.messages_on_queue().await, 0);
+    env.cleanup().await;
+}
+
+/// Base64 (standard alphabet, padded), to look for keys in the forms a log might print them.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_most_verbose_logs_hold_no_personal_value_and_no_key_byte() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let bodies = sample_bodies();
+    env.send(&bodies).await;
+    let output = std::process::Command::new(INGEST)
+        .arg("--drain")
+        .envs(env.binary_env())
+        .env(
+            "RUST_LOG",
+            "trace,aws_smithy_runtime::client::orchestrator=trace",
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let logs = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(logs.lines().count() > 100, "trace level was on");
+    assert!(logs.contains("TRACE"), "trace level was on");
+    for body in &bodies {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+            continue;
+        };
+        for field in ["ip", "device_id"] {
+            if let Some(text) = value[field].as_str() {
+                assert!(
+                    !logs.contains(&format!("\"{text}\""))
+                        && !logs.contains(&format!("\\\"{text}\\\"")),
+                    "{field} {text} leaked"
+                );
+            }
+        }
+    }
+    // Every key pii-vault holds, unwrapped here the way KMS gives it out.
+    let keys: Vec<(i64, String, String, Vec<u8>)> =
+        sqlx::query_as("SELECT id, purpose, kms_key_id, wrapped_key FROM vault_keys")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(keys.len() >= 2);
+    for (id, purpose, kms_key_id, wrapped) in keys {
+        let plaintext = env
+            .kms
+            .client()
+            .decrypt()
+            .key_id(kms_key_id)
+            .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped))
+            .encryption_context("purpose", &purpose)
+            .encryption_context("key_id", id.to_string())
+            .send()
+            .await
+            .unwrap()
+            .plaintext
+            .unwrap()
+            .into_inner();
+        let hex: String = plaintext.iter().map(|b| format!("{b:02x}")).collect();
+        let decimal = format!("{:?}", &plaintext[..8]);
+        let decimal = decimal.trim_end_matches(']');
+        for form in [
+            hex.clone(),
+            hex.to_uppercase(),
+            base64(&plaintext),
+            decimal.to_owned(),
+        ] {
+            assert!(!logs.contains(&form), "{purpose} key {id} leaked as {form}");
+        }
+    }
+    env.cleanup().await;
+}
+
+#[test]
+fn base64_matches_the_standard_alphabet() {
+    assert_eq!(base64(b"hello"), "aGVsbG8=");
+    assert_eq!(base64(b"hi"), "aGk=");
+    assert_eq!(base64(b"abc"), "YWJj");
+}
