@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# pii-vault's four binaries (ingest, rotate-keys, unmask, loadgen) on Debian slim, as a non-root
+# user, with `ingest` as the entrypoint:
+#
+#   docker build -t pii-vault .
+#   docker run --rm pii-vault --help
+#   docker run --rm --entrypoint rotate-keys -e DATABASE_URL=... pii-vault init
+#
+# The cache mounts below need BuildKit, the default builder of Docker 23+ and of docker compose.
+
+# Same Debian release as the runtime stage, so the binaries link against the glibc they run on.
+FROM rust:1-bookworm AS builder
+WORKDIR /app
+
+# Only what `cargo build --bins` reads. migrations/ is compiled into the binaries
+# (sqlx::migrate!), and benches/ is needed because Cargo.toml declares a [[bench]] target:
+# cargo refuses a manifest whose target file is missing, even when not building it.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY benches ./benches
+COPY migrations ./migrations
+COPY src ./src
+
+# Dependencies are cached in BuildKit cache mounts (registry and target/) instead of a layer
+# built from dummy sources: no stub files to keep in step with the four binaries and the
+# bench, and a source change rebuilds only this crate. target/ exists only during this RUN,
+# so the binaries are copied out of it here.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/app/target,sharing=locked \
+    cargo build --release --locked --bins \
+    && install -D -m 0755 -t /out \
+        target/release/ingest target/release/rotate-keys target/release/unmask target/release/loadgen
+
+FROM debian:bookworm-slim
+
+# ca-certificates: the AWS SDK's HTTPS client trusts the system's root certificates.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# A fixed uid/gid, so volume permissions and Kubernetes' runAsNonRoot (which needs a numeric
+# USER to verify) do not depend on the order users were created in.
+RUN groupadd --system --gid 10001 pii-vault \
+    && useradd --system --uid 10001 --gid pii-vault --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin pii-vault
+
+COPY --from=builder /out/ /usr/local/bin/
+
+# Numeric form of pii-vault:pii-vault (see above).
+USER 10001:10001
+
+# Exec form: ingest is PID 1 and receives `docker stop`'s SIGTERM itself, which starts its
+# graceful shutdown (commit and delete what was received, within --shutdown-deadline).
+ENTRYPOINT ["ingest"]
