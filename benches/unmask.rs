@@ -49,6 +49,16 @@ impl KeyWrapper for TimedKms {
     ) -> Result<SecretKey, KmsError> {
         self.timed(self.inner.unwrap_key(wrapped, context)).await
     }
+
+    async fn rewrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        context: EncryptionContext,
+        new_kms_key_id: &str,
+    ) -> Result<WrappedKey, KmsError> {
+        self.timed(self.inner.rewrap_key(wrapped, context, new_kms_key_id))
+            .await
+    }
 }
 
 const LOGINS: usize = 1_000;

@@ -115,17 +115,28 @@ fn hash(
 /// succeeded.
 pub async fn append(pool: &PgPool, entry: &Entry<'_>) -> Result<i64, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let id = append_in(&mut tx, entry).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Appends `entry` inside the caller's transaction, so that the audited change and its audit
+/// row commit together (or not at all).
+pub async fn append_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    entry: &Entry<'_>,
+) -> Result<i64, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(APPEND_LOCK)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     let prev_hash: Vec<u8> =
         sqlx::query_scalar("SELECT hash FROM unmask_audit ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
             .unwrap_or_else(|| GENESIS.to_vec());
     let db_user: String = sqlx::query_scalar("SELECT session_user::text")
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
     // PostgreSQL keeps microseconds: hash exactly what will be stored.
     let now = OffsetDateTime::now_utc();
@@ -155,9 +166,8 @@ pub async fn append(pool: &PgPool, entry: &Entry<'_>) -> Result<i64, sqlx::Error
     .bind(outcome)
     .bind(&prev_hash)
     .bind(row_hash.as_slice())
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await?;
-    tx.commit().await?;
     Ok(id)
 }
 

@@ -11,6 +11,7 @@
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter.
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
 //! - [`unmask`]: audited recovery of original values; [`audit`]: its hash-chained trail.
+//! - [`rotate`]: online key rotation, re-wrapping and erasure (`rotate-keys`).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
@@ -27,6 +28,7 @@ pub mod db;
 pub mod event;
 pub mod ingest;
 pub mod retry;
+pub mod rotate;
 pub mod synth;
 pub mod unmask;
 pub mod vault;

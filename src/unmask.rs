@@ -163,7 +163,7 @@ pub async fn unmask<W: KeyWrapper>(
                 .iter()
                 .map(|r| i32::from(r.ip.is_some()) + i32::from(r.device_id.is_some()))
                 .sum();
-            let outcome = if revealed.is_empty() {
+            let outcome = if values == 0 {
                 Outcome::NothingFound
             } else {
                 Outcome::Revealed
@@ -271,24 +271,72 @@ fn open_field(
     let (Some(sealer), Some(sealed)) = (sealer, sealed) else {
         return Ok(None); // erased
     };
-    let place = login_place(field, &row.message_id, &row.user_id);
+    let sealed = SealedValue {
+        field,
+        message_id: &row.message_id,
+        user_id: &row.user_id,
+        sealed,
+        stored_token: stored_token.as_deref(),
+    };
+    open_checked(&sealed, sealer, tokenizer)
+        .map(Some)
+        .map_err(|what| integrity(row, what))
+}
+
+/// A sealed personal value with what binds it: its place and its stored token.
+pub(crate) struct SealedValue<'a> {
+    pub field: Field,
+    pub message_id: &'a str,
+    pub user_id: &'a str,
+    pub sealed: &'a [u8],
+    pub stored_token: Option<&'a str>,
+}
+
+/// Opens a value at its place and checks it against its token (the key commitment). The error
+/// says what failed, never the value.
+pub(crate) fn open_checked(
+    value: &SealedValue<'_>,
+    sealer: &Sealer,
+    tokenizer: &Tokenizer,
+) -> Result<Zeroizing<String>, String> {
+    let field = value.field.name();
+    let place = login_place(value.field, value.message_id, value.user_id);
     let opened = sealer
-        .open(&place, sealed)
-        .map_err(|e| integrity(row, format!("{}: {e}", field.name())))?;
-    let text = std::str::from_utf8(&opened)
-        .map_err(|_| integrity(row, format!("{}: opened value is not text", field.name())))?;
-    let committed = match (tokenizer.token_of(field, text), stored_token) {
+        .open(&place, value.sealed)
+        .map_err(|e| format!("{field}: {e}"))?;
+    let text =
+        std::str::from_utf8(&opened).map_err(|_| format!("{field}: opened value is not text"))?;
+    let committed = match (tokenizer.token_of(value.field, text), value.stored_token) {
         (Some(token), Some(stored)) => token.matches(stored),
         _ => false,
     };
     if !committed {
-        return Err(integrity(
-            row,
-            format!(
-                "{}: the opened value does not match the stored token",
-                field.name()
-            ),
+        return Err(format!(
+            "{field}: the opened value does not match the stored token"
         ));
     }
-    Ok(Some(Zeroizing::new(text.to_owned())))
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+/// Opens and checks every stored login, revealing nothing: the number of logins that open, or
+/// the first integrity failure. For operators after a rotation (`rotate-keys verify`).
+pub async fn verify_all<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+) -> Result<u64, UnmaskError> {
+    let mut after = 0i64;
+    let mut checked = 0u64;
+    loop {
+        let rows: Vec<SealedLogin> = sqlx::query_as(&format!(
+            "{SELECT_LOGINS} WHERE l.id > $1 ORDER BY l.id LIMIT 5000"
+        ))
+        .bind(after)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(checked);
+        };
+        after = last.id;
+        checked += open_all(keyring, &rows).await?.len() as u64;
+    }
 }

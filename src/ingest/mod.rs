@@ -24,7 +24,7 @@ pub mod sqs;
 pub mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -39,6 +39,7 @@ use crate::vault::seal::Sealer;
 use crate::vault::token::Tokenizer;
 use batch::Batch;
 use source::{Message, MessageSource, Receipt};
+use writer::WriteError;
 
 /// How the pipeline runs. Every field has a flag in `ingest` (see its `--help`).
 #[derive(Debug, Clone)]
@@ -57,6 +58,9 @@ pub struct Settings {
     pub data_key_max_records: u64,
     /// Use one data key at most this long.
     pub data_key_max_age: Duration,
+    /// How often to check that the token key and data key in use are still active, so that a
+    /// rotation (`rotate-keys`) is followed within this bound.
+    pub key_check_interval: Duration,
 }
 
 impl Default for Settings {
@@ -69,6 +73,7 @@ impl Default for Settings {
             drain: false,
             data_key_max_records: 10_000_000,
             data_key_max_age: Duration::from_secs(24 * 3600),
+            key_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -189,11 +194,14 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     }
     drop(message_tx);
 
+    let keys_retired = Arc::new(AtomicBool::new(false));
     let mut keys = Keys {
         tokenizer,
         sealer,
         sealed: 0,
         created: Instant::now(),
+        checked: Instant::now(),
+        retired: keys_retired.clone(),
         keyring: keyring.clone(),
     };
     let batcher_settings = settings.clone();
@@ -215,6 +223,7 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
             source.clone(),
             pool.clone(),
             stats.clone(),
+            keys_retired.clone(),
         ));
     }
     tasks.close();
@@ -304,17 +313,60 @@ struct Keys<W> {
     sealer: Sealer,
     sealed: u64,
     created: Instant,
+    /// When the keys' states were last checked against the key table.
+    checked: Instant,
+    /// Set by a writer whose batch was refused because a key was retired.
+    retired: Arc<AtomicBool>,
     keyring: Arc<Keyring<W>>,
 }
 
 impl<W: KeyWrapper> Keys<W> {
+    /// Follows rotations: every `key_check_interval` (or at once when a writer saw a retired
+    /// key), moves off a token key or data key that is no longer active.
+    async fn follow_rotations(&mut self, settings: &Settings, shutdown: &CancellationToken) {
+        let told = self.retired.swap(false, Ordering::Relaxed);
+        if !told && self.checked.elapsed() < settings.key_check_interval {
+            return;
+        }
+        let keyring = self.keyring.clone();
+        let ids = [self.tokenizer.key_id(), self.sealer.key_id()];
+        let active =
+            match with_retry("checking key states", shutdown, || keyring.active(&ids)).await {
+                Ok(active) => active,
+                Err(error) => {
+                    tracing::error!(%error, "cannot check key states; keeping the current keys");
+                    return;
+                }
+            };
+        self.checked = Instant::now();
+        if !active.contains(&ids[0]) {
+            match with_retry("loading the token key", shutdown, || {
+                keyring.active_tokenizer()
+            })
+            .await
+            {
+                Ok(tokenizer) => {
+                    tracing::info!(old = %ids[0], new = %tokenizer.key_id(), "token key rotated");
+                    self.tokenizer = tokenizer;
+                }
+                Err(error) => tracing::error!(%error, "cannot load the new token key"),
+            }
+        }
+        if !active.contains(&ids[1]) {
+            self.replace_data_key(shutdown).await;
+        }
+    }
+
     /// Moves to a new data key once the current one has sealed enough or lived long enough.
     async fn rotate_if_due(&mut self, settings: &Settings, shutdown: &CancellationToken) {
         let due = self.sealed >= settings.data_key_max_records
             || self.created.elapsed() >= settings.data_key_max_age;
-        if !due {
-            return;
+        if due {
+            self.replace_data_key(shutdown).await;
         }
+    }
+
+    async fn replace_data_key(&mut self, shutdown: &CancellationToken) {
         let keyring = self.keyring.clone();
         match with_retry("creating a data key", shutdown, || keyring.new_sealer()).await {
             Ok(sealer) => {
@@ -353,6 +405,7 @@ async fn make_batches<W: KeyWrapper>(
                 Ok(None) | Err(_) => break,
             }
         }
+        keys.follow_rotations(settings, shutdown).await;
         keys.rotate_if_due(settings, shutdown).await;
         let batch = batch::build(std::mem::take(&mut pending), &keys.tokenizer, &keys.sealer);
         keys.sealed += 2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
@@ -367,12 +420,13 @@ async fn write_batches<S: MessageSource>(
     source: Arc<S>,
     pool: PgPool,
     stats: Arc<Stats>,
+    keys_retired: Arc<AtomicBool>,
 ) {
     loop {
         // Hold the lock only while taking a batch, so the writers share one queue.
         let next = batches.lock().await.recv().await;
         let Some(batch) = next else { return };
-        write_and_acknowledge(batch, source.as_ref(), &pool, &stats).await;
+        write_and_acknowledge(batch, source.as_ref(), &pool, &stats, &keys_retired).await;
     }
 }
 
@@ -383,6 +437,7 @@ async fn write_and_acknowledge<S: MessageSource>(
     source: &S,
     pool: &PgPool,
     stats: &Stats,
+    keys_retired: &AtomicBool,
 ) {
     let mut work = vec![batch];
     while let Some(batch) = work.pop() {
@@ -404,6 +459,16 @@ async fn write_and_acknowledge<S: MessageSource>(
                     "batch committed"
                 );
                 acknowledge(source, batch.receipts(), stats).await;
+            }
+            Err(WriteError::KeyRetired) => {
+                // Sealed under a key a rotation has just retired: the messages stay on the
+                // queue and come back to be sealed under the new key.
+                tracing::warn!(
+                    messages = batch.len(),
+                    "batch refused: its key was retired; it will be redelivered"
+                );
+                keys_retired.store(true, Ordering::Relaxed);
+                add(&stats.left_on_queue, batch.len() as u64);
             }
             Err(error) if batch.len() > 1 => {
                 tracing::warn!(error = %error, messages = batch.len(), "batch failed; splitting it to isolate the cause");
@@ -434,11 +499,11 @@ async fn write_with_retry(
     pool: &PgPool,
     batch: &Batch,
     stats: &Stats,
-) -> Result<writer::Written, sqlx::Error> {
+) -> Result<writer::Written, WriteError> {
     let mut backoff = Backoff::default();
     loop {
         match writer::write(pool, batch).await {
-            Err(error) if crate::db::is_transient(&error) => {
+            Err(WriteError::Database(error)) if crate::db::is_transient(&error) => {
                 let delay = backoff.next_delay();
                 add(&stats.write_retries, 1);
                 tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");

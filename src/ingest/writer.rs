@@ -46,8 +46,25 @@ FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[])
     AS t(message_id, reason, body_bytes, sealed_body, sent_at)
 ON CONFLICT (message_id) DO NOTHING";
 
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A key the batch was sealed or tokenized with was retired meanwhile (a rotation finished
+    /// while this process had not yet moved off it): the batch must be made again.
+    #[error("a key of this batch was retired by a rotation")]
+    KeyRetired,
+}
+
+/// After the inserts, in the same transaction: are the batch's keys still usable? The inserts'
+/// foreign keys hold a share lock on both key rows until commit, so a rotation that retires a
+/// key either sees these rows (and does not retire it) or has already retired it (and this
+/// check sees that). A row can never be committed under a retired key.
+const KEYS_USABLE: &str = "
+SELECT count(*) FROM vault_keys WHERE id = ANY($1) AND state IN ('active', 'retiring')";
+
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
-pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, sqlx::Error> {
+pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
     if !batch.logins.is_empty() {
@@ -122,6 +139,14 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, sqlx::Error>
             .rows_affected();
         written.quarantined = quarantined;
         written.duplicates += rows.len() as u64 - quarantined;
+    }
+    let keys = [batch.token_key_id.0, batch.data_key_id.0];
+    let usable: i64 = sqlx::query_scalar(KEYS_USABLE)
+        .bind(&keys[..])
+        .fetch_one(&mut *tx)
+        .await?;
+    if usable < 2 {
+        return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }
     tx.commit().await?;
     Ok(written)

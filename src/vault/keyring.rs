@@ -144,10 +144,64 @@ impl<W: KeyWrapper> Keyring<W> {
         Ok(Sealer::new(id, &key))
     }
 
-    async fn create_key(
+    /// Starts a token key rotation: a new token key becomes the active one and the current one
+    /// becomes `retiring` (it still checks the tokens made with it), in one transaction.
+    pub async fn rotate_token_key(&self) -> Result<KeyId, KeyringError> {
+        let (id, key, wrapped) = self.generate(Purpose::Token).await?;
+        drop(key); // the new key is unwrapped again by whoever uses it
+        let mut tx = self.pool.begin().await?;
+        let retiring = sqlx::query(
+            "UPDATE vault_keys SET state = 'retiring' WHERE purpose = 'token' AND state = 'active'",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if retiring == 0 {
+            return Err(KeyringError::NoTokenKey);
+        }
+        self.insert(&mut tx, id, Purpose::Token, &wrapped).await?;
+        tx.commit().await?;
+        tracing::info!(key_id = %id, "token key rotation started");
+        Ok(id)
+    }
+
+    /// Which of `ids` are `active`, the only state new writes should use.
+    pub async fn active(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, KeyringError> {
+        let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let active: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM vault_keys WHERE id = ANY($1) AND state = 'active'")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(active.into_iter().map(KeyId).collect())
+    }
+
+    /// Re-wraps key `id` under `new_kms_key_id` (KMS ReEncrypt); returns the new KMS key ARN.
+    pub async fn rewrap(&self, id: KeyId, new_kms_key_id: &str) -> Result<String, KeyringError> {
+        let (purpose, wrapped) = self.wrapped(id).await?;
+        let context = EncryptionContext {
+            purpose,
+            key_id: id,
+        };
+        let rewrapped = self
+            .wrapper
+            .rewrap_key(&wrapped, context, new_kms_key_id)
+            .await
+            .map_err(|source| KeyringError::Kms { id, source })?;
+        sqlx::query("UPDATE vault_keys SET wrapped_key = $2, kms_key_id = $3 WHERE id = $1")
+            .bind(id)
+            .bind(&rewrapped.ciphertext)
+            .bind(&rewrapped.kms_key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(rewrapped.kms_key_id)
+    }
+
+    /// Reserves an id and has KMS generate and wrap a key for it.
+    async fn generate(
         &self,
         purpose: Purpose,
-    ) -> Result<(KeyId, super::SecretKey), KeyringError> {
+    ) -> Result<(KeyId, super::SecretKey, WrappedKey), KeyringError> {
         let id = KeyId(
             sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('vault_keys', 'id'))")
                 .fetch_one(&self.pool)
@@ -162,6 +216,16 @@ impl<W: KeyWrapper> Keyring<W> {
             .generate_key(&self.kms_key_id, context)
             .await
             .map_err(|source| KeyringError::Kms { id, source })?;
+        Ok((id, key, wrapped))
+    }
+
+    async fn insert(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        id: KeyId,
+        purpose: Purpose,
+        wrapped: &WrappedKey,
+    ) -> Result<(), KeyringError> {
         sqlx::query(
             "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by)
              VALUES ($1, $2, $3, $4, $5)",
@@ -171,31 +235,53 @@ impl<W: KeyWrapper> Keyring<W> {
         .bind(&wrapped.kms_key_id)
         .bind(&wrapped.ciphertext)
         .bind(&self.created_by)
-        .execute(&self.pool)
+        .execute(connection)
         .await?;
         tracing::info!(key_id = %id, %purpose, kms_key = %wrapped.kms_key_id, "created key");
+        Ok(())
+    }
+
+    async fn create_key(
+        &self,
+        purpose: Purpose,
+    ) -> Result<(KeyId, super::SecretKey), KeyringError> {
+        let (id, key, wrapped) = self.generate(purpose).await?;
+        let mut connection = self.pool.acquire().await?;
+        self.insert(&mut connection, id, purpose, &wrapped).await?;
         Ok((id, key))
     }
 
-    async fn unwrap(&self, id: KeyId, purpose: Purpose) -> Result<super::SecretKey, KeyringError> {
+    /// A stored key's purpose and wrapped bytes.
+    async fn wrapped(&self, id: KeyId) -> Result<(Purpose, WrappedKey), KeyringError> {
         let row: Option<(String, String, Option<Vec<u8>>)> =
             sqlx::query_as("SELECT purpose, kms_key_id, wrapped_key FROM vault_keys WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
         let (found, kms_key_id, ciphertext) = row.ok_or(KeyringError::NotFound(id))?;
-        if found != purpose.as_str() {
+        let purpose = match found.as_str() {
+            "token" => Purpose::Token,
+            _ => Purpose::Data,
+        };
+        let ciphertext = ciphertext.ok_or(KeyringError::Destroyed(id))?;
+        Ok((
+            purpose,
+            WrappedKey {
+                ciphertext,
+                kms_key_id,
+            },
+        ))
+    }
+
+    async fn unwrap(&self, id: KeyId, purpose: Purpose) -> Result<super::SecretKey, KeyringError> {
+        let (found, wrapped) = self.wrapped(id).await?;
+        if found != purpose {
             return Err(KeyringError::WrongPurpose {
                 id,
                 expected: purpose,
-                found,
+                found: found.as_str().to_owned(),
             });
         }
-        let ciphertext = ciphertext.ok_or(KeyringError::Destroyed(id))?;
-        let wrapped = WrappedKey {
-            ciphertext,
-            kms_key_id,
-        };
         self.wrapper
             .unwrap_key(
                 &wrapped,

@@ -29,6 +29,15 @@ pub trait KeyWrapper: Send + Sync + 'static {
         wrapped: &WrappedKey,
         context: EncryptionContext,
     ) -> impl Future<Output = Result<SecretKey, KmsError>> + Send;
+
+    /// Re-wraps a stored key under another KMS key, same context, without the plaintext key
+    /// ever leaving KMS (ReEncrypt).
+    fn rewrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        context: EncryptionContext,
+        new_kms_key_id: &str,
+    ) -> impl Future<Output = Result<WrappedKey, KmsError>> + Send;
 }
 
 /// A KMS failure. The text comes from KMS and the SDK and never contains key material.
@@ -176,5 +185,36 @@ impl KeyWrapper for AwsKms {
             .ok_or(KmsError::BadResponse("Decrypt"))?
             .into_inner();
         SecretKey::take_from(&mut plaintext).map_err(|_| KmsError::BadResponse("Decrypt"))
+    }
+
+    async fn rewrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        context: EncryptionContext,
+        new_kms_key_id: &str,
+    ) -> Result<WrappedKey, KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut output = self
+            .client
+            .re_encrypt()
+            .source_key_id(&wrapped.kms_key_id)
+            .ciphertext_blob(Blob::new(wrapped.ciphertext.clone()))
+            .set_source_encryption_context(Some(context.to_map()))
+            .destination_key_id(new_kms_key_id)
+            .set_destination_encryption_context(Some(context.to_map()))
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("ReEncrypt", e))?;
+        Ok(WrappedKey {
+            ciphertext: output
+                .ciphertext_blob
+                .take()
+                .ok_or(KmsError::BadResponse("ReEncrypt"))?
+                .into_inner(),
+            kms_key_id: output
+                .key_id
+                .take()
+                .unwrap_or_else(|| new_kms_key_id.to_owned()),
+        })
     }
 }

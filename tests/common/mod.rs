@@ -204,9 +204,19 @@ impl TestEnv {
     }
 
     pub async fn drain_from<S: ingest::source::MessageSource>(&self, source: Arc<S>) -> Summary {
+        self.drain_with(source, Duration::from_secs(5)).await
+    }
+
+    /// Like [`TestEnv::drain_from`], checking for key rotations every `key_check_interval`.
+    pub async fn drain_with<S: ingest::source::MessageSource>(
+        &self,
+        source: Arc<S>,
+        key_check_interval: Duration,
+    ) -> Summary {
         let settings = Settings {
             drain: true,
             flush_interval: Duration::from_millis(20),
+            key_check_interval,
             ..Settings::default()
         };
         tokio::time::timeout(
@@ -332,10 +342,14 @@ impl TestEnv {
     }
 }
 
-/// A message source over bodies in memory: ids `m-0`, `m-1`, ..., sent now.
+/// A message source over bodies in memory, sent now, with ids unique within the test process.
 pub struct VecSource {
     pending: std::sync::Mutex<std::collections::VecDeque<Message>>,
+    /// Pause before each receive, to stretch ingestion over time.
+    delay: Duration,
 }
+
+static NEXT_MESSAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl VecSource {
     pub fn new(bodies: &[String]) -> Arc<Self> {
@@ -350,7 +364,10 @@ impl VecSource {
             .iter()
             .enumerate()
             .map(|(i, body)| Message {
-                id: format!("m-{i}"),
+                id: format!(
+                    "m-{}",
+                    NEXT_MESSAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ),
                 body: body.clone(),
                 sent_at: Some(now),
                 receipt: Receipt(format!("r-{i}")),
@@ -359,12 +376,20 @@ impl VecSource {
             .collect();
         Arc::new(Self {
             pending: std::sync::Mutex::new(pending),
+            delay: Duration::ZERO,
         })
+    }
+
+    /// Delivers ten messages every `delay`.
+    pub fn slow(bodies: &[String], delay: Duration) -> Arc<Self> {
+        let source = Arc::into_inner(Self::new(bodies)).expect("just made");
+        Arc::new(Self { delay, ..source })
     }
 }
 
 impl MessageSource for VecSource {
     async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        tokio::time::sleep(self.delay).await;
         let mut pending = self.pending.lock().unwrap();
         let n = pending.len().min(10);
         Ok(pending.drain(..n).collect())

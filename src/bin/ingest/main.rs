@@ -68,6 +68,11 @@ struct Args {
     /// Use one data key for at most this many seconds.
     #[arg(long, env = "INGEST_DATA_KEY_MAX_AGE", default_value_t = 86_400)]
     data_key_max_age: u64,
+    /// Seconds between checks that the keys in use are still active: a key rotation
+    /// (`rotate-keys`) is followed within this time.
+    #[arg(long, env = "INGEST_KEY_CHECK_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    key_check_seconds: u64,
     /// On SIGTERM or Ctrl-C, seconds allowed to commit and acknowledge what was received.
     #[arg(long, env = "INGEST_SHUTDOWN_DEADLINE", default_value_t = 30)]
     shutdown_deadline: u64,
@@ -95,6 +100,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: args.drain,
         data_key_max_records: args.data_key_max_records,
         data_key_max_age: Duration::from_secs(args.data_key_max_age),
+        key_check_interval: Duration::from_secs(args.key_check_seconds),
     };
     let poll = PollSettings {
         wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),

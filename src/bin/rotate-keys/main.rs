@@ -1,16 +1,20 @@
-//! `rotate-keys`: schema and key administration.
+//! `rotate-keys`: schema and key administration. Every command is idempotent and safe to run
+//! from a scheduler: an interrupted run is finished by the next one.
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
 use pii_vault::db;
+use pii_vault::rotate::{self, Options, Report};
+use pii_vault::unmask;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
 
-/// Create, rotate and retire pii-vault's keys.
+/// Create, rotate, re-wrap and retire pii-vault's keys, online.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -27,6 +31,61 @@ enum Command {
     /// Apply the database migrations and create the first token key. Safe to run again: an
     /// existing token key is never replaced.
     Init,
+    /// Every key: purpose, state, KMS key, age, and how many rows it protects.
+    Status,
+    /// Replace every data key: re-seal all stored values under a new one, retire the old ones.
+    DataKey(RotationArgs),
+    /// Replace the token key: recompute every stored token, retire the old key.
+    TokenKey(RotationArgs),
+    /// Re-wrap every stored key under another KMS key (KMS ReEncrypt), so the old KMS key can
+    /// be disabled. Point KMS_KEY_ID at the new key for everything that creates keys.
+    Rewrap {
+        /// The KMS key (id, ARN or alias) to wrap under from now on.
+        #[arg(long = "kms-key-id", id = "new_kms_key_id")]
+        new_kms_key_id: String,
+    },
+    /// Erase a user's sealed values for good (an erasure request), keeping the analytic rows.
+    Erase {
+        #[arg(long)]
+        user_id: String,
+        /// Why: recorded in the audit.
+        #[arg(long)]
+        reason: String,
+        /// Who asks, for the audit [default: the OS user].
+        #[arg(long)]
+        actor: Option<String>,
+        /// Also remove the user's tokens (they link the user's rows to others with the same
+        /// values).
+        #[arg(long)]
+        drop_tokens: bool,
+    },
+    /// Open and check every stored value (revealing nothing), e.g. after a rotation.
+    Verify,
+}
+
+#[derive(Debug, ClapArgs)]
+struct RotationArgs {
+    /// Rows per transaction.
+    #[arg(long, default_value_t = 1_000,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    batch_size: i64,
+    /// Seconds given to running ingesters to move to the new key before the last pass (at
+    /// least their --key-check-seconds).
+    #[arg(long, default_value_t = 15)]
+    grace_seconds: u64,
+    /// Drop the wrapped bytes of retired keys once they protect nothing. Irreversible.
+    #[arg(long)]
+    destroy_retired: bool,
+}
+
+impl RotationArgs {
+    fn options(&self) -> Options {
+        Options {
+            batch_size: self.batch_size,
+            grace: Duration::from_secs(self.grace_seconds),
+            destroy_retired: self.destroy_retired,
+        }
+    }
 }
 
 #[tokio::main]
@@ -37,24 +96,112 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let pool = db::connect(&args.database.database_url, 2).await?;
+    let pool = db::connect(&args.database.database_url, 4).await?;
+    let keyring = || async {
+        let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
+        Keyring::new(
+            pool.clone(),
+            kms,
+            &args.kms.kms_key_id,
+            &cli::process_name("rotate-keys"),
+        )
+    };
     match args.command {
         Command::Init => {
             db::migrate(&pool).await?;
-            let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
-            let keyring = Keyring::new(
-                pool,
-                kms,
-                &args.kms.kms_key_id,
-                &cli::process_name("rotate-keys"),
-            );
-            match keyring.init_token_key().await? {
+            match keyring().await.init_token_key().await? {
                 TokenKeyInit::Created(id) => println!("schema current; token key {id} created"),
                 TokenKeyInit::AlreadyActive(id) => {
                     println!("schema current; token key {id} already active, nothing to do")
                 }
             }
         }
+        Command::Status => {
+            db::check_schema(&pool).await?;
+            print_status(&rotate::status(&pool).await?);
+        }
+        Command::DataKey(rotation) => {
+            db::check_schema(&pool).await?;
+            let report = rotate::data_keys(&pool, &keyring().await, &rotation.options()).await?;
+            print_report("data", "re-encrypted", &report);
+        }
+        Command::TokenKey(rotation) => {
+            db::check_schema(&pool).await?;
+            let report = rotate::token_key(&pool, &keyring().await, &rotation.options()).await?;
+            print_report("token", "re-tokenized", &report);
+        }
+        Command::Rewrap { new_kms_key_id } => {
+            db::check_schema(&pool).await?;
+            let count = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
+            if count == 0 {
+                println!("every key is already wrapped under {new_kms_key_id}; nothing to do");
+            } else {
+                println!("re-wrapped {count} keys under {new_kms_key_id}");
+            }
+        }
+        Command::Erase {
+            user_id,
+            reason,
+            actor,
+            drop_tokens,
+        } => {
+            if reason.trim().is_empty() {
+                return Err(UsageError("--reason must say why".into()).into());
+            }
+            let actor = actor
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".to_owned());
+            db::check_schema(&pool).await?;
+            let erased = rotate::erase(&pool, &user_id, &reason, &actor, drop_tokens).await?;
+            println!("erased the sealed values of {erased} login(s) of user {user_id} (audited)");
+        }
+        Command::Verify => {
+            db::check_schema(&pool).await?;
+            let checked = unmask::verify_all(&pool, &keyring().await).await?;
+            println!("all {checked} logins open and match their tokens");
+        }
     }
     Ok(())
+}
+
+fn print_report(purpose: &str, verb: &str, report: &Report) {
+    if !report.started_or_resumed {
+        println!("no active {purpose} key to rotate; nothing to do");
+        return;
+    }
+    let retired: Vec<String> = report.retired.iter().map(ToString::to_string).collect();
+    println!(
+        "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key {}; retired {purpose} keys: {}; destroyed: {}",
+        report.rows_rewritten,
+        report.seconds,
+        report.rows_per_second(),
+        report.new_key.map(|k| k.to_string()).unwrap_or_default(),
+        if retired.is_empty() {
+            "none".to_owned()
+        } else {
+            retired.join(", ")
+        },
+        report.destroyed
+    );
+}
+
+fn print_status(keys: &[rotate::KeyStatus]) {
+    println!(
+        "{:>5}  {:<6} {:<10} {:>9} {:>10}  kms key",
+        "id", "purpose", "state", "age (d)", "rows"
+    );
+    for key in keys {
+        println!(
+            "{:>5}  {:<6} {:<10} {:>9.1} {:>10}  {}",
+            key.id, key.purpose, key.state, key.age_days, key.rows, key.kms_key_id
+        );
+    }
+    let pending: i64 = keys
+        .iter()
+        .filter(|k| k.state == "retiring")
+        .map(|k| k.rows)
+        .sum();
+    if pending > 0 {
+        println!("{pending} rows are still under retiring keys: rerun the rotation to finish it");
+    }
 }

@@ -120,6 +120,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
+    if revealed
+        .iter()
+        .all(|r| r.ip.is_none() && r.device_id.is_none())
+    {
+        eprintln!(
+            "the values of {} were erased: {} login(s), nothing to reveal (the attempt was audited)",
+            request.question,
+            revealed.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Table => print_table(&mut out, &revealed)?,

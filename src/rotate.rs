@@ -1,0 +1,698 @@
+//! Key rotation, online: while ingesters write, every stored row stays readable at every
+//! moment, and an interrupted rotation (even kill -9) is finished by running it again.
+//!
+//! A rotation moves keys through `active -> retiring -> retired (-> destroyed)`:
+//! 1. the keys to replace are marked `retiring`; running ingesters notice within their
+//!    `--key-check-seconds` and move to new keys (a retiring key still opens what it sealed);
+//! 2. rows under retiring keys are rewritten under the new key in batches, one transaction each,
+//!    walking the primary key, so every row is under the old key or the new one, never neither;
+//! 3. after a grace period, a last pass catches rows that slow ingesters wrote meanwhile, and a
+//!    key that no row references is marked `retired` under a row lock (an ingester's insert
+//!    holds that key row's share lock until it commits, and re-checks the key's state before
+//!    committing, so no row can land under a retired key);
+//! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
+//!
+//! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use crate::audit::{self, Outcome};
+use crate::ingest::batch::quarantine_place;
+use crate::unmask::{SealedValue, open_checked};
+use crate::vault::KeyId;
+use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::kms::KeyWrapper;
+use crate::vault::seal::Sealer;
+use crate::vault::token::{Field, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("keys: {0}")]
+    Keys(#[from] KeyringError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("row {row} cannot be opened ({what}); rotation stopped, the row is untouched")]
+    Integrity { row: String, what: String },
+}
+
+/// How a rotation runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rows per transaction.
+    pub batch_size: i64,
+    /// Time given to running ingesters to move off retiring keys before the last pass (at
+    /// least their `--key-check-seconds`).
+    pub grace: Duration,
+    /// Drop the wrapped bytes of retired keys at the end.
+    pub destroy_retired: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            grace: Duration::from_secs(15),
+            destroy_retired: false,
+        }
+    }
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// False when there was nothing to rotate (and nothing unfinished).
+    pub started_or_resumed: bool,
+    pub rows_rewritten: u64,
+    pub seconds: f64,
+    pub retired: Vec<KeyId>,
+    pub destroyed: u64,
+    /// The key rows were moved to.
+    pub new_key: Option<KeyId>,
+}
+
+impl Report {
+    pub fn rows_per_second(&self) -> f64 {
+        self.rows_rewritten as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Rows done out of a total, shown on a terminal or logged every few seconds.
+struct Progress {
+    label: &'static str,
+    total: u64,
+    done: u64,
+    started: Instant,
+    last_shown: Instant,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64) -> Self {
+        Self {
+            label,
+            total,
+            done: 0,
+            started: Instant::now(),
+            last_shown: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn advance(&mut self, rows: u64) {
+        self.done += rows;
+        let every = if self.terminal {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.last_shown.elapsed() >= every {
+            self.show();
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn show(&mut self) {
+        self.last_shown = Instant::now();
+        let (label, done, total, rate) = (self.label, self.done, self.total, self.rate());
+        if self.terminal {
+            eprint!("\r{label}: {done}/{total} rows ({rate:.0} rows/s)   ");
+        } else {
+            tracing::info!(done, total, rows_per_second = rate as u64, "{label}");
+        }
+    }
+
+    fn finish(mut self) {
+        self.show();
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+async fn ids(pool: &PgPool, sql: &str) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(sql).fetch_all(pool).await
+}
+
+/// Replaces every data key: all sealed values (logins and quarantined bodies) are re-sealed
+/// under a new one, and the old ones retired.
+pub async fn data_keys<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    options: &Options,
+) -> Result<Report, RotateError> {
+    let mut retiring = ids(
+        pool,
+        "SELECT id FROM vault_keys WHERE purpose = 'data' AND state = 'retiring' ORDER BY id",
+    )
+    .await?;
+    if retiring.is_empty() {
+        retiring = ids(
+            pool,
+            "UPDATE vault_keys SET state = 'retiring'
+             WHERE purpose = 'data' AND state = 'active' RETURNING id",
+        )
+        .await?;
+    } else {
+        tracing::info!(keys = ?retiring, "resuming an unfinished data key rotation");
+    }
+    if retiring.is_empty() {
+        return Ok(Report::default());
+    }
+    let marked = Instant::now();
+    let target = keyring.new_sealer().await?;
+    let mut sealers = Sealers::default();
+    let total: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
+              + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
+    )
+    .bind(&retiring)
+    .fetch_one(pool)
+    .await?;
+    let mut progress = Progress::new("re-encrypting", total as u64);
+    let started = Instant::now();
+    let retired = loop {
+        reseal_logins(
+            pool,
+            keyring,
+            &mut sealers,
+            &target,
+            &retiring,
+            options,
+            &mut progress,
+        )
+        .await?;
+        reseal_quarantine(
+            pool,
+            keyring,
+            &mut sealers,
+            &target,
+            &retiring,
+            options,
+            &mut progress,
+        )
+        .await?;
+        if marked.elapsed() < options.grace {
+            tokio::time::sleep(options.grace - marked.elapsed()).await;
+            continue; // the last pass, after the grace period
+        }
+        if let Some(retired) = retire_unused(pool, &retiring, UNUSED_DATA_KEY).await? {
+            break retired;
+        }
+    };
+    let rows_rewritten = progress.done;
+    progress.finish();
+    let destroyed = destroy_retired(pool, "data", options.destroy_retired).await?;
+    Ok(Report {
+        started_or_resumed: true,
+        rows_rewritten,
+        seconds: started.elapsed().as_secs_f64(),
+        retired,
+        destroyed,
+        new_key: Some(target.key_id()),
+    })
+}
+
+/// Replaces the token key: every stored token is recomputed from the opened original under a
+/// new token key, and the old key is retired. Rows record their token key version throughout
+/// (`user_logins.token_key_id`), so a query can tell old tokens from new ones meanwhile.
+pub async fn token_key<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    options: &Options,
+) -> Result<Report, RotateError> {
+    let mut retiring = ids(
+        pool,
+        "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'retiring' ORDER BY id",
+    )
+    .await?;
+    if retiring.is_empty() {
+        keyring.rotate_token_key().await?;
+        retiring = ids(
+            pool,
+            "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'retiring' ORDER BY id",
+        )
+        .await?;
+    } else {
+        tracing::info!(keys = ?retiring, "resuming an unfinished token key rotation");
+    }
+    let marked = Instant::now();
+    let target = keyring.active_tokenizer().await?;
+    let mut keys = Sealers::default();
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
+            .bind(&retiring)
+            .fetch_one(pool)
+            .await?;
+    let mut progress = Progress::new("re-tokenizing", total as u64);
+    let started = Instant::now();
+    let retired = loop {
+        retokenize(
+            pool,
+            keyring,
+            &mut keys,
+            &target,
+            &retiring,
+            options,
+            &mut progress,
+        )
+        .await?;
+        if marked.elapsed() < options.grace {
+            tokio::time::sleep(options.grace - marked.elapsed()).await;
+            continue;
+        }
+        if let Some(retired) = retire_unused(pool, &retiring, UNUSED_TOKEN_KEY).await? {
+            break retired;
+        }
+    };
+    let rows_rewritten = progress.done;
+    progress.finish();
+    let destroyed = destroy_retired(pool, "token", options.destroy_retired).await?;
+    Ok(Report {
+        started_or_resumed: true,
+        rows_rewritten,
+        seconds: started.elapsed().as_secs_f64(),
+        retired,
+        destroyed,
+        new_key: Some(target.key_id()),
+    })
+}
+
+/// Old keys, unwrapped once each (one KMS call per key).
+#[derive(Default)]
+struct Sealers {
+    sealers: BTreeMap<i64, Sealer>,
+    tokenizers: BTreeMap<i64, Tokenizer>,
+}
+
+impl Sealers {
+    async fn sealer<W: KeyWrapper>(
+        &mut self,
+        keyring: &Keyring<W>,
+        id: i64,
+    ) -> Result<&Sealer, KeyringError> {
+        Ok(match self.sealers.entry(id) {
+            Entry::Occupied(slot) => slot.into_mut(),
+            Entry::Vacant(slot) => slot.insert(keyring.sealer(KeyId(id)).await?),
+        })
+    }
+
+    async fn tokenizer<W: KeyWrapper>(
+        &mut self,
+        keyring: &Keyring<W>,
+        id: i64,
+    ) -> Result<&Tokenizer, KeyringError> {
+        Ok(match self.tokenizers.entry(id) {
+            Entry::Occupied(slot) => slot.into_mut(),
+            Entry::Vacant(slot) => slot.insert(keyring.tokenizer(KeyId(id)).await?),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SealedLoginRow {
+    login_id: i64,
+    message_id: String,
+    user_id: String,
+    data_key_id: i64,
+    token_key_id: i64,
+    masked_ip: Option<String>,
+    masked_device_id: Option<String>,
+    sealed_ip: Vec<u8>,
+    sealed_device_id: Vec<u8>,
+}
+
+impl SealedLoginRow {
+    fn value(&self, field: Field) -> SealedValue<'_> {
+        let (sealed, stored_token) = match field {
+            Field::Ip => (&self.sealed_ip, &self.masked_ip),
+            Field::DeviceId => (&self.sealed_device_id, &self.masked_device_id),
+        };
+        SealedValue {
+            field,
+            message_id: &self.message_id,
+            user_id: &self.user_id,
+            sealed,
+            stored_token: stored_token.as_deref(),
+        }
+    }
+
+    fn integrity(&self, what: String) -> RotateError {
+        RotateError::Integrity {
+            row: format!("login {} (message {})", self.login_id, self.message_id),
+            what,
+        }
+    }
+}
+
+/// Opens a login's two values with their keys, checking each against its token.
+async fn open_login<W: KeyWrapper>(
+    keyring: &Keyring<W>,
+    keys: &mut Sealers,
+    row: &SealedLoginRow,
+) -> Result<[zeroize::Zeroizing<String>; 2], RotateError> {
+    keys.tokenizer(keyring, row.token_key_id).await?;
+    keys.sealer(keyring, row.data_key_id).await?;
+    let (sealer, tokenizer) = (
+        &keys.sealers[&row.data_key_id],
+        &keys.tokenizers[&row.token_key_id],
+    );
+    let open = |field| {
+        open_checked(&row.value(field), sealer, tokenizer).map_err(|what| row.integrity(what))
+    };
+    Ok([open(Field::Ip)?, open(Field::DeviceId)?])
+}
+
+const SELECT_SEALED_LOGINS: &str = "
+SELECT v.login_id, l.message_id, l.user_id, v.data_key_id, l.token_key_id, l.masked_ip,
+       l.masked_device_id, v.sealed_ip, v.sealed_device_id
+FROM login_vault v JOIN user_logins l ON l.id = v.login_id";
+
+#[allow(clippy::too_many_arguments)]
+async fn reseal_logins<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    keys: &mut Sealers,
+    target: &Sealer,
+    retiring: &[i64],
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<(), RotateError> {
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<SealedLoginRow> = sqlx::query_as(&format!(
+            "{SELECT_SEALED_LOGINS} WHERE v.login_id > $1 AND v.data_key_id = ANY($2)
+             ORDER BY v.login_id LIMIT $3 FOR UPDATE OF v SKIP LOCKED"
+        ))
+        .bind(after)
+        .bind(retiring)
+        .bind(options.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.login_id;
+        let (mut ids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &rows {
+            let [ip, device] = open_login(keyring, keys, row).await?;
+            let place =
+                |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
+            ids.push(row.login_id);
+            ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));
+            devices.push(target.seal(&place(Field::DeviceId), device.as_bytes()));
+        }
+        sqlx::query(
+            "UPDATE login_vault v
+             SET data_key_id = $1, sealed_ip = u.sealed_ip, sealed_device_id = u.sealed_device_id
+             FROM UNNEST($2::int8[], $3::bytea[], $4::bytea[]) AS u(login_id, sealed_ip, sealed_device_id)
+             WHERE v.login_id = u.login_id",
+        )
+        .bind(target.key_id())
+        .bind(&ids)
+        .bind(&ips)
+        .bind(&devices)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        progress.advance(rows.len() as u64);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reseal_quarantine<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    keys: &mut Sealers,
+    target: &Sealer,
+    retiring: &[i64],
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<(), RotateError> {
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, message_id, data_key_id, sealed_body FROM quarantine
+             WHERE id > $1 AND data_key_id = ANY($2)
+             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(after)
+        .bind(retiring)
+        .bind(options.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.0;
+        let (mut ids, mut bodies) = (Vec::new(), Vec::new());
+        for (id, message_id, key, sealed) in &rows {
+            let place = quarantine_place(message_id);
+            let body = keys
+                .sealer(keyring, *key)
+                .await?
+                .open(&place, sealed)
+                .map_err(|e| RotateError::Integrity {
+                    row: format!("quarantine {id} (message {message_id})"),
+                    what: e.to_string(),
+                })?;
+            ids.push(*id);
+            bodies.push(target.seal(&place, &body));
+        }
+        sqlx::query(
+            "UPDATE quarantine q SET data_key_id = $1, sealed_body = u.sealed_body
+             FROM UNNEST($2::int8[], $3::bytea[]) AS u(id, sealed_body) WHERE q.id = u.id",
+        )
+        .bind(target.key_id())
+        .bind(&ids)
+        .bind(&bodies)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        progress.advance(rows.len() as u64);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn retokenize<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    keys: &mut Sealers,
+    target: &Tokenizer,
+    retiring: &[i64],
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<(), RotateError> {
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        // Erased logins have no vault row: their tokens cannot be recomputed and are dropped.
+        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
+            "SELECT l.id, v.login_id FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
+             WHERE l.id > $1 AND l.token_key_id = ANY($2)
+             ORDER BY l.id LIMIT $3 FOR UPDATE OF l SKIP LOCKED",
+        )
+        .bind(after)
+        .bind(retiring)
+        .bind(options.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.0;
+        let sealed: Vec<i64> = rows.iter().filter_map(|(_, vault)| *vault).collect();
+        let sealed_rows: Vec<SealedLoginRow> = sqlx::query_as(&format!(
+            "{SELECT_SEALED_LOGINS} WHERE v.login_id = ANY($1)"
+        ))
+        .bind(&sealed)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut tokens: BTreeMap<i64, (String, String)> = BTreeMap::new();
+        for row in &sealed_rows {
+            let [ip, device] = open_login(keyring, keys, row).await?;
+            let ip_token = target
+                .token_of(Field::Ip, &ip)
+                .ok_or_else(|| row.integrity("ip: not an address".into()))?;
+            let device_token = target.device_id(&device);
+            tokens.insert(
+                row.login_id,
+                (ip_token.to_string(), device_token.to_string()),
+            );
+        }
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let ips: Vec<Option<&str>> = ids
+            .iter()
+            .map(|id| tokens.get(id).map(|t| t.0.as_str()))
+            .collect();
+        let devices: Vec<Option<&str>> = ids
+            .iter()
+            .map(|id| tokens.get(id).map(|t| t.1.as_str()))
+            .collect();
+        sqlx::query(
+            "UPDATE user_logins l
+             SET masked_ip = u.masked_ip, masked_device_id = u.masked_device_id, token_key_id = $1
+             FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS u(id, masked_ip, masked_device_id)
+             WHERE l.id = u.id",
+        )
+        .bind(target.key_id())
+        .bind(&ids)
+        .bind(&ips)
+        .bind(&devices)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        progress.advance(rows.len() as u64);
+    }
+}
+
+const UNUSED_DATA_KEY: &str = "SELECT NOT EXISTS (SELECT 1 FROM login_vault WHERE data_key_id = $1)
+    AND NOT EXISTS (SELECT 1 FROM quarantine WHERE data_key_id = $1)";
+const UNUSED_TOKEN_KEY: &str =
+    "SELECT NOT EXISTS (SELECT 1 FROM user_logins WHERE token_key_id = $1)";
+
+/// Retires the retiring keys if none protects a row any more; `None` if some still do (rows an
+/// ingester wrote after the last pass), which calls for another pass.
+async fn retire_unused(
+    pool: &PgPool,
+    retiring: &[i64],
+    unused_sql: &str,
+) -> Result<Option<Vec<KeyId>>, RotateError> {
+    let mut tx = pool.begin().await?;
+    // The row lock waits for ingesters whose uncommitted inserts reference these keys.
+    sqlx::query("SELECT id FROM vault_keys WHERE id = ANY($1) FOR UPDATE")
+        .bind(retiring)
+        .execute(&mut *tx)
+        .await?;
+    for id in retiring {
+        let unused: bool = sqlx::query_scalar(unused_sql)
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !unused {
+            return Ok(None);
+        }
+    }
+    sqlx::query("UPDATE vault_keys SET state = 'retired', retired_at = now() WHERE id = ANY($1)")
+        .bind(retiring)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(retiring.iter().copied().map(KeyId).collect()))
+}
+
+async fn destroy_retired(pool: &PgPool, purpose: &str, destroy: bool) -> Result<u64, RotateError> {
+    if !destroy {
+        return Ok(0);
+    }
+    let destroyed = sqlx::query(
+        "UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL
+         WHERE purpose = $1 AND state = 'retired'",
+    )
+    .bind(purpose)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(destroyed)
+}
+
+/// Re-wraps every stored key (not destroyed) under `new_kms_key_id` with KMS ReEncrypt, one key
+/// per statement, so an interrupted run resumes. Returns how many keys were re-wrapped.
+pub async fn rewrap<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    new_kms_key_id: &str,
+) -> Result<u64, RotateError> {
+    let keys: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, kms_key_id FROM vault_keys WHERE wrapped_key IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    // KMS answers with the key's ARN: once known, keys already under it are skipped.
+    let mut target_arn = new_kms_key_id.to_owned();
+    let mut rewrapped = 0;
+    for (id, current) in keys {
+        if current == target_arn {
+            continue;
+        }
+        target_arn = keyring.rewrap(KeyId(id), new_kms_key_id).await?;
+        rewrapped += 1;
+        tracing::info!(key_id = id, kms_key = %target_arn, "re-wrapped");
+    }
+    Ok(rewrapped)
+}
+
+/// Erasure: removes a user's sealed values for good (and, with `drop_tokens`, their tokens),
+/// keeping the analytic rows, and records it in the audit, in one transaction. Returns the
+/// number of logins whose values were erased.
+pub async fn erase(
+    pool: &PgPool,
+    user_id: &str,
+    reason: &str,
+    actor: &str,
+    drop_tokens: bool,
+) -> Result<u64, RotateError> {
+    let mut tx = pool.begin().await?;
+    let erased = sqlx::query(
+        "DELETE FROM login_vault WHERE login_id IN (SELECT id FROM user_logins WHERE user_id = $1)",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if drop_tokens {
+        sqlx::query(
+            "UPDATE user_logins SET masked_ip = NULL, masked_device_id = NULL WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let question = format!("erase user_id = {user_id}");
+    let entry = audit::Entry {
+        actor,
+        reason,
+        question: &question,
+        values_revealed: 0,
+        outcome: Outcome::Erased,
+    };
+    audit::append_in(&mut tx, &entry).await?;
+    tx.commit().await?;
+    Ok(erased)
+}
+
+/// One key as `status` shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyStatus {
+    pub id: i64,
+    pub purpose: String,
+    pub state: String,
+    pub kms_key_id: String,
+    pub age_days: f64,
+    /// Rows this key protects (sealed values for a data key, tokens for a token key).
+    pub rows: i64,
+}
+
+pub async fn status(pool: &PgPool) -> Result<Vec<KeyStatus>, RotateError> {
+    Ok(sqlx::query_as(
+        "SELECT k.id, k.purpose, k.state, k.kms_key_id,
+                extract(epoch FROM now() - k.created_at)::float8 / 86400 AS age_days,
+                CASE k.purpose
+                  WHEN 'data' THEN (SELECT count(*) FROM login_vault WHERE data_key_id = k.id)
+                                 + (SELECT count(*) FROM quarantine WHERE data_key_id = k.id)
+                  ELSE (SELECT count(*) FROM user_logins WHERE token_key_id = k.id)
+                END AS rows
+         FROM vault_keys k ORDER BY k.id",
+    )
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,370 @@
+//! rotate-keys over the wire, as the key admin runs it: rotations while an ingester writes,
+//! kill -9 and rerun, re-wrapping under a new KMS key, erasure. After each, every row opens
+//! and matches its token.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{TestEnv, VecSource, login, stderr, stdout};
+use pii_vault::synth::Generator;
+use pii_vault::unmask;
+
+const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
+
+fn logins(count: usize, seed: u64) -> Vec<String> {
+    let mut generator = Generator::new(seed, 0.3, 0.0);
+    (0..count).map(|_| generator.next_message().body).collect()
+}
+
+/// Every login opens under its keys and matches its token; returns how many.
+async fn verify_all(env: &TestEnv) -> u64 {
+    unmask::verify_all(&env.pool, &env.keyring())
+        .await
+        .expect("every row opens")
+}
+
+async fn keys_in_state(env: &TestEnv, purpose: &str, state: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = $1 AND state = $2 ORDER BY id")
+        .bind(purpose)
+        .bind(state)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// Runs rotate-keys as the key admin (a thread, so an ingester can run meanwhile).
+async fn rotate_keys(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(ROTATE_KEYS);
+    command
+        .args(args)
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"));
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn rows_under(env: &TestEnv, sql: &str, keys: &[i64]) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(keys)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn data_key_rotation_while_ingesting_leaves_every_row_readable() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&logins(1_500, 1)).await;
+    let old = keys_in_state(&env, "data", "active").await;
+
+    let ingesting = env.drain_with(
+        VecSource::slow(&logins(1_500, 2), Duration::from_millis(10)),
+        Duration::from_millis(200),
+    );
+    let rotating = rotate_keys(
+        &env,
+        &["data-key", "--grace-seconds", "1", "--batch-size", "200"],
+    );
+    let (summary, rotated) = tokio::join!(ingesting, rotating);
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    println!("{}", stdout(&rotated));
+    assert_eq!(summary.stored, 1_500);
+
+    assert_eq!(
+        verify_all(&env).await,
+        3_000,
+        "no row lost, every row opens"
+    );
+    assert_eq!(env.count("user_logins").await, 3_000);
+    // Retired: the keys active before (and any the ingester made before the rotation began).
+    let retired = keys_in_state(&env, "data", "retired").await;
+    assert!(
+        old.iter().all(|k| retired.contains(k)),
+        "{old:?} retired: {retired:?}"
+    );
+    let under_old = rows_under(
+        &env,
+        "SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1)",
+        &old,
+    )
+    .await;
+    assert_eq!(under_old, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn data_key_rotation_killed_midway_is_finished_by_a_rerun() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&logins(3_000, 3)).await;
+    env.ingest_bodies(&["not json".to_owned()]).await;
+    let old = keys_in_state(&env, "data", "active").await;
+
+    let mut child = std::process::Command::new(ROTATE_KEYS)
+        .args(["data-key", "--grace-seconds", "0", "--batch-size", "50"])
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"))
+        .spawn()
+        .unwrap();
+    let moved = common::eventually(Duration::from_secs(30), || async {
+        rows_under(
+            &env,
+            "SELECT count(*) FROM login_vault WHERE NOT data_key_id = ANY($1)",
+            &old,
+        )
+        .await
+            > 200
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(moved, "the rotation got under way before it was killed");
+    assert_eq!(
+        verify_all(&env).await,
+        3_000,
+        "mid-rotation, every row still opens"
+    );
+    assert!(!keys_in_state(&env, "data", "retiring").await.is_empty());
+
+    let rerun = rotate_keys(
+        &env,
+        &["data-key", "--grace-seconds", "0", "--destroy-retired"],
+    )
+    .await;
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(stdout(&rerun).contains("destroyed:"), "{}", stdout(&rerun));
+    assert_eq!(verify_all(&env).await, 3_000);
+    assert!(keys_in_state(&env, "data", "retiring").await.is_empty());
+    let destroyed = keys_in_state(&env, "data", "destroyed").await;
+    assert!(
+        old.iter().all(|k| destroyed.contains(k)),
+        "{old:?} destroyed: {destroyed:?}"
+    );
+    let wrapped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM vault_keys WHERE state = 'destroyed' AND wrapped_key IS NOT NULL",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(wrapped, 0);
+    // The quarantined body moved too.
+    let quarantine_old = rows_under(
+        &env,
+        "SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1)",
+        &old,
+    )
+    .await;
+    assert_eq!(quarantine_old, 0);
+
+    let status = rotate_keys(&env, &["status"]).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(stdout(&status).contains("destroyed"), "{}", stdout(&status));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn token_key_rotation_while_ingesting_killed_and_rerun_keeps_duplicates_exact() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let first = logins(2_000, 5);
+    env.ingest_bodies(&first).await;
+    let old = keys_in_state(&env, "token", "active").await;
+
+    let mut child = std::process::Command::new(ROTATE_KEYS)
+        .args(["token-key", "--grace-seconds", "0", "--batch-size", "50"])
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"))
+        .spawn()
+        .unwrap();
+    common::eventually(Duration::from_secs(30), || async {
+        rows_under(
+            &env,
+            "SELECT count(*) FROM user_logins WHERE NOT token_key_id = ANY($1)",
+            &old,
+        )
+        .await
+            > 100
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Meanwhile a query can tell which version each row's token is in.
+    let versions: i64 = sqlx::query_scalar("SELECT count(DISTINCT token_key_id) FROM user_logins")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, 2);
+    assert_eq!(verify_all(&env).await, 2_000);
+
+    let second = logins(1_000, 6);
+    let ingesting = env.drain_with(
+        VecSource::slow(&second, Duration::from_millis(10)),
+        Duration::from_millis(200),
+    );
+    let rotating = rotate_keys(
+        &env,
+        &["token-key", "--grace-seconds", "1", "--batch-size", "200"],
+    );
+    let (_, rerun) = tokio::join!(ingesting, rotating);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+
+    assert_eq!(verify_all(&env).await, 3_000);
+    assert_eq!(keys_in_state(&env, "token", "retired").await, old);
+    let active = keys_in_state(&env, "token", "active").await;
+    let under_new = rows_under(
+        &env,
+        "SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)",
+        &active,
+    )
+    .await;
+    assert_eq!(under_new, 3_000, "every token is in the new version");
+    // Equal values have one token again, across old and new rows.
+    let devices: BTreeSet<String> = first
+        .iter()
+        .chain(&second)
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["device_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let tokens: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT masked_device_id) FROM user_logins")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(tokens as usize, devices.len());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&logins(50, 7)).await;
+    let new_kms_key = env
+        .kms
+        .client()
+        .create_key()
+        .description("pii-vault test: rewrap target")
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .arn
+        .unwrap();
+    let output = rotate_keys(&env, &["rewrap", "--kms-key-id", &new_kms_key]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).starts_with("re-wrapped 2 keys"),
+        "{}",
+        stdout(&output)
+    );
+    let others: i64 = sqlx::query_scalar("SELECT count(*) FROM vault_keys WHERE kms_key_id <> $1")
+        .bind(&new_kms_key)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(others, 0);
+    // (The emulator's DisableKey takes the bare key id, not the ARN. It does not enforce a
+    // disabled key either, but it does refuse Decrypt under a KeyId other than the blob's, and
+    // unwrapping passes the stored KMS key: the rows opening below proves they moved.)
+    let old_key_id = env.kms_key_id.rsplit('/').next().unwrap();
+    env.kms
+        .client()
+        .disable_key()
+        .key_id(old_key_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        verify_all(&env).await,
+        50,
+        "every row opens through the new KMS key"
+    );
+    let again = rotate_keys(&env, &["rewrap", "--kms-key-id", &new_kms_key]).await;
+    assert!(
+        stdout(&again).contains("nothing to do"),
+        "{}",
+        stdout(&again)
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn erase_removes_a_users_values_for_good_and_is_audited() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&[
+        login("u-1", "10.0.0.1", "111"),
+        login("u-1", "10.0.0.2", "222"),
+        login("u-2", "10.0.0.3", "111"),
+    ])
+    .await;
+    let output = rotate_keys(
+        &env,
+        &[
+            "erase",
+            "--user-id",
+            "u-1",
+            "--reason",
+            "GDPR art. 17 #88",
+            "--actor",
+            "dpo",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("2 login(s)"),
+        "{}",
+        stdout(&output)
+    );
+
+    let unmasked = env.run_binary_as(
+        "compliance",
+        UNMASK,
+        &["--user-id", "u-1", "--reason", "check"],
+    );
+    assert_eq!(unmasked.status.code(), Some(1), "{}", stderr(&unmasked));
+    assert!(
+        stderr(&unmasked).contains("erased"),
+        "{}",
+        stderr(&unmasked)
+    );
+    assert!(stdout(&unmasked).is_empty());
+    let other = env.run_binary_as(
+        "compliance",
+        UNMASK,
+        &["--user-id", "u-2", "--reason", "check"],
+    );
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
+    assert!(stdout(&other).contains("10.0.0.3"));
+
+    let kept: (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(masked_ip) FROM user_logins WHERE user_id = 'u-1'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, (2, 2), "the analytic rows and their tokens stay");
+    let audit: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT actor, outcome, question FROM unmask_audit ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audit[0],
+        ("dpo".into(), "erased".into(), "erase user_id = u-1".into())
+    );
+    assert_eq!(audit[1].1, "nothing-found");
+    let chain = env.run_binary(UNMASK, &["verify-audit"]);
+    assert!(chain.status.success(), "{}", stderr(&chain));
+    env.cleanup().await;
+}
