@@ -137,3 +137,44 @@ fn unreachable_database_is_one_line_without_the_password() {
     assert!(!message.contains("hunter2"), "{message}");
     assert_eq!(message.trim_end().lines().count(), 1, "{message}");
 }
+
+#[tokio::test]
+async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let file = sample("sample_data.jsonl");
+    let first = env.run_binary(INGEST, &["--from-file", &file]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(
+        stdout(&first).contains("stored=99 quarantined=1"),
+        "{}",
+        stdout(&first)
+    );
+    let replay = env.run_binary(INGEST, &["--from-file", &file]);
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(
+        stdout(&replay).contains("stored=0 quarantined=0 duplicates=100"),
+        "{}",
+        stdout(&replay)
+    );
+    assert_eq!(env.count("user_logins").await, 99);
+
+    // From stdin, under a source id of its own: new ids, so stored again.
+    let piped = std::process::Command::new(INGEST)
+        .args(["--from-file", "-", "--source-id", "stdin-replay"])
+        .envs(env.binary_env())
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    assert_eq!(env.count("user_logins").await, 198);
+
+    let missing = env.run_binary(INGEST, &["--from-file", "/nonexistent/file.jsonl"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("opening /nonexistent/file.jsonl"),
+        "{}",
+        stderr(&missing)
+    );
+    env.cleanup().await;
+}

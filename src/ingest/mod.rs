@@ -19,6 +19,7 @@
 //! after its visibility timeout.
 
 pub mod batch;
+pub mod file;
 pub mod source;
 pub mod sqs;
 pub mod writer;
@@ -82,7 +83,7 @@ impl Default for Settings {
 pub enum IngestError {
     #[error("loading keys: {0}")]
     Keys(#[from] KeyringError),
-    #[error("no message source: {0}")]
+    #[error("message source failed: {0}")]
     Source(#[from] source::SourceError),
 }
 
@@ -97,6 +98,54 @@ pub struct Stats {
     /// Messages whose batch could not be written: left on the queue to be redelivered.
     left_on_queue: AtomicU64,
     write_retries: AtomicU64,
+    /// Read-to-commit latency of every stored or quarantined message.
+    latency: LatencyHistogram,
+    /// Why a source that cannot recover (a file that failed to read) stopped, in `--drain`.
+    source_failure: std::sync::Mutex<Option<source::SourceError>>,
+}
+
+/// Latencies in buckets a quarter of a power of two wide (about 19% apart), from 1 µs up.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; 128],
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, latency: Duration) {
+        let micros = latency.as_micros().max(1) as f64;
+        let bucket = ((micros.log2() * 4.0) as usize).min(self.buckets.len() - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0 to 1), or zero with no samples.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((total as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Duration::from_nanos((2f64.powf((bucket + 1) as f64 / 4.0) * 1e3) as u64);
+            }
+        }
+        Duration::MAX
+    }
 }
 
 /// A snapshot of [`Stats`]. Once a run has ended,
@@ -117,20 +166,25 @@ pub struct Summary {
     pub left_on_queue: u64,
     /// Database writes retried after a transient fault.
     pub write_retries: u64,
+    /// Read-to-commit latency quantiles (to about 19%).
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "received={} stored={} quarantined={} duplicates={} acknowledged={} left_on_queue={} write_retries={}",
+            "received={} stored={} quarantined={} duplicates={} acknowledged={} left_on_queue={} write_retries={} p50_ms={:.1} p99_ms={:.1}",
             self.received,
             self.stored,
             self.quarantined,
             self.duplicates,
             self.acknowledged,
             self.left_on_queue,
-            self.write_retries
+            self.write_retries,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
         )
     }
 }
@@ -146,6 +200,8 @@ impl Stats {
             acknowledged: get(&self.acknowledged),
             left_on_queue: get(&self.left_on_queue),
             write_retries: get(&self.write_retries),
+            p50: self.latency.quantile(0.5),
+            p99: self.latency.quantile(0.99),
         }
     }
 }
@@ -228,6 +284,9 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     }
     tasks.close();
     tasks.wait().await;
+    if let Some(failure) = stats.source_failure.lock().expect("not poisoned").take() {
+        return Err(IngestError::Source(failure));
+    }
     let summary = stats.summary();
     tracing::info!(%summary, "ingest finished");
     Ok(summary)
@@ -290,6 +349,12 @@ async fn poll<S: MessageSource>(
                         return;
                     }
                 }
+            }
+            Err(error) if drain && !error.transient => {
+                // Nothing to wait for (a file that cannot be read): stop, and fail the run.
+                tracing::error!(%error, "message source failed");
+                *stats.source_failure.lock().expect("not poisoned") = Some(error);
+                return;
             }
             Err(error) => {
                 let delay = backoff.next_delay();
@@ -449,6 +514,9 @@ async fn write_and_acknowledge<S: MessageSource>(
                 // extra deliveries are duplicates too, so the counts add up to `received`.
                 let folded = batch.receipts().len() - batch.len();
                 add(&stats.duplicates, written.duplicates + folded as u64);
+                for delivery in batch.deliveries() {
+                    stats.latency.record(delivery.first_read.elapsed());
+                }
                 let latency = batch.deliveries().map(|d| d.first_read.elapsed()).max();
                 tracing::debug!(
                     messages = batch.len(),

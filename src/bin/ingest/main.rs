@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
 use pii_vault::db;
+use pii_vault::ingest::file::FileSource;
+use pii_vault::ingest::source::MessageSource;
 use pii_vault::ingest::sqs::{self, PollSettings, SqsSource};
-use pii_vault::ingest::{self, Settings};
+use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
 
@@ -34,6 +36,14 @@ struct Args {
     /// Exit once the queue is empty instead of running until SIGTERM or Ctrl-C.
     #[arg(long)]
     drain: bool,
+    /// Read messages from a file instead of the queue (a backfill or replay): one JSON body
+    /// per line, gzip if the name ends in .gz, `-` for stdin. Implies --drain.
+    #[arg(long, value_name = "PATH")]
+    from_file: Option<String>,
+    /// With --from-file: the name that makes line ids (`<source-id>:<line>`) stable, so a
+    /// replay adds nothing [default: the file's absolute path, or `stdin`].
+    #[arg(long, requires = "from_file")]
+    source_id: Option<String>,
     /// Most messages per database transaction.
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -97,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         writers: args.writers as usize,
         batch_size: args.batch_size as usize,
         flush_interval: Duration::from_millis(args.flush_ms),
-        drain: args.drain,
+        drain: args.drain || args.from_file.is_some(),
         data_key_max_records: args.data_key_max_records,
         data_key_max_age: Duration::from_secs(args.data_key_max_age),
         key_check_interval: Duration::from_secs(args.key_check_seconds),
@@ -111,11 +121,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     db::check_schema(&pool).await?;
 
     let aws = cli::aws_config().await;
-    let sqs_client = aws_sdk_sqs::Client::new(&aws);
-    let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
-        .await
-        .context("finding the queue")?;
-    let source = Arc::new(SqsSource::new(sqs_client, queue_url, poll));
     let kms = Arc::new(AwsKms::from_conf(&aws));
     let keyring = Keyring::new(
         pool.clone(),
@@ -133,6 +138,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let deadline = Duration::from_secs(args.shutdown_deadline);
+    let summary = match &args.from_file {
+        Some(path) => {
+            let source = FileSource::open(path, args.source_id.as_deref())
+                .with_context(|| format!("opening {path}"))?;
+            // Lines must be taken in order by one reader.
+            let settings = Settings {
+                pollers: 1,
+                ..settings
+            };
+            run_pipeline(
+                Arc::new(source),
+                pool,
+                keyring,
+                settings,
+                shutdown,
+                deadline,
+            )
+            .await?
+        }
+        None => {
+            let sqs_client = aws_sdk_sqs::Client::new(&aws);
+            let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+                .await
+                .context("finding the queue")?;
+            let source = Arc::new(SqsSource::new(sqs_client, queue_url, poll));
+            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await?
+        }
+    };
+    tracing::info!(kms_calls = kms.calls(), "done");
+    println!("{summary}");
+    Ok(())
+}
+
+/// Runs the pipeline until it ends, or until the deadline after a shutdown request.
+async fn run_pipeline<S: MessageSource>(
+    source: Arc<S>,
+    pool: sqlx::PgPool,
+    keyring: Keyring<AwsKms>,
+    settings: Settings,
+    shutdown: CancellationToken,
+    deadline: Duration,
+) -> anyhow::Result<Summary> {
     let pipeline = ingest::run(source, pool, keyring, settings, shutdown.clone());
     tokio::pin!(pipeline);
     let summary = tokio::select! {
@@ -145,7 +192,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     };
-    tracing::info!(kms_calls = kms.calls(), "done");
-    println!("{summary}");
-    Ok(())
+    Ok(summary)
 }

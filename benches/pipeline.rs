@@ -1,0 +1,412 @@
+//! The whole pipeline against the local PostgreSQL, compared in the same run with the physical
+//! limit: a raw COPY of the same number of already-masked rows.
+//!
+//! `cargo bench --bench pipeline -- [--count N] [--sqs-count M]` (needs `scripts/services up`)
+//!
+//! 1. N generated messages (1% malformed, 20% repeated ip/device_id) in a JSONL file, through
+//!    the real `--from-file` path into a fresh database with durable commits: msgs/s, machine
+//!    CPU per record, peak RSS, KMS calls, and the row and quarantine counts checked.
+//! 2. Read-to-commit latency when fed at half that rate.
+//! 3. The same rows, already masked, loaded by COPY into another fresh database: the limit.
+//! 4. The SQS path: the emulator's bare drain rate (receive + delete, no processing) against
+//!    ingest's over the same queue.
+//!
+//! Ends with one line of JSON holding every figure.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use tokio_util::sync::CancellationToken;
+
+use pii_vault::event;
+use pii_vault::ingest::batch::login_place;
+use pii_vault::ingest::file::FileSource;
+use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use pii_vault::ingest::sqs::PollSettings;
+use pii_vault::ingest::{self, Settings, Summary};
+use pii_vault::synth::Generator;
+use pii_vault::vault::token::Field;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+/// Busy CPU time of the whole machine (every process, PostgreSQL included), in microseconds.
+fn machine_busy_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let idle = fields[3] + fields[4];
+    let total: u64 = fields.iter().take(8).sum();
+    // USER_HZ is 100 on Linux.
+    (total - idle) * 10_000
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn settings() -> Settings {
+    Settings {
+        pollers: 1,
+        writers: 3,
+        batch_size: 1_000,
+        flush_interval: Duration::from_millis(50),
+        drain: true,
+        ..Settings::default()
+    }
+}
+
+/// A source that hands out another one's messages at a fixed rate.
+struct Paced<S> {
+    inner: S,
+    per_second: f64,
+    started: Instant,
+    handed: AtomicU64,
+}
+
+impl<S: MessageSource> MessageSource for Paced<S> {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        let mut messages = self.inner.receive().await?;
+        let handed = self
+            .handed
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let due = self.started + Duration::from_secs_f64(handed as f64 / self.per_second);
+        tokio::time::sleep_until(due.into()).await;
+        let now = Instant::now();
+        for message in &mut messages {
+            message.read_at = now;
+        }
+        Ok(messages)
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        self.inner.acknowledge(receipts).await
+    }
+}
+
+fn write_messages(path: &std::path::Path, count: u64, seed: u64) -> u64 {
+    let mut out = BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut generator = Generator::new(seed, 0.2, 0.01);
+    let mut malformed = 0;
+    for _ in 0..count {
+        let message = generator.next_message();
+        malformed += u64::from(message.malformed);
+        writeln!(out, "{}", message.body).unwrap();
+    }
+    out.flush().unwrap();
+    malformed
+}
+
+#[tokio::main]
+async fn main() {
+    let count = arg("--count", 1_000_000);
+    let sqs_count = arg("--sqs-count", 500);
+    let dir = std::env::temp_dir().join(format!("pii-vault-bench-{}", common::unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("messages.jsonl");
+    let malformed = write_messages(&input, count, 42);
+    println!(
+        "generated {count} messages ({malformed} malformed) in {}",
+        input.display()
+    );
+
+    // 1. The pipeline, from the file.
+    let env = common::TestEnv::new(30).await;
+    env.init_token_key().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&env.database_url)
+        .await
+        .unwrap();
+    let keyring = pii_vault::vault::keyring::Keyring::new(
+        pool.clone(),
+        env.kms.clone(),
+        &env.kms_key_id,
+        "bench",
+    );
+    let kms_before = env.kms.calls();
+    let source = FileSource::open(input.to_str().unwrap(), Some("bench")).unwrap();
+    let (cpu_before, started) = (machine_busy_micros(), Instant::now());
+    let summary: Summary = ingest::run(
+        Arc::new(source),
+        pool.clone(),
+        keyring,
+        settings(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_us_per_record = (machine_busy_micros() - cpu_before) as f64 / count as f64;
+    let peak_rss = peak_rss_mib();
+    let kms_calls = env.kms.calls() - kms_before;
+    let msgs_per_s = count as f64 / seconds;
+    let (rows, quarantined) = (
+        env.count("user_logins").await as u64,
+        env.count("quarantine").await as u64,
+    );
+    assert_eq!(
+        (rows, quarantined),
+        (count - malformed, malformed),
+        "every message once"
+    );
+    println!(
+        "pipeline: {count} messages in {seconds:.2}s = {msgs_per_s:.0} msgs/s; machine CPU {cpu_us_per_record:.1} us/record; peak RSS {peak_rss:.1} MiB; KMS calls {kms_calls}; {summary}"
+    );
+
+    // 2. Latency at half the rate just measured.
+    let latency_count = ((msgs_per_s / 2.0) * 10.0).min(count as f64) as u64;
+    let latency_input = dir.join("latency.jsonl");
+    write_messages(&latency_input, latency_count, 43);
+    let paced = Paced {
+        inner: FileSource::open(latency_input.to_str().unwrap(), Some("latency")).unwrap(),
+        per_second: msgs_per_s / 2.0,
+        started: Instant::now(),
+        handed: AtomicU64::new(0),
+    };
+    let keyring = pii_vault::vault::keyring::Keyring::new(
+        pool.clone(),
+        env.kms.clone(),
+        &env.kms_key_id,
+        "bench",
+    );
+    let latency = ingest::run(
+        Arc::new(paced),
+        pool.clone(),
+        keyring,
+        Settings {
+            batch_size: 500,
+            flush_interval: Duration::from_millis(5),
+            ..settings()
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let (p50_ms, p99_ms) = (
+        latency.p50.as_secs_f64() * 1e3,
+        latency.p99.as_secs_f64() * 1e3,
+    );
+    println!(
+        "latency at {:.0} msgs/s ({latency_count} messages): p50 {p50_ms:.1} ms, p99 {p99_ms:.1} ms",
+        msgs_per_s / 2.0
+    );
+
+    // 3. The limit: the same rows, already masked, by COPY into a fresh database.
+    let reference = common::TestEnv::new(30).await;
+    reference.init_token_key().await;
+    let reference_keyring = reference.keyring();
+    let tokenizer = reference_keyring.active_tokenizer().await.unwrap();
+    let sealer = reference_keyring.new_sealer().await.unwrap();
+    let (logins_copy, vault_copy) = (dir.join("logins.copy"), dir.join("vault.copy"));
+    {
+        let mut logins = BufWriter::new(std::fs::File::create(&logins_copy).unwrap());
+        let mut vault = BufWriter::new(std::fs::File::create(&vault_copy).unwrap());
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let today = time::OffsetDateTime::now_utc().date();
+        let mut login_id = 0u64;
+        for (line, body) in BufReader::new(std::fs::File::open(&input).unwrap())
+            .lines()
+            .enumerate()
+        {
+            let body = body.unwrap();
+            let Ok(login) = event::parse(body.as_bytes()) else {
+                continue;
+            };
+            login_id += 1;
+            let message_id = format!("copy:{line}");
+            let ip = sealer.seal(
+                &login_place(Field::Ip, &message_id, &login.user_id),
+                login.ip.as_bytes(),
+            );
+            let device = sealer.seal(
+                &login_place(Field::DeviceId, &message_id, &login.user_id),
+                login.device_id.as_bytes(),
+            );
+            writeln!(
+                logins,
+                "{}\t{}\t{}\t{}\t{}\t{}\t{today}\t{message_id}\t{}\t{}",
+                login.user_id,
+                login.device_type,
+                tokenizer.ip(login.ip_addr),
+                tokenizer.device_id(&login.device_id),
+                login.locale.as_deref().unwrap_or("\\N"),
+                login.app_version.encoded,
+                tokenizer.key_id(),
+                login.app_version.text,
+            )
+            .unwrap();
+            writeln!(
+                vault,
+                "{login_id}\t{}\t\\\\x{}\t\\\\x{}",
+                sealer.key_id(),
+                hex(&ip),
+                hex(&device)
+            )
+            .unwrap();
+        }
+    }
+    let mut connection = reference.pool.acquire().await.unwrap();
+    let started = Instant::now();
+    let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+    for (file, statement) in [
+        (
+            &logins_copy,
+            "COPY user_logins (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id, token_key_id, app_version_text) FROM STDIN",
+        ),
+        (
+            &vault_copy,
+            "COPY login_vault (login_id, data_key_id, sealed_ip, sealed_device_id) FROM STDIN",
+        ),
+    ] {
+        let mut copy = tx.copy_in_raw(statement).await.unwrap();
+        let mut reader = BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap());
+        loop {
+            let chunk = reader.fill_buf().unwrap().to_vec();
+            if chunk.is_empty() {
+                break;
+            }
+            reader.consume(chunk.len());
+            copy.send(chunk).await.unwrap();
+        }
+        copy.finish().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let copy_seconds = started.elapsed().as_secs_f64();
+    let copied = reference.count("user_logins").await as u64;
+    assert_eq!(copied, count - malformed);
+    let copy_per_s = copied as f64 / copy_seconds;
+    let ratio_to_copy = (rows as f64 / seconds) / copy_per_s;
+    println!(
+        "raw COPY: {copied} rows in {copy_seconds:.2}s = {copy_per_s:.0} rows/s; pipeline stores {:.0} rows/s = {ratio_to_copy:.2}x",
+        rows as f64 / seconds
+    );
+    drop(connection);
+
+    // 4. The SQS path: the emulator's bare drain rate, then ingest's, over the same queue.
+    let mut generator = Generator::new(44, 0.2, 0.01);
+    let bodies: Vec<String> = (0..sqs_count)
+        .map(|_| generator.next_message().body)
+        .collect();
+    env.send(&bodies).await;
+    let bare_rate = bare_drain(&env, sqs_count).await;
+    env.send(&bodies).await;
+    let base = (env.count("user_logins").await + env.count("quarantine").await) as u64;
+    let source = env.source(PollSettings {
+        wait_time_seconds: 1,
+        visibility_timeout_seconds: None,
+    });
+    let keyring = pii_vault::vault::keyring::Keyring::new(
+        pool.clone(),
+        env.kms.clone(),
+        &env.kms_key_id,
+        "bench",
+    );
+    let started = Instant::now();
+    let run = tokio::spawn(ingest::run(
+        source,
+        pool.clone(),
+        keyring,
+        Settings {
+            pollers: 4,
+            ..settings()
+        },
+        CancellationToken::new(),
+    ));
+    common::eventually(Duration::from_secs(600), || async {
+        (env.count("user_logins").await + env.count("quarantine").await) as u64 >= base + sqs_count
+    })
+    .await;
+    let ingest_rate = sqs_count as f64 / started.elapsed().as_secs_f64();
+    run.await.unwrap().unwrap();
+    let sqs_ratio = ingest_rate / bare_rate;
+    println!(
+        "SQS path ({sqs_count} messages): emulator bare drain {bare_rate:.0} msgs/s, ingest {ingest_rate:.0} msgs/s = {sqs_ratio:.2}x"
+    );
+
+    println!(
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}}}"
+    );
+    pool.close().await;
+    env.cleanup().await;
+    reference.cleanup().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Receive and delete with 4 concurrent long polls, no processing: messages per second until
+/// the last one is deleted.
+async fn bare_drain(env: &common::TestEnv, count: u64) -> f64 {
+    let deleted = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut pollers = Vec::new();
+    for _ in 0..4 {
+        let (sqs, url, deleted) = (env.sqs.clone(), env.queue_url.clone(), deleted.clone());
+        pollers.push(tokio::spawn(async move {
+            while deleted.load(Ordering::Relaxed) < count {
+                let received = sqs
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await
+                    .unwrap();
+                let entries: Vec<_> = received
+                    .messages
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(m.receipt_handle().unwrap())
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                if entries.is_empty() {
+                    continue;
+                }
+                let n = entries.len() as u64;
+                sqs.delete_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .unwrap();
+                deleted.fetch_add(n, Ordering::Relaxed);
+            }
+            Instant::now()
+        }));
+    }
+    let mut last = started;
+    for poller in pollers {
+        last = last.max(poller.await.unwrap());
+    }
+    count as f64 / (last - started).as_secs_f64()
+}
