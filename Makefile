@@ -21,7 +21,7 @@ demo: services
 
 ## Run the whole test suite against the real services.
 test: services
-	$(ENV); cargo test --locked --lib --bins --tests
+	$(ENV); cargo test --locked --no-fail-fast --lib --bins --tests
 
 lint:
 	cargo fmt --check

@@ -3,7 +3,9 @@
 use std::time::Instant;
 
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+};
 use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
@@ -93,6 +95,44 @@ where
         message: format!("{operation}: {}", DisplayErrorContext(&error)),
         transient,
     }
+}
+
+/// Sends up to [`SQS_BATCH_LIMIT`] bodies in one SendMessageBatch; fails if SQS refuses any.
+pub async fn send_batch(
+    client: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    bodies: &[String],
+) -> Result<usize, SourceError> {
+    let entries = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .build()
+                .expect("id and body are set")
+        })
+        .collect();
+    let output = client
+        .send_message_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(|e| source_error("SendMessageBatch", e))?;
+    if let Some(failed) = output.failed.first() {
+        return Err(SourceError {
+            message: format!(
+                "SQS refused {} message(s) of a batch: {} {}",
+                output.failed.len(),
+                failed.code,
+                failed.message.as_deref().unwrap_or("")
+            ),
+            transient: !failed.sender_fault,
+        });
+    }
+    Ok(output.successful.len())
 }
 
 fn sent_at(message: &aws_sdk_sqs::types::Message) -> Option<OffsetDateTime> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::config::Credentials;
-use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::QueueAttributeName;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -45,18 +45,7 @@ pub fn unique_suffix() -> String {
 }
 
 pub async fn aws_config() -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(aws_endpoint())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "pii-vault-tests",
-        ))
-        .load()
-        .await
+    aws_config_at(&aws_endpoint()).await
 }
 
 /// One test's world: a database, a queue and a KMS key of its own.
@@ -163,26 +152,9 @@ impl TestEnv {
 
     pub async fn send(&self, bodies: &[String]) {
         for chunk in bodies.chunks(10) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, body)| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(body)
-                        .build()
-                        .unwrap()
-                })
-                .collect();
-            let output = self
-                .sqs
-                .send_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(entries))
-                .send()
+            pii_vault::ingest::sqs::send_batch(&self.sqs, &self.queue_url, chunk)
                 .await
                 .expect("SendMessageBatch");
-            assert!(output.failed.is_empty(), "{:?}", output.failed);
         }
     }
 

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use clap::Parser;
 use tokio::task::JoinSet;
 
 use pii_vault::cli::{self, UsageError};
-use pii_vault::ingest::sqs::SQS_BATCH_LIMIT;
+use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::synth::Generator;
 
 /// Send login messages to an SQS queue (creating the queue if it is missing).
@@ -112,34 +111,7 @@ async fn send_batch(
     queue_url: String,
     bodies: Vec<String>,
 ) -> anyhow::Result<u64> {
-    let entries = bodies
-        .into_iter()
-        .enumerate()
-        .map(|(i, body)| {
-            SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(body)
-                .build()
-                .expect("id and body are set")
-        })
-        .collect();
-    let output = client
-        .send_message_batch()
-        .queue_url(queue_url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-        .map_err(aws_sdk_sqs::Error::from)
-        .context("SendMessageBatch")?;
-    if let Some(failed) = output.failed.first() {
-        anyhow::bail!(
-            "SQS refused {} message(s) of a batch: {} {}",
-            output.failed.len(),
-            failed.code,
-            failed.message.as_deref().unwrap_or("")
-        );
-    }
-    Ok(output.successful.len() as u64)
+    Ok(sqs::send_batch(&client, &queue_url, &bodies).await? as u64)
 }
 
 /// The bodies in a file: one per line, or the elements of a JSON array.
