@@ -385,8 +385,9 @@ async fn a_message_that_keeps_failing_goes_to_the_dead_letter_queue() {
         summary.left_on_queue >= 2,
         "each failure is counted: {summary}"
     );
+    // (No check that the main queue is empty: with a 1 s visibility timeout, a good message
+    // still in flight at shutdown would count, though it is stored.)
     assert_eq!(env.count("user_logins").await, 10);
-    assert_eq!(env.messages_on_queue().await, 0);
     env.cleanup().await;
 }
 
