@@ -512,12 +512,15 @@ async fn write_and_acknowledge<S: MessageSource>(
                 add(&stats.quarantined, written.quarantined);
                 // A message delivered twice within the batch was folded into one row: its
                 // extra deliveries are duplicates too, so the counts add up to `received`.
-                let folded = batch.receipts().len() - batch.len();
+                let receipts = batch.receipts();
+                let folded = receipts.len() - batch.len();
                 add(&stats.duplicates, written.duplicates + folded as u64);
+                let mut latency = None;
                 for delivery in batch.deliveries() {
-                    stats.latency.record(delivery.first_read.elapsed());
+                    let elapsed = delivery.first_read.elapsed();
+                    stats.latency.record(elapsed);
+                    latency = latency.max(Some(elapsed));
                 }
-                let latency = batch.deliveries().map(|d| d.first_read.elapsed()).max();
                 tracing::debug!(
                     messages = batch.len(),
                     stored = written.stored,
@@ -526,7 +529,7 @@ async fn write_and_acknowledge<S: MessageSource>(
                     read_to_commit = ?latency.unwrap_or_default(),
                     "batch committed"
                 );
-                acknowledge(source, batch.receipts(), stats).await;
+                acknowledge(source, receipts, stats).await;
             }
             Err(WriteError::KeyRetired) => {
                 // Sealed under a key a rotation has just retired: the messages stay on the
