@@ -59,6 +59,10 @@ impl KeyWrapper for TimedKms {
         self.timed(self.inner.rewrap_key(wrapped, context, new_kms_key_id))
             .await
     }
+
+    async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
+        self.timed(self.inner.check_key(kms_key_id)).await
+    }
 }
 
 const LOGINS: usize = 1_000;

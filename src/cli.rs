@@ -31,6 +31,23 @@ pub struct KmsArgs {
     pub kms_key_id: String,
 }
 
+/// `--log-format`, shared by every binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoggingArgs {
+    /// How log lines on stderr look: `text` for people, `json` (one object per line) for a log
+    /// collector. Verbosity comes from RUST_LOG (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured when stderr is a terminal.
+    Text,
+    /// One JSON object per line: timestamp, level, target, message and fields.
+    Json,
+}
+
 /// An error the user fixes by changing arguments or configuration (exit code 2).
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -72,14 +89,18 @@ pub fn verbosity_cap() -> Targets {
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). They never carry personal data
 /// or key material: the types that hold either print redacted, and the libraries that would
 /// print message bodies are capped ([`verbosity_cap`]).
-pub fn init_logging() {
+pub fn init_logging(args: &LoggingArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let layer = tracing_subscriber::fmt::layer()
+    let text = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(filter)
-        .with_filter(verbosity_cap());
-    tracing_subscriber::registry().with(layer).init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let layer = match args.log_format {
+        LogFormat::Text => text.boxed(),
+        LogFormat::Json => text.json().with_ansi(false).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(verbosity_cap()))
+        .init();
 }
 
 /// AWS configuration from the standard chain: `AWS_REGION`, credentials from the environment,

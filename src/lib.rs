@@ -14,6 +14,7 @@
 //! - [`rotate`]: online key rotation, re-wrapping and erasure (`rotate-keys`).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
+//! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
 //! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, exit codes.
 //!
@@ -30,5 +31,6 @@ pub mod ingest;
 pub mod retry;
 pub mod rotate;
 pub mod synth;
+pub mod telemetry;
 pub mod unmask;
 pub mod vault;

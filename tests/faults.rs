@@ -61,11 +61,7 @@ async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
     let proxy = Proxy::start(common::database_port()).await;
-    let proxied = env.database_url.replacen(
-        &format!(":{}/", common::database_port()),
-        &format!(":{}/", proxy.port),
-        1,
-    );
+    let proxied = env.database_url_through(proxy.port);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(2))

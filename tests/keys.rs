@@ -17,6 +17,9 @@ fn strings(value: &Value) -> Vec<String> {
     }
 }
 
+/// KMS actions that read a key's metadata and use no key material: no purpose to condition on.
+const METADATA_ONLY: [&str; 1] = ["kms:DescribeKey"];
+
 /// (actions, purposes allowed by the condition) for each KMS statement, optionally only those
 /// whose principal names `principal`.
 fn kms_grants(doc: &Value, principal: Option<&str>) -> Vec<(Vec<String>, Vec<String>)> {
@@ -36,7 +39,7 @@ fn kms_grants(doc: &Value, principal: Option<&str>) -> Vec<(Vec<String>, Vec<Str
         .map(|s| {
             let actions: Vec<String> = strings(&s["Action"])
                 .into_iter()
-                .filter(|a| a.starts_with("kms:"))
+                .filter(|a| a.starts_with("kms:") && !METADATA_ONLY.contains(&a.as_str()))
                 .collect();
             let purposes =
                 strings(&s["Condition"]["StringEquals"]["kms:EncryptionContext:purpose"]);
@@ -93,6 +96,14 @@ fn ingester_creates_data_keys_and_unwraps_only_the_token_key() {
         ),
         expected,
     );
+    for doc in ["iam-ingester.json", "kms-key-policy.json"] {
+        let describes = policy(doc)["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["Effect"] == "Allow" && strings(&s["Action"]) == ["kms:DescribeKey"]);
+        assert!(describes, "{doc}: the ingester's /readyz may DescribeKey");
+    }
     let sqs: Vec<String> = strings(&policy("iam-ingester.json")["Statement"][0]["Action"]);
     assert!(
         sqs.contains(&"sqs:ReceiveMessage".to_owned())

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::retry::Backoff;
+use crate::telemetry::{self, retried};
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::Sealer;
@@ -206,8 +207,10 @@ impl Stats {
     }
 }
 
-fn add(counter: &AtomicU64, n: u64) {
+/// Counts `n` in this run's [`Stats`] and in the process's metrics.
+fn add(counter: &AtomicU64, metric: &'static str, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!(metric).increment(n);
 }
 
 /// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry.
@@ -308,6 +311,7 @@ where
             Ok(value) => return Ok(value),
             Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
                 let delay = backoff.next_delay();
+                telemetry::retry(retried::KEYS);
                 tracing::warn!(error = %error, retry_in = ?delay, "{what} failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(error),
@@ -341,7 +345,7 @@ async fn poll<S: MessageSource>(
             }
             Ok(batch) => {
                 backoff.reset();
-                add(&stats.received, batch.len() as u64);
+                add(&stats.received, telemetry::RECEIVED, batch.len() as u64);
                 for message in batch {
                     // Fails only when the batcher is gone, i.e. the pipeline is stopping; the
                     // message was not acknowledged and will be redelivered.
@@ -358,6 +362,7 @@ async fn poll<S: MessageSource>(
             }
             Err(error) => {
                 let delay = backoff.next_delay();
+                telemetry::retry(retried::RECEIVE);
                 if error.transient {
                     tracing::warn!(%error, retry_in = ?delay, "receive failed; retrying");
                 } else {
@@ -508,17 +513,28 @@ async fn write_and_acknowledge<S: MessageSource>(
     while let Some(batch) = work.pop() {
         match write_with_retry(pool, &batch, stats).await {
             Ok(written) => {
-                add(&stats.stored, written.stored);
-                add(&stats.quarantined, written.quarantined);
+                add(&stats.stored, telemetry::STORED, written.stored);
+                add(
+                    &stats.quarantined,
+                    telemetry::QUARANTINED,
+                    written.quarantined,
+                );
                 // A message delivered twice within the batch was folded into one row: its
                 // extra deliveries are duplicates too, so the counts add up to `received`.
                 let receipts = batch.receipts();
                 let folded = receipts.len() - batch.len();
-                add(&stats.duplicates, written.duplicates + folded as u64);
+                add(
+                    &stats.duplicates,
+                    telemetry::DUPLICATES,
+                    written.duplicates + folded as u64,
+                );
+                metrics::histogram!(telemetry::BATCH_SIZE).record(batch.len() as f64);
+                let read_to_commit = metrics::histogram!(telemetry::READ_TO_COMMIT);
                 let mut latency = None;
                 for delivery in batch.deliveries() {
                     let elapsed = delivery.first_read.elapsed();
                     stats.latency.record(elapsed);
+                    read_to_commit.record(elapsed);
                     latency = latency.max(Some(elapsed));
                 }
                 tracing::debug!(
@@ -539,7 +555,11 @@ async fn write_and_acknowledge<S: MessageSource>(
                     "batch refused: its key was retired; it will be redelivered"
                 );
                 keys_retired.store(true, Ordering::Relaxed);
-                add(&stats.left_on_queue, batch.len() as u64);
+                add(
+                    &stats.left_on_queue,
+                    telemetry::LEFT_ON_QUEUE,
+                    batch.len() as u64,
+                );
             }
             Err(error) if batch.len() > 1 => {
                 tracing::warn!(error = %error, messages = batch.len(), "batch failed; splitting it to isolate the cause");
@@ -559,7 +579,11 @@ async fn write_and_acknowledge<S: MessageSource>(
                     message_id,
                     "message cannot be written; left on the queue (the redrive policy moves it to the dead-letter queue)"
                 );
-                add(&stats.left_on_queue, batch.len() as u64);
+                add(
+                    &stats.left_on_queue,
+                    telemetry::LEFT_ON_QUEUE,
+                    batch.len() as u64,
+                );
             }
         }
     }
@@ -576,7 +600,8 @@ async fn write_with_retry(
         match writer::write(pool, batch).await {
             Err(WriteError::Database(error)) if crate::db::is_transient(&error) => {
                 let delay = backoff.next_delay();
-                add(&stats.write_retries, 1);
+                stats.write_retries.fetch_add(1, Ordering::Relaxed);
+                telemetry::retry(retried::DATABASE_WRITE);
                 tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");
                 tokio::time::sleep(delay).await;
             }
@@ -592,11 +617,16 @@ async fn acknowledge<S: MessageSource>(source: &S, receipts: Vec<Receipt>, stats
     for attempt in 1..=5 {
         match source.acknowledge(receipts.clone()).await {
             Ok(outcome) => {
-                add(&stats.acknowledged, outcome.deleted as u64);
+                add(
+                    &stats.acknowledged,
+                    telemetry::DELETED,
+                    outcome.deleted as u64,
+                );
                 return;
             }
             Err(error) if error.transient && attempt < 5 => {
                 let delay = backoff.next_delay();
+                telemetry::retry(retried::ACKNOWLEDGE);
                 tracing::warn!(%error, retry_in = ?delay, "acknowledge failed; retrying");
                 tokio::time::sleep(delay).await;
             }

@@ -50,6 +50,18 @@ impl SqsSource {
     pub fn queue_url(&self) -> &str {
         &self.queue_url
     }
+
+    /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
+    pub async fn check(&self) -> Result<(), SourceError> {
+        self.client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| source_error("GetQueueAttributes", e))
+    }
 }
 
 /// The queue URL for `queue`, which is either a URL already or a queue name.
@@ -72,7 +84,7 @@ pub async fn resolve_queue_url(
     })
 }
 
-pub(crate) fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
+fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,

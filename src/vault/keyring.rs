@@ -34,6 +34,8 @@ pub enum KeyringError {
         #[source]
         source: KmsError,
     },
+    #[error("the KMS key that wraps new keys: {0}")]
+    WrappingKey(#[source] KmsError),
     #[error("key table: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -42,7 +44,9 @@ impl KeyringError {
     /// Worth retrying later: KMS throttled or unreachable, or the database connection failed.
     pub fn is_transient(&self) -> bool {
         match self {
-            KeyringError::Kms { source, .. } => source.is_transient(),
+            KeyringError::Kms { source, .. } | KeyringError::WrappingKey(source) => {
+                source.is_transient()
+            }
             KeyringError::Database(error) => crate::db::is_transient(error),
             _ => false,
         }
@@ -163,6 +167,18 @@ impl<W: KeyWrapper> Keyring<W> {
         tx.commit().await?;
         tracing::info!(key_id = %id, "token key rotation started");
         Ok(id)
+    }
+
+    /// Whether new writes can start: an active token key exists and the KMS key that wraps
+    /// new keys is usable (one KMS DescribeKey).
+    pub async fn check_ready(&self) -> Result<(), KeyringError> {
+        self.active_token_key_id()
+            .await?
+            .ok_or(KeyringError::NoTokenKey)?;
+        self.wrapper
+            .check_key(&self.kms_key_id)
+            .await
+            .map_err(KeyringError::WrappingKey)
     }
 
     /// Which of `ids` are `active`, the only state new writes should use.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::DataKeySpec;
+use aws_sdk_kms::types::{DataKeySpec, KeyState};
 
 use super::{EncryptionContext, SecretKey, WrappedKey};
 
@@ -38,6 +38,10 @@ pub trait KeyWrapper: Send + Sync + 'static {
         context: EncryptionContext,
         new_kms_key_id: &str,
     ) -> impl Future<Output = Result<WrappedKey, KmsError>> + Send;
+
+    /// Succeeds when `kms_key_id` exists, is enabled, and this process may use it: the
+    /// readiness check of a process that will create keys under it.
+    fn check_key(&self, kms_key_id: &str) -> impl Future<Output = Result<(), KmsError>> + Send;
 }
 
 /// A KMS failure. The text comes from KMS and the SDK and never contains key material.
@@ -122,6 +126,11 @@ impl AwsKms {
         self.calls.load(Ordering::Relaxed)
     }
 
+    fn count(&self, operation: &'static str) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::KMS_CALLS, "operation" => operation).increment(1);
+    }
+
     pub fn client(&self) -> &aws_sdk_kms::Client {
         &self.client
     }
@@ -133,7 +142,7 @@ impl KeyWrapper for AwsKms {
         kms_key_id: &str,
         context: EncryptionContext,
     ) -> Result<(SecretKey, WrappedKey), KmsError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.count("GenerateDataKey");
         let mut output = self
             .client
             .generate_data_key()
@@ -169,7 +178,7 @@ impl KeyWrapper for AwsKms {
         wrapped: &WrappedKey,
         context: EncryptionContext,
     ) -> Result<SecretKey, KmsError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.count("Decrypt");
         let mut output = self
             .client
             .decrypt()
@@ -193,7 +202,7 @@ impl KeyWrapper for AwsKms {
         context: EncryptionContext,
         new_kms_key_id: &str,
     ) -> Result<WrappedKey, KmsError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.count("ReEncrypt");
         let mut output = self
             .client
             .re_encrypt()
@@ -216,5 +225,28 @@ impl KeyWrapper for AwsKms {
                 .take()
                 .unwrap_or_else(|| new_kms_key_id.to_owned()),
         })
+    }
+
+    async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
+        self.count("DescribeKey");
+        let output = self
+            .client
+            .describe_key()
+            .key_id(kms_key_id)
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("DescribeKey", e))?;
+        let state = output
+            .key_metadata
+            .and_then(|metadata| metadata.key_state)
+            .ok_or(KmsError::BadResponse("DescribeKey"))?;
+        if state != KeyState::Enabled {
+            return Err(KmsError::Refused {
+                operation: "DescribeKey",
+                code: "KeyNotEnabled".into(),
+                message: format!("the key is {}", state.as_str()),
+            });
+        }
+        Ok(())
     }
 }

@@ -268,6 +268,12 @@ impl TestEnv {
         format!("postgres://{user}:{user}@{host_and_db}")
     }
 
+    /// This test's database URL, reached through a local port (a [`Proxy`]'s).
+    pub fn database_url_through(&self, port: u16) -> String {
+        self.database_url
+            .replacen(&format!(":{}/", database_port()), &format!(":{port}/"), 1)
+    }
+
     /// Runs a binary logged in to the database as `user`.
     pub fn run_binary_as(&self, user: &str, path: &str, args: &[&str]) -> Output {
         Command::new(path)

@@ -1,6 +1,7 @@
 //! `ingest`: the daemon. Long-polls SQS, validates, tokenizes and seals, writes in batches, and
 //! deletes each message only after its row has committed.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +10,14 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
 use pii_vault::ingest::sqs::{self, PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
+use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
 
@@ -26,6 +29,8 @@ use pii_vault::vault::kms::AwsKms;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
     #[command(flatten)]
     database: DatabaseArgs,
     #[command(flatten)]
@@ -83,6 +88,10 @@ struct Args {
     #[arg(long, env = "INGEST_KEY_CHECK_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     key_check_seconds: u64,
+    /// Serve Prometheus metrics at /metrics, liveness at /healthz and readiness at /readyz on
+    /// this address, e.g. 0.0.0.0:9090 [default: not served].
+    #[arg(long, env = "METRICS_ADDR", value_name = "ADDR:PORT")]
+    metrics_addr: Option<SocketAddr>,
     /// On SIGTERM or Ctrl-C, seconds allowed to commit and acknowledge what was received.
     #[arg(long, env = "INGEST_SHUTDOWN_DEADLINE", default_value_t = 30)]
     shutdown_deadline: u64,
@@ -91,7 +100,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging();
+    cli::init_logging(&args.logging);
     cli::exit_code(run(args).await)
 }
 
@@ -117,17 +126,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         visibility_timeout_seconds: args.visibility_timeout,
     };
 
+    // Bound first, so a taken port fails the start; installed before anything records, so no
+    // count is lost.
+    let endpoint = match args.metrics_addr {
+        Some(addr) => Some(open_endpoint(addr).await?),
+        None => None,
+    };
+
     let pool = db::connect(&args.database.database_url, args.writers + 2).await?;
     db::check_schema(&pool).await?;
 
     let aws = cli::aws_config().await;
     let kms = Arc::new(AwsKms::from_conf(&aws));
-    let keyring = Keyring::new(
-        pool.clone(),
-        kms.clone(),
-        &args.kms.kms_key_id,
-        &cli::process_name("ingest"),
-    );
+    let keyring = |created_by: &str| {
+        Keyring::new(pool.clone(), kms.clone(), &args.kms.kms_key_id, created_by)
+    };
+
+    let input = match &args.from_file {
+        Some(path) => Input::File(Arc::new(
+            FileSource::open(path, args.source_id.as_deref())
+                .with_context(|| format!("opening {path}"))?,
+        )),
+        None => {
+            let sqs_client = aws_sdk_sqs::Client::new(&aws);
+            let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+                .await
+                .context("finding the queue")?;
+            Input::Queue(Arc::new(SqsSource::new(sqs_client, queue_url, poll)))
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let signalled = shutdown.clone();
@@ -137,38 +164,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signalled.cancel();
     });
 
+    // The endpoint outlives a shutdown request (the last counts stay visible while the
+    // pipeline drains) and stops when the pipeline has ended.
+    let endpoint_stop = CancellationToken::new();
+    if let Some((listener, metrics)) = endpoint {
+        let readiness = Readiness {
+            pool: pool.clone(),
+            queue: match &input {
+                Input::Queue(queue) => Some(queue.clone()),
+                Input::File(_) => None,
+            },
+            keyring: keyring("ingest readiness check"),
+            shutdown: shutdown.clone(),
+        };
+        let endpoints = Arc::new(Endpoints { metrics, readiness });
+        tokio::spawn(telemetry::server::serve(
+            listener,
+            endpoints,
+            endpoint_stop.clone(),
+        ));
+    }
+
     let deadline = Duration::from_secs(args.shutdown_deadline);
-    let summary = match &args.from_file {
-        Some(path) => {
-            let source = FileSource::open(path, args.source_id.as_deref())
-                .with_context(|| format!("opening {path}"))?;
+    let keyring = keyring(&cli::process_name("ingest"));
+    let summary = match input {
+        Input::File(source) => {
             // Lines must be taken in order by one reader.
             let settings = Settings {
                 pollers: 1,
                 ..settings
             };
-            run_pipeline(
-                Arc::new(source),
-                pool,
-                keyring,
-                settings,
-                shutdown,
-                deadline,
-            )
-            .await?
+            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
         }
-        None => {
-            let sqs_client = aws_sdk_sqs::Client::new(&aws);
-            let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
-                .await
-                .context("finding the queue")?;
-            let source = Arc::new(SqsSource::new(sqs_client, queue_url, poll));
-            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await?
+        Input::Queue(source) => {
+            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
         }
     };
+    endpoint_stop.cancel();
+    let summary = summary?;
     tracing::info!(kms_calls = kms.calls(), "done");
     println!("{summary}");
     Ok(())
+}
+
+/// Where messages come from.
+enum Input {
+    Queue(Arc<SqsSource>),
+    File(Arc<FileSource>),
+}
+
+/// Installs the metrics recorder and binds the endpoint's address.
+async fn open_endpoint(
+    addr: SocketAddr,
+) -> anyhow::Result<(tokio::net::TcpListener, PrometheusHandle)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?;
+    let metrics = telemetry::install()?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        "serving /metrics, /healthz and /readyz"
+    );
+    Ok((listener, metrics))
 }
 
 /// Runs the pipeline until it ends, or until the deadline after a shutdown request.

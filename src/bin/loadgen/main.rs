@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use pii_vault::cli::{self, UsageError};
+use pii_vault::cli::{self, LoggingArgs, UsageError};
 use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::synth::Generator;
 
@@ -17,6 +17,8 @@ use pii_vault::synth::Generator;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
     /// Queue name or URL.
     #[arg(long, env = "QUEUE", default_value = "login-queue")]
     queue: String,
@@ -46,7 +48,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging();
+    cli::init_logging(&args.logging);
     cli::exit_code(run(args).await)
 }
 

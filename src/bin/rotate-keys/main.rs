@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
@@ -18,6 +18,8 @@ use pii_vault::vault::kms::AwsKms;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
     #[command(flatten)]
     database: DatabaseArgs,
     #[command(flatten)]
@@ -91,7 +93,7 @@ impl RotationArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging();
+    cli::init_logging(&args.logging);
     cli::exit_code(run(args).await)
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::unmask::{self, Question, Request, Revealed, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
@@ -20,6 +20,8 @@ use pii_vault::{audit, db};
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
     #[command(flatten)]
     database: DatabaseArgs,
     #[command(flatten)]
@@ -63,7 +65,7 @@ enum Format {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging();
+    cli::init_logging(&args.logging);
     let result = run(args).await;
     if let Err(error) = &result {
         if let Some(unmask_error) = error.downcast_ref::<UnmaskError>() {

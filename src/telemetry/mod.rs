@@ -1,0 +1,132 @@
+//! What `ingest` tells an operator: Prometheus metrics, liveness and readiness.
+//!
+//! The pipeline records through the [`metrics`] facade under the names below. Without a
+//! recorder (no `--metrics-addr`) every record is a no-op; with one, [`install`] renders them
+//! in the Prometheus text format and [`server`] serves them at `/metrics`, beside `/healthz`
+//! and `/readyz` ([`readiness`]).
+//!
+//! No metric carries personal data or key material: labels are fixed operation names.
+
+pub mod readiness;
+pub mod server;
+
+use metrics::Unit;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Deliveries read from the source (a redelivered message counts each time).
+pub const RECEIVED: &str = "pii_vault_messages_received_total";
+/// New rows in `user_logins`.
+pub const STORED: &str = "pii_vault_logins_stored_total";
+/// New rows in `quarantine`.
+pub const QUARANTINED: &str = "pii_vault_messages_quarantined_total";
+/// Deliveries of messages already stored or quarantined, skipped.
+pub const DUPLICATES: &str = "pii_vault_duplicates_skipped_total";
+/// Deliveries deleted from the queue after their batch committed.
+pub const DELETED: &str = "pii_vault_messages_deleted_total";
+/// Messages left on the queue because their batch could not be written.
+pub const LEFT_ON_QUEUE: &str = "pii_vault_messages_left_on_queue_total";
+/// Operations retried after a transient fault, by `operation`.
+pub const RETRIES: &str = "pii_vault_retries_total";
+/// Requests to AWS KMS, by `operation` (the KMS API name).
+pub const KMS_CALLS: &str = "pii_vault_kms_calls_total";
+/// Messages per committed batch.
+pub const BATCH_SIZE: &str = "pii_vault_batch_size";
+/// Seconds from reading a message to committing its row.
+pub const READ_TO_COMMIT: &str = "pii_vault_read_to_commit_seconds";
+
+/// The `operation` label values of [`RETRIES`].
+pub mod retried {
+    pub const DATABASE_WRITE: &str = "database_write";
+    pub const RECEIVE: &str = "receive";
+    pub const ACKNOWLEDGE: &str = "acknowledge";
+    pub const KEYS: &str = "keys";
+}
+
+const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10_000.0, 20_000.0,
+];
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("installing the metrics recorder: {0}")]
+pub struct InstallError(String);
+
+/// Installs the process-wide Prometheus recorder (once per process) and describes every
+/// metric, so each appears in `/metrics` with its help text from the first scrape.
+pub fn install() -> Result<PrometheusHandle, InstallError> {
+    let fail = |error: &dyn std::fmt::Display| InstallError(error.to_string());
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(READ_TO_COMMIT.into()), &LATENCY_BUCKETS)
+        })
+        .map_err(|e| fail(&e))?
+        .install_recorder()
+        .map_err(|e| fail(&e))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(
+        RECEIVED,
+        Unit::Count,
+        "Deliveries read from the source, redeliveries included."
+    );
+    describe_counter!(STORED, Unit::Count, "New rows in user_logins.");
+    describe_counter!(
+        QUARANTINED,
+        Unit::Count,
+        "New rows in quarantine (messages that failed validation)."
+    );
+    describe_counter!(
+        DUPLICATES,
+        Unit::Count,
+        "Deliveries of messages already stored or quarantined, skipped."
+    );
+    describe_counter!(
+        DELETED,
+        Unit::Count,
+        "Deliveries deleted from the queue after their batch committed."
+    );
+    describe_counter!(
+        LEFT_ON_QUEUE,
+        Unit::Count,
+        "Messages left on the queue because their batch could not be written."
+    );
+    describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "Operations retried after a transient fault, by operation."
+    );
+    describe_counter!(
+        KMS_CALLS,
+        Unit::Count,
+        "Requests to AWS KMS, by API operation."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per committed batch.");
+    describe_histogram!(
+        READ_TO_COMMIT,
+        Unit::Seconds,
+        "Seconds from reading a message to committing its row."
+    );
+    // Zero-valued series from the start, so a rate() over a fresh process is defined.
+    for name in [
+        RECEIVED,
+        STORED,
+        QUARANTINED,
+        DUPLICATES,
+        DELETED,
+        LEFT_ON_QUEUE,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+}
+
+/// Counts one retry of `operation` (one of [`retried`]).
+pub fn retry(operation: &'static str) {
+    metrics::counter!(RETRIES, "operation" => operation).increment(1);
+}

@@ -1,0 +1,224 @@
+//! The operator's view of `ingest`, over the real wire: `/metrics` after an ingest, `/healthz`
+//! and `/readyz` while the database comes and goes, and JSON logs.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::{Proxy, TestEnv, eventually, login, stderr, terminate};
+use pii_vault::telemetry;
+
+const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over a plain TCP connection: the status code and the body, or `None` while
+/// nothing listens (or nothing answers within 10 s).
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(10), get_now(port, path))
+        .await
+        .ok()?
+}
+
+async fn get_now(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of one series (`name` or `name{labels}`) in a Prometheus text exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Valid login bodies, one per user, with recognizable personal values.
+fn logins(users: std::ops::Range<u32>) -> Vec<String> {
+    users
+        .map(|i| {
+            login(
+                &format!("user-{i}"),
+                &format!("198.51.100.{i}"),
+                &format!("{i:03}-77-4321"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let mut bodies = logins(0..29);
+    bodies.push("{not json".to_owned());
+    env.send(&bodies).await;
+
+    let proxy = Proxy::start(common::database_port()).await;
+    let port = free_port();
+    let mut child = Command::new(INGEST)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--flush-ms", "20", "--log-format", "json"])
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.database_url_through(proxy.port))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stderr as it comes: debug logs would fill the pipe and stall the process.
+    let mut log_pipe = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut log_pipe, &mut logs).unwrap();
+        logs
+    });
+
+    let scrape = || async {
+        get(port, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    let everything_deleted = eventually(Duration::from_secs(60), || async {
+        sample(&scrape().await, telemetry::DELETED) == Some(30.0)
+    })
+    .await;
+    let metrics = scrape().await;
+    assert!(everything_deleted, "{metrics}");
+
+    let value = |series: &str| {
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(value(telemetry::STORED), 29.0);
+    assert_eq!(value(telemetry::QUARANTINED), 1.0);
+    assert_eq!(
+        env.count("user_logins").await,
+        29,
+        "the counts are the table's"
+    );
+    assert_eq!(env.count("quarantine").await, 1);
+    // The emulator may deliver a message twice; every extra delivery is a skipped duplicate.
+    assert_eq!(
+        value(telemetry::RECEIVED),
+        30.0 + value(telemetry::DUPLICATES),
+        "{metrics}"
+    );
+    assert!(
+        value(&format!(
+            "{}{{operation=\"Decrypt\"}}",
+            telemetry::KMS_CALLS
+        )) >= 1.0
+    );
+    assert!(
+        value(&format!(
+            "{}{{operation=\"GenerateDataKey\"}}",
+            telemetry::KMS_CALLS
+        )) >= 1.0
+    );
+    let committed = value(&format!("{}_count", telemetry::READ_TO_COMMIT));
+    assert!(committed >= 30.0, "{metrics}");
+    assert_eq!(value(&format!("{}_sum", telemetry::BATCH_SIZE)), committed);
+    assert!(
+        value(&format!(
+            "{}_bucket{{le=\"+Inf\"}}",
+            telemetry::READ_TO_COMMIT
+        )) == committed
+    );
+
+    assert_eq!(get(port, "/healthz").await, Some((200, "ok\n".to_owned())));
+    let (status, readiness) = get(port, "/readyz").await.unwrap();
+    assert_eq!(
+        (status, readiness.as_str()),
+        (200, "database: ok\nqueue: ok\nkeys: ok\n")
+    );
+    assert_eq!(get(port, "/nothing-here").await.unwrap().0, 404);
+
+    proxy.cut();
+    let not_ready = eventually(Duration::from_secs(20), || async {
+        matches!(get(port, "/readyz").await, Some((503, body)) if !body.contains("database: ok"))
+    })
+    .await;
+    assert!(not_ready, "/readyz still ready without the database");
+    assert_eq!(
+        get(port, "/healthz").await.unwrap().0,
+        200,
+        "alive all the same"
+    );
+    // Messages that arrive meanwhile are retried until the database is back.
+    env.send(&logins(29..34)).await;
+    let write_retries = format!("{}{{operation=\"database_write\"}}", telemetry::RETRIES);
+    let retried = eventually(Duration::from_secs(30), || async {
+        sample(&scrape().await, &write_retries).is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(retried, "{}", scrape().await);
+    proxy.restore();
+    let ready_again = eventually(Duration::from_secs(30), || async {
+        matches!(get(port, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    assert!(ready_again, "/readyz did not recover with the database");
+    let caught_up = eventually(Duration::from_secs(60), || async {
+        sample(&scrape().await, telemetry::DELETED) == Some(35.0)
+    })
+    .await;
+    let metrics = scrape().await;
+    assert!(caught_up, "{metrics}");
+    assert_eq!(sample(&metrics, telemetry::STORED), Some(34.0));
+    assert_eq!(env.count("user_logins").await, 34);
+
+    terminate(&child);
+    let status = child.wait().unwrap();
+    let logs = logs.join().unwrap();
+    assert!(status.success(), "{logs}");
+    assert!(logs.lines().count() > 3, "{logs}");
+    for line in logs.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["fields"].is_object(),
+            "{line}"
+        );
+    }
+    for personal in ["198.51.100.", "-77-4321"] {
+        assert!(!logs.contains(personal), "personal data in the logs");
+    }
+    env.cleanup().await;
+}
+
+#[test]
+fn a_taken_metrics_address_is_a_usage_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(INGEST)
+        .args(["--metrics-addr", &addr])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("--metrics-addr"), "{message}");
+}
