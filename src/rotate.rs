@@ -7,9 +7,10 @@
 //! 2. rows under retiring keys are rewritten under the new key in batches, one transaction each,
 //!    walking the primary key, so every row is under the old key or the new one, never neither;
 //! 3. after a grace period, a last pass catches rows that slow ingesters wrote meanwhile, and a
-//!    key that no row references is marked `retired` under a row lock (an ingester's insert
-//!    holds that key row's share lock until it commits, and re-checks the key's state before
-//!    committing, so no row can land under a retired key);
+//!    key that no row references is marked `retired` under its exclusive key-use lock (an
+//!    ingester holds that lock shared from before its inserts until it commits, and checks
+//!    the key's state once it holds it, so no row can land under a retired key; see
+//!    `vault::keyring::key_use_lock`);
 //! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
 //!
 //! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
@@ -25,7 +26,7 @@ use crate::audit::{self, Outcome};
 use crate::ingest::batch::quarantine_place;
 use crate::unmask::{SealedValue, open_checked};
 use crate::vault::KeyId;
-use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
@@ -568,8 +569,9 @@ async fn retire_unused(
     unused_sql: &str,
 ) -> Result<Option<Vec<KeyId>>, RotateError> {
     let mut tx = pool.begin().await?;
-    // The row lock waits for ingesters whose uncommitted inserts reference these keys.
-    sqlx::query("SELECT id FROM vault_keys WHERE id = ANY($1) FOR UPDATE")
+    // Waits for the writers still using these keys, and holds off new ones until the keys
+    // are retired (see `key_use_lock`).
+    sqlx::query(key_use_lock::HOLD_KEYS_EXCLUSIVE)
         .bind(retiring)
         .execute(&mut *tx)
         .await?;

@@ -8,8 +8,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{TestEnv, VecSource, login, stderr, stdout};
+use pii_vault::ingest::source::{Message, Receipt};
+use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;
 use pii_vault::unmask;
+use pii_vault::vault::keyring::key_use_lock;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
@@ -366,5 +369,97 @@ async fn erase_removes_a_users_values_for_good_and_is_audited() {
     assert_eq!(audit[1].1, "nothing-found");
     let chain = env.run_binary(UNMASK, &["verify-audit"]);
     assert!(chain.status.success(), "{}", stderr(&chain));
+    env.cleanup().await;
+}
+
+fn message(id: &str, body: String) -> Message {
+    Message {
+        id: id.to_owned(),
+        body: body.into_bytes(),
+        sent_at: None,
+        receipt: Receipt(id.to_owned()),
+        read_at: std::time::Instant::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_writer_waits_for_a_retiring_rotation_and_then_writes_nothing() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+    let data_key = sealer.key_id().0;
+    let batch = batch::build(
+        vec![message("m-1", login("u-1", "10.0.0.1", "111-11-1111"))],
+        &tokenizer,
+        &sealer,
+    );
+
+    // A rotation retiring the data key holds the key's use lock exclusively...
+    let mut rotation = env.pool.begin().await.unwrap();
+    sqlx::query(key_use_lock::HOLD_KEYS_EXCLUSIVE)
+        .bind(&[data_key][..])
+        .execute(&mut *rotation)
+        .await
+        .unwrap();
+    // ...so a writer using that key waits for it,
+    let pool = env.pool.clone();
+    let writing = tokio::spawn(async move { writer::write(&pool, &batch).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!writing.is_finished(), "the writer waits for the rotation");
+    sqlx::query("UPDATE vault_keys SET state = 'retired' WHERE id = $1")
+        .bind(data_key)
+        .execute(&mut *rotation)
+        .await
+        .unwrap();
+    rotation.commit().await.unwrap();
+    // ...then sees the key retired and writes nothing.
+    let outcome = writing.await.unwrap();
+    assert!(
+        matches!(outcome, Err(writer::WriteError::KeyRetired)),
+        "{outcome:?}"
+    );
+    assert_eq!(env.count("user_logins").await, 0);
+    assert_eq!(env.count("login_vault").await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn key_rows_are_never_deleted_and_vault_rows_follow_their_logins() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let bodies: Vec<String> = (0..6)
+        .map(|i| {
+            login(
+                &format!("u-{}", i % 2),
+                &format!("10.0.0.{i}"),
+                "111-11-1111",
+            )
+        })
+        .collect();
+    env.ingest_bodies(&bodies).await;
+    assert_eq!(env.count("login_vault").await, 6);
+
+    let refused = sqlx::query("DELETE FROM vault_keys")
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("never deleted"), "{refused}");
+    assert!(env.count("vault_keys").await >= 2);
+
+    sqlx::query("DELETE FROM user_logins WHERE user_id = 'u-0'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(env.count("user_logins").await, 3);
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM login_vault v
+         WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.id = v.login_id)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((env.count("login_vault").await, orphans), (3, 0));
     env.cleanup().await;
 }

@@ -8,6 +8,7 @@
 use sqlx::PgPool;
 
 use super::batch::Batch;
+use crate::vault::keyring::key_use_lock;
 
 /// What one committed batch changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -56,16 +57,23 @@ pub enum WriteError {
     KeyRetired,
 }
 
-/// After the inserts, in the same transaction: are the batch's keys still usable? The inserts'
-/// foreign keys hold a share lock on both key rows until commit, so a rotation that retires a
-/// key either sees these rows (and does not retire it) or has already retired it (and this
-/// check sees that). A row can never be committed under a retired key.
-const KEYS_USABLE: &str = "
-SELECT count(*) FROM vault_keys WHERE id = ANY($1) AND state IN ('active', 'retiring')";
-
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
 pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
+    // First hold the batch's keys, then check them (see `key_use_lock`): a rotation cannot
+    // retire them before this commits, and if it already has, nothing is written.
+    let keys = [batch.token_key_id.0, batch.data_key_id.0];
+    sqlx::query(key_use_lock::HOLD_KEYS_SHARED)
+        .bind(&keys[..])
+        .execute(&mut *tx)
+        .await?;
+    let usable: i64 = sqlx::query_scalar(key_use_lock::KEYS_USABLE)
+        .bind(&keys[..])
+        .fetch_one(&mut *tx)
+        .await?;
+    if usable < 2 {
+        return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
+    }
     let mut written = Written::default();
     if !batch.logins.is_empty() {
         let rows = &batch.logins;
@@ -139,14 +147,6 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
             .rows_affected();
         written.quarantined = quarantined;
         written.duplicates += rows.len() as u64 - quarantined;
-    }
-    let keys = [batch.token_key_id.0, batch.data_key_id.0];
-    let usable: i64 = sqlx::query_scalar(KEYS_USABLE)
-        .bind(&keys[..])
-        .fetch_one(&mut *tx)
-        .await?;
-    if usable < 2 {
-        return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }
     tx.commit().await?;
     Ok(written)
