@@ -1,9 +1,9 @@
 //! Sealing: AES-256-GCM-SIV under a data key, bound to the value's place.
 //!
-//! A sealed value is `nonce (12 bytes) || ciphertext || tag (16 bytes)`. The nonce is random;
-//! GCM-SIV stays safe even if one ever repeats (it then only reveals that two plaintexts at the
-//! same place were equal), and RFC 8452 allows 2^32 random-nonce messages per key, far above
-//! how long a data key lives.
+//! A sealed value is `nonce (12 bytes) || ciphertext || tag (16 bytes)`. The nonce is random,
+//! from a userspace CSPRNG seeded by the OS. GCM-SIV stays safe even if one ever repeats (it
+//! then only reveals that two plaintexts at the same place were equal), and RFC 8452 allows
+//! 2^32 random-nonce messages per key, far above how long a data key lives.
 //!
 //! The associated data names the place the ciphertext belongs to ([`Place`]), encoded
 //! canonically: each part as a big-endian u32 length followed by its bytes, so no two different
@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use aes_gcm_siv::aead::{AeadCore, AeadInPlace, KeyInit, OsRng};
+use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use zeroize::Zeroizing;
 
@@ -71,7 +71,10 @@ impl Sealer {
     }
 
     pub fn seal(&self, place: &Place<'_>, plaintext: &[u8]) -> Vec<u8> {
-        let nonce = Aes256GcmSiv::generate_nonce(&mut OsRng);
+        // The thread's ChaCha12 generator, seeded and periodically reseeded from the OS: a
+        // nonce need only be unpredictable and unlikely to repeat, not a system call each.
+        let mut nonce = Nonce::default();
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
         let mut sealed = Vec::with_capacity(plaintext.len() + OVERHEAD);
         sealed.extend_from_slice(&nonce);
         sealed.extend_from_slice(plaintext);
