@@ -61,7 +61,11 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, shutdown: C
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+                _ = shutdown.cancelled() => {
+                    // Finish the response in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
             }
         });
     }
