@@ -1,7 +1,8 @@
 //! The whole pipeline against the local PostgreSQL, compared in the same run with the physical
 //! limit: a raw COPY of the same number of already-masked rows.
 //!
-//! `cargo bench --bench pipeline -- [--count N] [--sqs-count M]` (needs `scripts/services up`)
+//! `cargo bench --bench pipeline -- [--count N] [--sqs-count M] [--writers W] [--batch-size B]`
+//! (needs `scripts/services up`)
 //!
 //! 1. N generated messages (1% malformed, 20% repeated ip/device_id) in a JSONL file, through
 //!    the real `--from-file` path into a fresh database with durable commits: msgs/s, machine
@@ -70,11 +71,13 @@ fn peak_rss_mib() -> f64 {
     kib / 1024.0
 }
 
+/// The pipeline's settings: `--writers W` (default 3) and `--batch-size B` (default 1,000)
+/// override the tuned defaults, to compare.
 fn settings() -> Settings {
     Settings {
         pollers: 1,
-        writers: 3,
-        batch_size: 1_000,
+        writers: arg("--writers", 3) as usize,
+        batch_size: arg("--batch-size", 1_000) as usize,
         flush_interval: Duration::from_millis(50),
         drain: true,
         ..Settings::default()
