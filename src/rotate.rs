@@ -20,7 +20,8 @@ use std::collections::btree_map::Entry;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::audit::{self, Outcome};
 use crate::ingest::batch::quarantine_place;
@@ -179,27 +180,15 @@ pub async fn data_keys<W: KeyWrapper>(
     .await?;
     let mut progress = Progress::new("re-encrypting", total as u64);
     let started = Instant::now();
+    let walk = Walk {
+        pool,
+        keyring,
+        retiring: &retiring,
+        batch_size: options.batch_size,
+    };
     let retired = loop {
-        reseal_logins(
-            pool,
-            keyring,
-            &mut sealers,
-            &target,
-            &retiring,
-            options,
-            &mut progress,
-        )
-        .await?;
-        reseal_quarantine(
-            pool,
-            keyring,
-            &mut sealers,
-            &target,
-            &retiring,
-            options,
-            &mut progress,
-        )
-        .await?;
+        reseal_logins(&walk, &mut sealers, &target, &mut progress).await?;
+        reseal_quarantine(&walk, &mut sealers, &target, &mut progress).await?;
         if marked.elapsed() < options.grace {
             tokio::time::sleep(options.grace - marked.elapsed()).await;
             continue; // the last pass, after the grace period
@@ -254,17 +243,14 @@ pub async fn token_key<W: KeyWrapper>(
             .await?;
     let mut progress = Progress::new("re-tokenizing", total as u64);
     let started = Instant::now();
+    let walk = Walk {
+        pool,
+        keyring,
+        retiring: &retiring,
+        batch_size: options.batch_size,
+    };
     let retired = loop {
-        retokenize(
-            pool,
-            keyring,
-            &mut keys,
-            &target,
-            &retiring,
-            options,
-            &mut progress,
-        )
-        .await?;
+        retokenize(&walk, &mut keys, &target, &mut progress).await?;
         if marked.elapsed() < options.grace {
             tokio::time::sleep(options.grace - marked.elapsed()).await;
             continue;
@@ -376,35 +362,62 @@ SELECT v.login_id, l.message_id, l.user_id, v.data_key_id, l.token_key_id, l.mas
        l.masked_device_id, v.sealed_ip, v.sealed_device_id
 FROM login_vault v JOIN user_logins l ON l.id = v.login_id";
 
-#[allow(clippy::too_many_arguments)]
+/// One rotation's walk over the rows under its retiring keys: in primary-key order, a page of
+/// `batch_size` rows at a time, each page locked (`SKIP LOCKED`: rows an ingester is still
+/// writing are caught by a later pass) and rewritten in a transaction of its own.
+struct Walk<'a, W> {
+    pool: &'a PgPool,
+    keyring: &'a Keyring<W>,
+    retiring: &'a [i64],
+    batch_size: i64,
+}
+
+impl<W: KeyWrapper> Walk<'_, W> {
+    /// The page after `*after` and its open transaction, or `None` at the end; moves `*after`
+    /// to the page's last id. `select` binds `$1` = after, `$2` = the retiring keys, `$3` =
+    /// the page size.
+    async fn page<R>(
+        &self,
+        select: &str,
+        after: &mut i64,
+        id_of: fn(&R) -> i64,
+    ) -> Result<Option<(Transaction<'static, Postgres>, Vec<R>)>, RotateError>
+    where
+        R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<R> = sqlx::query_as(select)
+            .bind(*after)
+            .bind(self.retiring)
+            .bind(self.batch_size)
+            .fetch_all(&mut *tx)
+            .await?;
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        *after = id_of(last);
+        Ok(Some((tx, rows)))
+    }
+}
+
 async fn reseal_logins<W: KeyWrapper>(
-    pool: &PgPool,
-    keyring: &Keyring<W>,
+    walk: &Walk<'_, W>,
     keys: &mut Sealers,
     target: &Sealer,
-    retiring: &[i64],
-    options: &Options,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let mut after = 0i64;
-    loop {
-        let mut tx = pool.begin().await?;
-        let rows: Vec<SealedLoginRow> = sqlx::query_as(&format!(
-            "{SELECT_SEALED_LOGINS} WHERE v.login_id > $1 AND v.data_key_id = ANY($2)
-             ORDER BY v.login_id LIMIT $3 FOR UPDATE OF v SKIP LOCKED"
-        ))
-        .bind(after)
-        .bind(retiring)
-        .bind(options.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after = last.login_id;
+    let select = format!(
+        "{SELECT_SEALED_LOGINS} WHERE v.login_id > $1 AND v.data_key_id = ANY($2)
+         ORDER BY v.login_id LIMIT $3 FOR UPDATE OF v SKIP LOCKED"
+    );
+    let mut after = 0;
+    while let Some((mut tx, rows)) = walk
+        .page(&select, &mut after, |row: &SealedLoginRow| row.login_id)
+        .await?
+    {
         let (mut ids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
-            let [ip, device] = open_login(keyring, keys, row).await?;
+            let [ip, device] = open_login(walk.keyring, keys, row).await?;
             let place =
                 |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
@@ -426,40 +439,30 @@ async fn reseal_logins<W: KeyWrapper>(
         tx.commit().await?;
         progress.advance(rows.len() as u64);
     }
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn reseal_quarantine<W: KeyWrapper>(
-    pool: &PgPool,
-    keyring: &Keyring<W>,
+    walk: &Walk<'_, W>,
     keys: &mut Sealers,
     target: &Sealer,
-    retiring: &[i64],
-    options: &Options,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let mut after = 0i64;
-    loop {
-        let mut tx = pool.begin().await?;
-        let rows: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, message_id, data_key_id, sealed_body FROM quarantine
-             WHERE id > $1 AND data_key_id = ANY($2)
-             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(after)
-        .bind(retiring)
-        .bind(options.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after = last.0;
+    let select = "SELECT id, message_id, data_key_id, sealed_body FROM quarantine
+         WHERE id > $1 AND data_key_id = ANY($2)
+         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED";
+    let mut after = 0;
+    while let Some((mut tx, rows)) = walk
+        .page(select, &mut after, |row: &(i64, String, i64, Vec<u8>)| {
+            row.0
+        })
+        .await?
+    {
         let (mut ids, mut bodies) = (Vec::new(), Vec::new());
         for (id, message_id, key, sealed) in &rows {
             let place = quarantine_place(message_id);
             let body = keys
-                .sealer(keyring, *key)
+                .sealer(walk.keyring, *key)
                 .await?
                 .open(&place, sealed)
                 .map_err(|e| RotateError::Integrity {
@@ -481,36 +484,25 @@ async fn reseal_quarantine<W: KeyWrapper>(
         tx.commit().await?;
         progress.advance(rows.len() as u64);
     }
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn retokenize<W: KeyWrapper>(
-    pool: &PgPool,
-    keyring: &Keyring<W>,
+    walk: &Walk<'_, W>,
     keys: &mut Sealers,
     target: &Tokenizer,
-    retiring: &[i64],
-    options: &Options,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let mut after = 0i64;
-    loop {
-        let mut tx = pool.begin().await?;
-        // Erased logins have no vault row: their tokens cannot be recomputed and are dropped.
-        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
-            "SELECT l.id, v.login_id FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
-             WHERE l.id > $1 AND l.token_key_id = ANY($2)
-             ORDER BY l.id LIMIT $3 FOR UPDATE OF l SKIP LOCKED",
-        )
-        .bind(after)
-        .bind(retiring)
-        .bind(options.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after = last.0;
+    // Erased logins have no vault row: their tokens cannot be recomputed and are dropped.
+    let select =
+        "SELECT l.id, v.login_id FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
+         WHERE l.id > $1 AND l.token_key_id = ANY($2)
+         ORDER BY l.id LIMIT $3 FOR UPDATE OF l SKIP LOCKED";
+    let mut after = 0;
+    while let Some((mut tx, rows)) = walk
+        .page(select, &mut after, |row: &(i64, Option<i64>)| row.0)
+        .await?
+    {
         let sealed: Vec<i64> = rows.iter().filter_map(|(_, vault)| *vault).collect();
         let sealed_rows: Vec<SealedLoginRow> = sqlx::query_as(&format!(
             "{SELECT_SEALED_LOGINS} WHERE v.login_id = ANY($1)"
@@ -520,7 +512,7 @@ async fn retokenize<W: KeyWrapper>(
         .await?;
         let mut tokens: BTreeMap<i64, (String, String)> = BTreeMap::new();
         for row in &sealed_rows {
-            let [ip, device] = open_login(keyring, keys, row).await?;
+            let [ip, device] = open_login(walk.keyring, keys, row).await?;
             let ip_token = target
                 .token_of(Field::Ip, &ip)
                 .ok_or_else(|| row.integrity("ip: not an address".into()))?;
@@ -554,6 +546,7 @@ async fn retokenize<W: KeyWrapper>(
         tx.commit().await?;
         progress.advance(rows.len() as u64);
     }
+    Ok(())
 }
 
 const UNUSED_DATA_KEY: &str = "SELECT NOT EXISTS (SELECT 1 FROM login_vault WHERE data_key_id = $1)
