@@ -139,8 +139,14 @@ impl Progress {
     }
 }
 
-async fn ids(pool: &PgPool, sql: &str) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(sql).fetch_all(pool).await
+/// The keys of `purpose` an unfinished rotation left `retiring`.
+async fn retiring_keys(pool: &PgPool, purpose: &str) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM vault_keys WHERE purpose = $1 AND state = 'retiring' ORDER BY id",
+    )
+    .bind(purpose)
+    .fetch_all(pool)
+    .await
 }
 
 /// Replaces every data key: all sealed values (logins and quarantined bodies) are re-sealed
@@ -150,17 +156,13 @@ pub async fn data_keys<W: KeyWrapper>(
     keyring: &Keyring<W>,
     options: &Options,
 ) -> Result<Report, RotateError> {
-    let mut retiring = ids(
-        pool,
-        "SELECT id FROM vault_keys WHERE purpose = 'data' AND state = 'retiring' ORDER BY id",
-    )
-    .await?;
+    let mut retiring = retiring_keys(pool, "data").await?;
     if retiring.is_empty() {
-        retiring = ids(
-            pool,
+        retiring = sqlx::query_scalar(
             "UPDATE vault_keys SET state = 'retiring'
              WHERE purpose = 'data' AND state = 'active' RETURNING id",
         )
+        .fetch_all(pool)
         .await?;
     } else {
         tracing::info!(keys = ?retiring, "resuming an unfinished data key rotation");
@@ -168,7 +170,7 @@ pub async fn data_keys<W: KeyWrapper>(
     if retiring.is_empty() {
         return Ok(Report::default());
     }
-    let marked = Instant::now();
+    let grace_ends = Instant::now() + options.grace;
     let target = keyring.new_sealer().await?;
     let mut sealers = Sealers::default();
     let total: i64 = sqlx::query_scalar(
@@ -179,35 +181,22 @@ pub async fn data_keys<W: KeyWrapper>(
     .fetch_one(pool)
     .await?;
     let mut progress = Progress::new("re-encrypting", total as u64);
-    let started = Instant::now();
     let walk = Walk {
         pool,
         keyring,
         retiring: &retiring,
-        batch_size: options.batch_size,
+        options,
+        grace_ends,
     };
     let retired = loop {
         reseal_logins(&walk, &mut sealers, &target, &mut progress).await?;
         reseal_quarantine(&walk, &mut sealers, &target, &mut progress).await?;
-        if marked.elapsed() < options.grace {
-            tokio::time::sleep(options.grace - marked.elapsed()).await;
-            continue; // the last pass, after the grace period
-        }
-        if let Some(retired) = retire_unused(pool, &retiring, UNUSED_DATA_KEY).await? {
+        if let Some(retired) = walk.retire_if_unused(UNUSED_DATA_KEY).await? {
             break retired;
         }
     };
-    let rows_rewritten = progress.done;
-    progress.finish();
-    let destroyed = destroy_retired(pool, "data", options.destroy_retired).await?;
-    Ok(Report {
-        started_or_resumed: true,
-        rows_rewritten,
-        seconds: started.elapsed().as_secs_f64(),
-        retired,
-        destroyed,
-        new_key: Some(target.key_id()),
-    })
+    walk.finish("data", progress, retired, target.key_id())
+        .await
 }
 
 /// Replaces the token key: every stored token is recomputed from the opened original under a
@@ -218,22 +207,14 @@ pub async fn token_key<W: KeyWrapper>(
     keyring: &Keyring<W>,
     options: &Options,
 ) -> Result<Report, RotateError> {
-    let mut retiring = ids(
-        pool,
-        "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'retiring' ORDER BY id",
-    )
-    .await?;
+    let mut retiring = retiring_keys(pool, "token").await?;
     if retiring.is_empty() {
         keyring.rotate_token_key().await?;
-        retiring = ids(
-            pool,
-            "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'retiring' ORDER BY id",
-        )
-        .await?;
+        retiring = retiring_keys(pool, "token").await?;
     } else {
         tracing::info!(keys = ?retiring, "resuming an unfinished token key rotation");
     }
-    let marked = Instant::now();
+    let grace_ends = Instant::now() + options.grace;
     let target = keyring.active_tokenizer().await?;
     let mut keys = Sealers::default();
     let total: i64 =
@@ -242,34 +223,21 @@ pub async fn token_key<W: KeyWrapper>(
             .fetch_one(pool)
             .await?;
     let mut progress = Progress::new("re-tokenizing", total as u64);
-    let started = Instant::now();
     let walk = Walk {
         pool,
         keyring,
         retiring: &retiring,
-        batch_size: options.batch_size,
+        options,
+        grace_ends,
     };
     let retired = loop {
         retokenize(&walk, &mut keys, &target, &mut progress).await?;
-        if marked.elapsed() < options.grace {
-            tokio::time::sleep(options.grace - marked.elapsed()).await;
-            continue;
-        }
-        if let Some(retired) = retire_unused(pool, &retiring, UNUSED_TOKEN_KEY).await? {
+        if let Some(retired) = walk.retire_if_unused(UNUSED_TOKEN_KEY).await? {
             break retired;
         }
     };
-    let rows_rewritten = progress.done;
-    progress.finish();
-    let destroyed = destroy_retired(pool, "token", options.destroy_retired).await?;
-    Ok(Report {
-        started_or_resumed: true,
-        rows_rewritten,
-        seconds: started.elapsed().as_secs_f64(),
-        retired,
-        destroyed,
-        new_key: Some(target.key_id()),
-    })
+    walk.finish("token", progress, retired, target.key_id())
+        .await
 }
 
 /// Old keys, unwrapped once each (one KMS call per key).
@@ -369,7 +337,9 @@ struct Walk<'a, W> {
     pool: &'a PgPool,
     keyring: &'a Keyring<W>,
     retiring: &'a [i64],
-    batch_size: i64,
+    options: &'a Options,
+    /// Until then, running ingesters may still be writing under the retiring keys.
+    grace_ends: Instant,
 }
 
 impl<W: KeyWrapper> Walk<'_, W> {
@@ -389,7 +359,7 @@ impl<W: KeyWrapper> Walk<'_, W> {
         let rows: Vec<R> = sqlx::query_as(select)
             .bind(*after)
             .bind(self.retiring)
-            .bind(self.batch_size)
+            .bind(self.options.batch_size)
             .fetch_all(&mut *tx)
             .await?;
         let Some(last) = rows.last() else {
@@ -397,6 +367,40 @@ impl<W: KeyWrapper> Walk<'_, W> {
         };
         *after = id_of(last);
         Ok(Some((tx, rows)))
+    }
+
+    /// After a pass: `None` while the grace period lasts (its rest is slept, then one more pass
+    /// is due), then the retired keys once no row uses them (`None` if an ingester wrote a row
+    /// under them meanwhile: another pass).
+    async fn retire_if_unused(&self, unused_sql: &str) -> Result<Option<Vec<KeyId>>, RotateError> {
+        let now = Instant::now();
+        if now < self.grace_ends {
+            tokio::time::sleep(self.grace_ends - now).await;
+            return Ok(None);
+        }
+        retire_unused(self.pool, self.retiring, unused_sql).await
+    }
+
+    /// The report of a finished rotation of `purpose` keys, once the retired keys' bytes are
+    /// dropped if asked.
+    async fn finish(
+        &self,
+        purpose: &str,
+        progress: Progress,
+        retired: Vec<KeyId>,
+        new_key: KeyId,
+    ) -> Result<Report, RotateError> {
+        let (rows_rewritten, started) = (progress.done, progress.started);
+        progress.finish();
+        let destroyed = destroy_retired(self.pool, purpose, self.options.destroy_retired).await?;
+        Ok(Report {
+            started_or_resumed: true,
+            rows_rewritten,
+            seconds: started.elapsed().as_secs_f64(),
+            retired,
+            destroyed,
+            new_key: Some(new_key),
+        })
     }
 }
 
