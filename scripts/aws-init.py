@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Create the SQS queues and KMS key pii-vault needs, in an AWS emulator.
+"""Create the SQS queues and KMS keys pii-vault needs, in an AWS emulator.
 
-Meant for moto (scripts/services) or a LocalStack init hook: it only needs
-boto3, and every run converges to the same state, because emulators keep
-state in memory and lose it on restart, so this runs on every start.
+Meant for scripts/services (LocalStack on the host, or moto) and the compose
+LocalStack init hook: it only needs boto3, and every run converges to the same
+state, because emulators keep state in memory and lose it on restart, so this
+runs on every start. Nothing here assumes an account id: emulators differ
+(and AWS accounts do), so ARNs and URLs are always read back from the service.
 
 Prints the resources as KEY=value lines on stdout, for scripts to parse.
 """
@@ -32,12 +34,18 @@ def parse_args():
     p.add_argument("--visibility-timeout", type=int, default=30,
                    help="main queue visibility timeout in seconds (default: %(default)s)")
     p.add_argument("--alias", default="alias/pii-vault", help="KMS key alias (default: %(default)s)")
+    p.add_argument("--signing-alias", default="alias/pii-vault-audit-signer",
+                   help="alias of the asymmetric key that signs audit checkpoints (default: %(default)s)")
     args = p.parse_args()
     if args.dlq is None:
         args.dlq = args.queue + "-dlq"
-    if not args.alias.startswith("alias/"):
-        args.alias = "alias/" + args.alias
+    args.alias = with_alias_prefix(args.alias)
+    args.signing_alias = with_alias_prefix(args.signing_alias)
     return args
+
+
+def with_alias_prefix(name):
+    return name if name.startswith("alias/") else "alias/" + name
 
 
 def ensure_queue(sqs, name, attributes):
@@ -58,19 +66,31 @@ def ensure_queue(sqs, name, attributes):
     return url
 
 
-def ensure_key(kms, alias):
-    """Return the ARN of the key behind `alias`, creating both if missing."""
+def ensure_key(kms, alias, key_spec="SYMMETRIC_DEFAULT", key_usage="ENCRYPT_DECRYPT",
+               description="pii-vault envelope encryption (local emulator)"):
+    """Return the ARN of the key behind `alias`, creating both if missing.
+
+    An alias left pointing at a key of another kind (made by hand) would only
+    fail later, at the first Sign or GenerateDataKey call, so it is repointed
+    at a new key of the right kind now. A disabled key is left as it is: it
+    may be disabled on purpose, and what it wrapped needs that very key.
+    """
     try:
-        return kms.describe_key(KeyId=alias)["KeyMetadata"]["Arn"]
+        meta = kms.describe_key(KeyId=alias)["KeyMetadata"]
     except ClientError as e:
         if e.response["Error"]["Code"] != "NotFoundException":
             raise
-    key = kms.create_key(
-        KeySpec="SYMMETRIC_DEFAULT",
-        KeyUsage="ENCRYPT_DECRYPT",
-        Description="pii-vault envelope encryption (local emulator)",
-    )["KeyMetadata"]
-    kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+        meta = None
+    if meta:
+        # Older emulators name the spec CustomerMasterKeySpec; absent means "as asked".
+        spec = meta.get("KeySpec", meta.get("CustomerMasterKeySpec", key_spec))
+        if (spec, meta.get("KeyUsage", key_usage)) == (key_spec, key_usage):
+            return meta["Arn"]
+    key = kms.create_key(KeySpec=key_spec, KeyUsage=key_usage, Description=description)["KeyMetadata"]
+    if meta:
+        kms.update_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+    else:
+        kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
     return key["Arn"]
 
 
@@ -94,11 +114,19 @@ def main():
         }),
     })
     key_arn = ensure_key(kms, args.alias)
+    # Audit checkpoints are signed with a private key that never leaves KMS, so that whoever
+    # can write the audit table still cannot forge a checkpoint; anyone can verify with the
+    # public key (GetPublicKey).
+    signing_arn = ensure_key(kms, args.signing_alias, key_spec="ECC_NIST_P256",
+                             key_usage="SIGN_VERIFY",
+                             description="pii-vault audit checkpoint signing (local emulator)")
 
     print(f"QUEUE_URL={queue_url}")
     print(f"DLQ_URL={dlq_url}")
     print(f"KMS_KEY_ARN={key_arn}")
     print(f"KMS_KEY_ALIAS={args.alias}")
+    print(f"AUDIT_SIGNING_KEY_ARN={signing_arn}")
+    print(f"AUDIT_SIGNING_KEY_ALIAS={args.signing_alias}")
 
 
 if __name__ == "__main__":

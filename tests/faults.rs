@@ -165,7 +165,7 @@ async fn the_emulator_unreachable_for_a_while_is_retried_and_catches_up() {
     run.await.unwrap().unwrap();
     // A delete lost during the cut brings its message back; it is recognized as stored.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    env.drain().await;
+    env.drain_until_empty(Duration::from_secs(60)).await;
     assert_eq!(env.count("user_logins").await, 39);
     assert_eq!(env.count("quarantine").await, 1);
     assert_eq!(env.messages_on_queue().await, 0);
@@ -294,8 +294,7 @@ async fn sigterm_commits_what_was_received_and_exits_0() {
         "everything received was committed and deleted: {summary}"
     );
     assert_eq!(env.count("user_logins").await as u64, field("stored"));
-    tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
-    env.drain().await;
+    env.drain_until_empty(Duration::from_secs(60)).await;
     assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
     env.cleanup().await;
 }

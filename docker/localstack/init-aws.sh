@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LocalStack "ready" hook for pii-vault: creates the queue, its dead-letter queue (redrive
-# policy) and the KMS key alias, then puts the sample messages on the queue.
+# policy), the KMS key alias and the audit checkpoint signing key (ECC_NIST_P256, SIGN_VERIFY)
+# alias, then puts the sample messages on the queue.
 #
 # docker-compose.yaml mounts it at /etc/localstack/init/ready.d/, with scripts/aws-init.py and
 # tests/data/sample_data.jsonl under /opt/pii-vault/. LocalStack keeps SQS and KMS in memory,
@@ -8,11 +9,13 @@
 # emulator, and each run adds the samples once more.
 #
 # Needs only python3 with boto3 (LocalStack images have both), so that scripts/check-compose
-# can run this same file against moto outside a container. Overrides, with their defaults:
+# can run this same file outside a container, against the emulator of `scripts/services up`
+# (LocalStack on the host, or moto). Overrides, with their defaults:
 #   PII_VAULT_ENDPOINT_URL  http://localhost:4566
 #   PII_VAULT_REGION        us-east-1
 #   PII_VAULT_QUEUE         login-queue          (the DLQ is <queue>-dlq)
 #   PII_VAULT_KMS_ALIAS     alias/pii-vault
+#   PII_VAULT_AUDIT_SIGNING_ALIAS  alias/pii-vault-audit-signer
 #   PII_VAULT_AWS_INIT      /opt/pii-vault/aws-init.py, else ../../scripts/aws-init.py
 #   PII_VAULT_SAMPLE_FILE   /opt/pii-vault/sample_data.jsonl, else ../../tests/data/...;
 #                           set it empty to create the resources only
@@ -37,6 +40,7 @@ endpoint=${PII_VAULT_ENDPOINT_URL:-http://localhost:4566}
 region=${PII_VAULT_REGION:-us-east-1}
 queue=${PII_VAULT_QUEUE:-login-queue}
 alias=${PII_VAULT_KMS_ALIAS:-alias/pii-vault}
+signing_alias=${PII_VAULT_AUDIT_SIGNING_ALIAS:-alias/pii-vault-audit-signer}
 aws_init=${PII_VAULT_AWS_INIT:-$(first_existing /opt/pii-vault/aws-init.py "$here/../../scripts/aws-init.py")}
 if [[ -v PII_VAULT_SAMPLE_FILE ]]; then
     samples=$PII_VAULT_SAMPLE_FILE
@@ -44,9 +48,9 @@ else
     samples=$(first_existing /opt/pii-vault/sample_data.jsonl "$here/../../tests/data/sample_data.jsonl")
 fi
 
-# The credentials decide the account in LocalStack ("test" is 000000000000), so they must be
-# the ones the pii-vault containers use. Fixed dummy values also mean a developer's real AWS
-# profile can never be picked up when this runs outside a container.
+# The access key decides the account in LocalStack, so it must be the one the pii-vault
+# containers use ("test"). Fixed dummy values also mean a developer's real AWS profile can
+# never be picked up when this runs outside a container.
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 unset AWS_PROFILE AWS_SESSION_TOKEN
 
@@ -65,9 +69,10 @@ done
 [[ -n $python ]] || die "no python with boto3 among: ${candidates[*]} (set PII_VAULT_PYTHON)"
 [[ -f $aws_init ]] || die "$aws_init not found (set PII_VAULT_AWS_INIT)"
 
-log "creating queue $queue, ${queue}-dlq and $alias at $endpoint"
+log "creating queue $queue, ${queue}-dlq, $alias and $signing_alias at $endpoint"
 out=$("$python" "$aws_init" --endpoint-url "$endpoint" --region "$region" \
-    --queue "$queue" --alias "$alias") || die "scripts/aws-init.py failed against $endpoint"
+    --queue "$queue" --alias "$alias" --signing-alias "$signing_alias") \
+    || die "scripts/aws-init.py failed against $endpoint"
 printf '%s\n' "$out" | sed 's/^/init-aws: /' >&2
 queue_url=$(sed -n 's/^QUEUE_URL=//p' <<<"$out")
 [[ -n $queue_url ]] || die "scripts/aws-init.py printed no QUEUE_URL"

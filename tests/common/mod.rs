@@ -57,6 +57,8 @@ pub struct TestEnv {
     pub kms: Arc<AwsKms>,
     pub queue_url: String,
     pub kms_key_id: String,
+    /// The KMS asymmetric key (ECC_NIST_P256) that signs audit checkpoints.
+    pub audit_signing_key_id: String,
 }
 
 impl TestEnv {
@@ -122,6 +124,18 @@ impl TestEnv {
             .expect("key metadata")
             .arn
             .expect("key arn");
+        let audit_signing_key_id = kms_client
+            .create_key()
+            .description("pii-vault test audit signing key")
+            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+            .send()
+            .await
+            .expect("creating a KMS signing key in the emulator")
+            .key_metadata
+            .expect("key metadata")
+            .arn
+            .expect("key arn");
         Self {
             database_url,
             database_name,
@@ -130,7 +144,21 @@ impl TestEnv {
             kms: Arc::new(AwsKms::new(kms_client)),
             queue_url,
             kms_key_id,
+            audit_signing_key_id,
         }
+    }
+
+    /// A pool logged in as one of the local users that `scripts/services up` creates (see
+    /// [`TestEnv::url_as`]).
+    pub async fn pool_as(&self, user: &str) -> PgPool {
+        db::connect(&self.url_as(user), 4)
+            .await
+            .expect("connecting as a local user")
+    }
+
+    /// A keyring reading keys as `pool`'s user.
+    pub fn keyring_on(&self, pool: &PgPool) -> Keyring<AwsKms> {
+        Keyring::new(pool.clone(), self.kms.clone(), &self.kms_key_id, "tests")
     }
 
     pub fn keyring(&self) -> Keyring<AwsKms> {
@@ -206,6 +234,25 @@ impl TestEnv {
         .expect("ingest runs")
     }
 
+    /// Drains the queue again and again until it holds nothing, visible or in flight (a
+    /// process that died mid-receive leaves messages invisible until their visibility timeout
+    /// passes). Fails the test if the queue is not empty within `limit`.
+    pub async fn drain_until_empty(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.drain().await;
+            let left = self.messages_on_queue().await;
+            if left == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} messages still on the queue after {limit:?} of draining"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Visible plus in-flight messages.
     pub async fn messages_on_queue(&self) -> u64 {
         let attributes = self
@@ -241,6 +288,7 @@ impl TestEnv {
         HashMap::from([
             ("DATABASE_URL", self.database_url.clone()),
             ("KMS_KEY_ID", self.kms_key_id.clone()),
+            ("AUDIT_SIGNING_KEY_ID", self.audit_signing_key_id.clone()),
             ("QUEUE", self.queue_url.clone()),
             ("AWS_ENDPOINT_URL", aws_endpoint()),
             ("AWS_REGION", "us-east-1".to_owned()),
@@ -259,7 +307,8 @@ impl TestEnv {
     }
 
     /// This test's database URL, logged in as one of the local users that `scripts/services up`
-    /// creates (`ingester`, `analyst`, `compliance`, `keyadmin`; password = name).
+    /// creates (`ingester`, `analyst`, `compliance`, `keyadmin`, and `nobody`, who holds no
+    /// role; password = name).
     pub fn url_as(&self, user: &str) -> String {
         let (_, host_and_db) = self
             .database_url
