@@ -89,6 +89,7 @@ async fn main() {
         .unwrap();
     let request = Request {
         question: Question::UserId("bench-user".into()),
+        purpose: "security-incident".into(),
         reason: "benchmark".into(),
         actor: "bench".into(),
     };

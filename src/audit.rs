@@ -1,13 +1,36 @@
-//! The unmask audit trail: append-only, hash-chained.
+//! The audit trail: append-only, hash-chained, computed by the database, with signed
+//! checkpoints.
 //!
-//! Each row's hash is SHA-256 over a canonical, length-prefixed encoding of its content and the
-//! previous row's hash. [`verify`] walks the chain in id order and names the first row that was
-//! edited, or that does not follow its predecessor (a row deleted or inserted out of order).
-//! Appending takes a transaction-scoped advisory lock, so concurrent reveals form one chain.
+//! Rows are appended only by the vault's door functions (migration 0005): the server sets each
+//! row's id, time, database user, previous hash and hash under an advisory lock, so concurrent
+//! callers form one chain and no client chooses what is recorded. This module *verifies*:
+//! [`verify_rows`] recomputes every hash in id order and names the first row that was edited
+//! or that does not follow its predecessor (deleted, inserted or forked).
 //!
-//! What the chain cannot show on its own: the removal of the newest rows. Keep the head hash
-//! that `verify-audit` prints somewhere the database's administrators cannot write.
+//! A database owner can disable the triggers and rewrite history, recomputing every later
+//! hash; the chain alone cannot show that, nor the removal of the newest rows. Checkpoints
+//! can: `(last id, head hash, time)` signed by a KMS asymmetric key (ECC_NIST_P256) that only
+//! the checkpoint signer may use, verified here against its public key. A rewritten row before
+//! a checkpoint changes the head it signed; a truncation removes the row it names; a forged
+//! checkpoint does not verify. Rows after the newest checkpoint are covered by a head hash
+//! kept elsewhere (`--expect-head`).
+//!
+//! Encodings (both SHA-256 over length-prefixed parts, a part being a u32 big-endian length
+//! then its bytes; integers big-endian; times as i64 microseconds since the Unix epoch):
+//! - format 1 (rows written by pii-vault before 0.2, hashed by the client):
+//!   `"pii-vault/audit/v1", prev_hash, at, actor, db_user, reason, question, values_revealed
+//!   (i32), outcome`;
+//! - format 2 (computed in SQL by `audit_hash_v2`): `"pii-vault/audit/v2", prev_hash, at,
+//!   actor, db_user, purpose, reason, question, values_revealed (i32), outcome, login_ids,
+//!   key_ids` (each id list one part: its ids as consecutive i64);
+//! - a checkpoint signs `"pii-vault/audit-checkpoint/v1", last_id (i64), head_hash,
+//!   signed_at` with ECDSA P-256 over SHA-256 (KMS `ECDSA_SHA_256`, message type RAW).
 
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};
+use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::{DerSignature, VerifyingKey};
+use p256::pkcs8::DecodePublicKey;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use time::OffsetDateTime;
@@ -15,95 +38,44 @@ use time::OffsetDateTime;
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// Serializes appends across processes (an arbitrary constant: "piivault" in ASCII).
-const APPEND_LOCK: i64 = 0x7069_6976_6175_6c74;
+/// Why a compliance officer may ask for values; the door refuses any other.
+pub const REVEAL_PURPOSES: [&str; 5] = [
+    "data-subject-access",
+    "fraud-investigation",
+    "security-incident",
+    "legal-request",
+    "account-recovery",
+];
 
-const HASH_VERSION: &[u8] = b"pii-vault/audit/v1";
-
-/// How an audited request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Revealed,
-    NothingFound,
-    IntegrityFailure,
-    Erased,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Revealed => "revealed",
-            Outcome::NothingFound => "nothing-found",
-            Outcome::IntegrityFailure => "integrity-failure",
-            Outcome::Erased => "erased",
-        }
-    }
-}
-
-/// What a caller records; the time, database user and hashes are filled in by [`append`].
-#[derive(Debug, Clone)]
-pub struct Entry<'a> {
-    pub actor: &'a str,
-    pub reason: &'a str,
-    pub question: &'a str,
-    pub values_revealed: i32,
-    pub outcome: Outcome,
-}
+const FORMAT_1: &[u8] = b"pii-vault/audit/v1";
+const FORMAT_2: &[u8] = b"pii-vault/audit/v2";
+const CHECKPOINT_FORMAT: &[u8] = b"pii-vault/audit-checkpoint/v1";
 
 /// A stored row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Row {
     pub id: i64,
+    pub format: i16,
     pub at: OffsetDateTime,
     pub actor: String,
     pub db_user: String,
+    pub purpose: Option<String>,
     pub reason: String,
     pub question: String,
     pub values_revealed: i32,
     pub outcome: String,
+    pub login_ids: Option<Vec<i64>>,
+    pub key_ids: Option<Vec<i64>>,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
 }
 
-impl Row {
-    fn expected_hash(&self) -> [u8; 32] {
-        hash(
-            &self.prev_hash,
-            self.at,
-            &self.actor,
-            &self.db_user,
-            &self.reason,
-            &self.question,
-            self.values_revealed,
-            &self.outcome,
-        )
-    }
-}
+const SELECT_ROWS: &str = "SELECT id, format, at, actor, db_user, purpose, reason, question,
+       values_revealed, outcome, login_ids, key_ids, prev_hash, hash FROM unmask_audit";
 
-#[allow(clippy::too_many_arguments)] // one argument per hashed column, in column order
-fn hash(
-    prev_hash: &[u8],
-    at: OffsetDateTime,
-    actor: &str,
-    db_user: &str,
-    reason: &str,
-    question: &str,
-    values_revealed: i32,
-    outcome: &str,
-) -> [u8; 32] {
-    let micros = (at.unix_timestamp_nanos() / 1_000) as i64;
+/// SHA-256 over length-prefixed parts.
+fn hash_parts(parts: &[&[u8]]) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    let parts: [&[u8]; 9] = [
-        HASH_VERSION,
-        prev_hash,
-        &micros.to_be_bytes(),
-        actor.as_bytes(),
-        db_user.as_bytes(),
-        reason.as_bytes(),
-        question.as_bytes(),
-        &values_revealed.to_be_bytes(),
-        outcome.as_bytes(),
-    ];
     for part in parts {
         hasher.update((part.len() as u32).to_be_bytes());
         hasher.update(part);
@@ -111,83 +83,114 @@ fn hash(
     hasher.finalize().into()
 }
 
-/// Appends `entry` and commits; returns the new row's id. Nothing may be revealed unless this
-/// succeeded.
-pub async fn append(pool: &PgPool, entry: &Entry<'_>) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let id = append_in(&mut tx, entry).await?;
-    tx.commit().await?;
-    Ok(id)
+fn micros(at: OffsetDateTime) -> [u8; 8] {
+    ((at.unix_timestamp_nanos() / 1_000) as i64).to_be_bytes()
 }
 
-/// Appends `entry` inside the caller's transaction, so that the audited change and its audit
-/// row commit together (or not at all).
-pub async fn append_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    entry: &Entry<'_>,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut **tx)
-        .await?;
-    let prev_hash: Vec<u8> =
-        sqlx::query_scalar("SELECT hash FROM unmask_audit ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await?
-            .unwrap_or_else(|| GENESIS.to_vec());
-    let db_user: String = sqlx::query_scalar("SELECT session_user::text")
-        .fetch_one(&mut **tx)
-        .await?;
-    // PostgreSQL keeps microseconds: hash exactly what will be stored.
-    let now = OffsetDateTime::now_utc();
-    let at = now - time::Duration::nanoseconds(i64::from(now.nanosecond() % 1_000));
-    let outcome = entry.outcome.as_str();
-    let row_hash = hash(
-        &prev_hash,
-        at,
-        entry.actor,
-        &db_user,
-        entry.reason,
-        entry.question,
-        entry.values_revealed,
-        outcome,
-    );
-    let id = sqlx::query_scalar(
-        "INSERT INTO unmask_audit (at, actor, db_user, reason, question, values_revealed,
-                                   outcome, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-    )
-    .bind(at)
-    .bind(entry.actor)
-    .bind(&db_user)
-    .bind(entry.reason)
-    .bind(entry.question)
-    .bind(entry.values_revealed)
-    .bind(outcome)
-    .bind(&prev_hash)
-    .bind(row_hash.as_slice())
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(id)
+fn id_list(ids: &[i64]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+}
+
+impl Row {
+    /// The hash this row's content and predecessor call for, in the row's format.
+    pub fn expected_hash(&self) -> [u8; 32] {
+        let at = micros(self.at);
+        let values = self.values_revealed.to_be_bytes();
+        if self.format == 1 {
+            return hash_parts(&[
+                FORMAT_1,
+                &self.prev_hash,
+                &at,
+                self.actor.as_bytes(),
+                self.db_user.as_bytes(),
+                self.reason.as_bytes(),
+                self.question.as_bytes(),
+                &values,
+                self.outcome.as_bytes(),
+            ]);
+        }
+        let logins = id_list(self.login_ids.as_deref().unwrap_or_default());
+        let keys = id_list(self.key_ids.as_deref().unwrap_or_default());
+        hash_parts(&[
+            FORMAT_2,
+            &self.prev_hash,
+            &at,
+            self.actor.as_bytes(),
+            self.db_user.as_bytes(),
+            self.purpose.as_deref().unwrap_or_default().as_bytes(),
+            self.reason.as_bytes(),
+            self.question.as_bytes(),
+            &values,
+            self.outcome.as_bytes(),
+            &logins,
+            &keys,
+        ])
+    }
+}
+
+/// A signed statement that the chain ended at `last_audit_id` with `head_hash`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Checkpoint {
+    pub id: i64,
+    pub last_audit_id: i64,
+    pub head_hash: Vec<u8>,
+    pub signed_at: OffsetDateTime,
+    pub signature: Vec<u8>,
+}
+
+/// The bytes a checkpoint's signature covers.
+pub fn checkpoint_message(
+    last_audit_id: i64,
+    head_hash: &[u8],
+    signed_at: OffsetDateTime,
+) -> Vec<u8> {
+    let mut message = Vec::new();
+    let last = last_audit_id.to_be_bytes();
+    let at = micros(signed_at);
+    for part in [CHECKPOINT_FORMAT, &last, head_hash, &at] {
+        message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        message.extend_from_slice(part);
+    }
+    message
 }
 
 /// The state of an intact chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intact {
     pub rows: u64,
-    /// The newest row's hash (GENESIS when empty): record it to detect truncation later.
+    /// The newest row's hash (GENESIS when empty): keep it elsewhere to detect truncation.
     pub head: [u8; 32],
+    /// The newest row's id (0 when empty).
+    pub last_id: i64,
+    /// Checkpoints whose signatures verified and whose rows still match.
+    pub checkpoints: u64,
 }
 
-/// Where the chain breaks.
+/// Where history was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Broken {
     #[error("audit row {0} was edited: its hash does not match its content")]
     Edited(i64),
     #[error(
-        "audit row {0} does not follow the row before it: a row was deleted or inserted out of order before it"
+        "audit row {0} does not follow the row before it: a row was deleted, inserted or forked off before it"
     )]
     Unlinked(i64),
+    #[error("checkpoint {0} does not verify under the audit signing key: it was forged or altered")]
+    ForgedCheckpoint(i64),
+    #[error(
+        "audit rows after {after} up to {upto} were rewritten: checkpoint {checkpoint} signed another head for row {upto}"
+    )]
+    Rewritten {
+        checkpoint: i64,
+        after: i64,
+        upto: i64,
+    },
+    #[error("audit row {row} was removed: checkpoint {checkpoint} signed the chain up to it")]
+    Truncated { checkpoint: i64, row: i64 },
+    #[error(
+        "the expected head is not in the audit: rows at or before it were removed or rewritten"
+    )]
+    ExpectedHeadMissing,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,19 +199,11 @@ pub enum VerifyError {
     Broken(#[from] Broken),
     #[error("reading the audit: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("the audit signing key: {0}")]
+    SigningKey(String),
 }
 
-/// Walks the whole chain in id order.
-pub async fn verify(pool: &PgPool) -> Result<Intact, VerifyError> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, at, actor, db_user, reason, question, values_revealed, outcome, prev_hash, hash
-         FROM unmask_audit ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(verify_rows(&rows)?)
-}
-
+/// Walks the chain in id order: every hash, every link.
 pub fn verify_rows(rows: &[Row]) -> Result<Intact, Broken> {
     let mut head = GENESIS;
     for row in rows {
@@ -224,26 +219,181 @@ pub fn verify_rows(rows: &[Row]) -> Result<Intact, Broken> {
     Ok(Intact {
         rows: rows.len() as u64,
         head,
+        last_id: rows.last().map_or(0, |row| row.id),
+        checkpoints: 0,
     })
+}
+
+/// Holds an intact chain to its checkpoints (in the order of the rows they cover) and, if
+/// given, to a head hash kept elsewhere.
+pub fn verify_against(
+    rows: &[Row],
+    checkpoints: &[Checkpoint],
+    signer: Option<&VerifyingKey>,
+    expect_head: Option<&[u8]>,
+) -> Result<Intact, Broken> {
+    let mut intact = verify_rows(rows)?;
+    let mut checkpoints = checkpoints.to_vec();
+    checkpoints.sort_by_key(|c| (c.last_audit_id, c.id));
+    let mut verified_up_to = 0;
+    for checkpoint in &checkpoints {
+        let message = checkpoint_message(
+            checkpoint.last_audit_id,
+            &checkpoint.head_hash,
+            checkpoint.signed_at,
+        );
+        let signed = signer.is_some_and(|key| {
+            DerSignature::from_bytes(&checkpoint.signature)
+                .is_ok_and(|signature| key.verify(&message, &signature).is_ok())
+        });
+        if !signed {
+            return Err(Broken::ForgedCheckpoint(checkpoint.id));
+        }
+        match rows.binary_search_by_key(&checkpoint.last_audit_id, |row| row.id) {
+            Ok(at) if rows[at].hash == checkpoint.head_hash => {
+                verified_up_to = checkpoint.last_audit_id;
+            }
+            Ok(_) => {
+                return Err(Broken::Rewritten {
+                    checkpoint: checkpoint.id,
+                    after: verified_up_to,
+                    upto: checkpoint.last_audit_id,
+                });
+            }
+            Err(_) => {
+                return Err(Broken::Truncated {
+                    checkpoint: checkpoint.id,
+                    row: checkpoint.last_audit_id,
+                });
+            }
+        }
+        intact.checkpoints += 1;
+    }
+    if let Some(expected) = expect_head {
+        if expected != GENESIS && !rows.iter().any(|row| row.hash == expected) {
+            return Err(Broken::ExpectedHeadMissing);
+        }
+    }
+    Ok(intact)
+}
+
+/// Reads the whole audit and its checkpoints and verifies them (see [`verify_against`]).
+/// Without a signing key, any checkpoint counts as unverifiable.
+pub async fn verify(
+    pool: &PgPool,
+    signer: Option<&VerifyingKey>,
+    expect_head: Option<&[u8]>,
+) -> Result<Intact, VerifyError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT_ROWS} ORDER BY id"))
+        .fetch_all(pool)
+        .await?;
+    let checkpoints: Vec<Checkpoint> = sqlx::query_as(
+        "SELECT id, last_audit_id, head_hash, signed_at, signature FROM audit_checkpoints",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(verify_against(&rows, &checkpoints, signer, expect_head)?)
+}
+
+/// The KMS asymmetric key that signs checkpoints.
+#[derive(Debug, Clone)]
+pub struct CheckpointKey {
+    pub client: aws_sdk_kms::Client,
+    /// Key id, ARN or alias (`alias/pii-vault-audit-signer`).
+    pub key_id: String,
+}
+
+impl CheckpointKey {
+    /// The public key, fetched once from KMS (GetPublicKey) and used locally.
+    pub async fn verifying_key(&self) -> Result<VerifyingKey, VerifyError> {
+        let output = self
+            .client
+            .get_public_key()
+            .key_id(&self.key_id)
+            .send()
+            .await
+            .map_err(|e| VerifyError::SigningKey(crate::vault::kms::short_sdk_error(&e)))?;
+        let der = output
+            .public_key
+            .ok_or_else(|| VerifyError::SigningKey("KMS returned no public key".into()))?;
+        VerifyingKey::from_public_key_der(der.as_ref())
+            .map_err(|_| VerifyError::SigningKey("not an ECC_NIST_P256 public key".into()))
+    }
+
+    /// Verifies the chain, then signs its head (KMS Sign) and stores the checkpoint. Returns
+    /// the stored checkpoint, or `None` when the audit is empty.
+    pub async fn checkpoint(&self, pool: &PgPool) -> Result<Option<Checkpoint>, VerifyError> {
+        let key = self.verifying_key().await?;
+        // Only a chain that verifies is signed; rows appended meanwhile wait for the next one.
+        let intact = verify(pool, Some(&key), None).await?;
+        if intact.rows == 0 {
+            return Ok(None);
+        }
+        let (last_id, head) = (intact.last_id, intact.head.to_vec());
+        let signed_at: OffsetDateTime =
+            sqlx::query_scalar("SELECT date_trunc('milliseconds', clock_timestamp())")
+                .fetch_one(pool)
+                .await?;
+        let message = checkpoint_message(last_id, &head, signed_at);
+        let signature = self
+            .client
+            .sign()
+            .key_id(&self.key_id)
+            .message(Blob::new(message))
+            .message_type(MessageType::Raw)
+            .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
+            .send()
+            .await
+            .map_err(|e| VerifyError::SigningKey(crate::vault::kms::short_sdk_error(&e)))?;
+        let kms_key = signature.key_id.unwrap_or_else(|| self.key_id.clone());
+        let signature = signature
+            .signature
+            .ok_or_else(|| VerifyError::SigningKey("KMS returned no signature".into()))?
+            .into_inner();
+        let id = sqlx::query_scalar(
+            "INSERT INTO audit_checkpoints (last_audit_id, head_hash, signed_at, kms_key_id, signature)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(last_id)
+        .bind(&head)
+        .bind(signed_at)
+        .bind(&kms_key)
+        .bind(&signature)
+        .fetch_one(pool)
+        .await?;
+        Ok(Some(Checkpoint {
+            id,
+            last_audit_id: last_id,
+            head_hash: head,
+            signed_at,
+            signature,
+        }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::signature::Signer;
 
-    fn chain(n: usize) -> Vec<Row> {
+    fn chain(n: usize, format: i16) -> Vec<Row> {
         let mut rows = Vec::new();
         let mut prev = GENESIS.to_vec();
         for i in 0..n {
             let mut row = Row {
                 id: i as i64 + 1,
+                format,
                 at: OffsetDateTime::from_unix_timestamp(1_700_000_000 + i as i64).unwrap(),
                 actor: "alice".into(),
                 db_user: "compliance".into(),
+                purpose: (format == 2).then(|| "fraud-investigation".into()),
                 reason: format!("ticket {i}"),
                 question: "user_id = u-1".into(),
                 values_revealed: 2,
                 outcome: "revealed".into(),
+                login_ids: (format == 2).then(|| vec![i as i64 + 10]),
+                key_ids: (format == 2).then(|| vec![1, 2]),
                 prev_hash: prev.clone(),
                 hash: Vec::new(),
             };
@@ -254,41 +404,142 @@ mod tests {
         rows
     }
 
+    fn signing_key() -> SigningKey {
+        SigningKey::from_slice(&[7u8; 32]).unwrap()
+    }
+
+    fn checkpoint(id: i64, row: &Row, key: &SigningKey) -> Checkpoint {
+        let signed_at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let message = checkpoint_message(row.id, &row.hash, signed_at);
+        let signature: p256::ecdsa::Signature = key.sign(&message);
+        Checkpoint {
+            id,
+            last_audit_id: row.id,
+            head_hash: row.hash.clone(),
+            signed_at,
+            signature: signature.to_der().as_bytes().to_vec(),
+        }
+    }
+
+    /// Recomputes every hash from `from` on, as an owner rewriting history would.
+    fn rehash_from(rows: &mut [Row], from: usize) {
+        for i in from..rows.len() {
+            if i > 0 {
+                rows[i].prev_hash = rows[i - 1].hash.clone();
+            }
+            rows[i].hash = rows[i].expected_hash().to_vec();
+        }
+    }
+
     #[test]
     fn an_intact_chain_verifies_and_reports_its_head() {
-        let rows = chain(3);
-        let intact = verify_rows(&rows).unwrap();
-        assert_eq!(intact.rows, 3);
-        assert_eq!(intact.head.to_vec(), rows[2].hash);
+        for format in [1, 2] {
+            let rows = chain(3, format);
+            let intact = verify_rows(&rows).unwrap();
+            assert_eq!(intact.rows, 3);
+            assert_eq!(intact.head.to_vec(), rows[2].hash);
+        }
         assert_eq!(verify_rows(&[]).unwrap().head, GENESIS);
     }
 
     #[test]
+    fn a_chain_may_change_format_midway() {
+        let mut rows = chain(2, 1);
+        rows.extend(chain(2, 2).into_iter().map(|mut row| {
+            row.id += 2;
+            row
+        }));
+        rehash_from(&mut rows, 2);
+        assert_eq!(verify_rows(&rows).unwrap().rows, 4);
+    }
+
+    #[test]
     fn an_edited_row_is_named() {
-        let mut rows = chain(3);
+        let mut rows = chain(3, 2);
         rows[1].values_revealed = 0;
+        assert_eq!(verify_rows(&rows), Err(Broken::Edited(2)));
+        let mut rows = chain(3, 2);
+        rows[1].login_ids = Some(vec![]);
         assert_eq!(verify_rows(&rows), Err(Broken::Edited(2)));
     }
 
     #[test]
     fn a_deleted_row_is_named_by_its_successor() {
-        let mut rows = chain(3);
+        let mut rows = chain(3, 2);
         rows.remove(1);
         assert_eq!(verify_rows(&rows), Err(Broken::Unlinked(3)));
     }
 
     #[test]
     fn rows_out_of_order_are_caught() {
-        let mut rows = chain(3);
+        let mut rows = chain(3, 2);
         rows.swap(1, 2);
         assert_eq!(verify_rows(&rows), Err(Broken::Unlinked(3)));
     }
 
     #[test]
     fn hash_parts_are_unambiguous() {
-        let at = OffsetDateTime::from_unix_timestamp(0).unwrap();
-        let a = hash(&GENESIS, at, "ab", "c", "r", "q", 1, "revealed");
-        let b = hash(&GENESIS, at, "a", "bc", "r", "q", 1, "revealed");
-        assert_ne!(a, b);
+        let rows = chain(1, 2);
+        let (mut a, mut b) = (rows[0].clone(), rows[0].clone());
+        (a.actor, a.db_user) = ("ab".into(), "c".into());
+        (b.actor, b.db_user) = ("a".into(), "bc".into());
+        assert_ne!(a.expected_hash(), b.expected_hash());
+        (a.login_ids, b.login_ids) = (Some(vec![1]), Some(vec![]));
+        (a.key_ids, b.key_ids) = (Some(vec![]), Some(vec![1]));
+        assert_ne!(a.expected_hash(), b.expected_hash());
+    }
+
+    #[test]
+    fn a_rewrite_with_recomputed_hashes_is_caught_by_the_checkpoint_after_it() {
+        let key = signing_key();
+        let mut rows = chain(6, 2);
+        let checkpoints = [checkpoint(1, &rows[1], &key), checkpoint(2, &rows[4], &key)];
+        let verifying = *key.verifying_key();
+        let intact = verify_against(&rows, &checkpoints, Some(&verifying), None).unwrap();
+        assert_eq!((intact.rows, intact.checkpoints), (6, 2));
+
+        rows[2].reason = "nothing to see".into();
+        rehash_from(&mut rows, 2);
+        assert!(verify_rows(&rows).is_ok(), "the chain alone cannot tell");
+        assert_eq!(
+            verify_against(&rows, &checkpoints, Some(&verifying), None),
+            Err(Broken::Rewritten {
+                checkpoint: 2,
+                after: 2,
+                upto: 5
+            })
+        );
+    }
+
+    #[test]
+    fn truncation_forgery_and_a_lost_head_are_caught() {
+        let key = signing_key();
+        let verifying = *key.verifying_key();
+        let rows = chain(5, 2);
+        let checkpoints = [checkpoint(1, &rows[3], &key)];
+        assert_eq!(
+            verify_against(&rows[..3], &checkpoints, Some(&verifying), None),
+            Err(Broken::Truncated {
+                checkpoint: 1,
+                row: 4
+            })
+        );
+        let other = SigningKey::from_slice(&[9u8; 32]).unwrap();
+        let forged = [checkpoint(1, &rows[3], &other)];
+        assert_eq!(
+            verify_against(&rows, &forged, Some(&verifying), None),
+            Err(Broken::ForgedCheckpoint(1))
+        );
+        assert_eq!(
+            verify_against(&rows, &checkpoints, None, None),
+            Err(Broken::ForgedCheckpoint(1)),
+            "without the public key a checkpoint proves nothing"
+        );
+        let head = rows[4].hash.clone();
+        assert!(verify_against(&rows, &[], None, Some(&head)).is_ok());
+        assert_eq!(
+            verify_against(&rows[..4], &[], None, Some(&head)),
+            Err(Broken::ExpectedHeadMissing)
+        );
     }
 }

@@ -16,16 +16,14 @@
 //! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
 
 use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::audit::{self, Outcome};
 use crate::ingest::batch::quarantine_place;
-use crate::unmask::{SealedValue, open_checked};
+use crate::unmask::{Keys, SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
@@ -40,6 +38,15 @@ pub enum RotateError {
     Database(#[from] sqlx::Error),
     #[error("row {row} cannot be opened ({what}); rotation stopped, the row is untouched")]
     Integrity { row: String, what: String },
+}
+
+impl From<SealedLoginError> for RotateError {
+    fn from(error: SealedLoginError) -> Self {
+        match error {
+            SealedLoginError::Keys(e) => RotateError::Keys(e),
+            SealedLoginError::Integrity { row, what } => RotateError::Integrity { row, what },
+        }
+    }
 }
 
 /// How a rotation runs.
@@ -172,7 +179,7 @@ pub async fn data_keys<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let target = keyring.new_sealer().await?;
-    let mut sealers = Sealers::default();
+    let mut sealers = Keys::default();
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
               + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
@@ -216,7 +223,7 @@ pub async fn token_key<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let target = keyring.active_tokenizer().await?;
-    let mut keys = Sealers::default();
+    let mut keys = Keys::default();
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
             .bind(&retiring)
@@ -240,99 +247,10 @@ pub async fn token_key<W: KeyWrapper>(
         .await
 }
 
-/// Old keys, unwrapped once each (one KMS call per key).
-#[derive(Default)]
-struct Sealers {
-    sealers: BTreeMap<i64, Sealer>,
-    tokenizers: BTreeMap<i64, Tokenizer>,
-}
-
-impl Sealers {
-    async fn sealer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-    ) -> Result<&Sealer, KeyringError> {
-        Ok(match self.sealers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(keyring.sealer(KeyId(id)).await?),
-        })
-    }
-
-    async fn tokenizer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-    ) -> Result<&Tokenizer, KeyringError> {
-        Ok(match self.tokenizers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(keyring.tokenizer(KeyId(id)).await?),
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct SealedLoginRow {
-    login_id: i64,
-    message_id: String,
-    user_id: String,
-    data_key_id: i64,
-    token_key_id: i64,
-    masked_ip: Option<String>,
-    masked_device_id: Option<String>,
-    sealed_ip: Vec<u8>,
-    sealed_device_id: Vec<u8>,
-}
-
-impl SealedLoginRow {
-    fn value(&self, field: Field) -> SealedValue<'_> {
-        let (sealed, stored_token) = match field {
-            Field::Ip => (&self.sealed_ip, &self.masked_ip),
-            Field::DeviceId => (&self.sealed_device_id, &self.masked_device_id),
-        };
-        SealedValue {
-            field,
-            message_id: &self.message_id,
-            user_id: &self.user_id,
-            sealed,
-            stored_token: stored_token.as_deref(),
-        }
-    }
-
-    fn integrity(&self, what: String) -> RotateError {
-        RotateError::Integrity {
-            row: format!("login {} (message {})", self.login_id, self.message_id),
-            what,
-        }
-    }
-}
-
-/// Opens a login's two values with their keys, checking each against its token.
-async fn open_login<W: KeyWrapper>(
-    keyring: &Keyring<W>,
-    keys: &mut Sealers,
-    row: &SealedLoginRow,
-) -> Result<[zeroize::Zeroizing<String>; 2], RotateError> {
-    keys.tokenizer(keyring, row.token_key_id).await?;
-    keys.sealer(keyring, row.data_key_id).await?;
-    let (sealer, tokenizer) = (
-        &keys.sealers[&row.data_key_id],
-        &keys.tokenizers[&row.token_key_id],
-    );
-    let open = |field| {
-        open_checked(&row.value(field), sealer, tokenizer).map_err(|what| row.integrity(what))
-    };
-    Ok([open(Field::Ip)?, open(Field::DeviceId)?])
-}
-
-const SELECT_SEALED_LOGINS: &str = "
-SELECT v.login_id, l.message_id, l.user_id, v.data_key_id, l.token_key_id, l.masked_ip,
-       l.masked_device_id, v.sealed_ip, v.sealed_device_id
-FROM login_vault v JOIN user_logins l ON l.id = v.login_id";
-
 /// One rotation's walk over the rows under its retiring keys: in primary-key order, a page of
-/// `batch_size` rows at a time, each page locked (`SKIP LOCKED`: rows an ingester is still
-/// writing are caught by a later pass) and rewritten in a transaction of its own.
+/// `batch_size` rows at a time, each handed out by the key admin's door (which audits it and
+/// locks the page, `SKIP LOCKED`: rows an ingester is still writing are caught by a later
+/// pass) and rewritten in a transaction of its own.
 struct Walk<'a, W> {
     pool: &'a PgPool,
     keyring: &'a Keyring<W>,
@@ -344,8 +262,8 @@ struct Walk<'a, W> {
 
 impl<W: KeyWrapper> Walk<'_, W> {
     /// The page after `*after` and its open transaction, or `None` at the end; moves `*after`
-    /// to the page's last id. `select` binds `$1` = after, `$2` = the retiring keys, `$3` =
-    /// the page size.
+    /// to the page's last id. `select` binds `$1` = after, `$2` = the page size, `$3` = the
+    /// retiring keys.
     async fn page<R>(
         &self,
         select: &str,
@@ -358,8 +276,8 @@ impl<W: KeyWrapper> Walk<'_, W> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<R> = sqlx::query_as(select)
             .bind(*after)
-            .bind(self.retiring)
             .bind(self.options.batch_size)
+            .bind(self.retiring)
             .fetch_all(&mut *tx)
             .await?;
         let Some(last) = rows.last() else {
@@ -406,22 +324,21 @@ impl<W: KeyWrapper> Walk<'_, W> {
 
 async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Sealers,
+    keys: &mut Keys,
     target: &Sealer,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let select = format!(
-        "{SELECT_SEALED_LOGINS} WHERE v.login_id > $1 AND v.data_key_id = ANY($2)
-         ORDER BY v.login_id LIMIT $3 FOR UPDATE OF v SKIP LOCKED"
-    );
+    let select = rotation_page("reseal");
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
-        .page(&select, &mut after, |row: &SealedLoginRow| row.login_id)
+        .page(&select, &mut after, |row: &SealedLogin| row.login_id)
         .await?
     {
         let (mut ids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
-            let [ip, device] = open_login(walk.keyring, keys, row).await?;
+            let Some([ip, device]) = row.open(walk.keyring, keys).await? else {
+                continue; // erased since the page was read: nothing to re-seal
+            };
             let place =
                 |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
@@ -448,13 +365,12 @@ async fn reseal_logins<W: KeyWrapper>(
 
 async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Sealers,
+    keys: &mut Keys,
     target: &Sealer,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let select = "SELECT id, message_id, data_key_id, sealed_body FROM quarantine
-         WHERE id > $1 AND data_key_id = ANY($2)
-         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED";
+    let select = "SELECT id, message_id, data_key_id, sealed_body
+         FROM vault_quarantine_page($1, $2, $3)";
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
         .page(select, &mut after, |row: &(i64, String, i64, Vec<u8>)| {
@@ -466,7 +382,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
         for (id, message_id, key, sealed) in &rows {
             let place = quarantine_place(message_id);
             let body = keys
-                .sealer(walk.keyring, *key)
+                .sealer(walk.keyring, *key, None)
                 .await?
                 .open(&place, sealed)
                 .map_err(|e| RotateError::Integrity {
@@ -493,40 +409,37 @@ async fn reseal_quarantine<W: KeyWrapper>(
 
 async fn retokenize<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Sealers,
+    keys: &mut Keys,
     target: &Tokenizer,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    // Erased logins have no vault row: their tokens cannot be recomputed and are dropped.
-    let select =
-        "SELECT l.id, v.login_id FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
-         WHERE l.id > $1 AND l.token_key_id = ANY($2)
-         ORDER BY l.id LIMIT $3 FOR UPDATE OF l SKIP LOCKED";
+    let select = rotation_page("retokenize");
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
-        .page(select, &mut after, |row: &(i64, Option<i64>)| row.0)
+        .page(&select, &mut after, |row: &SealedLogin| row.login_id)
         .await?
     {
-        let sealed: Vec<i64> = rows.iter().filter_map(|(_, vault)| *vault).collect();
-        let sealed_rows: Vec<SealedLoginRow> = sqlx::query_as(&format!(
-            "{SELECT_SEALED_LOGINS} WHERE v.login_id = ANY($1)"
-        ))
-        .bind(&sealed)
-        .fetch_all(&mut *tx)
-        .await?;
+        // Erased logins have no sealed values: their tokens cannot be recomputed and are
+        // dropped.
         let mut tokens: BTreeMap<i64, (String, String)> = BTreeMap::new();
-        for row in &sealed_rows {
-            let [ip, device] = open_login(walk.keyring, keys, row).await?;
-            let ip_token = target
-                .token_of(Field::Ip, &ip)
-                .ok_or_else(|| row.integrity("ip: not an address".into()))?;
+        for row in &rows {
+            let Some([ip, device]) = row.open(walk.keyring, keys).await? else {
+                continue;
+            };
+            let ip_token =
+                target
+                    .token_of(Field::Ip, &ip)
+                    .ok_or_else(|| RotateError::Integrity {
+                        row: format!("login {}", row.login_id),
+                        what: "ip: not an address".into(),
+                    })?;
             let device_token = target.device_id(&device);
             tokens.insert(
                 row.login_id,
                 (ip_token.to_string(), device_token.to_string()),
             );
         }
-        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<i64> = rows.iter().map(|row| row.login_id).collect();
         let ips: Vec<Option<&str>> = ids
             .iter()
             .map(|id| tokens.get(id).map(|t| t.0.as_str()))
@@ -631,8 +544,8 @@ pub async fn rewrap<W: KeyWrapper>(
 }
 
 /// Erasure: removes a user's sealed values for good (and, with `drop_tokens`, their tokens),
-/// keeping the analytic rows, and records it in the audit, in one transaction. Returns the
-/// number of logins whose values were erased.
+/// keeping the analytic rows, and records it in the audit, in one transaction (the key
+/// admin's door `vault_erase_user`). Returns the number of logins whose values were erased.
 pub async fn erase(
     pool: &PgPool,
     user_id: &str,
@@ -640,33 +553,14 @@ pub async fn erase(
     actor: &str,
     drop_tokens: bool,
 ) -> Result<u64, RotateError> {
-    let mut tx = pool.begin().await?;
-    let erased = sqlx::query(
-        "DELETE FROM login_vault WHERE login_id IN (SELECT id FROM user_logins WHERE user_id = $1)",
-    )
-    .bind(user_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if drop_tokens {
-        sqlx::query(
-            "UPDATE user_logins SET masked_ip = NULL, masked_device_id = NULL WHERE user_id = $1",
-        )
+    let erased: i64 = sqlx::query_scalar("SELECT logins FROM vault_erase_user($1, $2, $3, $4)")
         .bind(user_id)
-        .execute(&mut *tx)
+        .bind(reason)
+        .bind(actor)
+        .bind(drop_tokens)
+        .fetch_one(pool)
         .await?;
-    }
-    let question = format!("erase user_id = {user_id}");
-    let entry = audit::Entry {
-        actor,
-        reason,
-        question: &question,
-        values_revealed: 0,
-        outcome: Outcome::Erased,
-    };
-    audit::append_in(&mut tx, &entry).await?;
-    tx.commit().await?;
-    Ok(erased)
+    Ok(erased as u64)
 }
 
 /// One key as `status` shows it.

@@ -1,12 +1,17 @@
 //! Audited recovery of original values, for a compliance officer.
 //!
-//! 1. Refuse at once unless the database user may read the vault and append to the audit.
-//! 2. Fetch the matching logins with their sealed values.
-//! 3. Unwrap each distinct data key and token key once (KMS `Decrypt`).
-//! 4. Open every value at its place, then recompute its token and compare it in constant time
+//! 1. Knock on the database's door (`vault_reveal`): in one transaction it checks the caller's
+//!    role, the purpose and the reason, appends the audit row naming every login it hands out,
+//!    and only then returns their sealed values and the wrapped keys they need. A refusal or
+//!    an empty answer is audited too.
+//! 2. Unwrap each distinct data key and token key once (KMS `Decrypt`, with the encryption
+//!    context the door names).
+//! 3. Open every value at its place, then recompute its token and compare it in constant time
 //!    with the stored one: AES-GCM-SIV is not key-committing, and the token is the commitment.
 //!    Any failure stops everything and names the row; no value is returned.
-//! 5. Append the audit row and commit it. Only then are the values handed back to be shown.
+//! 4. Record the outcome (`vault_reveal_outcome`: revealed, integrity failure, KMS refusal) and
+//!    commit it. Only then are the values handed back to be shown; if that record cannot be
+//!    written, nothing is shown.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -16,13 +21,12 @@ use sqlx::PgPool;
 use time::Date;
 use zeroize::Zeroizing;
 
-use crate::audit::{self, Outcome};
 use crate::ingest::batch::login_place;
-use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
+use crate::vault::{KeyId, WrappedKey};
 
 /// What the officer asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,13 +39,21 @@ pub enum Question {
     MaskedDeviceId(String),
 }
 
+impl Question {
+    /// The door's (question, value) arguments.
+    fn door_arguments(&self) -> (&'static str, &str) {
+        match self {
+            Question::UserId(v) => ("user_id", v),
+            Question::MaskedIp(v) => ("masked_ip", v),
+            Question::MaskedDeviceId(v) => ("masked_device_id", v),
+        }
+    }
+}
+
 impl fmt::Display for Question {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Question::UserId(u) => write!(f, "user_id = {u}"),
-            Question::MaskedIp(t) => write!(f, "masked_ip = {t}"),
-            Question::MaskedDeviceId(t) => write!(f, "masked_device_id = {t}"),
-        }
+        let (column, value) = self.door_arguments();
+        write!(f, "{column} = {value}")
     }
 }
 
@@ -73,6 +85,9 @@ impl fmt::Debug for Revealed {
 pub enum UnmaskError {
     #[error("not authorized: {0}")]
     NotAuthorized(String),
+    /// The door refused the request as asked (an unknown purpose, no reason).
+    #[error("refused: {0} (the attempt was audited)")]
+    Refused(String),
     #[error(
         "integrity failure at login {login_id} (message {message_id}): {what}; nothing was revealed"
     )]
@@ -88,13 +103,24 @@ pub enum UnmaskError {
 }
 
 impl UnmaskError {
-    /// The exit code `unmask` ends with: 3 not authorized, 4 integrity failure, 1 otherwise.
+    /// The exit code `unmask` ends with: 2 refused as asked, 3 not authorized, 4 integrity
+    /// failure, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
+            UnmaskError::Refused(_) => 2,
             UnmaskError::NotAuthorized(_) => 3,
             UnmaskError::Integrity { .. } => 4,
             UnmaskError::Database(e) if is_permission_denied(e) => 3,
             _ => 1,
+        }
+    }
+
+    /// What the audit records as the outcome of a hand-out that ended in this error.
+    fn audit_outcome(&self) -> &'static str {
+        match self {
+            UnmaskError::Integrity { .. } => "integrity-failure",
+            UnmaskError::NotAuthorized(_) => "kms-refused",
+            _ => "keys-unavailable",
         }
     }
 }
@@ -103,184 +129,250 @@ fn is_permission_denied(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42501"))
 }
 
-/// Who asks, and why: both go into the audit.
+/// Who asks, and why: all of it goes into the audit.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub question: Question,
+    /// One of [`crate::audit::REVEAL_PURPOSES`]; the door refuses any other.
+    pub purpose: String,
     pub reason: String,
     pub actor: String,
 }
 
+/// A row of the door's answer: the outcome, and for a hand-out one login with its sealed
+/// values and the wrapped keys that open them.
 #[derive(sqlx::FromRow)]
-struct SealedLogin {
-    id: i64,
-    message_id: String,
-    user_id: String,
-    device_type: String,
-    create_date: Date,
+struct HandedOut {
+    audit_id: i64,
+    outcome: String,
+    login_id: Option<i64>,
+    message_id: Option<String>,
+    user_id: Option<String>,
+    device_type: Option<String>,
+    create_date: Option<Date>,
     masked_ip: Option<String>,
     masked_device_id: Option<String>,
-    token_key_id: i64,
+    token_key_id: Option<i64>,
+    token_key_kms: Option<String>,
+    token_key_wrapped: Option<Vec<u8>>,
     data_key_id: Option<i64>,
+    data_key_kms: Option<String>,
+    data_key_wrapped: Option<Vec<u8>>,
     sealed_ip: Option<Vec<u8>>,
     sealed_device_id: Option<Vec<u8>>,
 }
 
-const SELECT_LOGINS: &str = "
-SELECT l.id, l.message_id, l.user_id, l.device_type, l.create_date, l.masked_ip,
-       l.masked_device_id, l.token_key_id, v.data_key_id, v.sealed_ip, v.sealed_device_id
-FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id";
+fn wrapped(kms_key_id: &Option<String>, ciphertext: &Option<Vec<u8>>) -> Option<WrappedKey> {
+    Some(WrappedKey {
+        ciphertext: ciphertext.clone()?,
+        kms_key_id: kms_key_id.clone()?,
+    })
+}
 
-/// Answers `request`, auditing it; see the module docs for the order of steps.
+/// Answers `request` through the audited door; see the module docs for the order of steps.
 pub async fn unmask<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     request: &Request,
 ) -> Result<Vec<Revealed>, UnmaskError> {
-    check_privileges(pool).await?;
-    let (filter, value) = match &request.question {
-        Question::UserId(v) => ("l.user_id", v),
-        Question::MaskedIp(v) => ("l.masked_ip", v),
-        Question::MaskedDeviceId(v) => ("l.masked_device_id", v),
+    let (question, value) = request.question.door_arguments();
+    let handed: Vec<HandedOut> = sqlx::query_as("SELECT * FROM vault_reveal($1, $2, $3, $4, $5)")
+        .bind(question)
+        .bind(value)
+        .bind(&request.purpose)
+        .bind(&request.reason)
+        .bind(&request.actor)
+        .fetch_all(pool)
+        .await?;
+    let Some(first) = handed.first() else {
+        return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
     };
-    let rows: Vec<SealedLogin> = sqlx::query_as(&format!(
-        "{SELECT_LOGINS} WHERE {filter} = $1 ORDER BY l.create_date, l.id"
-    ))
-    .bind(value)
-    .fetch_all(pool)
-    .await?;
-    let question = request.question.to_string();
-    let audit = |outcome, values_revealed| audit::Entry {
-        actor: &request.actor,
-        reason: &request.reason,
-        question: &question,
-        values_revealed,
-        outcome,
-    };
-    match open_all(keyring, &rows).await {
-        Ok(revealed) => {
-            let values = revealed
+    let audit_id = first.audit_id;
+    match first.outcome.as_str() {
+        "handed-out" => {}
+        "nothing-found" => return Ok(Vec::new()),
+        "refused-role" => {
+            let user: String = sqlx::query_scalar("SELECT session_user::text")
+                .fetch_one(pool)
+                .await?;
+            return Err(UnmaskError::NotAuthorized(format!(
+                "database user {user} does not hold the pii_vault_compliance role (the attempt was audited)"
+            )));
+        }
+        "refused-purpose" => {
+            return Err(UnmaskError::Refused(format!(
+                "the purpose must be one of: {}",
+                crate::audit::REVEAL_PURPOSES.join(", ")
+            )));
+        }
+        other => return Err(UnmaskError::Refused(other.to_owned())),
+    }
+    let result = open_handed_out(keyring, &handed).await;
+    let (outcome, values) = match &result {
+        Ok(revealed) => (
+            "revealed",
+            revealed
                 .iter()
                 .map(|r| i32::from(r.ip.is_some()) + i32::from(r.device_id.is_some()))
-                .sum();
-            let outcome = if values == 0 {
-                Outcome::NothingFound
-            } else {
-                Outcome::Revealed
-            };
-            audit::append(pool, &audit(outcome, values)).await?;
-            Ok(revealed)
-        }
-        Err(error) => {
-            if matches!(error, UnmaskError::Integrity { .. }) {
-                audit::append(pool, &audit(Outcome::IntegrityFailure, 0)).await?;
-            }
-            Err(error)
-        }
-    }
+                .sum(),
+        ),
+        Err(error) => (error.audit_outcome(), 0),
+    };
+    sqlx::query("SELECT vault_reveal_outcome($1, $2, $3)")
+        .bind(audit_id)
+        .bind(outcome)
+        .bind(values)
+        .execute(pool)
+        .await?;
+    result
 }
 
-async fn check_privileges(pool: &PgPool) -> Result<(), UnmaskError> {
-    // Membership, not just table privileges: the key admin can read the vault too (rotation
-    // re-encrypts it), but revealing values is the compliance officer's duty alone.
-    let (allowed, user): (bool, String) = sqlx::query_as(
-        "SELECT pg_has_role(session_user, 'pii_vault_compliance', 'MEMBER')
-            AND has_table_privilege('login_vault', 'SELECT')
-            AND has_table_privilege('unmask_audit', 'INSERT'), session_user::text",
-    )
-    .fetch_one(pool)
-    .await?;
-    if allowed {
-        Ok(())
-    } else {
-        Err(UnmaskError::NotAuthorized(format!(
-            "database user {user} does not hold the pii_vault_compliance role"
-        )))
-    }
-}
-
-async fn open_all<W: KeyWrapper>(
+/// Unwraps each handed-out key once, then opens and checks every value.
+async fn open_handed_out<W: KeyWrapper>(
     keyring: &Keyring<W>,
-    rows: &[SealedLogin],
+    handed: &[HandedOut],
 ) -> Result<Vec<Revealed>, UnmaskError> {
-    // One KMS call per distinct key, whatever the number of rows.
-    let mut sealers: BTreeMap<i64, Sealer> = BTreeMap::new();
-    let mut tokenizers: BTreeMap<i64, Tokenizer> = BTreeMap::new();
-    for row in rows {
-        if let Some(id) = row.data_key_id {
-            if let Entry::Vacant(slot) = sealers.entry(id) {
-                let sealer = keyring.sealer(KeyId(id)).await;
-                slot.insert(sealer.map_err(|e| key_failure(row, e))?);
-            }
+    let mut keys = Keys::default();
+    for row in handed {
+        let (Some(login_id), Some(message_id)) = (row.login_id, &row.message_id) else {
+            continue;
+        };
+        let failure = |error| key_failure(login_id, message_id, error);
+        if let (Some(id), Some(key)) = (
+            row.token_key_id,
+            wrapped(&row.token_key_kms, &row.token_key_wrapped),
+        ) {
+            keys.tokenizer(keyring, id, Some(&key))
+                .await
+                .map_err(failure)?;
         }
-        if let Entry::Vacant(slot) = tokenizers.entry(row.token_key_id) {
-            let tokenizer = keyring.tokenizer(KeyId(row.token_key_id)).await;
-            slot.insert(tokenizer.map_err(|e| key_failure(row, e))?);
+        if let (Some(id), Some(key)) = (
+            row.data_key_id,
+            wrapped(&row.data_key_kms, &row.data_key_wrapped),
+        ) {
+            keys.sealer(keyring, id, Some(&key))
+                .await
+                .map_err(|error| key_failure(login_id, message_id, error))?;
         }
     }
-    rows.iter()
-        .map(|row| {
-            let tokenizer = &tokenizers[&row.token_key_id];
-            let sealer = row.data_key_id.map(|id| &sealers[&id]);
-            Ok(Revealed {
-                login_id: row.id,
-                message_id: row.message_id.clone(),
-                user_id: row.user_id.clone(),
-                device_type: row.device_type.clone(),
-                create_date: row.create_date,
-                masked_ip: row.masked_ip.clone(),
-                masked_device_id: row.masked_device_id.clone(),
-                ip: open_field(row, sealer, tokenizer, Field::Ip)?,
-                device_id: open_field(row, sealer, tokenizer, Field::DeviceId)?,
-            })
-        })
-        .collect()
+    handed.iter().map(|row| reveal(row, &keys)).collect()
 }
 
-fn integrity(row: &SealedLogin, what: impl Into<String>) -> UnmaskError {
-    UnmaskError::Integrity {
-        login_id: row.id,
-        message_id: row.message_id.clone(),
-        what: what.into(),
+fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
+    let (Some(login_id), Some(message_id), Some(user_id), Some(token_key_id)) = (
+        row.login_id,
+        row.message_id.as_deref(),
+        row.user_id.as_deref(),
+        row.token_key_id,
+    ) else {
+        return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
+    };
+    let integrity = |what: String| UnmaskError::Integrity {
+        login_id,
+        message_id: message_id.to_owned(),
+        what,
+    };
+    let tokenizer = keys
+        .tokenizers
+        .get(&token_key_id)
+        .ok_or_else(|| integrity(format!("token key {token_key_id} was not handed out")))?;
+    let sealer = match row.data_key_id {
+        Some(id) => Some(
+            keys.sealers
+                .get(&id)
+                .ok_or_else(|| integrity(format!("data key {id} cannot be opened")))?,
+        ),
+        None => None,
+    };
+    let open = |field, sealed: &Option<Vec<u8>>, stored_token: &Option<String>| {
+        let (Some(sealer), Some(sealed)) = (sealer, sealed) else {
+            return Ok(None); // erased
+        };
+        let value = SealedValue {
+            field,
+            message_id,
+            user_id,
+            sealed,
+            stored_token: stored_token.as_deref(),
+        };
+        open_checked(&value, sealer, tokenizer)
+            .map(Some)
+            .map_err(integrity)
+    };
+    Ok(Revealed {
+        login_id,
+        message_id: message_id.to_owned(),
+        user_id: user_id.to_owned(),
+        device_type: row.device_type.clone().unwrap_or_default(),
+        create_date: row.create_date.unwrap_or(Date::MIN),
+        masked_ip: row.masked_ip.clone(),
+        masked_device_id: row.masked_device_id.clone(),
+        ip: open(Field::Ip, &row.sealed_ip, &row.masked_ip)?,
+        device_id: open(
+            Field::DeviceId,
+            &row.sealed_device_id,
+            &row.masked_device_id,
+        )?,
+    })
+}
+
+/// Opened keys by id: each unwrapped once (one KMS call per key, whatever the number of rows).
+#[derive(Default)]
+pub(crate) struct Keys {
+    pub sealers: BTreeMap<i64, Sealer>,
+    pub tokenizers: BTreeMap<i64, Tokenizer>,
+}
+
+impl Keys {
+    /// Data key `id`, unwrapped once: from the bytes a door handed out, or else read from the
+    /// key table (the key admin may read it).
+    pub async fn sealer<W: KeyWrapper>(
+        &mut self,
+        keyring: &Keyring<W>,
+        id: i64,
+        handed_out: Option<&WrappedKey>,
+    ) -> Result<&Sealer, KeyringError> {
+        Ok(match self.sealers.entry(id) {
+            Entry::Occupied(slot) => slot.into_mut(),
+            Entry::Vacant(slot) => slot.insert(match handed_out {
+                Some(wrapped) => keyring.sealer_from(KeyId(id), wrapped).await?,
+                None => keyring.sealer(KeyId(id)).await?,
+            }),
+        })
+    }
+
+    /// Token key `id`, unwrapped once, like [`Keys::sealer`].
+    pub async fn tokenizer<W: KeyWrapper>(
+        &mut self,
+        keyring: &Keyring<W>,
+        id: i64,
+        handed_out: Option<&WrappedKey>,
+    ) -> Result<&Tokenizer, KeyringError> {
+        Ok(match self.tokenizers.entry(id) {
+            Entry::Occupied(slot) => slot.into_mut(),
+            Entry::Vacant(slot) => slot.insert(match handed_out {
+                Some(wrapped) => keyring.tokenizer_from(KeyId(id), wrapped).await?,
+                None => keyring.tokenizer(KeyId(id)).await?,
+            }),
+        })
     }
 }
 
 /// A key that will not unwrap: KMS denying *us* is an authorization problem; anything else
 /// (a corrupted or moved wrapped key, a wrong purpose, a destroyed key) is an integrity one.
-fn key_failure(row: &SealedLogin, error: KeyringError) -> UnmaskError {
+fn key_failure(login_id: i64, message_id: &str, error: KeyringError) -> UnmaskError {
     match &error {
         KeyringError::Kms { source, .. } if source.is_access_denied() => {
             UnmaskError::NotAuthorized(error.to_string())
         }
         KeyringError::Kms { source, .. } if source.is_transient() => UnmaskError::Keys(error),
         KeyringError::Database(_) => UnmaskError::Keys(error),
-        _ => integrity(row, error.to_string()),
+        _ => UnmaskError::Integrity {
+            login_id,
+            message_id: message_id.to_owned(),
+            what: error.to_string(),
+        },
     }
-}
-
-fn open_field(
-    row: &SealedLogin,
-    sealer: Option<&Sealer>,
-    tokenizer: &Tokenizer,
-    field: Field,
-) -> Result<Option<Zeroizing<String>>, UnmaskError> {
-    let (sealed, stored_token) = match field {
-        Field::Ip => (&row.sealed_ip, &row.masked_ip),
-        Field::DeviceId => (&row.sealed_device_id, &row.masked_device_id),
-    };
-    let (Some(sealer), Some(sealed)) = (sealer, sealed) else {
-        return Ok(None); // erased
-    };
-    let sealed = SealedValue {
-        field,
-        message_id: &row.message_id,
-        user_id: &row.user_id,
-        sealed,
-        stored_token: stored_token.as_deref(),
-    };
-    open_checked(&sealed, sealer, tokenizer)
-        .map(Some)
-        .map_err(|what| integrity(row, what))
 }
 
 /// A sealed personal value with what binds it: its place and its stored token.
@@ -318,25 +410,112 @@ pub(crate) fn open_checked(
     Ok(Zeroizing::new(text.to_owned()))
 }
 
-/// Opens and checks every stored login, revealing nothing: the number of logins that open, or
-/// the first integrity failure. For operators after a rotation (`rotate-keys verify`).
+/// A login as the key admin's rotation door hands it out (`vault_rotation_page`): sealed
+/// values are `None` where the user's values were erased.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SealedLogin {
+    pub login_id: i64,
+    pub message_id: String,
+    pub user_id: String,
+    pub masked_ip: Option<String>,
+    pub masked_device_id: Option<String>,
+    pub token_key_id: i64,
+    pub data_key_id: Option<i64>,
+    pub sealed_ip: Option<Vec<u8>>,
+    pub sealed_device_id: Option<Vec<u8>>,
+}
+
+/// The door's page after login `$1` of `$2` rows under keys `$3`, for `operation`.
+pub(crate) fn rotation_page(operation: &str) -> String {
+    format!(
+        "SELECT login_id, message_id, user_id, masked_ip, masked_device_id, token_key_id,
+                data_key_id, sealed_ip, sealed_device_id
+         FROM vault_rotation_page('{operation}', $1, $2, $3)"
+    )
+}
+
+impl SealedLogin {
+    /// The sealed value of `field`, unless erased.
+    pub fn value(&self, field: Field) -> Option<SealedValue<'_>> {
+        let (sealed, stored_token) = match field {
+            Field::Ip => (&self.sealed_ip, &self.masked_ip),
+            Field::DeviceId => (&self.sealed_device_id, &self.masked_device_id),
+        };
+        Some(SealedValue {
+            field,
+            message_id: &self.message_id,
+            user_id: &self.user_id,
+            sealed: sealed.as_deref()?,
+            stored_token: stored_token.as_deref(),
+        })
+    }
+
+    /// Opens the login's values with their keys, each checked against its token; `None` where
+    /// erased.
+    pub async fn open<W: KeyWrapper>(
+        &self,
+        keyring: &Keyring<W>,
+        keys: &mut Keys,
+    ) -> Result<Option<[Zeroizing<String>; 2]>, SealedLoginError> {
+        let Some(data_key) = self.data_key_id else {
+            return Ok(None);
+        };
+        keys.tokenizer(keyring, self.token_key_id, None).await?;
+        keys.sealer(keyring, data_key, None).await?;
+        let (sealer, tokenizer) = (
+            &keys.sealers[&data_key],
+            &keys.tokenizers[&self.token_key_id],
+        );
+        let open = |field| match self.value(field) {
+            Some(value) => open_checked(&value, sealer, tokenizer).map_err(|what| {
+                SealedLoginError::Integrity {
+                    row: format!("login {} (message {})", self.login_id, self.message_id),
+                    what,
+                }
+            }),
+            None => Err(SealedLoginError::Integrity {
+                row: format!("login {}", self.login_id),
+                what: format!("{}: no sealed value beside a data key", field.name()),
+            }),
+        };
+        Ok(Some([open(Field::Ip)?, open(Field::DeviceId)?]))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealedLoginError {
+    #[error("keys: {0}")]
+    Keys(#[from] KeyringError),
+    #[error("row {row} cannot be opened ({what})")]
+    Integrity { row: String, what: String },
+}
+
+/// Opens and checks every stored login through the key admin's door (audited, one row per
+/// page), revealing nothing: the number of logins checked, or the first integrity failure.
+/// For operators after a rotation (`rotate-keys verify`).
 pub async fn verify_all<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
-) -> Result<u64, UnmaskError> {
+) -> Result<u64, SealedLoginError> {
+    let mut keys = Keys::default();
     let mut after = 0i64;
     let mut checked = 0u64;
+    let page = rotation_page("verify");
     loop {
-        let rows: Vec<SealedLogin> = sqlx::query_as(&format!(
-            "{SELECT_LOGINS} WHERE l.id > $1 ORDER BY l.id LIMIT 5000"
-        ))
-        .bind(after)
-        .fetch_all(pool)
-        .await?;
+        let rows: Vec<SealedLogin> = sqlx::query_as(&page)
+            .bind(after)
+            .bind(5_000i64)
+            .bind(Vec::<i64>::new())
+            .fetch_all(pool)
+            .await
+            .map_err(KeyringError::Database)?;
         let Some(last) = rows.last() else {
             return Ok(checked);
         };
-        after = last.id;
-        checked += open_all(keyring, &rows).await?.len() as u64;
+        after = last.login_id;
+        for row in &rows {
+            row.open(keyring, &mut keys).await?;
+        }
+        checked += rows.len() as u64;
     }
 }

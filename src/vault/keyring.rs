@@ -174,6 +174,26 @@ impl<W: KeyWrapper> Keyring<W> {
         Ok(Sealer::new(id, &key))
     }
 
+    /// The tokenizer of a token key handed out by a door function (one KMS Decrypt).
+    pub async fn tokenizer_from(
+        &self,
+        id: KeyId,
+        wrapped: &WrappedKey,
+    ) -> Result<Tokenizer, KeyringError> {
+        let key = self.unwrap_handed_out(id, Purpose::Token, wrapped).await?;
+        Ok(Tokenizer::new(id, &key))
+    }
+
+    /// The sealer of a data key handed out by a door function (one KMS Decrypt).
+    pub async fn sealer_from(
+        &self,
+        id: KeyId,
+        wrapped: &WrappedKey,
+    ) -> Result<Sealer, KeyringError> {
+        let key = self.unwrap_handed_out(id, Purpose::Data, wrapped).await?;
+        Ok(Sealer::new(id, &key))
+    }
+
     /// Starts a token key rotation: a new token key becomes the active one and the current one
     /// becomes `retiring` (it still checks the tokens made with it), in one transaction.
     pub async fn rotate_token_key(&self) -> Result<KeyId, KeyringError> {
@@ -324,9 +344,18 @@ impl<W: KeyWrapper> Keyring<W> {
                 found: found.as_str().to_owned(),
             });
         }
+        self.unwrap_handed_out(id, purpose, &wrapped).await
+    }
+
+    async fn unwrap_handed_out(
+        &self,
+        id: KeyId,
+        purpose: Purpose,
+        wrapped: &WrappedKey,
+    ) -> Result<super::SecretKey, KeyringError> {
         self.wrapper
             .unwrap_key(
-                &wrapped,
+                wrapped,
                 EncryptionContext {
                     purpose,
                     key_id: id,

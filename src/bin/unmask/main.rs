@@ -1,24 +1,35 @@
 //! `unmask`: a compliance officer recovers original ip and device_id values; every reveal is
 //! audited before anything is printed.
 
+mod output;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use pii_vault::audit::{self, CheckpointKey, VerifyError};
 use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
-use pii_vault::unmask::{self, Question, Request, Revealed, UnmaskError};
+use pii_vault::db;
+use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
-use pii_vault::{audit, db};
 
 /// Recover a user's original ip and device_id values (audited).
 ///
+/// Ask exactly one of --user-id, --masked-ip or --masked-device-id, with a --purpose and a
+/// --reason; both are recorded in the audit before anything is shown.
+///
 /// Exit codes: 0 values found, 1 nothing found (the attempt is still audited) or another
-/// failure, 2 bad arguments, 3 not authorized, 4 integrity failure (nothing is printed).
+/// failure, 2 bad arguments, 3 not authorized, 4 integrity failure (nothing is printed) or,
+/// for verify-audit, tampering found.
 #[derive(Debug, Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    override_usage = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]\n       unmask <COMMAND>"
+)]
 struct Args {
     #[command(flatten)]
     logging: LoggingArgs,
@@ -37,7 +48,10 @@ struct Args {
     /// Every login whose device id has this token (masked_device_id).
     #[arg(long, group = "question", required = true)]
     masked_device_id: Option<String>,
-    /// Why: recorded in the audit (a ticket, a legal request).
+    /// Why, from a fixed list: recorded in the audit; the database refuses any other.
+    #[arg(long, value_enum)]
+    purpose: Option<Purpose>,
+    /// Why, in words: recorded in the audit (a ticket, a legal request).
     #[arg(long)]
     reason: Option<String>,
     /// Who is asking, for the audit [default: the OS user].
@@ -50,9 +64,47 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Walk the audit's hash chain; exit 1 naming the first row that was edited, deleted or
-    /// inserted out of order.
-    VerifyAudit,
+    /// Check the whole audit: every row's hash and link, and every signed checkpoint against
+    /// the signing key's public key. Exit 0 intact (prints the head to keep elsewhere), 4
+    /// naming the first place where history was edited, rewritten, truncated or forked.
+    VerifyAudit {
+        #[command(flatten)]
+        signing: SigningArgs,
+        /// A head hash kept elsewhere (printed by an earlier verify-audit): it must still be
+        /// in the chain, which catches the removal of rows after the last checkpoint.
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<String>,
+    },
+    /// Sign the audit's current head with the KMS checkpoint key and store the checkpoint
+    /// (after verifying the chain). Run it on a schedule, as the checkpoint signer.
+    AuditCheckpoint {
+        #[command(flatten)]
+        signing: SigningArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SigningArgs {
+    /// The KMS asymmetric key (ECC_NIST_P256, SIGN_VERIFY) that signs audit checkpoints.
+    #[arg(
+        long,
+        env = "AUDIT_SIGNING_KEY_ID",
+        default_value = "alias/pii-vault-audit-signer"
+    )]
+    audit_signing_key_id: String,
+}
+
+/// The purposes a reveal may serve (`audit::REVEAL_PURPOSES`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Purpose {
+    /// A data subject asked for their data (GDPR art. 15).
+    DataSubjectAccess,
+    FraudInvestigation,
+    SecurityIncident,
+    /// A court order or a regulator's request.
+    LegalRequest,
+    /// Helping the user regain access to their account.
+    AccountRecovery,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -66,26 +118,43 @@ enum Format {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let result = run(args).await;
-    if let Err(error) = &result {
-        if let Some(unmask_error) = error.downcast_ref::<UnmaskError>() {
-            eprintln!("error: {}", cli::one_line(error));
-            return ExitCode::from(unmask_error.exit_code());
-        }
-    }
-    match result {
+    match run(args).await {
         Ok(code) => code,
-        Err(error) => cli::exit_code(Err(error)),
+        Err(error) => {
+            let code = if let Some(e) = error.downcast_ref::<UnmaskError>() {
+                e.exit_code()
+            } else if let Some(VerifyError::Broken(_)) = error.downcast_ref::<VerifyError>() {
+                4
+            } else {
+                return cli::exit_code(Err(error));
+            };
+            eprintln!("error: {}", cli::one_line(&error));
+            ExitCode::from(code)
+        }
     }
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if let Some(Command::VerifyAudit) = args.command {
-        let pool = db::connect(&args.database.database_url, 1).await?;
-        let intact = audit::verify(&pool).await?;
-        let head: String = intact.head.iter().map(|b| format!("{b:02x}")).collect();
-        println!("audit intact: {} rows, head {head}", intact.rows);
-        return Ok(ExitCode::SUCCESS);
+    match args.command {
+        Some(Command::VerifyAudit {
+            signing,
+            expect_head,
+        }) => return verify_audit(&args.database, &signing, expect_head.as_deref()).await,
+        Some(Command::AuditCheckpoint { signing }) => {
+            let pool = db::connect(&args.database.database_url, 1).await?;
+            let key = checkpoint_key(&signing).await;
+            match key.checkpoint(&pool).await? {
+                Some(checkpoint) => println!(
+                    "checkpoint {} signed: audit row {}, head {}",
+                    checkpoint.id,
+                    checkpoint.last_audit_id,
+                    hex(&checkpoint.head_hash)
+                ),
+                None => println!("the audit is empty; nothing to sign"),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
     let question = match (args.user_id, args.masked_ip, args.masked_device_id) {
         (Some(user), None, None) => Question::UserId(user),
@@ -93,6 +162,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, None, Some(token)) => Question::MaskedDeviceId(token),
         _ => unreachable!("clap requires exactly one question"),
     };
+    let Some(purpose) = args.purpose else {
+        return Err(UsageError(format!(
+            "--purpose is required: one of {}",
+            audit::REVEAL_PURPOSES.join(", ")
+        ))
+        .into());
+    };
+    let purpose = purpose
+        .to_possible_value()
+        .expect("every purpose has a name")
+        .get_name()
+        .to_owned();
     let reason = args.reason.unwrap_or_default();
     if reason.trim().is_empty() {
         return Err(UsageError("--reason is required and must say why".into()).into());
@@ -110,6 +191,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let keyring = Keyring::new(pool.clone(), kms.clone(), &args.kms.kms_key_id, &actor);
     let request = Request {
         question,
+        purpose,
         reason,
         actor,
     };
@@ -135,115 +217,65 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     match args.format {
-        Format::Table => print_table(&mut out, &revealed)?,
-        Format::Json => print_json(&mut out, &revealed)?,
-        Format::Csv => print_csv(&mut out, &revealed)?,
+        Format::Table => output::table(&mut out, &revealed)?,
+        Format::Json => output::json(&mut out, &revealed)?,
+        Format::Csv => output::csv(&mut out, &revealed)?,
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
-const ERASED: &str = "(erased)";
-
-fn columns(r: &Revealed) -> [String; 8] {
-    let value = |v: &Option<zeroize::Zeroizing<String>>| {
-        v.as_deref()
-            .map(String::as_str)
-            .unwrap_or(ERASED)
-            .to_owned()
-    };
-    [
-        r.create_date.to_string(),
-        r.user_id.clone(),
-        r.device_type.clone(),
-        value(&r.ip),
-        value(&r.device_id),
-        r.masked_ip.clone().unwrap_or_default(),
-        r.masked_device_id.clone().unwrap_or_default(),
-        r.message_id.clone(),
-    ]
+async fn checkpoint_key(signing: &SigningArgs) -> CheckpointKey {
+    CheckpointKey {
+        client: aws_sdk_kms::Client::new(&cli::aws_config().await),
+        key_id: signing.audit_signing_key_id.clone(),
+    }
 }
 
-const HEADERS: [&str; 8] = [
-    "create_date",
-    "user_id",
-    "device_type",
-    "ip",
-    "device_id",
-    "masked_ip",
-    "masked_device_id",
-    "message_id",
-];
-
-fn print_table(out: &mut impl Write, revealed: &[Revealed]) -> std::io::Result<()> {
-    // Tokens are shortened on a terminal; json and csv carry them whole.
-    let rows: Vec<[String; 8]> = revealed
-        .iter()
-        .map(|r| {
-            let mut row = columns(r);
-            for token in &mut row[5..7] {
-                if token.len() > 16 {
-                    token.truncate(16);
-                    token.push('…');
-                }
-            }
-            row
+async fn verify_audit(
+    database: &DatabaseArgs,
+    signing: &SigningArgs,
+    expect_head: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let expect_head = expect_head
+        .map(|text| {
+            let bytes = unhex(text)
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| UsageError("--expect-head takes 64 hex digits".into()))?;
+            Ok::<_, UsageError>(bytes)
         })
-        .collect();
-    let mut widths = HEADERS.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| -> String {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
+        .transpose()?;
+    let pool = db::connect(&database.database_url, 1).await?;
+    let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_checkpoints")
+        .fetch_one(&pool)
+        .await?;
+    // The public key is needed only to check checkpoints; an audit without any verifies
+    // without KMS.
+    let key = if checkpoints > 0 {
+        Some(checkpoint_key(signing).await.verifying_key().await?)
+    } else {
+        None
     };
-    writeln!(out, "{}", line(&HEADERS))?;
-    for row in &rows {
-        writeln!(out, "{}", line(&row.each_ref().map(String::as_str)))?;
-    }
-    Ok(())
+    let intact = audit::verify(&pool, key.as_ref(), expect_head.as_deref()).await?;
+    println!(
+        "audit intact: {} rows, {} signed checkpoints, head {}",
+        intact.rows,
+        intact.checkpoints,
+        hex(&intact.head)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print_json(out: &mut impl Write, revealed: &[Revealed]) -> std::io::Result<()> {
-    for r in revealed {
-        let line = serde_json::json!({
-            "login_id": r.login_id,
-            "message_id": r.message_id,
-            "user_id": r.user_id,
-            "create_date": r.create_date.to_string(),
-            "device_type": r.device_type,
-            "ip": r.ip.as_deref().map(String::as_str),
-            "device_id": r.device_id.as_deref().map(String::as_str),
-            "masked_ip": r.masked_ip,
-            "masked_device_id": r.masked_device_id,
-        });
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn print_csv(out: &mut impl Write, revealed: &[Revealed]) -> std::io::Result<()> {
-    let quote = |cell: &str| {
-        if cell.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", cell.replace('"', "\"\""))
-        } else {
-            cell.to_owned()
-        }
-    };
-    writeln!(out, "{}", HEADERS.join(","))?;
-    for r in revealed {
-        let row = columns(r);
-        let cells: Vec<String> = row.iter().map(|c| quote(c)).collect();
-        writeln!(out, "{}", cells.join(","))?;
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
     }
-    Ok(())
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
