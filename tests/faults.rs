@@ -10,7 +10,9 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
-use common::{Proxy, TestEnv, eventually, sample_bodies, stderr, stdout, terminate};
+use common::{
+    Proxy, Replica, TestEnv, eventually, sample_bodies, stderr, stdout, terminate_pid, within,
+};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
@@ -41,8 +43,8 @@ fn generated(count: usize, seed: u64) -> (Vec<String>, usize) {
     (messages.into_iter().map(|m| m.body).collect(), malformed)
 }
 
-/// Every message exactly once: rows and quarantine entries as expected, no message id twice,
-/// and (generated user ids being unique) no login stored twice under two ids.
+/// Every message exactly once, counted from the database: generated user ids are unique, so
+/// a login missing is lost and a user stored twice is duplicated (under two message ids).
 async fn assert_exactly_once(env: &TestEnv, valid: usize, malformed: usize) {
     let (rows, ids, users): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT message_id), count(DISTINCT user_id) FROM user_logins",
@@ -50,10 +52,46 @@ async fn assert_exactly_once(env: &TestEnv, valid: usize, malformed: usize) {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    assert_eq!(rows as usize, valid, "lost or duplicated logins");
-    assert_eq!((ids, users), (rows, rows));
+    let (lost, duplicated) = (valid as i64 - users, rows - users);
+    println!("sent {valid} valid and {malformed} malformed; lost {lost}, duplicated {duplicated}");
+    assert_eq!((lost, duplicated), (0, 0), "lost and duplicated logins");
+    assert_eq!(ids, rows, "one row per message id");
     assert_eq!(env.count("quarantine").await as usize, malformed);
     assert_eq!(env.count("login_vault").await, rows);
+}
+
+/// Ingest flags for the process tests: small batches, short polls, metrics on.
+const REPLICA_ARGS: [&str; 6] = [
+    "--flush-ms",
+    "20",
+    "--batch-size",
+    "50",
+    "--wait-seconds",
+    "1",
+];
+
+/// Kills `replica` while it holds received, undeleted work, and proves it did: its own
+/// metrics said so just before, and the queue shows messages in flight just after.
+async fn kill_while_holding(env: &TestEnv, replica: Replica) -> u64 {
+    let held = std::cell::Cell::new(0);
+    within(
+        Duration::from_secs(30),
+        "the replica holds received work",
+        || async {
+            held.set(replica.holding().await);
+            held.get() > 0
+        },
+    )
+    .await;
+    let held = held.get();
+    let ended = replica.kill();
+    assert!(!ended.status.success(), "it was killed, not finished");
+    let (_, in_flight) = env.queue_counts().await;
+    assert!(
+        in_flight > 0,
+        "the kill left received messages in flight (held {held} just before)"
+    );
+    held
 }
 
 #[tokio::test]
@@ -173,128 +211,121 @@ async fn the_emulator_unreachable_for_a_while_is_retried_and_catches_up() {
 }
 
 #[tokio::test]
-async fn kill_9_mid_stream_then_restart_stores_every_message_exactly_once() {
-    let visibility = 2;
-    let env = TestEnv::new(visibility).await;
+async fn kill_9_mid_stream_three_times_then_restart_stores_every_message_exactly_once() {
+    let env = TestEnv::new(3).await;
     env.init_token_key().await;
-    let (bodies, malformed) = generated(150, 9);
+    let (bodies, malformed) = generated(5_000, 9);
     env.send(&bodies).await;
-    let trials = 3;
-    for trial in 0..trials {
+    for round in 1..=3 {
         let before = env.count("user_logins").await;
-        let mut child = env.spawn_binary(INGEST, &["--flush-ms", "20", "--batch-size", "20"]);
-        eventually(Duration::from_secs(20), || async {
-            env.count("user_logins").await > before
-        })
+        let replica = Replica::spawn(&env, INGEST, &REPLICA_ARGS);
+        within(
+            Duration::from_secs(60),
+            "the replica stores logins",
+            || async { env.count("user_logins").await >= before + 200 },
+        )
         .await;
-        tokio::time::sleep(Duration::from_millis(100 * trial)).await;
-        child.kill().unwrap(); // SIGKILL: no chance to flush or delete
-        child.wait().unwrap();
+        let held = kill_while_holding(&env, replica).await;
+        println!("kill -9 round {round}: the replica held {held} received deliveries");
     }
-    // Drain until the queue is empty: under load a delivery can outlive its 2 s visibility
-    // and come back once more, which a drain that stops at the first empty receive leaves.
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(visibility as u64 + 1)).await;
-        let finish = env.run_binary(INGEST, &["--drain"]);
-        assert!(finish.status.success(), "{}", stderr(&finish));
-        if env.messages_on_queue().await == 0 {
-            break;
-        }
-    }
-    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
-    assert_eq!(env.messages_on_queue().await, 0);
-    println!(
-        "kill -9 trials: {trials}, sent: {}, lost: 0, duplicated: 0",
-        bodies.len()
+    let stored = env.count("user_logins").await as usize;
+    assert!(
+        stored < bodies.len(),
+        "the kills came mid-stream ({stored} stored)"
     );
+    env.drain_until_empty(Duration::from_secs(120)).await;
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn three_replicas_one_killed_keep_the_table_exact() {
-    let visibility = 3;
-    let env = TestEnv::new(visibility).await;
+    let env = TestEnv::new(3).await;
     env.init_token_key().await;
-    let (bodies, malformed) = generated(150, 11);
+    let (bodies, malformed) = generated(10_000, 11);
     env.send(&bodies).await;
-    let mut replicas: Vec<_> = (0..3)
-        .map(|_| {
-            env.spawn_binary(
-                INGEST,
-                &[
-                    "--flush-ms",
-                    "20",
-                    "--batch-size",
-                    "20",
-                    "--wait-seconds",
-                    "1",
-                ],
-            )
-        })
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::spawn(&env, INGEST, &REPLICA_ARGS))
         .collect();
-    eventually(Duration::from_secs(20), || async {
-        env.count("user_logins").await > 20
-    })
+    within(
+        Duration::from_secs(60),
+        "the replicas store logins",
+        || async { env.count("user_logins").await > 1_000 },
+    )
     .await;
-    replicas[0].kill().unwrap();
-    replicas[0].wait().unwrap();
-    let done = eventually(Duration::from_secs(90), || async {
-        (env.count("user_logins").await + env.count("quarantine").await) as usize == bodies.len()
-    })
+    let held = kill_while_holding(&env, replicas.remove(0)).await;
+    println!("killed one of three replicas holding {held} received deliveries");
+    within(
+        Duration::from_secs(180),
+        "the surviving replicas take over the killed one's messages",
+        || async {
+            (env.count("user_logins").await + env.count("quarantine").await) as usize
+                == bodies.len()
+        },
+    )
     .await;
-    assert!(
-        done,
-        "the surviving replicas took over the killed one's messages"
-    );
-    for replica in &mut replicas[1..] {
-        terminate(replica);
-        let status = replica.wait().unwrap();
+    for replica in replicas {
+        terminate_pid(replica.pid());
+        let ended = replica.wait(Duration::from_secs(30));
         assert!(
-            status.success(),
-            "a replica stops cleanly on SIGTERM: {status}"
+            ended.status.success(),
+            "a replica stops cleanly on SIGTERM: {}",
+            ended.stderr
         );
     }
+    assert_eq!(env.messages_on_queue().await, 0);
     assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
     env.cleanup().await;
 }
 
 #[tokio::test]
-async fn sigterm_commits_what_was_received_and_exits_0() {
-    let visibility = 3;
-    let env = TestEnv::new(visibility).await;
+async fn sigterm_mid_stream_commits_what_was_received_and_exits_0() {
+    let env = TestEnv::new(3).await;
     env.init_token_key().await;
-    let (bodies, malformed) = generated(150, 13);
+    let (bodies, malformed) = generated(3_000, 13);
     env.send(&bodies).await;
-    let child = env.spawn_binary(INGEST, &["--flush-ms", "20", "--batch-size", "20"]);
-    eventually(Duration::from_secs(20), || async {
-        env.count("user_logins").await > 0
-    })
+    let replica = Replica::spawn(&env, INGEST, &REPLICA_ARGS);
+    let held = std::cell::Cell::new(0);
+    within(
+        Duration::from_secs(60),
+        "the replica holds received work",
+        || async {
+            held.set(replica.holding().await);
+            held.get() > 0 && env.count("user_logins").await > 100
+        },
+    )
     .await;
-    terminate(&child);
-    let asked = Instant::now();
-    let output = child.wait_with_output().unwrap();
-    println!("stopped {:?} after SIGTERM", asked.elapsed());
-    assert!(output.status.success(), "{}", stderr(&output));
+    let held = held.get();
+    let (visible, _) = env.queue_counts().await;
     assert!(
-        asked.elapsed() < Duration::from_secs(30),
-        "within the default deadline"
+        visible >= 2_000,
+        "SIGTERM with {visible} messages still to come"
     );
-    let summary = stdout(&output);
+    terminate_pid(replica.pid());
+    let asked = Instant::now();
+    let ended = replica.wait(Duration::from_secs(30));
+    println!(
+        "stopped {:?} after SIGTERM, holding {held} deliveries",
+        asked.elapsed()
+    );
+    assert!(ended.status.success(), "{}", ended.stderr);
     let field = |name: &str| -> u64 {
-        summary
+        ended
+            .stdout
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("{name} in {summary}"))
+            .unwrap_or_else(|| panic!("{name} in {}", ended.stdout))
             .parse()
             .unwrap()
     };
     assert_eq!(
         field("acknowledged"),
         field("received"),
-        "everything received was committed and deleted: {summary}"
+        "everything received was committed and deleted: {}",
+        ended.stdout
     );
     assert_eq!(env.count("user_logins").await as u64, field("stored"));
-    env.drain_until_empty(Duration::from_secs(60)).await;
+    env.drain_until_empty(Duration::from_secs(120)).await;
     assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
     env.cleanup().await;
 }

@@ -100,6 +100,19 @@ async fn data_key_rotation_while_ingesting_leaves_every_row_readable() {
     )
     .await;
     assert_eq!(under_old, 0);
+    // Every page the key admin's door handed out is in the audit, with its logins and keys.
+    let (pages, logins, names_old_key): (i64, i64, bool) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(cardinality(login_ids)), 0),
+                coalesce(bool_or(key_ids && $1), false)
+         FROM unmask_audit WHERE outcome = 'reseal' AND db_user = 'keyadmin'",
+    )
+    .bind(&old)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(pages >= 8, "one audit row per page of 200: {pages}");
+    assert!(logins >= 1_500, "the re-sealed logins are named: {logins}");
+    assert!(names_old_key);
     env.cleanup().await;
 }
 
@@ -254,6 +267,41 @@ async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
     env.ingest_bodies(&logins(50, 7)).await;
+    let old_kms_key = env.kms_key_id.clone();
+    let set_old_key_enabled = |enabled: bool| {
+        let client = env.kms.client().clone();
+        let key = old_kms_key.clone();
+        async move {
+            if enabled {
+                client
+                    .enable_key()
+                    .key_id(key)
+                    .send()
+                    .await
+                    .expect("EnableKey");
+            } else {
+                client
+                    .disable_key()
+                    .key_id(key)
+                    .send()
+                    .await
+                    .expect("DisableKey");
+            }
+        }
+    };
+    // Before the rewrap, every key needs the old KMS key: disabled, nothing opens.
+    set_old_key_enabled(false).await;
+    let keyadmin = env.pool_as("keyadmin").await;
+    let refused = unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("Disabled")),
+        "a disabled KMS key opens nothing: {:?}",
+        refused.map_err(|e| e.to_string())
+    );
+    set_old_key_enabled(true).await;
+
     let new_kms_key = env
         .kms
         .client()
@@ -279,22 +327,14 @@ async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
         .await
         .unwrap();
     assert_eq!(others, 0);
-    // (The emulator's DisableKey takes the bare key id, not the ARN. It does not enforce a
-    // disabled key either, but it does refuse Decrypt under a KeyId other than the blob's, and
-    // unwrapping passes the stored KMS key: the rows opening below proves they moved.)
-    let old_key_id = env.kms_key_id.rsplit('/').next().unwrap();
-    env.kms
-        .client()
-        .disable_key()
-        .key_id(old_key_id)
-        .send()
-        .await
-        .unwrap();
+    // After it, the old KMS key can be disabled: every value still opens.
+    set_old_key_enabled(false).await;
     assert_eq!(
         verify_all(&env).await,
         50,
         "every row opens through the new KMS key"
     );
+    keyadmin.close().await;
     let again = rotate_keys(&env, &["rewrap", "--kms-key-id", &new_kms_key]).await;
     assert!(
         stdout(&again).contains("nothing to do"),

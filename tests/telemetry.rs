@@ -6,53 +6,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use common::{Proxy, TestEnv, eventually, login, stderr, terminate};
+use common::{Proxy, TestEnv, eventually, free_port, get, login, sample, stderr, terminate};
 use pii_vault::telemetry;
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over a plain TCP connection: the status code and the body, or `None` while
-/// nothing listens (or nothing answers within 10 s).
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    tokio::time::timeout(Duration::from_secs(10), get_now(port, path))
-        .await
-        .ok()?
-}
-
-async fn get_now(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// The value of one series (`name` or `name{labels}`) in a Prometheus text exposition.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 /// Valid login bodies, one per user, with recognizable personal values.
 fn logins(users: std::ops::Range<u32>) -> Vec<String> {

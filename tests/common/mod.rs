@@ -255,6 +255,12 @@ impl TestEnv {
 
     /// Visible plus in-flight messages.
     pub async fn messages_on_queue(&self) -> u64 {
+        let (visible, in_flight) = self.queue_counts().await;
+        visible + in_flight
+    }
+
+    /// (visible, in flight: received by someone and neither deleted nor timed out yet).
+    pub async fn queue_counts(&self) -> (u64, u64) {
         let attributes = self
             .sqs
             .get_queue_attributes()
@@ -272,8 +278,10 @@ impl TestEnv {
                 .map(|v| v.parse().unwrap())
                 .unwrap_or(0)
         };
-        get(QueueAttributeName::ApproximateNumberOfMessages)
-            + get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        (
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
     }
 
     pub async fn count(&self, table: &str) -> i64 {
@@ -550,8 +558,13 @@ where
 
 /// Sends SIGTERM to a child process.
 pub fn terminate(child: &std::process::Child) {
+    terminate_pid(child.id());
+}
+
+/// Sends SIGTERM to a process.
+pub fn terminate_pid(pid: u32) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .expect("running kill");
     assert!(status.success());
@@ -575,4 +588,153 @@ pub fn database_port() -> u16 {
 /// The port of the AWS emulator.
 pub fn aws_port() -> u16 {
     port_of(&aws_endpoint(), 80)
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over a plain TCP connection: the status code and the body, or `None` while
+/// nothing listens (or nothing answers within 10 s).
+pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(10), get_now(port, path))
+        .await
+        .ok()?
+}
+
+async fn get_now(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of one series (`name` or `name{labels}`) in a Prometheus text exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// An `ingest` process against a test's world, with its metrics served on a port of its own
+/// so a test can see what it holds, and its output drained as it comes (a full pipe would
+/// stall it).
+pub struct Replica {
+    child: std::process::Child,
+    pub metrics_port: u16,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+/// What a replica reported when it ended.
+pub struct Ended {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Replica {
+    pub fn spawn(env: &TestEnv, path: &str, args: &[&str]) -> Self {
+        let metrics_port = free_port();
+        let mut child = Command::new(path)
+            .args(args)
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .envs(env.binary_env())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the binary");
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let _ = pipe.read_to_end(&mut all);
+                all
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        Self {
+            child,
+            metrics_port,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// A counter from its /metrics (0 before the first record), or `None` if it does not
+    /// answer.
+    pub async fn counter(&self, name: &str) -> Option<f64> {
+        let (status, body) = get(self.metrics_port, "/metrics").await?;
+        (status == 200).then(|| sample(&body, name).unwrap_or(0.0))
+    }
+
+    /// Deliveries it has received but not yet deleted: work a crash now would leave undone.
+    pub async fn holding(&self) -> u64 {
+        let received = self.counter(pii_vault::telemetry::RECEIVED).await;
+        let deleted = self.counter(pii_vault::telemetry::DELETED).await;
+        match (received, deleted) {
+            (Some(received), Some(deleted)) => (received - deleted).max(0.0) as u64,
+            _ => 0,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush, commit or delete.
+    pub fn kill(mut self) -> Ended {
+        self.child.kill().expect("SIGKILL");
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// Waits for it to exit (after SIGTERM, or by itself), failing the test after `limit`.
+    pub fn wait(mut self, limit: Duration) -> Ended {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("pid {} did not exit within {limit:?}", self.child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        Ended {
+            status,
+            stdout: text(self.stdout.join().unwrap()),
+            stderr: text(self.stderr.join().unwrap()),
+        }
+    }
+}
+
+/// Asserts that `condition` holds within `limit`, naming `what` otherwise.
+pub async fn within<F, Fut>(limit: Duration, what: &str, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        eventually(limit, condition).await,
+        "{what}: not within {limit:?}"
+    );
 }
