@@ -9,6 +9,7 @@ use pii_vault::event;
 use pii_vault::ingest::batch::{self, login_place};
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::synth::Generator;
+use pii_vault::vault::erasure::ErasedUsers;
 use pii_vault::vault::seal::Sealer;
 use pii_vault::vault::token::{Field, Tokenizer};
 use pii_vault::vault::{KeyId, SecretKey};
@@ -85,7 +86,7 @@ fn per_record(c: &mut Criterion) {
                     })
                     .collect::<Vec<_>>()
             },
-            |messages| batch::build(messages, &tokenizer, &sealer),
+            |messages| batch::build(messages, &tokenizer, &sealer, &ErasedUsers::default()),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -12,6 +12,7 @@ use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;
 use pii_vault::unmask;
+use pii_vault::vault::erasure::ErasedUsers;
 use pii_vault::vault::keyring::key_use_lock;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
@@ -344,16 +345,32 @@ async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
     env.cleanup().await;
 }
 
+/// (logins, with tokens, with sealed values) of a user.
+async fn what_remains_of(env: &TestEnv, user: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(l.masked_ip) + count(l.masked_device_id), count(v.login_id)
+         FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id WHERE l.user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
-async fn erase_removes_a_users_values_for_good_and_is_audited() {
+async fn erasure_removes_a_user_for_good_and_older_messages_cannot_bring_them_back() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
     env.ingest_bodies(&[
         login("u-1", "10.0.0.1", "111"),
         login("u-1", "10.0.0.2", "222"),
         login("u-2", "10.0.0.3", "111"),
+        r#"{"user_id": "u-1", "ip": 5}"#.to_owned(),
+        r#"{"user_id": "u-2", "ip": 6}"#.to_owned(),
     ])
     .await;
+    // A message of u-1 sent before the erasure and still on the queue while it runs.
+    env.send(&[login("u-1", "10.0.0.9", "999")]).await;
     let output = rotate_keys(
         &env,
         &[
@@ -369,10 +386,30 @@ async fn erase_removes_a_users_values_for_good_and_is_audited() {
     .await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
-        stdout(&output).contains("2 login(s)"),
+        stdout(&output)
+            .contains("sealed values of 2 login(s), tokens of 2, 1 quarantined message(s)"),
         "{}",
         stdout(&output)
     );
+    assert_eq!(
+        what_remains_of(&env, "u-1").await,
+        (2, 0, 0),
+        "rows stay, values and tokens go"
+    );
+    assert_eq!(what_remains_of(&env, "u-2").await, (1, 2, 1));
+    assert_eq!(
+        env.count("quarantine").await,
+        1,
+        "u-2's quarantined message stays"
+    );
+
+    // Delivered after the erasure, sent before it: stored without personal fields.
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    assert_eq!(what_remains_of(&env, "u-1").await, (3, 0, 0));
+    // A login sent after the erasure is new data.
+    env.send(&[login("u-1", "10.0.0.10", "1010")]).await;
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    assert_eq!(what_remains_of(&env, "u-1").await, (4, 2, 1));
 
     let unmasked = env.run_binary_as(
         "compliance",
@@ -384,15 +421,16 @@ async fn erase_removes_a_users_values_for_good_and_is_audited() {
             "data-subject-access",
             "--reason",
             "check",
+            "--format",
+            "json",
         ],
     );
-    assert_eq!(unmasked.status.code(), Some(1), "{}", stderr(&unmasked));
+    assert_eq!(unmasked.status.code(), Some(0), "{}", stderr(&unmasked));
+    let text = stdout(&unmasked);
     assert!(
-        stderr(&unmasked).contains("erased"),
-        "{}",
-        stderr(&unmasked)
+        text.contains("10.0.0.10") && !text.contains("10.0.0.1\"") && !text.contains("10.0.0.9"),
+        "{text}"
     );
-    assert!(stdout(&unmasked).is_empty());
     let other = env.run_binary_as(
         "compliance",
         UNMASK,
@@ -408,26 +446,80 @@ async fn erase_removes_a_users_values_for_good_and_is_audited() {
     assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
     assert!(stdout(&other).contains("10.0.0.3"));
 
-    let kept: (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(masked_ip) FROM user_logins WHERE user_id = 'u-1'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(kept, (2, 2), "the analytic rows and their tokens stay");
-    let audit: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT actor, outcome, question FROM unmask_audit ORDER BY id")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
+    let audit: Vec<(String, String, i32, Vec<i64>)> = sqlx::query_as(
+        "SELECT actor, question, values_revealed, login_ids FROM unmask_audit
+         WHERE outcome = 'erased' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].0, "dpo");
     assert_eq!(
-        audit[0],
-        ("dpo".into(), "erased".into(), "erase user_id = u-1".into())
+        audit[0].1,
+        "erase user_id = u-1: sealed values of 2 logins, tokens of 2, 1 quarantined messages"
     );
-    // The door still hands out u-1's logins (tokens, no values); nothing opens.
-    assert_eq!(audit[1].1, "handed-out");
-    assert_eq!(audit[2].1, "revealed");
+    assert_eq!((audit[0].2, audit[0].3.len()), (2, 2));
+    // The erasure record names the user by token only.
+    let records: Vec<String> = sqlx::query_scalar("SELECT user_token FROM erasures")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "one per token key");
+    assert!(records.iter().all(|t| t.len() == 64 && !t.contains("u-1")));
+
+    // A legal hold keeps the tokens, and only them.
+    let held = rotate_keys(
+        &env,
+        &[
+            "erase",
+            "--user-id",
+            "u-2",
+            "--reason",
+            "court order 12",
+            "--keep-tokens",
+        ],
+    )
+    .await;
+    assert!(held.status.success(), "{}", stderr(&held));
+    assert_eq!(what_remains_of(&env, "u-2").await, (1, 2, 0));
+    assert_eq!(env.count("quarantine").await, 0);
     let chain = env.run_binary(UNMASK, &["verify-audit"]);
     assert!(chain.status.success(), "{}", stderr(&chain));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_made_before_an_erasure_is_refused_and_made_again() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+    let made_before = batch::build(
+        vec![message("m-1", login("u-1", "10.0.0.1", "111-11-1111"))],
+        &tokenizer,
+        &sealer,
+        &ErasedUsers::default(),
+    );
+    let erased = rotate_keys(&env, &["erase", "--user-id", "u-1", "--reason", "r"]).await;
+    assert!(erased.status.success(), "{}", stderr(&erased));
+    let outcome = writer::write(&env.pool, &made_before).await;
+    assert!(
+        matches!(outcome, Err(writer::WriteError::ErasuresChanged)),
+        "{outcome:?}"
+    );
+    assert_eq!(env.count("user_logins").await, 0);
+    // Made again with what the ingester now knows: stored, without personal fields.
+    let known = ErasedUsers::load(&env.pool, &keyring).await.unwrap();
+    let made_after = batch::build(
+        vec![message("m-1", login("u-1", "10.0.0.1", "111-11-1111"))],
+        &tokenizer,
+        &sealer,
+        &known,
+    );
+    writer::write(&env.pool, &made_after).await.unwrap();
+    assert_eq!(what_remains_of(&env, "u-1").await, (1, 0, 0));
     env.cleanup().await;
 }
 
@@ -453,6 +545,7 @@ async fn a_writer_waits_for_a_retiring_rotation_and_then_writes_nothing() {
         vec![message("m-1", login("u-1", "10.0.0.1", "111-11-1111"))],
         &tokenizer,
         &sealer,
+        &ErasedUsers::default(),
     );
 
     // A rotation retiring the data key holds the key's use lock exclusively...

@@ -11,6 +11,7 @@ use time::{Date, OffsetDateTime};
 use super::source::{Message, Receipt};
 use crate::event::{self, LoginEvent};
 use crate::vault::KeyId;
+use crate::vault::erasure::ErasedUsers;
 use crate::vault::seal::{Place, Sealer};
 use crate::vault::token::{Field, Token, Tokenizer};
 
@@ -26,15 +27,22 @@ pub struct LoginRow {
     pub message_id: String,
     pub user_id: String,
     pub device_type: String,
-    pub masked_ip: Token,
-    pub masked_device_id: Token,
     pub locale: Option<String>,
     pub app_version: i32,
     pub app_version_text: String,
     pub create_date: Date,
+    /// `None` for a login of a user erased after it was sent: stored without them.
+    pub personal: Option<PersonalFields>,
+    pub deliveries: Deliveries,
+}
+
+/// A login's personal fields as stored: tokens for analysts, sealed originals for the vault.
+#[derive(Debug)]
+pub struct PersonalFields {
+    pub masked_ip: Token,
+    pub masked_device_id: Token,
     pub sealed_ip: Vec<u8>,
     pub sealed_device_id: Vec<u8>,
-    pub deliveries: Deliveries,
 }
 
 /// A message that failed validation, ready for `quarantine`.
@@ -45,6 +53,9 @@ pub struct QuarantineRow {
     pub body_bytes: i32,
     pub sealed_body: Vec<u8>,
     pub sent_at: Option<OffsetDateTime>,
+    /// The token of the user id the body names, if it is JSON with a string `user_id`: how
+    /// an erasure finds it without opening it.
+    pub user_token: Option<Token>,
     pub deliveries: Deliveries,
 }
 
@@ -61,6 +72,9 @@ pub struct Deliveries {
 pub struct Batch {
     pub token_key_id: KeyId,
     pub data_key_id: KeyId,
+    /// The newest erasure record the batch was made with; it may commit only while no newer
+    /// one exists.
+    pub erasures_seen: i64,
     pub logins: Vec<LoginRow>,
     pub quarantined: Vec<QuarantineRow>,
 }
@@ -104,6 +118,7 @@ impl Batch {
         let back = Batch {
             token_key_id: self.token_key_id,
             data_key_id: self.data_key_id,
+            erasures_seen: self.erasures_seen,
             logins,
             quarantined,
         };
@@ -114,11 +129,18 @@ impl Batch {
 /// Validates, tokenizes and seals `messages` into one batch.
 ///
 /// A message delivered twice becomes one row carrying both receipts; a message that fails
-/// validation becomes a quarantine row with its body sealed.
-pub fn build(messages: Vec<Message>, tokenizer: &Tokenizer, sealer: &Sealer) -> Batch {
+/// validation becomes a quarantine row with its body sealed; a login of a user erased after
+/// it was sent keeps no personal field.
+pub fn build(
+    messages: Vec<Message>,
+    tokenizer: &Tokenizer,
+    sealer: &Sealer,
+    erased: &ErasedUsers,
+) -> Batch {
     let mut batch = Batch {
         token_key_id: tokenizer.key_id(),
         data_key_id: sealer.key_id(),
+        erasures_seen: erased.newest(),
         logins: Vec::with_capacity(messages.len()),
         quarantined: Vec::new(),
     };
@@ -139,7 +161,12 @@ pub fn build(messages: Vec<Message>, tokenizer: &Tokenizer, sealer: &Sealer) -> 
         };
         let slot = match event::parse(&message.body) {
             Ok(login) => {
+                let personal = !erased.erased(&login.user_id, message.sent_at);
                 let row = login_row(&message.id, message.sent_at, &login, tokenizer, sealer);
+                let row = LoginRow {
+                    personal: row.personal.filter(|_| personal),
+                    ..row
+                };
                 batch.logins.push(LoginRow { deliveries, ..row });
                 Ok(batch.logins.len() - 1)
             }
@@ -149,6 +176,7 @@ pub fn build(messages: Vec<Message>, tokenizer: &Tokenizer, sealer: &Sealer) -> 
                     body_bytes: i32::try_from(message.body.len()).unwrap_or(i32::MAX),
                     reason: rejection.to_string(),
                     sent_at: message.sent_at,
+                    user_token: user_id_in(&message.body).map(|user| tokenizer.user_id(&user)),
                     message_id: message.id.clone(),
                     deliveries,
                 });
@@ -158,6 +186,17 @@ pub fn build(messages: Vec<Message>, tokenizer: &Tokenizer, sealer: &Sealer) -> 
         seen.insert(message.id, slot);
     }
     batch
+}
+
+/// The user id a rejected body names, if it is a JSON object with a string `user_id`.
+fn user_id_in(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        user_id: String,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()
+        .map(|named| named.user_id)
 }
 
 /// Where a login's personal field is sealed.
@@ -192,21 +231,23 @@ fn login_row(
         message_id: message_id.to_owned(),
         user_id: user_id.to_string(),
         device_type: login.device_type.to_string(),
-        masked_ip: tokenizer.ip(login.ip_addr),
-        masked_device_id: tokenizer.device_id(&login.device_id),
         locale: login.locale.as_ref().map(|l| l.to_string()),
         app_version: login.app_version.encoded,
         app_version_text: login.app_version.text.to_string(),
         // A source without send times (a file) dates rows by when they were ingested.
         create_date: sent_at.unwrap_or_else(OffsetDateTime::now_utc).date(),
-        sealed_ip: sealer.seal(
-            &login_place(Field::Ip, message_id, user_id),
-            login.ip.as_bytes(),
-        ),
-        sealed_device_id: sealer.seal(
-            &login_place(Field::DeviceId, message_id, user_id),
-            login.device_id.as_bytes(),
-        ),
+        personal: Some(PersonalFields {
+            masked_ip: tokenizer.ip(login.ip_addr),
+            masked_device_id: tokenizer.device_id(&login.device_id),
+            sealed_ip: sealer.seal(
+                &login_place(Field::Ip, message_id, user_id),
+                login.ip.as_bytes(),
+            ),
+            sealed_device_id: sealer.seal(
+                &login_place(Field::DeviceId, message_id, user_id),
+                login.device_id.as_bytes(),
+            ),
+        }),
         deliveries: Deliveries {
             receipts: Vec::new(),
             first_read: Instant::now(),
@@ -241,7 +282,12 @@ mod tests {
     #[test]
     fn builds_rows_that_open_at_their_place() {
         let (tokenizer, sealer) = keys();
-        let batch = build(vec![message("m-1", VALID, "r-1")], &tokenizer, &sealer);
+        let batch = build(
+            vec![message("m-1", VALID, "r-1")],
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+        );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 0));
         let row = &batch.logins[0];
         assert_eq!(row.create_date.to_string(), "2023-11-14");
@@ -250,15 +296,19 @@ mod tests {
             (96_000, "0.96")
         );
         assert_eq!(row.locale, None);
-        assert_eq!(row.masked_device_id, tokenizer.device_id("593-47-5928"));
+        let personal = row.personal.as_ref().unwrap();
+        assert_eq!(
+            personal.masked_device_id,
+            tokenizer.device_id("593-47-5928")
+        );
         let ip = sealer
-            .open(&login_place(Field::Ip, "m-1", "u-1"), &row.sealed_ip)
+            .open(&login_place(Field::Ip, "m-1", "u-1"), &personal.sealed_ip)
             .unwrap();
         assert_eq!(ip.as_slice(), b"10.0.0.1");
         let device = sealer
             .open(
                 &login_place(Field::DeviceId, "m-1", "u-1"),
-                &row.sealed_device_id,
+                &personal.sealed_device_id,
             )
             .unwrap();
         assert_eq!(device.as_slice(), b"593-47-5928");
@@ -270,7 +320,12 @@ mod tests {
     fn quarantines_with_a_reason_and_a_sealed_body() {
         let (tokenizer, sealer) = keys();
         let bad = r#"{"foo": "oops_wrong_msg_type", "bar": "123"}"#;
-        let batch = build(vec![message("m-1", bad, "r-1")], &tokenizer, &sealer);
+        let batch = build(
+            vec![message("m-1", bad, "r-1")],
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+        );
         assert!(batch.logins.is_empty());
         let row = &batch.quarantined[0];
         assert_eq!(row.reason, "unexpected field `foo`");
@@ -280,6 +335,47 @@ mod tests {
             .open(&quarantine_place("m-1"), &row.sealed_body)
             .unwrap();
         assert_eq!(body.as_slice(), bad.as_bytes());
+        assert_eq!(row.user_token, None, "the body names no user");
+        let named = r#"{"user_id": "u-9", "ip": 1}"#;
+        let batch = build(
+            vec![message("m-2", named, "r-2")],
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+        );
+        assert_eq!(
+            batch.quarantined[0].user_token,
+            Some(tokenizer.user_id("u-9"))
+        );
+    }
+
+    #[test]
+    fn a_login_of_a_user_erased_after_it_was_sent_keeps_no_personal_field() {
+        let (tokenizer, sealer) = keys();
+        let sent = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let erased = ErasedUsers::with(tokenizer.clone(), "u-1", sent + time::Duration::seconds(1));
+        let other = VALID.replace("u-1", "u-2");
+        let batch = build(
+            vec![message("m-1", VALID, "r-1"), message("m-2", &other, "r-2")],
+            &tokenizer,
+            &sealer,
+            &erased,
+        );
+        assert!(batch.logins[0].personal.is_none());
+        assert_eq!(batch.logins[0].user_id, "u-1", "the analytic row stays");
+        assert!(batch.logins[1].personal.is_some());
+        assert_eq!(batch.erasures_seen, 1);
+        let later = ErasedUsers::with(tokenizer.clone(), "u-1", sent - time::Duration::seconds(1));
+        let batch = build(
+            vec![message("m-1", VALID, "r-1")],
+            &tokenizer,
+            &sealer,
+            &later,
+        );
+        assert!(
+            batch.logins[0].personal.is_some(),
+            "sent after the erasure: new data"
+        );
     }
 
     #[test]
@@ -294,6 +390,7 @@ mod tests {
             ],
             &tokenizer,
             &sealer,
+            &ErasedUsers::default(),
         );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 1));
         let receipts: Vec<String> = batch.receipts().into_iter().map(|r| r.0).collect();
@@ -309,7 +406,7 @@ mod tests {
                 message(&format!("m-{i}"), body, &format!("r-{i}"))
             })
             .collect();
-        let batch = build(messages, &tokenizer, &sealer);
+        let batch = build(messages, &tokenizer, &sealer, &ErasedUsers::default());
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (3, 2));
         let (front, back) = batch.split();
         assert_eq!((front.len(), back.len()), (2, 3));

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::retry::Backoff;
 use crate::telemetry::{self, retried};
+use crate::vault::erasure::ErasedUsers;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::Sealer;
@@ -228,6 +229,10 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     })
     .await?;
     let sealer = with_retry("creating a data key", &shutdown, || keyring.new_sealer()).await?;
+    let erased = with_retry("loading erasure records", &shutdown, || {
+        ErasedUsers::load(&pool, &keyring)
+    })
+    .await?;
     tracing::info!(
         token_key = %tokenizer.key_id(),
         data_key = %sealer.key_id(),
@@ -262,6 +267,8 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
         checked: Instant::now(),
         retired: keys_retired.clone(),
         keyring: keyring.clone(),
+        erased,
+        pool: pool.clone(),
     };
     let batcher_settings = settings.clone();
     let batcher_shutdown = shutdown.clone();
@@ -385,19 +392,24 @@ struct Keys<W> {
     created: Instant,
     /// When the keys' states were last checked against the key table.
     checked: Instant,
-    /// Set by a writer whose batch was refused because a key was retired.
+    /// Set by a writer whose batch was refused because a key was retired or a user erased.
     retired: Arc<AtomicBool>,
     keyring: Arc<Keyring<W>>,
+    /// Users erased so far, whose older logins keep no personal field.
+    erased: ErasedUsers,
+    pool: PgPool,
 }
 
 impl<W: KeyWrapper> Keys<W> {
-    /// Follows rotations: every `key_check_interval` (or at once when a writer saw a retired
-    /// key), moves off a token key or data key that is no longer active.
+    /// Follows rotations and erasures: every `key_check_interval` (or at once when a writer
+    /// saw a retired key or a new erasure), moves off a token key or data key that is no
+    /// longer active, and learns of users erased meanwhile.
     async fn follow_rotations(&mut self, settings: &Settings, shutdown: &CancellationToken) {
         let told = self.retired.swap(false, Ordering::Relaxed);
         if !told && self.checked.elapsed() < settings.key_check_interval {
             return;
         }
+        self.follow_erasures(shutdown).await;
         let keyring = self.keyring.clone();
         let ids = [self.tokenizer.key_id(), self.sealer.key_id()];
         let active =
@@ -424,6 +436,25 @@ impl<W: KeyWrapper> Keys<W> {
         }
         if !active.contains(&ids[1]) {
             self.replace_data_key(shutdown).await;
+        }
+    }
+
+    async fn follow_erasures(&mut self, shutdown: &CancellationToken) {
+        let (pool, keyring) = (&self.pool, &self.keyring);
+        let outdated = with_retry("checking erasure records", shutdown, || async {
+            Ok(self.erased.outdated(pool).await?)
+        })
+        .await;
+        if !matches!(outdated, Ok(false)) {
+            match with_retry("loading erasure records", shutdown, || {
+                ErasedUsers::load(pool, keyring)
+            })
+            .await
+            {
+                Ok(erased) => self.erased = erased,
+                // Batches made with the old set are refused by the writers, never committed.
+                Err(error) => tracing::error!(%error, "cannot load erasure records"),
+            }
         }
     }
 
@@ -477,7 +508,12 @@ async fn make_batches<W: KeyWrapper>(
         }
         keys.follow_rotations(settings, shutdown).await;
         keys.rotate_if_due(settings, shutdown).await;
-        let batch = batch::build(std::mem::take(&mut pending), &keys.tokenizer, &keys.sealer);
+        let batch = batch::build(
+            std::mem::take(&mut pending),
+            &keys.tokenizer,
+            &keys.sealer,
+            &keys.erased,
+        );
         keys.sealed += 2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
         if batches.send(batch).await.is_err() {
             return;
@@ -547,12 +583,12 @@ async fn write_and_acknowledge<S: MessageSource>(
                 );
                 acknowledge(source, receipts, stats).await;
             }
-            Err(WriteError::KeyRetired) => {
-                // Sealed under a key a rotation has just retired: the messages stay on the
-                // queue and come back to be sealed under the new key.
+            Err(refused @ (WriteError::KeyRetired | WriteError::ErasuresChanged)) => {
+                // Sealed under a key a rotation has just retired, or made before an erasure:
+                // the messages stay on the queue and come back to be made again.
                 tracing::warn!(
                     messages = batch.len(),
-                    "batch refused: its key was retired; it will be redelivered"
+                    "batch refused ({refused}); it will be redelivered"
                 );
                 keys_retired.store(true, Ordering::Relaxed);
                 add(

@@ -3,11 +3,13 @@
 //! Rows go in through `UNNEST` of one array per column, so a batch of 1,000 logins is one
 //! statement, not 1,000. `ON CONFLICT (message_id) DO NOTHING` makes a redelivered message add
 //! nothing; the login and its vault row are inserted by one statement, so a login never
-//! exists without its sealed values.
+//! exists without its sealed values (unless its user was erased after it was sent: then it
+//! has neither tokens nor sealed values).
 
 use sqlx::PgPool;
 
 use super::batch::Batch;
+use crate::vault::erasure::erasure_lock;
 use crate::vault::keyring::key_use_lock;
 
 /// What one committed batch changed.
@@ -38,13 +40,16 @@ WITH input AS (
 )
 INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id)
 SELECT inserted.id, $13, input.sealed_ip, input.sealed_device_id
-FROM inserted JOIN input USING (message_id)";
+FROM inserted JOIN input USING (message_id)
+WHERE input.sealed_ip IS NOT NULL";
 
 const INSERT_QUARANTINE: &str = "
-INSERT INTO quarantine (message_id, reason, body_bytes, sealed_body, sent_at, data_key_id)
-SELECT message_id, reason, body_bytes, sealed_body, sent_at, $6
-FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[])
-    AS t(message_id, reason, body_bytes, sealed_body, sent_at)
+INSERT INTO quarantine (message_id, reason, body_bytes, sealed_body, sent_at, user_token,
+                        data_key_id, token_key_id)
+SELECT message_id, reason, body_bytes, sealed_body, sent_at, user_token, $7,
+       CASE WHEN user_token IS NOT NULL THEN $8 END
+FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[], $6::text[])
+    AS t(message_id, reason, body_bytes, sealed_body, sent_at, user_token)
 ON CONFLICT (message_id) DO NOTHING";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,9 @@ pub enum WriteError {
     /// while this process had not yet moved off it): the batch must be made again.
     #[error("a key of this batch was retired by a rotation")]
     KeyRetired,
+    /// A user was erased after the batch was made: it must be made again, knowing it.
+    #[error("a user was erased after this batch was made")]
+    ErasuresChanged,
 }
 
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
@@ -74,6 +82,16 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
     if usable < 2 {
         return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }
+    // Likewise for erasures: one cannot commit between this check and the commit below.
+    sqlx::query(erasure_lock::HOLD_SHARED)
+        .execute(&mut *tx)
+        .await?;
+    let newest: i64 = sqlx::query_scalar(erasure_lock::NEWEST)
+        .fetch_one(&mut *tx)
+        .await?;
+    if newest > batch.erasures_seen {
+        return Err(WriteError::ErasuresChanged);
+    }
     let mut written = Written::default();
     if !batch.logins.is_empty() {
         let rows = &batch.logins;
@@ -91,12 +109,12 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
             )
             .bind(
                 rows.iter()
-                    .map(|r| r.masked_ip.as_str())
+                    .map(|r| r.personal.as_ref().map(|p| p.masked_ip.as_str()))
                     .collect::<Vec<_>>(),
             )
             .bind(
                 rows.iter()
-                    .map(|r| r.masked_device_id.as_str())
+                    .map(|r| r.personal.as_ref().map(|p| p.masked_device_id.as_str()))
                     .collect::<Vec<_>>(),
             )
             .bind(rows.iter().map(|r| r.locale.as_deref()).collect::<Vec<_>>())
@@ -109,12 +127,12 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
             .bind(rows.iter().map(|r| r.create_date).collect::<Vec<_>>())
             .bind(
                 rows.iter()
-                    .map(|r| r.sealed_ip.as_slice())
+                    .map(|r| r.personal.as_ref().map(|p| p.sealed_ip.as_slice()))
                     .collect::<Vec<_>>(),
             )
             .bind(
                 rows.iter()
-                    .map(|r| r.sealed_device_id.as_slice())
+                    .map(|r| r.personal.as_ref().map(|p| p.sealed_device_id.as_slice()))
                     .collect::<Vec<_>>(),
             )
             .bind(batch.token_key_id)
@@ -141,7 +159,13 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
                     .collect::<Vec<_>>(),
             )
             .bind(rows.iter().map(|r| r.sent_at).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.user_token.as_ref().map(|t| t.as_str()))
+                    .collect::<Vec<_>>(),
+            )
             .bind(batch.data_key_id)
+            .bind(batch.token_key_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -7,12 +7,14 @@
 //! ```
 //!
 //! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
+//! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
 //!
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
+pub mod erasure;
 pub mod keyring;
 pub mod kms;
 pub mod seal;

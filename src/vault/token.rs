@@ -85,7 +85,12 @@ pub struct Tokenizer {
     key_id: KeyId,
     ip: HmacSha256,
     device_id: HmacSha256,
+    user_id: HmacSha256,
 }
+
+/// HKDF info of the key behind user-id tokens: those name an erased user in `erasures` and
+/// a quarantined body's user, never a column analysts see.
+const USER_ID_INFO: &[u8] = b"pii-vault/token/v1/user_id";
 
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -98,16 +103,17 @@ impl fmt::Debug for Tokenizer {
 impl Tokenizer {
     pub fn new(key_id: KeyId, token_key: &SecretKey) -> Self {
         let hkdf = Hkdf::<Sha256>::new(None, token_key.expose());
-        let keyed = |field: Field| {
+        let keyed = |info: &[u8]| {
             let mut field_key = Zeroizing::new([0u8; KEY_LEN]);
-            hkdf.expand(field.hkdf_info(), field_key.as_mut())
+            hkdf.expand(info, field_key.as_mut())
                 .expect("32 bytes is a valid HKDF-SHA256 output length");
             HmacSha256::new_from_slice(field_key.as_ref()).expect("HMAC takes any key length")
         };
         Self {
             key_id,
-            ip: keyed(Field::Ip),
-            device_id: keyed(Field::DeviceId),
+            ip: keyed(Field::Ip.hkdf_info()),
+            device_id: keyed(Field::DeviceId.hkdf_info()),
+            user_id: keyed(USER_ID_INFO),
         }
     }
 
@@ -130,6 +136,11 @@ impl Tokenizer {
 
     pub fn device_id(&self, device_id: &str) -> Token {
         mac(&self.device_id, canonical_device_id(device_id).as_bytes())
+    }
+
+    /// The token of a user id, exactly as received (no canonical form: user ids are opaque).
+    pub fn user_id(&self, user_id: &str) -> Token {
+        mac(&self.user_id, user_id.as_bytes())
     }
 
     /// The token of a field given its original text, as `unmask` recomputes it. `None` if an ip

@@ -46,7 +46,9 @@ enum Command {
         #[arg(long = "kms-key-id", id = "new_kms_key_id")]
         new_kms_key_id: String,
     },
-    /// Erase a user's sealed values for good (an erasure request), keeping the analytic rows.
+    /// Erase a user for good (an erasure request): their sealed values, their tokens and the
+    /// quarantined messages that name them; the analytic rows stay. Messages of theirs sent
+    /// before the erasure and delivered after it are stored without personal fields.
     Erase {
         #[arg(long)]
         user_id: String,
@@ -56,10 +58,10 @@ enum Command {
         /// Who asks, for the audit [default: the OS user].
         #[arg(long)]
         actor: Option<String>,
-        /// Also remove the user's tokens (they link the user's rows to others with the same
-        /// values).
+        /// Keep the user's tokens (a legal hold that needs the rows linkable); by default they
+        /// go, since a token is a stable pseudonym and personal data.
         #[arg(long)]
-        drop_tokens: bool,
+        keep_tokens: bool,
     },
     /// Open and check every stored value (revealing nothing), e.g. after a rotation.
     Verify,
@@ -145,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             user_id,
             reason,
             actor,
-            drop_tokens,
+            keep_tokens,
         } => {
             if reason.trim().is_empty() {
                 return Err(UsageError("--reason must say why".into()).into());
@@ -154,8 +156,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "unknown".to_owned());
             db::check_schema(&pool).await?;
-            let erased = rotate::erase(&pool, &user_id, &reason, &actor, drop_tokens).await?;
-            println!("erased the sealed values of {erased} login(s) of user {user_id} (audited)");
+            let keyring = keyring().await;
+            let erased =
+                rotate::erase(&pool, &keyring, &user_id, &reason, &actor, keep_tokens).await?;
+            println!(
+                "erased user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s) (audited)",
+                erased.logins,
+                erased.tokens,
+                if keep_tokens {
+                    " (kept: legal hold)"
+                } else {
+                    ""
+                },
+                erased.quarantined
+            );
         }
         Command::Verify => {
             db::check_schema(&pool).await?;
