@@ -59,6 +59,8 @@ pub struct Options {
     pub grace: Duration,
     /// Drop the wrapped bytes of retired keys at the end.
     pub destroy_retired: bool,
+    /// Values one new data key may seal; re-sealing starts another one past it.
+    pub data_key_max_records: u64,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             batch_size: 1_000,
             grace: Duration::from_secs(15),
             destroy_retired: false,
+            data_key_max_records: 10_000_000,
         }
     }
 }
@@ -80,8 +83,9 @@ pub struct Report {
     pub seconds: f64,
     pub retired: Vec<KeyId>,
     pub destroyed: u64,
-    /// The key rows were moved to.
-    pub new_key: Option<KeyId>,
+    /// The keys rows were moved to, in order (re-sealing starts a new data key every
+    /// `data_key_max_records` values).
+    pub new_keys: Vec<KeyId>,
 }
 
 impl Report {
@@ -178,7 +182,7 @@ pub async fn data_keys<W: KeyWrapper>(
         return Ok(Report::default());
     }
     let grace_ends = Instant::now() + options.grace;
-    let target = keyring.new_sealer().await?;
+    let mut target = Target::new(keyring, options.data_key_max_records).await?;
     let mut sealers = Keys::default();
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
@@ -196,14 +200,13 @@ pub async fn data_keys<W: KeyWrapper>(
         grace_ends,
     };
     let retired = loop {
-        reseal_logins(&walk, &mut sealers, &target, &mut progress).await?;
-        reseal_quarantine(&walk, &mut sealers, &target, &mut progress).await?;
+        reseal_logins(&walk, &mut sealers, &mut target, &mut progress).await?;
+        reseal_quarantine(&walk, &mut sealers, &mut target, &mut progress).await?;
         if let Some(retired) = walk.retire_if_unused(UNUSED_DATA_KEY).await? {
             break retired;
         }
     };
-    walk.finish("data", progress, retired, target.key_id())
-        .await
+    walk.finish("data", progress, retired, target.made).await
 }
 
 /// Replaces the token key: every stored token is recomputed from the opened original under a
@@ -243,7 +246,7 @@ pub async fn token_key<W: KeyWrapper>(
             break retired;
         }
     };
-    walk.finish("token", progress, retired, target.key_id())
+    walk.finish("token", progress, retired, vec![target.key_id()])
         .await
 }
 
@@ -306,7 +309,7 @@ impl<W: KeyWrapper> Walk<'_, W> {
         purpose: &str,
         progress: Progress,
         retired: Vec<KeyId>,
-        new_key: KeyId,
+        new_keys: Vec<KeyId>,
     ) -> Result<Report, RotateError> {
         let (rows_rewritten, started) = (progress.done, progress.started);
         progress.finish();
@@ -317,15 +320,52 @@ impl<W: KeyWrapper> Walk<'_, W> {
             seconds: started.elapsed().as_secs_f64(),
             retired,
             destroyed,
-            new_key: Some(new_key),
+            new_keys,
         })
+    }
+}
+
+/// The data key re-sealed values go under: a fresh one each time the current one has sealed
+/// its share, so no new key seals more than the limit.
+struct Target {
+    sealer: Sealer,
+    sealed: u64,
+    limit: u64,
+    made: Vec<KeyId>,
+}
+
+impl Target {
+    async fn new<W: KeyWrapper>(keyring: &Keyring<W>, limit: u64) -> Result<Self, RotateError> {
+        let sealer = keyring.new_sealer().await?;
+        Ok(Self {
+            made: vec![sealer.key_id()],
+            sealer,
+            sealed: 0,
+            limit,
+        })
+    }
+
+    /// The sealer for the next `values` values, after moving to a new key if they would take
+    /// the current one past its limit.
+    async fn room_for<W: KeyWrapper>(
+        &mut self,
+        keyring: &Keyring<W>,
+        values: u64,
+    ) -> Result<&Sealer, RotateError> {
+        if self.sealed > 0 && self.sealed + values > self.limit {
+            self.sealer = keyring.new_sealer().await?;
+            self.sealed = 0;
+            self.made.push(self.sealer.key_id());
+        }
+        self.sealed += values;
+        Ok(&self.sealer)
     }
 }
 
 async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut Keys,
-    target: &Sealer,
+    target: &mut Target,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = rotation_page("reseal");
@@ -334,6 +374,7 @@ async fn reseal_logins<W: KeyWrapper>(
         .page(&select, &mut after, |row: &SealedLogin| row.login_id)
         .await?
     {
+        let target = target.room_for(walk.keyring, 2 * rows.len() as u64).await?;
         let (mut ids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
             let Some([ip, device]) = row.open(walk.keyring, keys).await? else {
@@ -366,7 +407,7 @@ async fn reseal_logins<W: KeyWrapper>(
 async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut Keys,
-    target: &Sealer,
+    target: &mut Target,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = "SELECT id, message_id, data_key_id, sealed_body
@@ -378,6 +419,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
         })
         .await?
     {
+        let target = target.room_for(walk.keyring, rows.len() as u64).await?;
         let (mut ids, mut bodies) = (Vec::new(), Vec::new());
         for (id, message_id, key, sealed) in &rows {
             let place = quarantine_place(message_id);
@@ -610,20 +652,41 @@ pub struct KeyStatus {
     pub state: String,
     pub kms_key_id: String,
     pub age_days: f64,
-    /// Rows this key protects (sealed values for a data key, tokens for a token key).
+    /// Rows this key protects (logins and quarantined messages for a data key, tokenized
+    /// logins for a token key).
     pub rows: i64,
+    /// Values sealed under a data key (two a login, one a quarantined body); tokens for a
+    /// token key (two a login).
+    pub values: i64,
+    /// The login dates a data key's values come from: its time window.
+    pub first_login: Option<time::Date>,
+    pub last_login: Option<time::Date>,
 }
 
 pub async fn status(pool: &PgPool) -> Result<Vec<KeyStatus>, RotateError> {
     Ok(sqlx::query_as(
-        "SELECT k.id, k.purpose, k.state, k.kms_key_id,
+        "WITH data_use AS (
+             SELECT v.data_key_id AS key, count(*) AS logins, min(l.create_date) AS first_login,
+                    max(l.create_date) AS last_login
+             FROM login_vault v JOIN user_logins l ON l.id = v.login_id GROUP BY 1),
+         quarantine_use AS (
+             SELECT data_key_id AS key, count(*) AS bodies FROM quarantine GROUP BY 1),
+         token_use AS (
+             SELECT token_key_id AS key, count(*) AS logins FROM user_logins GROUP BY 1)
+         SELECT k.id, k.purpose, k.state, k.kms_key_id,
                 extract(epoch FROM now() - k.created_at)::float8 / 86400 AS age_days,
                 CASE k.purpose
-                  WHEN 'data' THEN (SELECT count(*) FROM login_vault WHERE data_key_id = k.id)
-                                 + (SELECT count(*) FROM quarantine WHERE data_key_id = k.id)
-                  ELSE (SELECT count(*) FROM user_logins WHERE token_key_id = k.id)
-                END AS rows
-         FROM vault_keys k ORDER BY k.id",
+                  WHEN 'data' THEN coalesce(d.logins, 0) + coalesce(q.bodies, 0)
+                  ELSE coalesce(t.logins, 0) END AS rows,
+                CASE k.purpose
+                  WHEN 'data' THEN 2 * coalesce(d.logins, 0) + coalesce(q.bodies, 0)
+                  ELSE 2 * coalesce(t.logins, 0) END AS values,
+                d.first_login, d.last_login
+         FROM vault_keys k
+         LEFT JOIN data_use d ON d.key = k.id AND k.purpose = 'data'
+         LEFT JOIN quarantine_use q ON q.key = k.id AND k.purpose = 'data'
+         LEFT JOIN token_use t ON t.key = k.id AND k.purpose = 'token'
+         ORDER BY k.id",
     )
     .fetch_all(pool)
     .await?)

@@ -11,7 +11,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use common::{
-    Proxy, Replica, TestEnv, eventually, sample_bodies, stderr, stdout, terminate_pid, within,
+    Proxy, Replica, TestEnv, eventually, get, sample_bodies, stderr, stdout, terminate_pid, within,
 };
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
@@ -512,4 +512,115 @@ fn base64_matches_the_standard_alphabet() {
     assert_eq!(base64(b"hello"), "aGVsbG8=");
     assert_eq!(base64(b"hi"), "aGk=");
     assert_eq!(base64(b"abc"), "YWJj");
+}
+
+/// Values sealed under each data key: two per login, one per quarantined body.
+async fn values_per_data_key(env: &TestEnv) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT key, sum(n)::int8 FROM (
+             SELECT data_key_id AS key, 2 * count(*) AS n FROM login_vault GROUP BY 1
+             UNION ALL SELECT data_key_id, count(*) FROM quarantine GROUP BY 1) AS used
+         GROUP BY key ORDER BY key",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one() {
+    let env = TestEnv::new(2).await;
+    env.init_token_key().await;
+    let limit = 100;
+    let replica = Replica::spawn(
+        &env,
+        INGEST,
+        &[
+            &REPLICA_ARGS[..],
+            &["--data-key-max-records", &limit.to_string()],
+        ]
+        .concat(),
+    );
+    let (first, first_malformed) = generated(200, 21);
+    env.send(&first).await;
+    let stored =
+        || async { (env.count("user_logins").await + env.count("quarantine").await) as usize };
+    within(
+        Duration::from_secs(60),
+        "the first messages are stored",
+        || async { stored().await == first.len() },
+    )
+    .await;
+    let keys_before = values_per_data_key(&env).await;
+    assert!(
+        keys_before.len() >= 4,
+        "a new data key every {limit} values: {keys_before:?}"
+    );
+
+    // KMS refuses new data keys: sealing stops at the limit, the rest waits on the queue.
+    let kms = env.kms.client().clone();
+    kms.disable_key()
+        .key_id(&env.kms_key_id)
+        .send()
+        .await
+        .unwrap();
+    let (second, second_malformed) = generated(200, 22);
+    env.send(&second).await;
+    within(
+        Duration::from_secs(60),
+        "/readyz says sealing stopped",
+        || async {
+            matches!(get(replica.metrics_port, "/readyz").await,
+                 Some((503, body)) if body.contains("sealing: sealing stopped"))
+        },
+    )
+    .await;
+    within(
+        Duration::from_secs(30),
+        "refused messages are counted",
+        || async { replica.counter(pii_vault::telemetry::SEALING_REFUSED).await > Some(0.0) },
+    )
+    .await;
+    assert!(
+        stored().await < first.len() + second.len(),
+        "not everything was sealed"
+    );
+    for (key, values) in values_per_data_key(&env).await {
+        assert!(
+            values <= limit,
+            "data key {key} sealed {values} values, over {limit}"
+        );
+    }
+
+    // KMS answers again: the rest is sealed under new keys, each message exactly once.
+    kms.enable_key()
+        .key_id(&env.kms_key_id)
+        .send()
+        .await
+        .unwrap();
+    within(
+        Duration::from_secs(90),
+        "the waiting messages are stored",
+        || async { stored().await == first.len() + second.len() },
+    )
+    .await;
+    within(
+        Duration::from_secs(30),
+        "/readyz is ready again",
+        || async { matches!(get(replica.metrics_port, "/readyz").await, Some((200, _))) },
+    )
+    .await;
+    terminate_pid(replica.pid());
+    let ended = replica.wait(Duration::from_secs(30));
+    assert!(ended.status.success(), "{}", ended.stderr);
+    for (key, values) in values_per_data_key(&env).await {
+        assert!(
+            values <= limit,
+            "data key {key} sealed {values} values, over {limit}"
+        );
+    }
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    let valid = first.len() + second.len() - first_malformed - second_malformed;
+    assert_exactly_once(&env, valid, first_malformed + second_malformed).await;
+    env.cleanup().await;
 }

@@ -615,3 +615,58 @@ async fn key_rows_are_never_deleted_and_vault_rows_follow_their_logins() {
     assert_eq!((env.count("login_vault").await, orphans), (3, 0));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn re_sealing_starts_a_new_data_key_every_max_records_values() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&logins(1_000, 31)).await;
+    env.ingest_bodies(&["not json".to_owned()]).await;
+    let output = rotate_keys(
+        &env,
+        &[
+            "data-key",
+            "--grace-seconds",
+            "0",
+            "--batch-size",
+            "100",
+            "--data-key-max-records",
+            "300",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let per_key: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT key, sum(n)::int8 FROM (
+             SELECT data_key_id AS key, 2 * count(*) AS n FROM login_vault GROUP BY 1
+             UNION ALL SELECT data_key_id, count(*) FROM quarantine GROUP BY 1) AS used
+         GROUP BY key ORDER BY key",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        per_key.len() >= 7,
+        "2,001 values, at most 300 a key: {per_key:?}"
+    );
+    assert!(
+        per_key.iter().all(|(_, values)| *values <= 300),
+        "{per_key:?}"
+    );
+    assert_eq!(per_key.iter().map(|(_, v)| v).sum::<i64>(), 2_001);
+    assert_eq!(verify_all(&env).await, 1_000);
+    let status = rotate_keys(&env, &["status", "--data-key-max-records", "300"]).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    let text = stdout(&status);
+    for (key, values) in &per_key {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&key.to_string()))
+            .unwrap_or_else(|| panic!("key {key} in {text}"));
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(columns[5], values.to_string(), "{line}");
+        assert!(line.contains(" .. "), "a data key shows its window: {line}");
+    }
+    assert!(text.contains("data key limit: 300 values a key\n"), "{text}");
+    env.cleanup().await;
+}

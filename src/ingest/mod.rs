@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::retry::Backoff;
+use crate::telemetry::readiness::Condition;
 use crate::telemetry::{self, retried};
 use crate::vault::erasure::ErasedUsers;
 use crate::vault::keyring::{Keyring, KeyringError};
@@ -57,13 +58,17 @@ pub struct Settings {
     pub flush_interval: Duration,
     /// Stop once a receive comes back empty, instead of waiting for a shutdown signal.
     pub drain: bool,
-    /// Seal at most this many values under one data key before making a new one.
+    /// Seal at most this many values under one data key before making a new one (at least
+    /// two per message of a full batch). A key over its record or age limit seals nothing
+    /// more: without a new key from KMS, messages stay on the queue.
     pub data_key_max_records: u64,
     /// Use one data key at most this long.
     pub data_key_max_age: Duration,
     /// How often to check that the token key and data key in use are still active, so that a
     /// rotation (`rotate-keys`) is followed within this bound.
     pub key_check_interval: Duration,
+    /// Set while sealing is stopped, for `/readyz`.
+    pub sealing: Arc<Condition>,
 }
 
 impl Default for Settings {
@@ -77,6 +82,7 @@ impl Default for Settings {
             data_key_max_records: 10_000_000,
             data_key_max_age: Duration::from_secs(24 * 3600),
             key_check_interval: Duration::from_secs(5),
+            sealing: Arc::default(),
         }
     }
 }
@@ -458,12 +464,34 @@ impl<W: KeyWrapper> Keys<W> {
         }
     }
 
-    /// Moves to a new data key once the current one has sealed enough or lived long enough.
-    async fn rotate_if_due(&mut self, settings: &Settings, shutdown: &CancellationToken) {
-        let due = self.sealed >= settings.data_key_max_records
+    /// Whether `values` more values may be sealed: the current data key has room for them
+    /// and is young enough, or KMS gave a new one. A key is never taken past its limits:
+    /// without a new one, nothing is sealed (and `/readyz` says so) until KMS answers again.
+    async fn room_for(&mut self, values: u64, settings: &Settings) -> bool {
+        let over = self.sealed + values > settings.data_key_max_records
             || self.created.elapsed() >= settings.data_key_max_age;
-        if due {
-            self.replace_data_key(shutdown).await;
+        if !over {
+            return true;
+        }
+        // One attempt per batch: the messages wait on the queue, not in this process.
+        match self.keyring.new_sealer().await {
+            Ok(sealer) => {
+                tracing::info!(old = %self.sealer.key_id(), new = %sealer.key_id(), "data key rotated");
+                self.sealer = sealer;
+                self.sealed = 0;
+                self.created = Instant::now();
+                settings.sealing.clear();
+                true
+            }
+            Err(error) => {
+                let why = format!(
+                    "sealing stopped: data key {} reached its limit and KMS gave no new one ({error})",
+                    self.sealer.key_id()
+                );
+                tracing::error!("{why}; messages stay on the queue");
+                settings.sealing.set(why);
+                false
+            }
         }
     }
 
@@ -493,6 +521,7 @@ async fn make_batches<W: KeyWrapper>(
     shutdown: &CancellationToken,
 ) {
     let mut pending = Vec::with_capacity(settings.batch_size);
+    let mut backoff = Backoff::default();
     loop {
         // Wait for the first message of a batch, then fill it until it is full or old enough.
         let Some(first) = messages.recv().await else {
@@ -507,7 +536,17 @@ async fn make_batches<W: KeyWrapper>(
             }
         }
         keys.follow_rotations(settings, shutdown).await;
-        keys.rotate_if_due(settings, shutdown).await;
+        // At most two values per message (a login's ip and device id).
+        if !keys.room_for(2 * pending.len() as u64, settings).await {
+            let refused = std::mem::take(&mut pending).len() as u64;
+            metrics::counter!(telemetry::SEALING_REFUSED).increment(refused);
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => continue,
+            }
+        }
+        backoff.reset();
         let batch = batch::build(
             std::mem::take(&mut pending),
             &keys.tokenizer,

@@ -25,6 +25,9 @@ pub const DUPLICATES: &str = "pii_vault_duplicates_skipped_total";
 pub const DELETED: &str = "pii_vault_messages_deleted_total";
 /// Messages left on the queue because their batch could not be written.
 pub const LEFT_ON_QUEUE: &str = "pii_vault_messages_left_on_queue_total";
+/// Messages not sealed because the data key was over its limit and KMS gave no new one; they
+/// stay on the queue and come back.
+pub const SEALING_REFUSED: &str = "pii_vault_messages_sealing_refused_total";
 /// Operations retried after a transient fault, by `operation`.
 pub const RETRIES: &str = "pii_vault_retries_total";
 /// Requests to AWS KMS, by `operation` (the KMS API name).
@@ -98,6 +101,11 @@ fn describe() {
         "Messages left on the queue because their batch could not be written."
     );
     describe_counter!(
+        SEALING_REFUSED,
+        Unit::Count,
+        "Messages not sealed because the data key was over its limit and KMS gave no new one."
+    );
+    describe_counter!(
         RETRIES,
         Unit::Count,
         "Operations retried after a transient fault, by operation."
@@ -121,6 +129,7 @@ fn describe() {
         DUPLICATES,
         DELETED,
         LEFT_ON_QUEUE,
+        SEALING_REFUSED,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -13,6 +13,25 @@ use crate::ingest::sqs::SqsSource;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::AwsKms;
 
+/// A condition the pipeline itself reports, e.g. "sealing stopped: the data key is over its
+/// limit and KMS gives no new one": not ready while it is set.
+#[derive(Debug, Default)]
+pub struct Condition(std::sync::Mutex<Option<String>>);
+
+impl Condition {
+    pub fn set(&self, why: String) {
+        *self.0.lock().expect("not poisoned") = Some(why);
+    }
+
+    pub fn clear(&self) {
+        *self.0.lock().expect("not poisoned") = None;
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+}
+
 /// Longest one check may take before it counts as failed.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -22,6 +41,8 @@ pub struct Readiness {
     /// The queue; `None` when reading a file.
     pub queue: Option<Arc<SqsSource>>,
     pub keyring: Keyring<AwsKms>,
+    /// Whether the pipeline can seal (see [`Condition`]).
+    pub sealing: Arc<Condition>,
     /// Cancelled once shutdown has begun: the process is finishing, not taking new work.
     pub shutdown: CancellationToken,
 }
@@ -73,6 +94,7 @@ impl Readiness {
             checks.push(("queue", queue));
         }
         checks.push(("keys", keys));
+        checks.push(("sealing", self.sealing.get().map_or(Ok(()), Err)));
         if self.shutdown.is_cancelled() {
             checks.push(("process", Err("shutting down".into())));
         }

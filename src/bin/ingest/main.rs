@@ -111,6 +111,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .into());
     }
+    if args.data_key_max_records < 2 * u64::from(args.batch_size) {
+        return Err(UsageError(
+            "--data-key-max-records must be at least twice --batch-size (two values a login)"
+                .into(),
+        )
+        .into());
+    }
     let settings = Settings {
         pollers: args.pollers as usize,
         writers: args.writers as usize,
@@ -120,6 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_key_max_records: args.data_key_max_records,
         data_key_max_age: Duration::from_secs(args.data_key_max_age),
         key_check_interval: Duration::from_secs(args.key_check_seconds),
+        sealing: Arc::default(),
     };
     let poll = PollSettings {
         wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
@@ -175,6 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Input::File(_) => None,
             },
             keyring: keyring("ingest readiness check"),
+            sealing: settings.sealing.clone(),
             shutdown: shutdown.clone(),
         };
         let endpoints = Arc::new(Endpoints { metrics, readiness });

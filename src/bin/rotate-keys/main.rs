@@ -33,8 +33,13 @@ enum Command {
     /// Apply the database migrations and create the first token key. Safe to run again: an
     /// existing token key is never replaced.
     Init,
-    /// Every key: purpose, state, KMS key, age, and how many rows it protects.
-    Status,
+    /// Every key: purpose, state, KMS key, age, the rows and values it protects and, for a
+    /// data key, the login dates they come from; the data key limit and the retention.
+    Status {
+        /// The limit to hold data keys to (as given to ingest and data-key).
+        #[arg(long, default_value_t = 10_000_000)]
+        data_key_max_records: u64,
+    },
     /// Replace every data key: re-seal all stored values under a new one, retire the old ones.
     DataKey(RotationArgs),
     /// Replace the token key: recompute every stored token, retire the old key.
@@ -80,6 +85,10 @@ struct RotationArgs {
     /// Drop the wrapped bytes of retired keys once they protect nothing. Irreversible.
     #[arg(long)]
     destroy_retired: bool,
+    /// Values one new data key may seal (data-key): re-sealing starts a new key past it.
+    #[arg(long, default_value_t = 10_000_000,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    data_key_max_records: u64,
 }
 
 impl RotationArgs {
@@ -88,6 +97,7 @@ impl RotationArgs {
             batch_size: self.batch_size,
             grace: Duration::from_secs(self.grace_seconds),
             destroy_retired: self.destroy_retired,
+            data_key_max_records: self.data_key_max_records,
         }
     }
 }
@@ -120,9 +130,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status => {
+        Command::Status {
+            data_key_max_records,
+        } => {
             db::check_schema(&pool).await?;
-            print_status(&rotate::status(&pool).await?);
+            print_status(&rotate::status(&pool).await?, data_key_max_records);
         }
         Command::DataKey(rotation) => {
             db::check_schema(&pool).await?;
@@ -187,11 +199,16 @@ fn print_report(purpose: &str, verb: &str, report: &Report) {
     }
     let retired: Vec<String> = report.retired.iter().map(ToString::to_string).collect();
     println!(
-        "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key {}; retired {purpose} keys: {}; destroyed: {}",
+        "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
         report.rows_rewritten,
         report.seconds,
         report.rows_per_second(),
-        report.new_key.map(|k| k.to_string()).unwrap_or_default(),
+        report
+            .new_keys
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         if retired.is_empty() {
             "none".to_owned()
         } else {
@@ -201,17 +218,45 @@ fn print_report(purpose: &str, verb: &str, report: &Report) {
     );
 }
 
-fn print_status(keys: &[rotate::KeyStatus]) {
+fn print_status(keys: &[rotate::KeyStatus], data_key_max_records: u64) {
     println!(
-        "{:>5}  {:<6} {:<10} {:>9} {:>10}  kms key",
-        "id", "purpose", "state", "age (d)", "rows"
+        "{:>5}  {:<7} {:<10} {:>8} {:>10} {:>10}  {:<23}  kms key",
+        "id", "purpose", "state", "age (d)", "rows", "values", "logins from .. to"
     );
     for key in keys {
+        let window = match (key.first_login, key.last_login) {
+            (Some(first), Some(last)) => format!("{first} .. {last}"),
+            _ => "-".to_owned(),
+        };
         println!(
-            "{:>5}  {:<6} {:<10} {:>9.1} {:>10}  {}",
-            key.id, key.purpose, key.state, key.age_days, key.rows, key.kms_key_id
+            "{:>5}  {:<7} {:<10} {:>8.1} {:>10} {:>10}  {:<23}  {}",
+            key.id,
+            key.purpose,
+            key.state,
+            key.age_days,
+            key.rows,
+            key.values,
+            window,
+            key.kms_key_id
         );
     }
+    let over: Vec<String> = keys
+        .iter()
+        .filter(|k| k.purpose == "data" && k.values as u64 > data_key_max_records)
+        .map(|k| k.id.to_string())
+        .collect();
+    println!(
+        "data key limit: {data_key_max_records} values a key{}",
+        if over.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (over it: keys {}; `rotate-keys data-key` re-seals them)",
+                over.join(", ")
+            )
+        }
+    );
+    println!("retention: none (nothing expires: personal values are kept until erased)");
     let pending: i64 = keys
         .iter()
         .filter(|k| k.state == "retiring")
