@@ -86,7 +86,15 @@ fn per_record(c: &mut Criterion) {
                     })
                     .collect::<Vec<_>>()
             },
-            |messages| batch::build(messages, &tokenizer, &sealer, &ErasedUsers::default()),
+            |messages| {
+                batch::build(
+                    messages,
+                    &tokenizer,
+                    &sealer,
+                    &ErasedUsers::default(),
+                    false,
+                )
+            },
             criterion::BatchSize::SmallInput,
         )
     });

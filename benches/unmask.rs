@@ -63,6 +63,10 @@ impl KeyWrapper for TimedKms {
     async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
         self.timed(self.inner.check_key(kms_key_id)).await
     }
+
+    async fn schedule_deletion(&self, kms_key_id: &str) -> Result<(), KmsError> {
+        self.timed(self.inner.schedule_deletion(kms_key_id)).await
+    }
 }
 
 const LOGINS: usize = 1_000;

@@ -21,12 +21,14 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
+use time::Date;
 
 use crate::ingest::batch::quarantine_place;
 use crate::unmask::{Keys, SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::retention::{Placement, Windows, next_month};
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
 
@@ -182,7 +184,7 @@ pub async fn data_keys<W: KeyWrapper>(
         return Ok(Report::default());
     }
     let grace_ends = Instant::now() + options.grace;
-    let mut target = Target::new(keyring, options.data_key_max_records).await?;
+    let mut targets = Targets::new(pool, options.data_key_max_records).await?;
     let mut sealers = Keys::default();
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
@@ -200,13 +202,13 @@ pub async fn data_keys<W: KeyWrapper>(
         grace_ends,
     };
     let retired = loop {
-        reseal_logins(&walk, &mut sealers, &mut target, &mut progress).await?;
-        reseal_quarantine(&walk, &mut sealers, &mut target, &mut progress).await?;
+        reseal_logins(&walk, &mut sealers, &mut targets, &mut progress).await?;
+        reseal_quarantine(&walk, &mut sealers, &mut targets, &mut progress).await?;
         if let Some(retired) = walk.retire_if_unused(UNUSED_DATA_KEY).await? {
             break retired;
         }
     };
-    walk.finish("data", progress, retired, target.made).await
+    walk.finish("data", progress, retired, targets.made).await
 }
 
 /// Replaces the token key: every stored token is recomputed from the opened original under a
@@ -325,47 +327,65 @@ impl<W: KeyWrapper> Walk<'_, W> {
     }
 }
 
-/// The data key re-sealed values go under: a fresh one each time the current one has sealed
-/// its share, so no new key seals more than the limit.
-struct Target {
-    sealer: Sealer,
-    sealed: u64,
+/// The data keys re-sealed values go under: one per retention window (values stay in the
+/// window of their login date), a fresh one each time the current one has sealed its share,
+/// so no new key seals more than the limit.
+struct Targets {
+    windows: Windows,
+    current: Vec<(Option<Date>, Sealer, u64)>,
     limit: u64,
     made: Vec<KeyId>,
 }
 
-impl Target {
-    async fn new<W: KeyWrapper>(keyring: &Keyring<W>, limit: u64) -> Result<Self, RotateError> {
-        let sealer = keyring.new_sealer().await?;
+impl Targets {
+    async fn new(pool: &PgPool, limit: u64) -> Result<Self, RotateError> {
         Ok(Self {
-            made: vec![sealer.key_id()],
-            sealer,
-            sealed: 0,
+            windows: Windows::load(pool).await?,
+            current: Vec::new(),
             limit,
+            made: Vec::new(),
         })
     }
 
-    /// The sealer for the next `values` values, after moving to a new key if they would take
-    /// the current one past its limit.
+    /// The sealer for `values` more values of logins dated `date` (unknown: the window of no
+    /// month), after moving to a new key if they would take the current one past its limit.
     async fn room_for<W: KeyWrapper>(
         &mut self,
         keyring: &Keyring<W>,
+        date: Option<Date>,
         values: u64,
     ) -> Result<&Sealer, RotateError> {
-        if self.sealed > 0 && self.sealed + values > self.limit {
-            self.sealer = keyring.new_sealer().await?;
-            self.sealed = 0;
-            self.made.push(self.sealer.key_id());
-        }
-        self.sealed += values;
-        Ok(&self.sealer)
+        let window = match date.map(|d| self.windows.placement(d)) {
+            Some(Placement::Window(window)) => Some(window.clone()),
+            _ => None,
+        };
+        let starts = window.as_ref().map(|w| w.starts);
+        let at = match self.current.iter().position(|(w, _, _)| *w == starts) {
+            Some(at) if self.current[at].2 + values <= self.limit => at,
+            found => {
+                let sealer = keyring.new_sealer_in(window.as_ref()).await?;
+                self.made.push(sealer.key_id());
+                match found {
+                    Some(at) => {
+                        self.current[at] = (starts, sealer, 0);
+                        at
+                    }
+                    None => {
+                        self.current.push((starts, sealer, 0));
+                        self.current.len() - 1
+                    }
+                }
+            }
+        };
+        self.current[at].2 += values;
+        Ok(&self.current[at].1)
     }
 }
 
 async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut Keys,
-    target: &mut Target,
+    targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = rotation_page("reseal");
@@ -374,26 +394,32 @@ async fn reseal_logins<W: KeyWrapper>(
         .page(&select, &mut after, |row: &SealedLogin| row.login_id)
         .await?
     {
-        let target = target.room_for(walk.keyring, 2 * rows.len() as u64).await?;
-        let (mut ids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut key_ids, mut ips, mut devices) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
             let Some([ip, device]) = row.open(walk.keyring, keys).await? else {
                 continue; // erased since the page was read: nothing to re-seal
             };
+            let target = targets
+                .room_for(walk.keyring, Some(row.create_date), 2)
+                .await?;
             let place =
                 |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
+            key_ids.push(target.key_id());
             ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));
             devices.push(target.seal(&place(Field::DeviceId), device.as_bytes()));
         }
         sqlx::query(
             "UPDATE login_vault v
-             SET data_key_id = $1, sealed_ip = u.sealed_ip, sealed_device_id = u.sealed_device_id
-             FROM UNNEST($2::int8[], $3::bytea[], $4::bytea[]) AS u(login_id, sealed_ip, sealed_device_id)
+             SET data_key_id = u.data_key_id, sealed_ip = u.sealed_ip,
+                 sealed_device_id = u.sealed_device_id
+             FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::bytea[])
+                  AS u(login_id, data_key_id, sealed_ip, sealed_device_id)
              WHERE v.login_id = u.login_id",
         )
-        .bind(target.key_id())
         .bind(&ids)
+        .bind(&key_ids)
         .bind(&ips)
         .bind(&devices)
         .execute(&mut *tx)
@@ -407,11 +433,23 @@ async fn reseal_logins<W: KeyWrapper>(
 async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut Keys,
-    target: &mut Target,
+    targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = "SELECT id, message_id, data_key_id, sealed_body
          FROM vault_quarantine_page($1, $2, $3)";
+    // A body stays in the window its old key served (its month when it was quarantined).
+    let windows: Vec<(i64, Option<Date>)> =
+        sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
+            .bind(walk.retiring)
+            .fetch_all(walk.pool)
+            .await?;
+    let window_of = |key: i64| {
+        windows
+            .iter()
+            .find(|(id, _)| *id == key)
+            .and_then(|(_, w)| *w)
+    };
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
         .page(select, &mut after, |row: &(i64, String, i64, Vec<u8>)| {
@@ -419,8 +457,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
         })
         .await?
     {
-        let target = target.room_for(walk.keyring, rows.len() as u64).await?;
-        let (mut ids, mut bodies) = (Vec::new(), Vec::new());
+        let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
         for (id, message_id, key, sealed) in &rows {
             let place = quarantine_place(message_id);
             let body = keys
@@ -431,15 +468,18 @@ async fn reseal_quarantine<W: KeyWrapper>(
                     row: format!("quarantine {id} (message {message_id})"),
                     what: e.to_string(),
                 })?;
+            let target = targets.room_for(walk.keyring, window_of(*key), 1).await?;
             ids.push(*id);
+            key_ids.push(target.key_id());
             bodies.push(target.seal(&place, &body));
         }
         sqlx::query(
-            "UPDATE quarantine q SET data_key_id = $1, sealed_body = u.sealed_body
-             FROM UNNEST($2::int8[], $3::bytea[]) AS u(id, sealed_body) WHERE q.id = u.id",
+            "UPDATE quarantine q SET data_key_id = u.data_key_id, sealed_body = u.sealed_body
+             FROM UNNEST($1::int8[], $2::int8[], $3::bytea[]) AS u(id, data_key_id, sealed_body)
+             WHERE q.id = u.id",
         )
-        .bind(target.key_id())
         .bind(&ids)
+        .bind(&key_ids)
         .bind(&bodies)
         .execute(&mut *tx)
         .await?;
@@ -642,6 +682,205 @@ pub async fn erase<W: KeyWrapper>(
         tokens: nulled as u64,
         quarantined: quarantined as u64,
     })
+}
+
+/// How an expiry runs (`rotate-keys expire`).
+#[derive(Debug, Clone)]
+pub struct Expiry {
+    /// Windows that end on or before this date expire.
+    pub horizon: Date,
+    /// Without it, nothing changes: the plan is reported.
+    pub apply: bool,
+    /// Also set the expired logins' tokens to NULL.
+    pub drop_tokens: bool,
+    /// Logins per transaction.
+    pub batch_size: i64,
+    /// Time given to running ingesters to stop sealing into an expiring window.
+    pub grace: Duration,
+}
+
+/// One window's expiry, planned or done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowExpiry {
+    pub starts: Date,
+    pub ends: Date,
+    /// Logins whose sealed values go (or went), and quarantined bodies, in the plan; rows
+    /// touched, when applied.
+    pub logins: u64,
+    pub quarantined: u64,
+    /// The window's data keys, destroyed when applied.
+    pub data_keys: Vec<i64>,
+    /// The window's KMS key, scheduled for deletion when applied.
+    pub kms_key_id: String,
+    pub applied: bool,
+}
+
+/// Registers the retention window of `month` (its first day): the data keys of logins dated
+/// in it are wrapped under `kms_key_id` from now on. Refuses a month already registered with
+/// another key.
+pub async fn add_window<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    month: Date,
+    kms_key_id: &str,
+) -> Result<bool, RotateError> {
+    keyring
+        .wrapper()
+        .check_key(kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    let added = sqlx::query(
+        "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
+         ON CONFLICT (starts) DO NOTHING",
+    )
+    .bind(month)
+    .bind(next_month(month))
+    .bind(kms_key_id)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    let stored: String =
+        sqlx::query_scalar("SELECT kms_key_id FROM retention_windows WHERE starts = $1")
+            .bind(month)
+            .fetch_one(pool)
+            .await?;
+    if stored != kms_key_id {
+        return Err(RotateError::Integrity {
+            row: format!("retention window {month}"),
+            what: format!("already registered with KMS key {stored}"),
+        });
+    }
+    Ok(added)
+}
+
+/// Expires every retention window that ends on or before the horizon: deletes the sealed
+/// values of its logins and its quarantined bodies (pages through the key admin's door, each
+/// audited), retires and destroys its data keys once nothing uses them (under their use lock,
+/// like a rotation), then schedules its KMS key for deletion, which makes the data keys in
+/// every earlier backup impossible to unwrap. Resumable: each step finds what is left.
+pub async fn expire<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    expiry: &Expiry,
+) -> Result<Vec<WindowExpiry>, RotateError> {
+    let due: Vec<(Date, Date, String, String)> = sqlx::query_as(
+        "SELECT starts, ends, kms_key_id, state FROM retention_windows
+         WHERE ends <= $1 AND state <> 'expired' ORDER BY starts",
+    )
+    .bind(expiry.horizon)
+    .fetch_all(pool)
+    .await?;
+    let mut report = Vec::with_capacity(due.len());
+    for (starts, ends, kms_key_id, state) in due {
+        let keys = window_keys(pool, starts).await?;
+        let (logins, quarantined): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM user_logins l JOIN login_vault v ON v.login_id = l.id
+                     WHERE l.create_date >= $1 AND l.create_date < $2),
+                    (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($3))",
+        )
+        .bind(starts)
+        .bind(ends)
+        .bind(&keys)
+        .fetch_one(pool)
+        .await?;
+        let mut window = WindowExpiry {
+            starts,
+            ends,
+            logins: logins as u64,
+            quarantined: quarantined as u64,
+            data_keys: keys,
+            kms_key_id,
+            applied: false,
+        };
+        if expiry.apply {
+            expire_window(pool, keyring, expiry, &mut window, state == "active").await?;
+        }
+        report.push(window);
+    }
+    Ok(report)
+}
+
+async fn window_keys(pool: &PgPool, starts: Date) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM vault_keys WHERE window_starts = $1 AND state <> 'destroyed' ORDER BY id",
+    )
+    .bind(starts)
+    .fetch_all(pool)
+    .await
+}
+
+async fn expire_window<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    expiry: &Expiry,
+    window: &mut WindowExpiry,
+    first_run: bool,
+) -> Result<(), RotateError> {
+    let starts = window.starts;
+    // Ingesters stop sealing into it once they see it expiring (within their
+    // --key-check-seconds); what they write meanwhile is caught by the passes below.
+    sqlx::query(
+        "UPDATE retention_windows SET state = 'expiring' WHERE starts = $1 AND state = 'active'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE vault_keys SET state = 'retiring' WHERE window_starts = $1 AND state = 'active'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    if first_run {
+        tokio::time::sleep(expiry.grace).await;
+    }
+    loop {
+        let keys = window_keys(pool, starts).await?;
+        loop {
+            let touched: i64 = sqlx::query_scalar("SELECT vault_expire_page($1, $2, $3, $4, $5)")
+                .bind(starts)
+                .bind(window.ends)
+                .bind(expiry.batch_size)
+                .bind(expiry.drop_tokens)
+                .bind(&keys)
+                .fetch_one(pool)
+                .await?;
+            if touched == 0 {
+                break;
+            }
+        }
+        let live: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE window_starts = $1 AND state IN ('active', 'retiring')",
+        )
+        .bind(starts)
+        .fetch_all(pool)
+        .await?;
+        if live.is_empty() || retire_unused(pool, &live, UNUSED_DATA_KEY).await?.is_some() {
+            break;
+        }
+    }
+    sqlx::query(
+        "UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL
+         WHERE window_starts = $1 AND state = 'retired'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    keyring
+        .wrapper()
+        .schedule_deletion(&window.kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    sqlx::query(
+        "UPDATE retention_windows SET state = 'expired', expired_at = now() WHERE starts = $1",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    window.applied = true;
+    tracing::info!(window = %starts, "retention window expired");
+    Ok(())
 }
 
 /// One key as `status` shows it.

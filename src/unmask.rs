@@ -417,6 +417,7 @@ pub(crate) struct SealedLogin {
     pub login_id: i64,
     pub message_id: String,
     pub user_id: String,
+    pub create_date: Date,
     pub masked_ip: Option<String>,
     pub masked_device_id: Option<String>,
     pub token_key_id: i64,
@@ -428,8 +429,8 @@ pub(crate) struct SealedLogin {
 /// The door's page after login `$1` of `$2` rows under keys `$3`, for `operation`.
 pub(crate) fn rotation_page(operation: &str) -> String {
     format!(
-        "SELECT login_id, message_id, user_id, masked_ip, masked_device_id, token_key_id,
-                data_key_id, sealed_ip, sealed_device_id
+        "SELECT login_id, message_id, user_id, create_date, masked_ip, masked_device_id,
+                token_key_id, data_key_id, sealed_ip, sealed_device_id
          FROM vault_rotation_page('{operation}', $1, $2, $3)"
     )
 }

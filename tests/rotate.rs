@@ -501,6 +501,7 @@ async fn a_batch_made_before_an_erasure_is_refused_and_made_again() {
         &tokenizer,
         &sealer,
         &ErasedUsers::default(),
+        false,
     );
     let erased = rotate_keys(&env, &["erase", "--user-id", "u-1", "--reason", "r"]).await;
     assert!(erased.status.success(), "{}", stderr(&erased));
@@ -517,6 +518,7 @@ async fn a_batch_made_before_an_erasure_is_refused_and_made_again() {
         &tokenizer,
         &sealer,
         &known,
+        false,
     );
     writer::write(&env.pool, &made_after).await.unwrap();
     assert_eq!(what_remains_of(&env, "u-1").await, (1, 0, 0));
@@ -546,6 +548,7 @@ async fn a_writer_waits_for_a_retiring_rotation_and_then_writes_nothing() {
         &tokenizer,
         &sealer,
         &ErasedUsers::default(),
+        false,
     );
 
     // A rotation retiring the data key holds the key's use lock exclusively...
@@ -667,6 +670,292 @@ async fn re_sealing_starts_a_new_data_key_every_max_records_values() {
         assert_eq!(columns[5], values.to_string(), "{line}");
         assert!(line.contains(" .. "), "a data key shows its window: {line}");
     }
-    assert!(text.contains("data key limit: 300 values a key\n"), "{text}");
+    assert!(
+        text.contains("data key limit: 300 values a key\n"),
+        "{text}"
+    );
     env.cleanup().await;
+}
+
+async fn new_kms_key(env: &TestEnv, description: &str) -> String {
+    env.kms
+        .client()
+        .create_key()
+        .description(description)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .arn
+        .unwrap()
+}
+
+fn date(year: i32, month: u8, day: u8) -> time::Date {
+    time::Date::from_calendar_date(year, time::Month::try_from(month).unwrap(), day).unwrap()
+}
+
+/// Logins with sealed values, per month of login date.
+async fn sealed_per_month(env: &TestEnv, pool: &sqlx::PgPool) -> Vec<(String, i64)> {
+    let _ = env;
+    sqlx::query_as(
+        "SELECT to_char(l.create_date, 'YYYY-MM'), count(*) FROM user_logins l
+         JOIN login_vault v ON v.login_id = l.id GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let months = [(2025, 1), (2025, 2), (2025, 3)];
+    let mut window_kms_keys = Vec::new();
+    for (year, month) in months {
+        let arn = new_kms_key(&env, "pii-vault test: retention window").await;
+        let label = format!("{year}-{month:02}");
+        let output = rotate_keys(&env, &["window", "--month", &label, "--kms-key-id", &arn]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        window_kms_keys.push(arn);
+    }
+    let mid_month = |(year, month): (i32, u8)| {
+        date(year, month, 15)
+            .with_hms(12, 0, 0)
+            .unwrap()
+            .assume_utc()
+    };
+    let january = mid_month(months[0]);
+    env.drain_from(VecSource::sent_at(&logins(600, 41), january))
+        .await;
+    env.drain_from(VecSource::sent_at(&["not json".to_owned()], january))
+        .await;
+    env.drain_from(VecSource::sent_at(&logins(300, 42), mid_month(months[1])))
+        .await;
+    env.drain_from(VecSource::sent_at(&logins(300, 43), mid_month(months[2])))
+        .await;
+    env.ingest_bodies(&logins(50, 44)).await;
+    let this_month = time::OffsetDateTime::now_utc().date().to_string()[..7].to_owned();
+    let before = vec![
+        ("2025-01".to_owned(), 600),
+        ("2025-02".to_owned(), 300),
+        ("2025-03".to_owned(), 300),
+        (this_month.clone(), 50),
+    ];
+    assert_eq!(sealed_per_month(&env, &env.pool).await, before);
+    // Each window's values are under data keys wrapped by the window's own KMS key.
+    let misplaced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM login_vault v JOIN user_logins l ON l.id = v.login_id
+         JOIN vault_keys k ON k.id = v.data_key_id
+         LEFT JOIN retention_windows w ON w.starts = date_trunc('month', l.create_date)::date
+         WHERE k.kms_key_id IS DISTINCT FROM coalesce(w.kms_key_id, k.kms_key_id)
+            OR k.window_starts IS DISTINCT FROM w.starts",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(misplaced, 0);
+
+    // A backup taken before the expiry.
+    let dump = std::env::temp_dir().join(format!("{}.sql", env.database_name));
+    let dumped = std::process::Command::new("pg_dump")
+        .args(["--file", dump.to_str().unwrap(), &env.database_url])
+        .status()
+        .expect("pg_dump (PostgreSQL's client; scripts/services installs it)");
+    assert!(dumped.success());
+
+    // January ends on 2025-02-01: the horizon that expires it and nothing later.
+    let days = (time::OffsetDateTime::now_utc().date() - date(2025, 2, 1)).whole_days();
+    let older_than = format!("{days}d");
+    let dry = rotate_keys(&env, &["expire", "--older-than", &older_than]).await;
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let plan = stdout(&dry);
+    assert!(
+        plan.contains("would expire window 2025-01")
+            && plan.contains("sealed values of 600 login(s), 1 quarantined message(s)")
+            && !plan.contains("2025-02 ("),
+        "{plan}"
+    );
+    assert_eq!(
+        sealed_per_month(&env, &env.pool).await,
+        before,
+        "a dry run changes nothing"
+    );
+
+    // kill -9 in the middle of the expiry, then run it again.
+    let mut expiring = std::process::Command::new(ROTATE_KEYS)
+        .args([
+            "expire",
+            "--older-than",
+            &older_than,
+            "--apply",
+            "--batch-size",
+            "2",
+        ])
+        .args(["--grace-seconds", "0"])
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::within(
+        Duration::from_secs(60),
+        "the expiry deletes values",
+        || async { sealed_per_month(&env, &env.pool).await[0].1 < 600 },
+    )
+    .await;
+    expiring.kill().unwrap();
+    expiring.wait().unwrap();
+    let left = sealed_per_month(&env, &env.pool).await[0].clone();
+    assert!(
+        left.0 == "2025-01" && left.1 > 0,
+        "killed mid-way: {left:?}"
+    );
+    let rerun = rotate_keys(&env, &["expire", "--older-than", &older_than, "--apply"]).await;
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(
+        stdout(&rerun).contains("expired window 2025-01"),
+        "{}",
+        stdout(&rerun)
+    );
+    assert_eq!(
+        sealed_per_month(&env, &env.pool).await,
+        before[1..].to_vec()
+    );
+    assert_eq!(
+        env.count("quarantine").await,
+        0,
+        "January's quarantined body went too"
+    );
+    let tokens_kept: i64 = sqlx::query_scalar(
+        "SELECT count(masked_ip) FROM user_logins WHERE create_date < '2025-02-01'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tokens_kept, 600,
+        "tokens and analytic rows stay without --tokens"
+    );
+    let january_keys: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT state, wrapped_key FROM vault_keys WHERE window_starts = '2025-01-01'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(!january_keys.is_empty());
+    assert!(
+        january_keys
+            .iter()
+            .all(|(state, bytes)| state == "destroyed" && bytes.is_none())
+    );
+    let kms_state = env
+        .kms
+        .client()
+        .describe_key()
+        .key_id(&window_kms_keys[0])
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_state
+        .unwrap();
+    assert_eq!(kms_state, aws_sdk_kms::types::KeyState::PendingDeletion);
+    let (pages, audited): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(cardinality(login_ids))::int8 FROM unmask_audit
+         WHERE outcome = 'expired' AND db_user = 'keyadmin'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        pages >= 2,
+        "a row per page, across the killed run and the rerun: {pages}"
+    );
+    assert_eq!(audited, 600, "every expired login named once in the audit");
+    assert_eq!(
+        verify_all(&env).await,
+        1_250,
+        "the other windows still open"
+    );
+
+    // The backup, restored: January no longer opens, February does.
+    let restored_name = format!("{}_restored", env.database_name);
+    sqlx::query(&format!("CREATE DATABASE {restored_name}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let restored_url = env.database_url.replace(&env.database_name, &restored_name);
+    // The door functions are owned by pii_vault_door, which needs CREATE on the schema while
+    // they are restored (as while they were migrated).
+    let psql = |args: &[&str]| {
+        let output = std::process::Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(args)
+            .arg(&restored_url)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    };
+    psql(&["-c", "GRANT CREATE ON SCHEMA public TO pii_vault_door"]);
+    psql(&["-f", dump.to_str().unwrap()]);
+    psql(&["-c", "REVOKE CREATE ON SCHEMA public FROM pii_vault_door"]);
+    let restored_admin = db_as(&env, "keyadmin", &restored_name).await;
+    let keyring = env.keyring_on(&restored_admin);
+    let key_of = |month: &'static str| {
+        let pool = restored_admin.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT v.data_key_id FROM login_vault v JOIN user_logins l ON l.id = v.login_id
+                 WHERE to_char(l.create_date, 'YYYY-MM') = $1 LIMIT 1",
+            )
+            .bind(month)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let january_key = key_of("2025-01").await;
+    let refused = keyring.sealer(pii_vault::vault::KeyId(january_key)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("KMS refused")),
+        "the backup's January data key no longer unwraps: {:?}",
+        refused.map(|_| ()).map_err(|e| e.to_string())
+    );
+    let february_key = key_of("2025-02").await;
+    keyring
+        .sealer(pii_vault::vault::KeyId(february_key))
+        .await
+        .expect("February still unwraps");
+    restored_admin.close().await;
+    sqlx::query(&format!("DROP DATABASE {restored_name} WITH (FORCE)"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&dump);
+
+    // A January login that arrives now is stored without personal fields.
+    env.drain_from(VecSource::sent_at(&logins(5, 45), january))
+        .await;
+    let late: (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(masked_ip) FROM user_logins l
+         WHERE create_date < '2025-02-01'
+           AND NOT EXISTS (SELECT 1 FROM login_vault v WHERE v.login_id = l.id)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(late, (605, 600), "five late logins, no tokens, no values");
+    env.cleanup().await;
+}
+
+/// A pool on another database of the test server, as one of the local users.
+async fn db_as(env: &TestEnv, user: &str, database: &str) -> sqlx::PgPool {
+    pii_vault::db::connect(&env.url_as(user).replace(&env.database_name, database), 2)
+        .await
+        .unwrap()
 }

@@ -130,12 +130,14 @@ impl Batch {
 ///
 /// A message delivered twice becomes one row carrying both receipts; a message that fails
 /// validation becomes a quarantine row with its body sealed; a login of a user erased after
-/// it was sent keeps no personal field.
+/// it was sent, or of a retention window that has expired (`window_expired`), keeps no
+/// personal field.
 pub fn build(
     messages: Vec<Message>,
     tokenizer: &Tokenizer,
     sealer: &Sealer,
     erased: &ErasedUsers,
+    window_expired: bool,
 ) -> Batch {
     let mut batch = Batch {
         token_key_id: tokenizer.key_id(),
@@ -161,7 +163,7 @@ pub fn build(
         };
         let slot = match event::parse(&message.body) {
             Ok(login) => {
-                let personal = !erased.erased(&login.user_id, message.sent_at);
+                let personal = !window_expired && !erased.erased(&login.user_id, message.sent_at);
                 let row = login_row(&message.id, message.sent_at, &login, tokenizer, sealer);
                 let row = LoginRow {
                     personal: row.personal.filter(|_| personal),
@@ -287,6 +289,7 @@ mod tests {
             &tokenizer,
             &sealer,
             &ErasedUsers::default(),
+            false,
         );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 0));
         let row = &batch.logins[0];
@@ -325,6 +328,7 @@ mod tests {
             &tokenizer,
             &sealer,
             &ErasedUsers::default(),
+            false,
         );
         assert!(batch.logins.is_empty());
         let row = &batch.quarantined[0];
@@ -342,6 +346,7 @@ mod tests {
             &tokenizer,
             &sealer,
             &ErasedUsers::default(),
+            false,
         );
         assert_eq!(
             batch.quarantined[0].user_token,
@@ -360,6 +365,7 @@ mod tests {
             &tokenizer,
             &sealer,
             &erased,
+            false,
         );
         assert!(batch.logins[0].personal.is_none());
         assert_eq!(batch.logins[0].user_id, "u-1", "the analytic row stays");
@@ -371,10 +377,22 @@ mod tests {
             &tokenizer,
             &sealer,
             &later,
+            false,
         );
         assert!(
             batch.logins[0].personal.is_some(),
             "sent after the erasure: new data"
+        );
+        let expired = build(
+            vec![message("m-1", VALID, "r-1")],
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+            true,
+        );
+        assert!(
+            expired.logins[0].personal.is_none(),
+            "its window has expired"
         );
     }
 
@@ -391,6 +409,7 @@ mod tests {
             &tokenizer,
             &sealer,
             &ErasedUsers::default(),
+            false,
         );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 1));
         let receipts: Vec<String> = batch.receipts().into_iter().map(|r| r.0).collect();
@@ -406,7 +425,13 @@ mod tests {
                 message(&format!("m-{i}"), body, &format!("r-{i}"))
             })
             .collect();
-        let batch = build(messages, &tokenizer, &sealer, &ErasedUsers::default());
+        let batch = build(
+            messages,
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+            false,
+        );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (3, 2));
         let (front, back) = batch.split();
         assert_eq!((front.len(), back.len()), (2, 3));

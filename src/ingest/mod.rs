@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use time::{Date, OffsetDateTime};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,9 +37,11 @@ use tokio_util::task::TaskTracker;
 use crate::retry::Backoff;
 use crate::telemetry::readiness::Condition;
 use crate::telemetry::{self, retried};
+use crate::vault::KeyId;
 use crate::vault::erasure::ErasedUsers;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::retention::{Placement, Window, Windows};
 use crate::vault::seal::Sealer;
 use crate::vault::token::Tokenizer;
 use batch::Batch;
@@ -234,14 +237,16 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
         keyring.active_tokenizer()
     })
     .await?;
-    let sealer = with_retry("creating a data key", &shutdown, || keyring.new_sealer()).await?;
+    let windows = with_retry("loading retention windows", &shutdown, || async {
+        Ok(Windows::load(&pool).await?)
+    })
+    .await?;
     let erased = with_retry("loading erasure records", &shutdown, || {
         ErasedUsers::load(&pool, &keyring)
     })
     .await?;
     tracing::info!(
         token_key = %tokenizer.key_id(),
-        data_key = %sealer.key_id(),
         pollers = settings.pollers,
         writers = settings.writers,
         batch_size = settings.batch_size,
@@ -267,9 +272,8 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     let keys_retired = Arc::new(AtomicBool::new(false));
     let mut keys = Keys {
         tokenizer,
-        sealer,
-        sealed: 0,
-        created: Instant::now(),
+        data_keys: Vec::new(),
+        windows,
         checked: Instant::now(),
         retired: keys_retired.clone(),
         keyring: keyring.clone(),
@@ -390,12 +394,13 @@ async fn poll<S: MessageSource>(
     }
 }
 
-/// The batcher's keys: the token key, and this process's current data key with its usage.
+/// The batcher's keys: the token key, and this process's data keys, one per retention window
+/// it seals for, with their usage.
 struct Keys<W> {
     tokenizer: Tokenizer,
-    sealer: Sealer,
-    sealed: u64,
-    created: Instant,
+    data_keys: Vec<DataKey>,
+    /// Retention windows: which KMS key a login month's data keys are wrapped under.
+    windows: Windows,
     /// When the keys' states were last checked against the key table.
     checked: Instant,
     /// Set by a writer whose batch was refused because a key was retired or a user erased.
@@ -406,18 +411,39 @@ struct Keys<W> {
     pool: PgPool,
 }
 
+/// A data key this process seals with, for one retention window (`None`: months without).
+struct DataKey {
+    window: Option<Date>,
+    sealer: Sealer,
+    sealed: u64,
+    created: Instant,
+}
+
 impl<W: KeyWrapper> Keys<W> {
-    /// Follows rotations and erasures: every `key_check_interval` (or at once when a writer
-    /// saw a retired key or a new erasure), moves off a token key or data key that is no
-    /// longer active, and learns of users erased meanwhile.
+    /// Follows rotations, erasures and retention: every `key_check_interval` (or at once when
+    /// a writer saw a retired key or a new erasure), moves off a token key that is no longer
+    /// active, drops data keys that are not (a new one is made when next needed), and learns
+    /// of users erased and windows expiring meanwhile.
     async fn follow_rotations(&mut self, settings: &Settings, shutdown: &CancellationToken) {
         let told = self.retired.swap(false, Ordering::Relaxed);
         if !told && self.checked.elapsed() < settings.key_check_interval {
             return;
         }
         self.follow_erasures(shutdown).await;
+        let pool = &self.pool;
+        match with_retry("loading retention windows", shutdown, || async {
+            Ok(Windows::load(pool).await?)
+        })
+        .await
+        {
+            Ok(windows) => self.windows = windows,
+            Err(error) => tracing::error!(%error, "cannot load retention windows"),
+        }
         let keyring = self.keyring.clone();
-        let ids = [self.tokenizer.key_id(), self.sealer.key_id()];
+        let token_key = self.tokenizer.key_id();
+        let ids: Vec<KeyId> = std::iter::once(token_key)
+            .chain(self.data_keys.iter().map(|k| k.sealer.key_id()))
+            .collect();
         let active =
             match with_retry("checking key states", shutdown, || keyring.active(&ids)).await {
                 Ok(active) => active,
@@ -427,22 +453,30 @@ impl<W: KeyWrapper> Keys<W> {
                 }
             };
         self.checked = Instant::now();
-        if !active.contains(&ids[0]) {
+        if !active.contains(&token_key) {
             match with_retry("loading the token key", shutdown, || {
                 keyring.active_tokenizer()
             })
             .await
             {
                 Ok(tokenizer) => {
-                    tracing::info!(old = %ids[0], new = %tokenizer.key_id(), "token key rotated");
+                    tracing::info!(old = %token_key, new = %tokenizer.key_id(), "token key rotated");
                     self.tokenizer = tokenizer;
                 }
                 Err(error) => tracing::error!(%error, "cannot load the new token key"),
             }
         }
-        if !active.contains(&ids[1]) {
-            self.replace_data_key(shutdown).await;
-        }
+        let windows = &self.windows;
+        self.data_keys.retain(|key| {
+            let usable = active.contains(&key.sealer.key_id())
+                && key.window.is_none_or(|starts| {
+                    matches!(windows.placement(starts), Placement::Window(_))
+                });
+            if !usable {
+                tracing::info!(data_key = %key.sealer.key_id(), "data key rotated or its window expiring; moving off it");
+            }
+            usable
+        });
     }
 
     async fn follow_erasures(&mut self, shutdown: &CancellationToken) {
@@ -464,50 +498,54 @@ impl<W: KeyWrapper> Keys<W> {
         }
     }
 
-    /// Whether `values` more values may be sealed: the current data key has room for them
-    /// and is young enough, or KMS gave a new one. A key is never taken past its limits:
+    /// The data key for `values` more values of `window`'s logins: the current one if it has
+    /// room and is young enough, or a new one from KMS. A key is never taken past its limits:
     /// without a new one, nothing is sealed (and `/readyz` says so) until KMS answers again.
-    async fn room_for(&mut self, values: u64, settings: &Settings) -> bool {
-        let over = self.sealed + values > settings.data_key_max_records
-            || self.created.elapsed() >= settings.data_key_max_age;
-        if !over {
-            return true;
+    async fn room_for(
+        &mut self,
+        window: Option<&Window>,
+        values: u64,
+        settings: &Settings,
+    ) -> Option<usize> {
+        let starts = window.map(|w| w.starts);
+        let current = self.data_keys.iter().position(|k| k.window == starts);
+        if let Some(at) = current {
+            let key = &self.data_keys[at];
+            let over = key.sealed + values > settings.data_key_max_records
+                || key.created.elapsed() >= settings.data_key_max_age;
+            if !over {
+                return Some(at);
+            }
         }
         // One attempt per batch: the messages wait on the queue, not in this process.
-        match self.keyring.new_sealer().await {
+        match self.keyring.new_sealer_in(window).await {
             Ok(sealer) => {
-                tracing::info!(old = %self.sealer.key_id(), new = %sealer.key_id(), "data key rotated");
-                self.sealer = sealer;
-                self.sealed = 0;
-                self.created = Instant::now();
+                tracing::info!(new = %sealer.key_id(), window = ?starts, "new data key");
                 settings.sealing.clear();
-                true
+                let key = DataKey {
+                    window: starts,
+                    sealer,
+                    sealed: 0,
+                    created: Instant::now(),
+                };
+                match current {
+                    Some(at) => {
+                        self.data_keys[at] = key;
+                        Some(at)
+                    }
+                    None => {
+                        self.data_keys.push(key);
+                        Some(self.data_keys.len() - 1)
+                    }
+                }
             }
             Err(error) => {
                 let why = format!(
-                    "sealing stopped: data key {} reached its limit and KMS gave no new one ({error})",
-                    self.sealer.key_id()
+                    "sealing stopped: no data key with room for window {starts:?} and KMS gave no new one ({error})"
                 );
                 tracing::error!("{why}; messages stay on the queue");
                 settings.sealing.set(why);
-                false
-            }
-        }
-    }
-
-    async fn replace_data_key(&mut self, shutdown: &CancellationToken) {
-        let keyring = self.keyring.clone();
-        match with_retry("creating a data key", shutdown, || keyring.new_sealer()).await {
-            Ok(sealer) => {
-                tracing::info!(old = %self.sealer.key_id(), new = %sealer.key_id(), "data key rotated");
-                self.sealer = sealer;
-                self.sealed = 0;
-                self.created = Instant::now();
-            }
-            // Keep sealing under the current key rather than stop: it is still sound, only
-            // older than the policy wants.
-            Err(error) => {
-                tracing::error!(%error, "data key rotation failed; keeping the current key")
+                None
             }
         }
     }
@@ -536,28 +574,65 @@ async fn make_batches<W: KeyWrapper>(
             }
         }
         keys.follow_rotations(settings, shutdown).await;
-        // At most two values per message (a login's ip and device id).
-        if !keys.room_for(2 * pending.len() as u64, settings).await {
-            let refused = std::mem::take(&mut pending).len() as u64;
-            metrics::counter!(telemetry::SEALING_REFUSED).increment(refused);
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => continue,
+        // One batch per retention window the messages fall in (nearly always one).
+        for (placement, messages) in by_window(std::mem::take(&mut pending), &keys.windows) {
+            let window = match &placement {
+                Placed::Window(window) => Some(window),
+                Placed::Expired | Placed::Unwindowed => None,
+            };
+            // At most two values per message (a login's ip and device id).
+            let values = 2 * messages.len() as u64;
+            let Some(at) = keys.room_for(window, values, settings).await else {
+                metrics::counter!(telemetry::SEALING_REFUSED).increment(messages.len() as u64);
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            };
+            backoff.reset();
+            let batch = batch::build(
+                messages,
+                &keys.tokenizer,
+                &keys.data_keys[at].sealer,
+                &keys.erased,
+                placement == Placed::Expired,
+            );
+            keys.data_keys[at].sealed +=
+                2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
+            if batches.send(batch).await.is_err() {
+                return;
             }
         }
-        backoff.reset();
-        let batch = batch::build(
-            std::mem::take(&mut pending),
-            &keys.tokenizer,
-            &keys.sealer,
-            &keys.erased,
-        );
-        keys.sealed += 2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
-        if batches.send(batch).await.is_err() {
-            return;
+    }
+}
+
+/// Where a group of messages goes: an owned [`Placement`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placed {
+    Window(Window),
+    Expired,
+    Unwindowed,
+}
+
+/// Groups messages by the retention window of their login date (the send date, as the row
+/// will have it), keeping their order within each group.
+fn by_window(messages: Vec<Message>, windows: &Windows) -> Vec<(Placed, Vec<Message>)> {
+    let today = OffsetDateTime::now_utc().date();
+    let mut groups: Vec<(Placed, Vec<Message>)> = Vec::new();
+    for message in messages {
+        let date = message.sent_at.map_or(today, |sent| sent.date());
+        let placed = match windows.placement(date) {
+            Placement::Window(window) => Placed::Window(window.clone()),
+            Placement::Expired => Placed::Expired,
+            Placement::Unwindowed => Placed::Unwindowed,
+        };
+        match groups.iter_mut().find(|(p, _)| *p == placed) {
+            Some((_, group)) => group.push(message),
+            None => groups.push((placed, vec![message])),
         }
     }
+    groups
 }
 
 async fn write_batches<S: MessageSource>(

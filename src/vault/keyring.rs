@@ -10,6 +10,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::kms::{KeyWrapper, KmsError};
+use super::retention::Window;
 use super::seal::Sealer;
 use super::token::Tokenizer;
 use super::{EncryptionContext, KeyId, Purpose, WrappedKey};
@@ -164,7 +165,18 @@ impl<W: KeyWrapper> Keyring<W> {
 
     /// A fresh data key for this process's writes (one KMS GenerateDataKey), stored before use.
     pub async fn new_sealer(&self) -> Result<Sealer, KeyringError> {
-        let (id, key) = self.create_key(Purpose::Data).await?;
+        self.new_sealer_in(None).await
+    }
+
+    /// A fresh data key for the logins of `window`, wrapped under the window's KMS key (or
+    /// the default one without a window), stored before use.
+    pub async fn new_sealer_in(&self, window: Option<&Window>) -> Result<Sealer, KeyringError> {
+        let kms_key_id = window.map_or(self.kms_key_id.as_str(), |w| w.kms_key_id.as_str());
+        let (id, key, wrapped) = self.generate(Purpose::Data, kms_key_id).await?;
+        let mut connection = self.pool.acquire().await?;
+        let starts = window.map(|w| w.starts);
+        self.insert(&mut connection, id, Purpose::Data, &wrapped, starts)
+            .await?;
         Ok(Sealer::new(id, &key))
     }
 
@@ -197,7 +209,7 @@ impl<W: KeyWrapper> Keyring<W> {
     /// Starts a token key rotation: a new token key becomes the active one and the current one
     /// becomes `retiring` (it still checks the tokens made with it), in one transaction.
     pub async fn rotate_token_key(&self) -> Result<KeyId, KeyringError> {
-        let (id, key, wrapped) = self.generate(Purpose::Token).await?;
+        let (id, key, wrapped) = self.generate(Purpose::Token, &self.kms_key_id).await?;
         drop(key); // the new key is unwrapped again by whoever uses it
         let mut tx = self.pool.begin().await?;
         let retiring = sqlx::query(
@@ -209,7 +221,8 @@ impl<W: KeyWrapper> Keyring<W> {
         if retiring == 0 {
             return Err(KeyringError::NoTokenKey);
         }
-        self.insert(&mut tx, id, Purpose::Token, &wrapped).await?;
+        self.insert(&mut tx, id, Purpose::Token, &wrapped, None)
+            .await?;
         tx.commit().await?;
         tracing::info!(key_id = %id, "token key rotation started");
         Ok(id)
@@ -263,6 +276,7 @@ impl<W: KeyWrapper> Keyring<W> {
     async fn generate(
         &self,
         purpose: Purpose,
+        kms_key_id: &str,
     ) -> Result<(KeyId, super::SecretKey, WrappedKey), KeyringError> {
         let id = KeyId(
             sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('vault_keys', 'id'))")
@@ -275,7 +289,7 @@ impl<W: KeyWrapper> Keyring<W> {
         };
         let (key, wrapped) = self
             .wrapper
-            .generate_key(&self.kms_key_id, context)
+            .generate_key(kms_key_id, context)
             .await
             .map_err(|source| KeyringError::Kms { id, source })?;
         Ok((id, key, wrapped))
@@ -287,16 +301,18 @@ impl<W: KeyWrapper> Keyring<W> {
         id: KeyId,
         purpose: Purpose,
         wrapped: &WrappedKey,
+        window_starts: Option<time::Date>,
     ) -> Result<(), KeyringError> {
         sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by, window_starts)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id)
         .bind(purpose.as_str())
         .bind(&wrapped.kms_key_id)
         .bind(&wrapped.ciphertext)
         .bind(&self.created_by)
+        .bind(window_starts)
         .execute(connection)
         .await?;
         tracing::info!(key_id = %id, %purpose, kms_key = %wrapped.kms_key_id, "created key");
@@ -307,9 +323,10 @@ impl<W: KeyWrapper> Keyring<W> {
         &self,
         purpose: Purpose,
     ) -> Result<(KeyId, super::SecretKey), KeyringError> {
-        let (id, key, wrapped) = self.generate(purpose).await?;
+        let (id, key, wrapped) = self.generate(purpose, &self.kms_key_id).await?;
         let mut connection = self.pool.acquire().await?;
-        self.insert(&mut connection, id, purpose, &wrapped).await?;
+        self.insert(&mut connection, id, purpose, &wrapped, None)
+            .await?;
         Ok((id, key))
     }
 

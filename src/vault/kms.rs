@@ -42,6 +42,14 @@ pub trait KeyWrapper: Send + Sync + 'static {
     /// Succeeds when `kms_key_id` exists, is enabled, and this process may use it: the
     /// readiness check of a process that will create keys under it.
     fn check_key(&self, kms_key_id: &str) -> impl Future<Output = Result<(), KmsError>> + Send;
+
+    /// Schedules `kms_key_id` for deletion after the shortest waiting period KMS allows (7
+    /// days); KMS refuses to use it from the moment it is scheduled, so whatever it wrapped,
+    /// in every copy, can no longer be unwrapped. Done already if it is pending deletion.
+    fn schedule_deletion(
+        &self,
+        kms_key_id: &str,
+    ) -> impl Future<Output = Result<(), KmsError>> + Send;
 }
 
 /// A KMS failure. The text comes from KMS and the SDK and never contains key material.
@@ -249,6 +257,31 @@ impl KeyWrapper for AwsKms {
                 .take()
                 .unwrap_or_else(|| new_kms_key_id.to_owned()),
         })
+    }
+
+    async fn schedule_deletion(&self, kms_key_id: &str) -> Result<(), KmsError> {
+        self.count("DescribeKey");
+        let state = self
+            .client
+            .describe_key()
+            .key_id(kms_key_id)
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("DescribeKey", e))?
+            .key_metadata
+            .and_then(|metadata| metadata.key_state);
+        if state == Some(KeyState::PendingDeletion) {
+            return Ok(());
+        }
+        self.count("ScheduleKeyDeletion");
+        self.client
+            .schedule_key_deletion()
+            .key_id(kms_key_id)
+            .pending_window_in_days(7)
+            .send()
+            .await
+            .map_err(|e| KmsError::from_sdk("ScheduleKeyDeletion", e))?;
+        Ok(())
     }
 
     async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {

@@ -9,6 +9,7 @@
 //! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
+//! - [`retention`]: retention windows: the KMS key behind a login month's data keys.
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
 //!
@@ -17,6 +18,7 @@
 pub mod erasure;
 pub mod keyring;
 pub mod kms;
+pub mod retention;
 pub mod seal;
 pub mod token;
 

@@ -361,13 +361,18 @@ impl TestEnv {
     pub async fn cleanup(self) {
         self.pool.close().await;
         let admin = db::connect(&base_database_url(), 1).await.unwrap();
-        sqlx::query(&format!(
+        let drop = format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.database_name
-        ))
-        .execute(&admin)
-        .await
-        .unwrap();
+        );
+        // A binary that ran as another login user may still be leaving the server; FORCE
+        // cannot end its session (that takes membership in its role), so wait for it.
+        let mut tries = 0;
+        while let Err(error) = sqlx::query(&drop).execute(&admin).await {
+            tries += 1;
+            assert!(tries < 100, "dropping the test database: {error}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = self
             .sqs
             .delete_queue()
@@ -412,6 +417,25 @@ impl VecSource {
         Arc::new(Self {
             pending: std::sync::Mutex::new(pending),
             delay: Duration::ZERO,
+        })
+    }
+
+    /// Bodies sent at `sent_at` (their login date is its UTC date).
+    pub fn sent_at(bodies: &[String], sent_at: time::OffsetDateTime) -> Arc<Self> {
+        let source = Arc::into_inner(Self::new(bodies)).expect("just made");
+        let pending = source
+            .pending
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|message| Message {
+                sent_at: Some(sent_at),
+                ..message
+            })
+            .collect();
+        Arc::new(Self {
+            pending: std::sync::Mutex::new(pending),
+            ..source
         })
     }
 

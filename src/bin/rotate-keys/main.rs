@@ -70,6 +70,38 @@ enum Command {
     },
     /// Open and check every stored value (revealing nothing), e.g. after a rotation.
     Verify,
+    /// Register the retention window of a month: data keys of logins dated in it are wrapped
+    /// under its own KMS key from now on, so that expiring it shreds every copy.
+    Window {
+        /// The month, as YYYY-MM.
+        #[arg(long, value_parser = parse_month)]
+        month: time::Date,
+        /// The window's KMS key (id or ARN, not an alias: the window must keep its key).
+        #[arg(long = "kms-key-id", id = "window_kms_key_id")]
+        kms_key_id: String,
+    },
+    /// Expire the retention windows that end before the horizon: delete their logins' sealed
+    /// values and quarantined bodies, destroy their data keys and schedule their KMS keys for
+    /// deletion, so backups cannot open them either. A dry run unless --apply; resumable.
+    Expire {
+        /// The horizon, in days (e.g. 400d): windows ending on or before today minus this.
+        #[arg(long, value_parser = parse_days)]
+        older_than: u32,
+        /// Do it (without it, the plan is printed and nothing changes).
+        #[arg(long)]
+        apply: bool,
+        /// Also set the expired logins' tokens to NULL.
+        #[arg(long)]
+        tokens: bool,
+        /// Logins per transaction.
+        #[arg(long, default_value_t = 1_000,
+              value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+        /// Seconds given to running ingesters to stop sealing into an expiring window (at
+        /// least their --key-check-seconds).
+        #[arg(long, default_value_t = 15)]
+        grace_seconds: u64,
+    },
 }
 
 #[derive(Debug, ClapArgs)]
@@ -134,7 +166,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             data_key_max_records,
         } => {
             db::check_schema(&pool).await?;
-            print_status(&rotate::status(&pool).await?, data_key_max_records);
+            let windows: Vec<(time::Date, String)> =
+                sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
+                    .fetch_all(&pool)
+                    .await?;
+            print_status(
+                &rotate::status(&pool).await?,
+                &windows,
+                data_key_max_records,
+            );
         }
         Command::DataKey(rotation) => {
             db::check_schema(&pool).await?;
@@ -183,6 +223,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 erased.quarantined
             );
         }
+        Command::Window { month, kms_key_id } => {
+            db::check_schema(&pool).await?;
+            if kms_key_id.starts_with("alias/") {
+                return Err(UsageError(
+                    "--kms-key-id must name the key itself (id or ARN), not an alias".into(),
+                )
+                .into());
+            }
+            let added = rotate::add_window(&pool, &keyring().await, month, &kms_key_id).await?;
+            let month = &month.to_string()[..7];
+            if added {
+                println!("retention window {month} registered under {kms_key_id}");
+            } else {
+                println!(
+                    "retention window {month} already registered under {kms_key_id}; nothing to do"
+                );
+            }
+        }
+        Command::Expire {
+            older_than,
+            apply,
+            tokens,
+            batch_size,
+            grace_seconds,
+        } => {
+            db::check_schema(&pool).await?;
+            let today = time::OffsetDateTime::now_utc().date();
+            let expiry = rotate::Expiry {
+                horizon: today - time::Duration::days(i64::from(older_than)),
+                apply,
+                drop_tokens: tokens,
+                batch_size,
+                grace: Duration::from_secs(grace_seconds),
+            };
+            let report = rotate::expire(&pool, &keyring().await, &expiry).await?;
+            print_expiry(&expiry, &report);
+        }
         Command::Verify => {
             db::check_schema(&pool).await?;
             let checked = unmask::verify_all(&pool, &keyring().await).await?;
@@ -190,6 +267,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_month(text: &str) -> Result<time::Date, String> {
+    let (year, month) = text
+        .split_once('-')
+        .ok_or_else(|| "a month is YYYY-MM".to_owned())?;
+    let year: i32 = year.parse().map_err(|_| "a month is YYYY-MM".to_owned())?;
+    let month: u8 = month.parse().map_err(|_| "a month is YYYY-MM".to_owned())?;
+    let month = time::Month::try_from(month).map_err(|_| "no such month".to_owned())?;
+    time::Date::from_calendar_date(year, month, 1).map_err(|e| e.to_string())
+}
+
+fn parse_days(text: &str) -> Result<u32, String> {
+    text.strip_suffix('d')
+        .and_then(|days| days.parse().ok())
+        .filter(|days| *days > 0)
+        .ok_or_else(|| "a number of days with a d suffix, e.g. 400d".to_owned())
+}
+
+fn print_expiry(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) {
+    if windows.is_empty() {
+        println!(
+            "no retention window ends on or before {}; nothing to expire",
+            expiry.horizon
+        );
+        return;
+    }
+    for window in windows {
+        let month = &window.starts.to_string()[..7];
+        let what = format!(
+            "window {month} (logins dated {} to {}): sealed values of {} login(s), {} quarantined message(s), data keys {:?}, KMS key {}",
+            window.starts,
+            window.ends - time::Duration::days(1),
+            window.logins,
+            window.quarantined,
+            window.data_keys,
+            window.kms_key_id
+        );
+        if window.applied {
+            println!(
+                "expired {what}: values deleted, data keys destroyed, KMS key scheduled for deletion"
+            );
+        } else {
+            println!("would expire {what}");
+        }
+    }
+    if !expiry.apply {
+        println!("dry run: nothing changed; run again with --apply to expire");
+    }
 }
 
 fn print_report(purpose: &str, verb: &str, report: &Report) {
@@ -218,7 +344,11 @@ fn print_report(purpose: &str, verb: &str, report: &Report) {
     );
 }
 
-fn print_status(keys: &[rotate::KeyStatus], data_key_max_records: u64) {
+fn print_status(
+    keys: &[rotate::KeyStatus],
+    windows: &[(time::Date, String)],
+    data_key_max_records: u64,
+) {
     println!(
         "{:>5}  {:<7} {:<10} {:>8} {:>10} {:>10}  {:<23}  kms key",
         "id", "purpose", "state", "age (d)", "rows", "values", "logins from .. to"
@@ -256,7 +386,18 @@ fn print_status(keys: &[rotate::KeyStatus], data_key_max_records: u64) {
             )
         }
     );
-    println!("retention: none (nothing expires: personal values are kept until erased)");
+    println!(
+        "retention: nothing expires unless an operator runs `rotate-keys expire`; windows: {}",
+        if windows.is_empty() {
+            "none registered (values are deletable, not shreddable)".to_owned()
+        } else {
+            windows
+                .iter()
+                .map(|(starts, state)| format!("{} {state}", &starts.to_string()[..7]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     let pending: i64 = keys
         .iter()
         .filter(|k| k.state == "retiring")
