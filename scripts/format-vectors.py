@@ -177,6 +177,26 @@ def open_sealed(data_key, ad, sealed):
 LOGINS_TABLE, QUARANTINE_TABLE = "user_logins", "quarantine"
 
 
+def app_version_encoded(text):
+    """FORMAT.md "app_version": up to three '.'-separated parts of 1 to 4 ASCII digits,
+    major * 1_000_000 + minor * 1_000 + patch (missing parts are 0), minor and patch at most
+    999, major at most 2146 (the largest whose every encoding fits a signed 32-bit integer,
+    so 2147.0.0 is refused though it would fit). None if refused."""
+    parts = text.split(".")
+    if not text or len(parts) > 3:
+        return None
+    if any(not (1 <= len(p) <= 4) or any(c not in "0123456789" for c in p) for p in parts):
+        return None
+    major, minor, patch = ([int(p) for p in parts] + [0, 0])[:3]
+    if minor > 999 or patch > 999 or major > 2146:
+        return None
+    return major * 1_000_000 + minor * 1_000 + patch
+
+
+APP_VERSIONS = ["2.3.0", "0.96", "3.7", "6.02", "6.2", "6.20", "2", "2.00", "0.0.1", "2146.999.999",
+                "2147", "1.1000", "1.2.3.4", " 1.2", "v1.2", "12345", "1.", "", "\u0661.2"]
+
+
 def audit_hash(row):
     if row["format"] == 1:
         parts = [
@@ -434,6 +454,7 @@ def ingest_vectors():
             entry["outcome"] = "login"
             entry["user_id"] = fields["user_id"]
             entry["user_id_utf8_hex"] = utf8_hex(fields["user_id"])
+            entry["app_version"] = {"text": fields["app_version"], "encoded": app_version_encoded(fields["app_version"])}
             for field in ("ip", "device_id"):
                 raw = fields[field]
                 canonical = canonical_ip(raw) if field == "ip" else canonical_device_id(raw)
@@ -464,6 +485,8 @@ def ingest_vectors():
         "data_key_id": DATA_KEY_ID,
         "data_key": DATA_KEY.hex(),
         "messages": messages,
+        "app_versions": [{"text": t, "encoded": app_version_encoded(t)} for t in APP_VERSIONS],
+        "app_versions_note": "encoded null: refused, the message is quarantined",
     }
 
 

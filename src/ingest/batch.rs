@@ -371,6 +371,9 @@ mod tests {
                     assert_eq!(row.message_id, message_id);
                     assert_eq!(row.user_id, text(m, "user_id"));
                     assert_eq!(row.user_id.as_bytes(), bytes(m, "user_id_utf8_hex"));
+                    let version = &m["app_version"];
+                    assert_eq!(row.app_version_text, text(version, "text"));
+                    assert_eq!(i64::from(row.app_version), int(version, "encoded"));
                     for (field, token, sealed) in [
                         (Field::Ip, &row.masked_ip, &row.sealed_ip),
                         (
@@ -420,6 +423,15 @@ mod tests {
         }
         assert!(logins.next().is_none() && quarantined.next().is_none());
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (2, 3));
+
+        let versions = vectors["app_versions"].as_array().unwrap();
+        for version in versions {
+            let text = text(version, "text");
+            let parsed = event::AppVersion::parse(text.into()).ok();
+            let encoded = parsed.map(|v| i64::from(v.encoded));
+            assert_eq!(encoded, version["encoded"].as_i64(), "app_version {text:?}");
+        }
+        assert_eq!(versions.len(), 19);
     }
 
     const FIXTURE_SEALED: &str = "fixture-sealed-0.1.0.json";
