@@ -25,6 +25,9 @@
 //!   key_ids` (each id list one part: its ids as consecutive i64);
 //! - a checkpoint signs `"pii-vault/audit-checkpoint/v1", last_id (i64), head_hash,
 //!   signed_at` with ECDSA P-256 over SHA-256 (KMS `ECDSA_SHA_256`, message type RAW).
+//!
+//! docs/FORMAT.md §7 says the same byte for byte; `tests/data/vectors/audit.json` and a chain
+//! written by an earlier version (`fixture-audit-*.json`) pin it.
 
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};

@@ -9,6 +9,9 @@
 //! canonically: each part as a big-endian u32 length followed by its bytes, so no two different
 //! places encode alike (`"a|b" + "c"` differs from `"a" + "b|c"`). A ciphertext copied to another
 //! row, user, field or key id then fails to open instead of revealing the wrong person's data.
+//!
+//! Byte for byte: docs/FORMAT.md §4, pinned by `tests/data/vectors/seal.json` and by values
+//! sealed by earlier versions (`fixture-sealed-*.json`).
 
 use std::fmt;
 

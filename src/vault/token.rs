@@ -2,7 +2,8 @@
 //! without seeing the values.
 //!
 //! `token = hex(HMAC-SHA256(field_key, canonical value))`, where each field has its own key,
-//! `field_key = HKDF-SHA256(ikm = token key, info = "pii-vault/token/v1/<field>")`. Separate keys
+//! `field_key = HKDF-SHA256(salt = none, ikm = token key, info = "pii-vault/token/v1/<field>",
+//! L = 32)` (docs/FORMAT.md §3, pinned by `tests/data/vectors/tokens.json`). Separate keys
 //! (rather than a field prefix inside the MAC input) mean an ip and a device id with the same
 //! text never share a token, and a leak of one field's key does not expose the other.
 
