@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 ENV := source scripts/env.sh
 
-.PHONY: demo test services lint fmt
+.PHONY: demo test services lint fmt vectors-check
 
 services:
 	scripts/services up
@@ -26,3 +26,10 @@ test: services
 lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
+
+## Re-derive tests/data/vectors/ with the independent Python implementation of docs/FORMAT.md
+## and compare; also opens and verifies the fixtures an earlier version wrote.
+vectors-check:
+	test -x .venv-vectors/bin/python || python3 -m venv .venv-vectors
+	.venv-vectors/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-vectors.txt
+	.venv-vectors/bin/python scripts/format-vectors.py --check

@@ -25,6 +25,9 @@
 //!   key_ids` (each id list one part: its ids as consecutive i64);
 //! - a checkpoint signs `"pii-vault/audit-checkpoint/v1", last_id (i64), head_hash,
 //!   signed_at` with ECDSA P-256 over SHA-256 (KMS `ECDSA_SHA_256`, message type RAW).
+//!
+//! docs/FORMAT.md §7 says the same byte for byte; `tests/data/vectors/audit.json` and a chain
+//! written by an earlier version (`fixture-audit-*.json`) pin it.
 
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};
@@ -374,6 +377,7 @@ impl CheckpointKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vault::testing::{self, bytes, hex, int, text};
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
 
@@ -541,5 +545,298 @@ mod tests {
             verify_against(&rows[..4], &[], None, Some(&head)),
             Err(Broken::ExpectedHeadMissing)
         );
+    }
+
+    /// A row as the vectors and fixtures write it (times as microseconds since the epoch).
+    fn row_from(vector: &serde_json::Value) -> Row {
+        let ids = |field: &str| {
+            vector[field]
+                .as_array()
+                .map(|ids| ids.iter().map(|id| id.as_i64().unwrap()).collect())
+        };
+        Row {
+            id: int(vector, "id"),
+            format: int(vector, "format") as i16,
+            at: at_micros(int(vector, "at_micros")),
+            actor: text(vector, "actor").into(),
+            db_user: text(vector, "db_user").into(),
+            purpose: vector["purpose"].as_str().map(str::to_owned),
+            reason: text(vector, "reason").into(),
+            question: text(vector, "question").into(),
+            values_revealed: i32::try_from(int(vector, "values_revealed")).unwrap(),
+            outcome: text(vector, "outcome").into(),
+            login_ids: ids("login_ids"),
+            key_ids: ids("key_ids"),
+            prev_hash: bytes(vector, "prev_hash"),
+            hash: bytes(vector, "hash"),
+        }
+    }
+
+    fn at_micros(micros: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).unwrap()
+    }
+
+    fn micros_of(at: OffsetDateTime) -> i64 {
+        i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap()
+    }
+
+    /// docs/FORMAT.md §7, against `tests/data/vectors/audit.json` (made by
+    /// `scripts/format-vectors.py`): each row's hash in its format (1 and 2, one chain), the
+    /// checkpoint's signed message, and its signature through [`verify_against`] with the
+    /// public key read as KMS hands it out (SubjectPublicKeyInfo DER).
+    #[test]
+    fn audit_rows_and_checkpoint_match_the_format_vectors() {
+        let vectors = testing::vectors("audit.json");
+        assert_eq!(bytes(&vectors, "genesis"), GENESIS);
+        let rows: Vec<Row> = vectors["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(row_from)
+            .collect();
+        for row in &rows {
+            assert_eq!(hex(&row.expected_hash()), hex(&row.hash), "row {}", row.id);
+        }
+        assert_eq!(
+            rows.iter().map(|row| row.format).collect::<Vec<_>>(),
+            [1, 1, 2, 2, 2]
+        );
+        let intact = verify_rows(&rows).unwrap();
+
+        let c = &vectors["checkpoint"];
+        assert_eq!(intact.head.to_vec(), bytes(c, "head_hash"));
+        assert_eq!(intact.last_id, int(c, "last_audit_id"));
+        let signed_at = at_micros(int(c, "signed_at_micros"));
+        let message = checkpoint_message(intact.last_id, &intact.head, signed_at);
+        assert_eq!(hex(&message), text(c, "message"));
+
+        let public = VerifyingKey::from_public_key_der(&bytes(c, "public_key_spki_der")).unwrap();
+        let private = SigningKey::from_slice(&bytes(c, "private_key")).unwrap();
+        assert_eq!(*private.verifying_key(), public);
+        let checkpoint = Checkpoint {
+            id: 1,
+            last_audit_id: intact.last_id,
+            head_hash: intact.head.to_vec(),
+            signed_at,
+            signature: bytes(c, "signature_der"),
+        };
+        let verified = verify_against(&rows, &[checkpoint], Some(&public), None).unwrap();
+        assert_eq!((verified.rows, verified.checkpoints), (5, 1));
+        // Both sides sign deterministically (RFC 6979), so even the signature is the same.
+        let signature: p256::ecdsa::Signature = private.sign(&message);
+        assert_eq!(hex(signature.to_der().as_bytes()), text(c, "signature_der"));
+    }
+
+    const FIXTURE_AUDIT: &str = "fixture-audit-0.1.0.json";
+
+    /// An audit chain written by pii-vault 0.1.0 (rows by `audit_append` in PostgreSQL, a
+    /// checkpoint signed over `checkpoint_message`) keeps verifying.
+    #[test]
+    fn audit_chain_written_by_0_1_0_still_verifies() {
+        let fixture = testing::vectors(FIXTURE_AUDIT);
+        let rows: Vec<Row> = fixture["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(row_from)
+            .collect();
+        assert!(rows.iter().all(|row| row.format == 2));
+        assert!(
+            rows.iter()
+                .any(|row| row.login_ids.as_ref().is_some_and(|ids| !ids.is_empty()))
+        );
+        let checkpoints: Vec<Checkpoint> = fixture["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Checkpoint {
+                id: int(c, "id"),
+                last_audit_id: int(c, "last_audit_id"),
+                head_hash: bytes(c, "head_hash"),
+                signed_at: at_micros(int(c, "signed_at_micros")),
+                signature: bytes(c, "signature_der"),
+            })
+            .collect();
+        let public =
+            VerifyingKey::from_public_key_der(&bytes(&fixture, "public_key_spki_der")).unwrap();
+        let head = rows.last().unwrap().hash.clone();
+        let intact = verify_against(&rows, &checkpoints, Some(&public), Some(&head)).unwrap();
+        assert_eq!((intact.rows, intact.checkpoints), (3, 1));
+    }
+
+    /// Writes the fixture above, once, from a scratch database on the PostgreSQL server at
+    /// `DATABASE_URL`: three rows appended by `audit_append` (the function the doors call),
+    /// read back as `verify-audit` reads them, and a checkpoint signed over them. Also holds
+    /// `audit_hash_v2` to the spec's format-2 vectors. Refuses to overwrite the fixture.
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL; writes tests/data/vectors/fixture-audit-*.json once"]
+    async fn write_fixture_audit_chain() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/vectors")
+            .join(FIXTURE_AUDIT);
+        assert!(
+            !path.exists(),
+            "{} exists: it is never rewritten",
+            path.display()
+        );
+        let base = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| crate::db::LOCAL_DATABASE_URL.to_owned());
+        let admin = crate::db::connect(&base, 1).await.unwrap();
+        let name = format!("pii_vault_fixture_{}", std::process::id());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let (prefix, _) = base.rsplit_once('/').unwrap();
+        let pool = crate::db::connect(&format!("{prefix}/{name}"), 1)
+            .await
+            .unwrap();
+        crate::db::migrate(&pool).await.unwrap();
+
+        let vectors = testing::vectors("audit.json");
+        for vector in vectors["rows"].as_array().unwrap() {
+            let row = row_from(vector);
+            if row.format != 2 {
+                continue;
+            }
+            let sql: Vec<u8> = sqlx::query_scalar(
+                "SELECT audit_hash_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(&row.prev_hash)
+            .bind(row.at)
+            .bind(&row.actor)
+            .bind(&row.db_user)
+            .bind(&row.purpose)
+            .bind(&row.reason)
+            .bind(&row.question)
+            .bind(row.values_revealed)
+            .bind(&row.outcome)
+            .bind(&row.login_ids)
+            .bind(&row.key_ids)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                hex(&sql),
+                hex(&row.hash),
+                "audit_hash_v2 of vector row {}",
+                row.id
+            );
+        }
+
+        // (actor, purpose, reason, question, values revealed, outcome, login ids, key ids)
+        type Append<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a str,
+            i32,
+            &'a str,
+            &'a [i64],
+            &'a [i64],
+        );
+        let appends: [Append<'static>; 3] = [
+            (
+                "Zo\u{eb} \u{c5}ngstr\u{f6}m",
+                "fraud-investigation",
+                "case 4711",
+                "user_id = \u{fc}ser-42 \u{1f600}",
+                0,
+                "handed-out",
+                &[1, 2, 4_294_967_298],
+                &[1, 2],
+            ),
+            (
+                "Zo\u{eb} \u{c5}ngstr\u{f6}m",
+                "fraud-investigation",
+                "case 4711",
+                "outcome of audit row 1",
+                6,
+                "revealed",
+                &[1, 2, 4_294_967_298],
+                &[1, 2],
+            ),
+            ("", "", "", "user_id = u-1", 0, "refused-purpose", &[], &[]),
+        ];
+        for (actor, purpose, reason, question, values, outcome, logins, keys) in appends {
+            sqlx::query("SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8)")
+                .bind(actor)
+                .bind(purpose)
+                .bind(reason)
+                .bind(question)
+                .bind(values)
+                .bind(outcome)
+                .bind(logins)
+                .bind(keys)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT_ROWS} ORDER BY id"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let intact = verify_rows(&rows).unwrap();
+        let signed_at: OffsetDateTime =
+            sqlx::query_scalar("SELECT date_trunc('milliseconds', clock_timestamp())")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let key = SigningKey::from_slice(&[0x11; 32]).unwrap();
+        let message = checkpoint_message(intact.last_id, &intact.head, signed_at);
+        let signature: p256::ecdsa::Signature = key.sign(&message);
+        // SubjectPublicKeyInfo of an ecPublicKey on prime256v1, as KMS GetPublicKey gives it.
+        let public = [
+            testing::unhex("3059301306072a8648ce3d020106082a8648ce3d030107034200"),
+            key.verifying_key()
+                .to_encoded_point(false)
+                .as_bytes()
+                .to_vec(),
+        ]
+        .concat();
+        assert!(VerifyingKey::from_public_key_der(&public).is_ok());
+        pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|row| {
+                serde_json::json!({
+                    "id": row.id,
+                    "format": row.format,
+                    "at_micros": micros_of(row.at),
+                    "actor": row.actor,
+                    "db_user": row.db_user,
+                    "purpose": row.purpose,
+                    "reason": row.reason,
+                    "question": row.question,
+                    "values_revealed": row.values_revealed,
+                    "outcome": row.outcome,
+                    "login_ids": row.login_ids,
+                    "key_ids": row.key_ids,
+                    "prev_hash": hex(&row.prev_hash),
+                    "hash": hex(&row.hash),
+                })
+            })
+            .collect();
+        let fixture = serde_json::json!({
+            "about": "an audit chain written by pii-vault 0.1.0: rows appended by audit_append (migration 0005) in PostgreSQL, a checkpoint signed over checkpoint_message; it must keep verifying",
+            "spec": "docs/FORMAT.md, §7 Audit",
+            "written_by": concat!("pii-vault ", env!("CARGO_PKG_VERSION"), ", audit::tests::write_fixture_audit_chain"),
+            "public_key_spki_der": hex(&public),
+            "rows": rows,
+            "checkpoints": [{
+                "id": 1,
+                "last_audit_id": intact.last_id,
+                "head_hash": hex(&intact.head),
+                "signed_at_micros": micros_of(signed_at),
+                "signature_der": hex(signature.to_der().as_bytes()),
+            }],
+        });
+        let text = serde_json::to_string_pretty(&fixture).unwrap() + "\n";
+        std::fs::write(&path, text).unwrap();
     }
 }

@@ -145,6 +145,56 @@ pub(crate) mod testing {
     pub fn key(byte: u8) -> SecretKey {
         SecretKey::take_from(&mut [byte; KEY_LEN]).unwrap()
     }
+
+    /// A key given in hex, as the format vectors write keys.
+    pub fn key_from_hex(hex: &str) -> SecretKey {
+        SecretKey::take_from(&mut unhex(hex)).unwrap()
+    }
+
+    /// One file of `tests/data/vectors/`: golden vectors written by `scripts/format-vectors.py`
+    /// (an implementation of `docs/FORMAT.md` that shares no code with this crate), or fixtures
+    /// written once by an earlier version of this crate.
+    pub fn vectors(name: &str) -> serde_json::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/vectors")
+            .join(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    }
+
+    /// The string at `field` of a vector (panics, naming the field, if it is not one).
+    pub fn text<'v>(vector: &'v serde_json::Value, field: &str) -> &'v str {
+        vector[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("vector field `{field}` is not a string: {vector}"))
+    }
+
+    /// The integer at `field` of a vector.
+    pub fn int(vector: &serde_json::Value, field: &str) -> i64 {
+        vector[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("vector field `{field}` is not an i64: {vector}"))
+    }
+
+    /// The bytes written in hex at `field` of a vector.
+    pub fn bytes(vector: &serde_json::Value, field: &str) -> Vec<u8> {
+        unhex(text(vector, field))
+    }
+
+    pub fn unhex(hex: &str) -> Vec<u8> {
+        assert!(hex.len() % 2 == 0, "odd-length hex {hex:?}");
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
+            .collect()
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        let mut out = vec![0u8; bytes.len() * 2];
+        hex_encode(bytes, &mut out);
+        String::from_utf8(out).expect("hex is ASCII")
+    }
 }
 
 #[cfg(test)]
@@ -181,5 +231,28 @@ mod tests {
         assert_eq!(map["purpose"], "data");
         assert_eq!(map["key_id"], "42");
         assert_eq!(map.len(), 2);
+    }
+
+    /// docs/FORMAT.md §2: the context is exactly `{"purpose": ..., "key_id": <decimal text>}`.
+    #[test]
+    fn encryption_contexts_match_the_format_vectors() {
+        let vectors = testing::vectors("kms.json");
+        let contexts = vectors["contexts"].as_array().unwrap();
+        for case in contexts {
+            let purpose = match testing::text(case, "purpose") {
+                "token" => Purpose::Token,
+                "data" => Purpose::Data,
+                other => panic!("unknown purpose {other}"),
+            };
+            let map = EncryptionContext {
+                purpose,
+                key_id: KeyId(testing::int(case, "key_id")),
+            }
+            .to_map();
+            let expected: HashMap<String, String> =
+                serde_json::from_value(case["encryption_context"].clone()).unwrap();
+            assert_eq!(map, expected, "{case}");
+        }
+        assert_eq!(contexts.len(), 4);
     }
 }

@@ -2,7 +2,8 @@
 //! without seeing the values.
 //!
 //! `token = hex(HMAC-SHA256(field_key, canonical value))`, where each field has its own key,
-//! `field_key = HKDF-SHA256(ikm = token key, info = "pii-vault/token/v1/<field>")`. Separate keys
+//! `field_key = HKDF-SHA256(salt = none, ikm = token key, info = "pii-vault/token/v1/<field>",
+//! L = 32)` (docs/FORMAT.md §3, pinned by `tests/data/vectors/tokens.json`). Separate keys
 //! (rather than a field prefix inside the MAC input) mean an ip and a device id with the same
 //! text never share a token, and a leak of one field's key does not expose the other.
 
@@ -102,11 +103,9 @@ impl fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn new(key_id: KeyId, token_key: &SecretKey) -> Self {
-        let hkdf = Hkdf::<Sha256>::new(None, token_key.expose());
+        let hkdf = token_key_hkdf(token_key.expose());
         let keyed = |info: &[u8]| {
-            let mut field_key = Zeroizing::new([0u8; KEY_LEN]);
-            hkdf.expand(info, field_key.as_mut())
-                .expect("32 bytes is a valid HKDF-SHA256 output length");
+            let field_key = field_key(&hkdf, info);
             HmacSha256::new_from_slice(field_key.as_ref()).expect("HMAC takes any key length")
         };
         Self {
@@ -153,6 +152,20 @@ impl Tokenizer {
     }
 }
 
+/// HKDF-SHA256 extracted from the token key with no salt (RFC 5869: a salt of HashLen zero
+/// bytes).
+fn token_key_hkdf(token_key: &[u8]) -> Hkdf<Sha256> {
+    Hkdf::<Sha256>::new(None, token_key)
+}
+
+/// A field's HMAC key: 32 bytes expanded with the field's info string.
+fn field_key(hkdf: &Hkdf<Sha256>, info: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
+    let mut field_key = Zeroizing::new([0u8; KEY_LEN]);
+    hkdf.expand(info, field_key.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    field_key
+}
+
 fn mac(keyed: &HmacSha256, message: &[u8]) -> Token {
     let mut mac = keyed.clone();
     mac.update(message);
@@ -165,7 +178,8 @@ fn mac(keyed: &HmacSha256, message: &[u8]) -> Token {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::testing::key;
+    use crate::event::{canonical_device_id, canonical_ip};
+    use crate::vault::testing::{self, bytes, hex, int, key, key_from_hex, text, unhex};
     use sha2::Digest;
 
     fn tokenizer(byte: u8) -> Tokenizer {
@@ -286,6 +300,126 @@ mod tests {
         for (key, data, expected) in cases {
             let keyed = HmacSha256::new_from_slice(&key).unwrap();
             assert_eq!(mac(&keyed, &data).as_str(), expected);
+        }
+    }
+
+    /// docs/FORMAT.md §3, against `tests/data/vectors/tokens.json` (made by
+    /// `scripts/format-vectors.py`): the salt-less extract and each field's key.
+    #[test]
+    fn field_keys_match_the_format_vectors() {
+        let vectors = testing::vectors("tokens.json");
+        let hkdf_vectors = &vectors["hkdf"];
+        let token_key = bytes(&vectors, "token_key");
+        let (prk, _) = Hkdf::<Sha256>::extract(None, &token_key);
+        assert_eq!(hex(&prk), text(hkdf_vectors, "prk"));
+        assert_eq!(int(hkdf_vectors, "length"), KEY_LEN as i64);
+        let hkdf = token_key_hkdf(&token_key);
+        for case in hkdf_vectors["fields"].as_array().unwrap() {
+            let field = match text(case, "field") {
+                "ip" => Field::Ip,
+                "device_id" => Field::DeviceId,
+                other => panic!("unknown field {other}"),
+            };
+            assert_eq!(field.hkdf_info(), text(case, "info").as_bytes());
+            assert_eq!(field.hkdf_info(), bytes(case, "info_hex"));
+            assert_eq!(
+                hex(field_key(&hkdf, field.hkdf_info()).as_ref()),
+                text(case, "field_key")
+            );
+        }
+    }
+
+    /// docs/FORMAT.md §3: tokens through [`Tokenizer::new`] for the vectors' key, the canonical
+    /// text of each input, and the ip texts the parser refuses.
+    #[test]
+    fn tokens_match_the_format_vectors() {
+        let vectors = testing::vectors("tokens.json");
+        let tokenizer = Tokenizer::new(
+            KeyId(int(&vectors, "token_key_id")),
+            &key_from_hex(text(&vectors, "token_key")),
+        );
+        let cases = vectors["cases"].as_array().unwrap();
+        for case in cases {
+            let input = text(case, "input");
+            assert_eq!(input.as_bytes(), bytes(case, "input_utf8_hex"));
+            let expected = text(case, "token");
+            let (canonical, token) = match text(case, "field") {
+                "ip" => {
+                    let ip: IpAddr = input.parse().unwrap();
+                    assert_eq!(tokenizer.token_of(Field::Ip, input), Some(tokenizer.ip(ip)));
+                    (canonical_ip(ip).to_string(), tokenizer.ip(ip))
+                }
+                "device_id" => {
+                    let token = tokenizer.device_id(input);
+                    assert_eq!(tokenizer.token_of(Field::DeviceId, input), Some(token));
+                    (canonical_device_id(input).to_owned(), token)
+                }
+                other => panic!("unknown field {other}"),
+            };
+            assert_eq!(canonical, text(case, "canonical"), "{input:?}");
+            assert_eq!(token.as_str(), expected, "{input:?}");
+            assert!(token.matches(expected));
+        }
+        assert_eq!(cases.len(), 30);
+        for rejected in vectors["ip_rejected"].as_array().unwrap() {
+            let rejected = rejected.as_str().unwrap();
+            assert_eq!(
+                tokenizer.token_of(Field::Ip, rejected),
+                None,
+                "{rejected:?}"
+            );
+        }
+    }
+
+    /// RFC 5869 appendix A, test cases 1 to 3 (HKDF-SHA256), through the `hkdf` crate's
+    /// `Hkdf<Sha256>` as the Tokenizer uses it. Case 3 has no salt, like the token key: it goes
+    /// through the Tokenizer's own extract, and shows that no salt, an empty salt and 32 zero
+    /// bytes are one and the same.
+    #[test]
+    fn hkdf_sha256_matches_rfc_5869() {
+        type Case = (Vec<u8>, Vec<u8>, Vec<u8>, &'static str, &'static str);
+        // (ikm, salt, info, prk, okm)
+        let cases: [Case; 3] = [
+            (
+                vec![0x0b; 22],
+                (0x00..=0x0c).collect(),
+                (0xf0..=0xf9).collect(),
+                "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5",
+                "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf\
+                 34007208d5b887185865",
+            ),
+            (
+                (0x00..=0x4f).collect(),
+                (0x60..=0xaf).collect(),
+                (0xb0..=0xff).collect(),
+                "06a6b88c5853361a06104c9ceb35b45cef760014904671014a193f40c15fc244",
+                "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c\
+                 59045a99cac7827271cb41c65e590e09da3275600c2f09b8367793a9aca3db71\
+                 cc30c58179ec3e87c14c01d5c1f3434f1d87",
+            ),
+            (
+                vec![0x0b; 22],
+                Vec::new(),
+                Vec::new(),
+                "19ef24a32c717b167f33a91d6f648bdf96596776afdb6377ac434c1c293ccb04",
+                "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d\
+                 9d201395faa4b61a96c8",
+            ),
+        ];
+        for (ikm, salt, info, prk, okm) in cases {
+            let expected = unhex(okm);
+            let (extracted, hkdf) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
+            assert_eq!(hex(&extracted), prk);
+            let mut out = vec![0u8; expected.len()];
+            hkdf.expand(&info, &mut out).unwrap();
+            assert_eq!(out, expected);
+            if salt.is_empty() {
+                let mut unsalted = vec![0u8; expected.len()];
+                token_key_hkdf(&ikm).expand(&info, &mut unsalted).unwrap();
+                assert_eq!(unsalted, expected);
+                let (zeros, _) = Hkdf::<Sha256>::extract(Some(&[0u8; 32]), &ikm);
+                assert_eq!(hex(&zeros), prk);
+            }
         }
     }
 }
