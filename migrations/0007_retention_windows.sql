@@ -83,28 +83,35 @@ END
 $$;
 
 -- Expiry (rotate-keys expire): deletes the sealed values (and, with p_drop_tokens, the tokens)
--- of one page of logins dated [p_starts, p_ends), and the quarantined bodies sealed under
--- p_keys (the window's data keys) on the first page. One audit row per page; returns how
--- many logins the page touched (0: the window holds no more).
-CREATE FUNCTION vault_expire_page(p_starts date, p_ends date, p_limit bigint,
+-- of the next page of logins dated [p_starts, p_ends) after login p_after, in login id order,
+-- and the quarantined bodies sealed under p_keys (the window's data keys). One audit row per
+-- page; returns how many rows the page touched and the last login id it walked past (NULL at
+-- the end of the table).
+CREATE FUNCTION vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint,
                                   p_drop_tokens boolean, p_keys bigint[])
-    RETURNS bigint
+    RETURNS TABLE (touched bigint, walked_to bigint)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
     ids bigint[];
     keys bigint[];
     n_quarantined bigint;
+    last_id bigint;
 BEGIN
     IF NOT pg_has_role(session_user, 'pii_vault_keyadmin', 'MEMBER') THEN
         RAISE EXCEPTION 'expiry is for the key admin (pii_vault_keyadmin)'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-    FROM (SELECT l.id FROM user_logins l
-          WHERE l.create_date >= p_starts AND l.create_date < p_ends
-            AND (EXISTS (SELECT 1 FROM login_vault v WHERE v.login_id = l.id)
-                 OR p_drop_tokens AND (l.masked_ip IS NOT NULL OR l.masked_device_id IS NOT NULL))
+    -- Walks the primary key: every row is looked at once over the whole expiry.
+    SELECT max(page.id), coalesce(array_agg(page.id ORDER BY page.id)
+                                      FILTER (WHERE page.in_window), '{}')
+    INTO last_id, ids
+    FROM (SELECT l.id,
+                 l.create_date >= p_starts AND l.create_date < p_ends
+                 AND (EXISTS (SELECT 1 FROM login_vault v WHERE v.login_id = l.id)
+                      OR p_drop_tokens AND (l.masked_ip IS NOT NULL
+                                            OR l.masked_device_id IS NOT NULL)) AS in_window
+          FROM user_logins l WHERE l.id > p_after
           ORDER BY l.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
     WITH gone AS (DELETE FROM login_vault v WHERE v.login_id = ANY (ids) RETURNING v.data_key_id)
     SELECT coalesce(array_agg(DISTINCT g.data_key_id), '{}') INTO keys FROM gone g;
@@ -121,16 +128,16 @@ BEGIN
                                     CASE WHEN p_drop_tokens THEN ', tokens too' ELSE '' END),
                              cardinality(ids), 'expired', ids, keys);
     END IF;
-    RETURN cardinality(ids) + n_quarantined;
+    RETURN QUERY SELECT cardinality(ids) + n_quarantined, last_id;
 END
 $$;
 
 GRANT CREATE ON SCHEMA public TO pii_vault_door;
 ALTER FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) OWNER TO pii_vault_door;
-ALTER FUNCTION vault_expire_page(date, date, bigint, boolean, bigint[]) OWNER TO pii_vault_door;
+ALTER FUNCTION vault_expire_page(date, date, bigint, bigint, boolean, bigint[]) OWNER TO pii_vault_door;
 REVOKE CREATE ON SCHEMA public FROM pii_vault_door;
 REVOKE EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                           vault_expire_page(date, date, bigint, boolean, bigint[]) FROM PUBLIC;
+                           vault_expire_page(date, date, bigint, bigint, boolean, bigint[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                          vault_expire_page(date, date, bigint, boolean, bigint[])
+                          vault_expire_page(date, date, bigint, bigint, boolean, bigint[])
     TO pii_vault_keyadmin;

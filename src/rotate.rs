@@ -837,17 +837,21 @@ async fn expire_window<W: KeyWrapper>(
     }
     loop {
         let keys = window_keys(pool, starts).await?;
+        let mut after = 0i64;
         loop {
-            let touched: i64 = sqlx::query_scalar("SELECT vault_expire_page($1, $2, $3, $4, $5)")
-                .bind(starts)
-                .bind(window.ends)
-                .bind(expiry.batch_size)
-                .bind(expiry.drop_tokens)
-                .bind(&keys)
-                .fetch_one(pool)
-                .await?;
-            if touched == 0 {
-                break;
+            let (_, walked_to): (i64, Option<i64>) =
+                sqlx::query_as("SELECT * FROM vault_expire_page($1, $2, $3, $4, $5, $6)")
+                    .bind(starts)
+                    .bind(window.ends)
+                    .bind(after)
+                    .bind(expiry.batch_size)
+                    .bind(expiry.drop_tokens)
+                    .bind(&keys)
+                    .fetch_one(pool)
+                    .await?;
+            match walked_to {
+                Some(id) => after = id,
+                None => break,
             }
         }
         let live: Vec<i64> = sqlx::query_scalar(

@@ -486,7 +486,7 @@ const MATRIX: [(&str, &str, bool); 41] = [
     ),
     (
         "door vault_expire_page",
-        "SELECT vault_expire_page('2025-01-01', '2025-02-01', 10, false, '{}')",
+        "SELECT * FROM vault_expire_page('2025-01-01', '2025-02-01', 0, 10, false, '{}')",
         false,
     ),
     (

@@ -1,0 +1,157 @@
+//! The vault's lifecycle operations at size, against the local services
+//! (`scripts/services up`): `verify-audit` over 100,000 audit rows, `erase` of a user with
+//! 10,000 logins, and `expire` of a retention window holding 1,000,000 logins.
+//!
+//! Rows are seeded in SQL (the operations measured never open a value, so synthetic sealed
+//! bytes serve), audit rows through the reveal door itself.
+//!
+//! Run: `cargo bench --bench lifecycle [-- --expire-count N]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use pii_vault::audit;
+use pii_vault::rotate::{self, Expiry};
+
+fn arg(name: &str, default: i64) -> i64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+/// `count` logins of `user` dated `date`, with a data key of `window` (if any), in SQL.
+async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, window: Option<&str>) {
+    let token_key: i64 = sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'token'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let data_key: i64 = sqlx::query_scalar(
+        "INSERT INTO vault_keys (purpose, kms_key_id, wrapped_key, created_by, window_starts)
+         VALUES ('data', $1, '\\x00', 'bench', $2::date) RETURNING id",
+    )
+    .bind(&env.kms_key_id)
+    .bind(window)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "WITH logins AS (
+             INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,
+                                      app_version, create_date, message_id, token_key_id,
+                                      app_version_text)
+             SELECT {user_sql}, 'ios', md5(i::text) || md5(i::text), md5(-i::text) || md5(-i::text),
+                    NULL, 1000000, $1::date, 'bench-' || $2::text || '-' || i, $3, '1.0'
+             FROM generate_series(1, $4::int8) AS i
+             RETURNING id)
+         INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id)
+         SELECT id, $5, decode(repeat('ab', 36), 'hex'), decode(repeat('cd', 39), 'hex')
+         FROM logins"
+    ))
+    .bind(date)
+    .bind(data_key)
+    .bind(token_key)
+    .bind(count)
+    .bind(data_key)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let audit_rows = arg("--audit-rows", 100_000);
+    let erase_logins = arg("--erase-logins", 10_000);
+    let expire_count = arg("--expire-count", 1_000_000);
+    let env = common::TestEnv::new(30).await;
+    env.init_token_key().await;
+
+    // verify-audit: rows appended by the door, as psql or unmask would.
+    let compliance = env.pool_as("compliance").await;
+    sqlx::query(
+        "SELECT count(*) FROM generate_series(1, $1::int8) AS i,
+             LATERAL vault_reveal('user_id', 'nobody-' || i, 'security-incident', 'bench', 'bench')",
+    )
+    .bind(audit_rows)
+    .execute(&compliance)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let intact = audit::verify(&compliance, None, None).await.unwrap();
+    let verify_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(intact.rows as i64, audit_rows);
+    compliance.close().await;
+
+    // erase: one user with many logins.
+    seed(&env, "'bench-erased'", erase_logins, "2026-01-15", None).await;
+    let keyadmin = env.pool_as("keyadmin").await;
+    let keyring = env.keyring_on(&keyadmin);
+    let started = Instant::now();
+    let erased = rotate::erase(&keyadmin, &keyring, "bench-erased", "bench", "bench", false)
+        .await
+        .unwrap();
+    let erase_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(erased.logins as i64, erase_logins);
+
+    // expire: one window of many logins.
+    let window_key = env
+        .kms
+        .client()
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .arn
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO retention_windows (starts, ends, kms_key_id)
+         VALUES ('2025-01-01', '2025-02-01', $1)",
+    )
+    .bind(&window_key)
+    .execute(&keyadmin)
+    .await
+    .unwrap();
+    seed(
+        &env,
+        "'u-' || i",
+        expire_count,
+        "2025-01-15",
+        Some("2025-01-01"),
+    )
+    .await;
+    sqlx::query("ANALYZE").execute(&env.pool).await.unwrap();
+    let horizon = time::Date::from_calendar_date(2025, time::Month::February, 1).unwrap();
+    let expiry = Expiry {
+        horizon,
+        apply: true,
+        drop_tokens: false,
+        batch_size: 1_000,
+        grace: Duration::ZERO,
+    };
+    let started = Instant::now();
+    let report = rotate::expire(&keyadmin, &keyring, &expiry).await.unwrap();
+    let expire_seconds = started.elapsed().as_secs_f64();
+    assert!(report[0].applied);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM login_vault")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    keyadmin.close().await;
+
+    println!(
+        "verify-audit over {audit_rows} rows: {verify_seconds:.2} s; erase of a user with {erase_logins} logins: {erase_seconds:.2} s; expire of {expire_count} logins: {expire_seconds:.1} s ({:.0} rows/s)",
+        expire_count as f64 / expire_seconds
+    );
+    println!(
+        "{{\"verify_audit_rows\": {audit_rows}, \"verify_audit_s\": {verify_seconds:.3}, \"erase_logins\": {erase_logins}, \"erase_s\": {erase_seconds:.3}, \"expire_logins\": {expire_count}, \"expire_s\": {expire_seconds:.2}, \"expire_rows_per_s\": {:.0}}}",
+        expire_count as f64 / expire_seconds
+    );
+    env.cleanup().await;
+}
