@@ -96,6 +96,16 @@ pub enum UnmaskError {
         message_id: String,
         what: String,
     },
+    /// KMS refused to unwrap a key a door handed out: a wrapped key altered, moved to another
+    /// id, or under a disabled or deleted KMS key. Nothing was revealed.
+    #[error(
+        "KMS refused the key of login {login_id} (message {message_id}): {what}; nothing was revealed"
+    )]
+    KmsRefused {
+        login_id: i64,
+        message_id: String,
+        what: String,
+    },
     #[error("keys: {0}")]
     Keys(KeyringError),
     #[error("database: {0}")]
@@ -109,7 +119,7 @@ impl UnmaskError {
         match self {
             UnmaskError::Refused(_) => 2,
             UnmaskError::NotAuthorized(_) => 3,
-            UnmaskError::Integrity { .. } => 4,
+            UnmaskError::Integrity { .. } | UnmaskError::KmsRefused { .. } => 4,
             UnmaskError::Database(e) if is_permission_denied(e) => 3,
             _ => 1,
         }
@@ -119,7 +129,7 @@ impl UnmaskError {
     fn audit_outcome(&self) -> &'static str {
         match self {
             UnmaskError::Integrity { .. } => "integrity-failure",
-            UnmaskError::NotAuthorized(_) => "kms-refused",
+            UnmaskError::NotAuthorized(_) | UnmaskError::KmsRefused { .. } => "kms-refused",
             _ => "keys-unavailable",
         }
     }
@@ -367,6 +377,11 @@ fn key_failure(login_id: i64, message_id: &str, error: KeyringError) -> UnmaskEr
         }
         KeyringError::Kms { source, .. } if source.is_transient() => UnmaskError::Keys(error),
         KeyringError::Database(_) => UnmaskError::Keys(error),
+        KeyringError::Kms { .. } => UnmaskError::KmsRefused {
+            login_id,
+            message_id: message_id.to_owned(),
+            what: error.to_string(),
+        },
         _ => UnmaskError::Integrity {
             login_id,
             message_id: message_id.to_owned(),
