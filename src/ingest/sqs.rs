@@ -1,4 +1,5 @@
-//! The SQS adapter: long-poll receive and batched delete.
+//! The SQS adapter: long-poll receive and batched delete through the AWS SDK (the JSON
+//! protocol; [`super::sqs_query`] speaks the older Query protocol).
 
 use std::time::Instant;
 
@@ -90,23 +91,35 @@ where
     R: std::fmt::Debug,
 {
     let transient = match &error {
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or_default();
-            // Queue missing, access denied, bad parameters: retrying will not help.
-            !(code.contains("NonExistentQueue")
-                || code.contains("QueueDoesNotExist")
-                || code.contains("AccessDenied")
-                || code.contains("InvalidParameter")
-                || code.contains("InvalidAddress")
-                || code.contains("InvalidClientTokenId")
-                || code.contains("UnrecognizedClient"))
-        }
+        SdkError::ServiceError(service) => !is_permanent(service.err().code().unwrap_or_default()),
         _ => true,
     };
     SourceError {
         message: format!("{operation}: {}", DisplayErrorContext(&error)),
         transient,
     }
+}
+
+/// Error codes that retrying will not cure: the queue is missing, the credentials or the
+/// signature are refused, a parameter is wrong. Either protocol answers with these names.
+pub(crate) fn is_permanent(code: &str) -> bool {
+    [
+        "NonExistentQueue",
+        "QueueDoesNotExist",
+        "AccessDenied",
+        "InvalidParameter",
+        "InvalidAddress",
+        "InvalidClientTokenId",
+        "UnrecognizedClient",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "AuthFailure",
+        "InvalidAction",
+        "MissingParameter",
+    ]
+    .iter()
+    .any(|permanent| code.contains(permanent))
 }
 
 /// Sends up to [`SQS_BATCH_LIMIT`] bodies in one SendMessageBatch; fails if SQS refuses any.
