@@ -1,5 +1,6 @@
 //! The SQS adapter: long-poll receive and batched delete through the AWS SDK (the JSON
-//! protocol; [`super::sqs_query`] speaks the older Query protocol).
+//! protocol; [`super::sqs_query`] speaks the older Query protocol), and [`SqsQueue`], either
+//! of the two behind one type.
 
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use aws_sdk_sqs::types::{
 use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::sqs_query::QuerySqsSource;
 
 /// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
 pub const SQS_BATCH_LIMIT: usize = 10;
@@ -237,5 +239,48 @@ impl MessageSource for SqsSource {
             outcome.refused += output.failed.len();
         }
         Ok(outcome)
+    }
+}
+
+/// The queue `ingest` reads, through whichever protocol its endpoint speaks
+/// (`--sqs-protocol`): one type for the pipeline and the readiness check.
+#[derive(Debug, Clone)]
+pub enum SqsQueue {
+    /// The AWS SDK, JSON protocol: AWS and LocalStack 3.0 and later.
+    Json(SqsSource),
+    /// The Query protocol: emulators older than LocalStack 3.0.
+    Query(QuerySqsSource),
+}
+
+impl SqsQueue {
+    pub fn queue_url(&self) -> &str {
+        match self {
+            SqsQueue::Json(source) => source.queue_url(),
+            SqsQueue::Query(source) => source.queue_url(),
+        }
+    }
+
+    /// Succeeds when the queue answers: the readiness check.
+    pub async fn check(&self) -> Result<(), SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.check().await,
+            SqsQueue::Query(source) => source.check().await,
+        }
+    }
+}
+
+impl MessageSource for SqsQueue {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.receive().await,
+            SqsQueue::Query(source) => source.receive().await,
+        }
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.acknowledge(receipts).await,
+            SqsQueue::Query(source) => source.acknowledge(receipts).await,
+        }
     }
 }

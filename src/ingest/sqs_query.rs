@@ -55,7 +55,7 @@ const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
 pub enum Protocol {
     /// AWS JSON 1.0 (`X-Amz-Target: AmazonSQS.ReceiveMessage`): AWS, LocalStack 3.0 and later.
     Json,
-    /// Form requests and XML answers: LocalStack before 3.0, ElasticMQ, moto.
+    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
     Query,
 }
 
