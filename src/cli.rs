@@ -13,6 +13,8 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 use crate::db::LOCAL_DATABASE_URL;
+use crate::ingest::source::SourceError;
+use crate::ingest::sqs_query::{self, Protocol};
 
 /// `--database-url`, shared by every binary.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +31,48 @@ pub struct KmsArgs {
     /// recorded with them.
     #[arg(long, env = "KMS_KEY_ID", default_value = "alias/pii-vault")]
     pub kms_key_id: String,
+}
+
+/// `--sqs-protocol`, shared by `ingest` and `loadgen`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SqsArgs {
+    /// The protocol to speak to SQS: LocalStack before 3.0 (as in the original take-home's
+    /// docker-compose) knows only `query`.
+    #[arg(long, env = "SQS_PROTOCOL", value_enum, default_value_t = SqsProtocol::Json)]
+    pub sqs_protocol: SqsProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqsProtocol {
+    /// AWS JSON, through the AWS SDK: AWS, LocalStack 3.0 and later.
+    Json,
+    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
+    Query,
+    /// Ask the endpoint once (a JSON GetQueueUrl), log which it speaks, and use that.
+    Auto,
+}
+
+impl SqsArgs {
+    /// The protocol to use for `queue` (name or URL): the one asked for, or with `auto` the one
+    /// the endpoint answers in.
+    pub async fn protocol(
+        &self,
+        aws: &aws_config::SdkConfig,
+        queue: &str,
+    ) -> Result<Protocol, SourceError> {
+        match self.sqs_protocol {
+            SqsProtocol::Json => Ok(Protocol::Json),
+            SqsProtocol::Query => Ok(Protocol::Query),
+            SqsProtocol::Auto => {
+                let protocol = sqs_query::probe(aws, queue).await?;
+                tracing::info!(
+                    %protocol,
+                    "--sqs-protocol auto: the SQS endpoint speaks the {protocol} protocol; using it"
+                );
+                Ok(protocol)
+            }
+        }
+    }
 }
 
 /// `--log-format`, shared by every binary.

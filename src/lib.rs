@@ -8,7 +8,9 @@
 //! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
 //! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table.
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
-//!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter.
+//!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
+//!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
+//!     older Query protocol.
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
 //! - [`unmask`]: audited recovery of original values; [`audit`]: its hash-chained trail.
 //! - [`rotate`]: online key rotation, re-wrapping and erasure (`rotate-keys`).

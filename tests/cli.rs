@@ -92,11 +92,91 @@ async fn loadgen_reads_the_original_gzip_array_and_generates() {
     env.cleanup().await;
 }
 
+/// The demo's path over the SQS Query protocol (as against LocalStack before 3.0), and `auto`,
+/// which asks the endpoint and says what it chose.
+#[tokio::test]
+async fn query_protocol_loadgen_and_ingest_and_auto() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let sent = env.run_binary(
+        LOADGEN,
+        &[
+            "--sqs-protocol",
+            "query",
+            "--file",
+            &sample("sample_data.jsonl"),
+        ],
+    );
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert!(
+        stdout(&sent).starts_with("sent 100 messages"),
+        "{}",
+        stdout(&sent)
+    );
+    let ingested = env.run_binary(INGEST, &["--sqs-protocol", "query", "--drain"]);
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    assert!(
+        stdout(&ingested).contains("stored=99 quarantined=1"),
+        "{}",
+        stdout(&ingested)
+    );
+    assert_eq!(env.count("user_logins").await, 99);
+    assert_eq!(env.messages_on_queue().await, 0);
+
+    // auto, from the environment: LocalStack 4 speaks JSON, and the choice is logged once.
+    let run_auto = |binary: &str, args: &[&str]| {
+        std::process::Command::new(binary)
+            .args(args)
+            .envs(env.binary_env())
+            .env("SQS_PROTOCOL", "auto")
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let auto_sent = run_auto(LOADGEN, &["--count", "3", "--bad-rate", "0"]);
+    assert!(auto_sent.status.success(), "{}", stderr(&auto_sent));
+    let auto_ingested = run_auto(INGEST, &["--drain"]);
+    assert!(auto_ingested.status.success(), "{}", stderr(&auto_ingested));
+    for output in [&auto_sent, &auto_ingested] {
+        let said = stderr(output);
+        assert_eq!(
+            said.matches("--sqs-protocol auto: the SQS endpoint speaks the json protocol")
+                .count(),
+            1,
+            "{said}"
+        );
+    }
+    assert!(
+        stdout(&auto_ingested).contains("stored=3 quarantined=0"),
+        "{}",
+        stdout(&auto_ingested)
+    );
+
+    // The Query client speaks plain HTTP only, and says so in one line.
+    let https = env.run_binary(
+        INGEST,
+        &[
+            "--sqs-protocol",
+            "query",
+            "--drain",
+            "--queue",
+            "https://sqs.us-east-1.amazonaws.com/123456789012/login-queue",
+        ],
+    );
+    assert_eq!(https.status.code(), Some(1), "{}", stderr(&https));
+    let message = stderr(&https);
+    assert!(message.contains("plain HTTP only"), "{message}");
+    assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+    env.cleanup().await;
+}
+
 #[test]
 fn bad_arguments_exit_2_with_one_clear_line() {
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 7] = [
         (INGEST, &["--batch-size", "0"]),
         (INGEST, &["--wait-seconds", "21"]),
+        (INGEST, &["--sqs-protocol", "soap"]),
+        (LOADGEN, &["--count", "1", "--sqs-protocol", "xml"]),
         (LOADGEN, &[]),
         (LOADGEN, &["--count", "5", "--dup-rate", "2"]),
         (ROTATE_KEYS, &["frobnicate"]),

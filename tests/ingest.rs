@@ -1,15 +1,17 @@
-//! Ingest end to end over the wire: SQS and KMS in the emulator, the real PostgreSQL.
+//! Ingest end to end over the wire: SQS and KMS in the emulator, the real PostgreSQL; and the
+//! SQS Query protocol, over the emulator and against a pre-3.0 emulator's recorded answers.
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{TestEnv, sample_bodies};
 use pii_vault::ingest::batch::login_place;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
+use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource, probe};
 use pii_vault::synth::Generator;
 use pii_vault::vault::KeyId;
 use pii_vault::vault::token::Field;
@@ -330,4 +332,497 @@ async fn a_batch_whose_commit_fails_is_not_deleted_and_is_stored_once_later() {
     assert_eq!(env.count("user_logins").await, 29);
     assert_eq!(env.messages_on_queue().await, 0);
     env.cleanup().await;
+}
+
+// The SQS Query protocol (`--sqs-protocol query`): over LocalStack's Query endpoint, and
+// against the answers of an emulator older than LocalStack 3.0, replayed from loopback.
+
+/// Keeps each message's SentTimestamp, to compare with its row's `create_date`.
+struct KeepSentTimes {
+    source: QuerySqsSource,
+    sent: Mutex<HashMap<String, time::OffsetDateTime>>,
+}
+
+impl MessageSource for KeepSentTimes {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        let messages = self.source.receive().await?;
+        let mut sent = self.sent.lock().unwrap();
+        for message in &messages {
+            sent.insert(message.id.clone(), message.sent_at.expect("SentTimestamp"));
+        }
+        Ok(messages)
+    }
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        self.source.acknowledge(receipts).await
+    }
+}
+
+#[tokio::test]
+async fn over_the_query_protocol_the_sample_gives_99_rows_1_quarantine_and_an_empty_queue() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let client = QueryClient::new(&common::aws_config().await);
+    for chunk in sample_bodies().chunks(10) {
+        let sent = client.send_batch(&env.queue_url, chunk).await.unwrap();
+        assert_eq!(sent, chunk.len());
+    }
+    let source = Arc::new(KeepSentTimes {
+        source: QuerySqsSource::new(
+            client,
+            env.queue_url.clone(),
+            PollSettings {
+                wait_time_seconds: 1,
+                visibility_timeout_seconds: None,
+            },
+        ),
+        sent: Mutex::default(),
+    });
+    let summary = env.drain_from(source.clone()).await;
+    assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
+    assert_eq!(summary.received, 100 + summary.duplicates);
+    assert_eq!(summary.acknowledged, summary.received);
+    assert_eq!(env.count("user_logins").await, 99);
+    assert_eq!(env.count("quarantine").await, 1);
+    assert_eq!(env.messages_on_queue().await, 0);
+
+    // create_date: the UTC date of each message's SentTimestamp, read from the XML.
+    let rows: Vec<(String, time::Date)> =
+        sqlx::query_as("SELECT message_id, create_date FROM user_logins")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let sent = source.sent.lock().unwrap().clone();
+    for (message_id, create_date) in rows {
+        let sent_at = sent[&message_id];
+        assert_eq!(sent_at.offset(), time::UtcOffset::UTC);
+        assert_eq!(create_date, sent_at.date(), "{message_id}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn over_the_query_protocol_bodies_arrive_byte_for_byte() {
+    let env = TestEnv::new(30).await;
+    let client = QueryClient::new(&common::aws_config().await);
+    let bodies = [
+        r#"{"a": "<&>\"'", "b": "é ü 漢字 🙂"}"#.to_owned(),
+        "  leading and trailing whitespace\t".to_owned(),
+        "two\r\nlines\rand a lone CR; ]]> and &amp; literally".to_owned(),
+    ];
+    assert_eq!(client.send_batch(&env.queue_url, &bodies).await.unwrap(), 3);
+    let source = QuerySqsSource::new(
+        client,
+        env.queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: None,
+        },
+    );
+    let mut received = Vec::new();
+    for _ in 0..10 {
+        let messages = source.receive().await.unwrap();
+        let receipts = messages.iter().map(|m| m.receipt.clone()).collect();
+        received.extend(messages.into_iter().map(|m| m.body));
+        source.acknowledge(receipts).await.unwrap();
+        if received.len() >= bodies.len() {
+            break;
+        }
+    }
+    received.sort();
+    let mut expected: Vec<Vec<u8>> = bodies.iter().map(|b| b.clone().into_bytes()).collect();
+    expected.sort();
+    assert_eq!(received, expected);
+
+    // The readiness check, and LocalStack's Query answer for a missing queue.
+    source.check().await.unwrap();
+    let missing = QuerySqsSource::new(
+        QueryClient::new(&common::aws_config().await),
+        format!("{}-missing", env.queue_url),
+        PollSettings::default(),
+    );
+    let error = missing.check().await.unwrap_err();
+    assert!(!error.transient, "{}", error.message);
+    assert!(
+        error.message.contains("NonExistentQueue") || error.message.contains("QueueDoesNotExist"),
+        "{}",
+        error.message
+    );
+    env.cleanup().await;
+}
+
+fn recorded(name: &str) -> String {
+    let path = format!("{}/tests/data/sqs-query/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A request the recorded emulator received.
+#[derive(Debug, Clone)]
+struct SeenRequest {
+    path: String,
+    /// Header names in lower case.
+    headers: HashMap<String, String>,
+    /// The decoded form fields (none for a JSON-protocol request).
+    form: HashMap<String, String>,
+}
+
+type Script = HashMap<String, VecDeque<(u16, String)>>;
+
+/// An emulator older than LocalStack 3.0 in miniature, on a loopback port: every request gets
+/// the next answer scripted for its `Action` (`json` for a JSON-protocol request), written as
+/// plain HTTP/1.1, and is kept for the test to inspect.
+struct RecordedEmulator {
+    endpoint: String,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    script: Arc<Mutex<Script>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl RecordedEmulator {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<SeenRequest>>> = Arc::default();
+        let script: Arc<Mutex<Script>> = Arc::default();
+        let (seen_by_server, script_of_server) = (seen.clone(), script.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(answer_one(
+                    stream,
+                    seen_by_server.clone(),
+                    script_of_server.clone(),
+                ));
+            }
+        });
+        Self {
+            endpoint,
+            seen,
+            script,
+            accept,
+        }
+    }
+
+    /// Queues an answer to the next request for `action`.
+    fn answer(&self, action: &str, status: u16, body: String) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry(action.to_owned())
+            .or_default()
+            .push_back((status, body));
+    }
+
+    fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RecordedEmulator {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Reads one request, answers it, and closes the connection.
+async fn answer_one(
+    mut stream: tokio::net::TcpStream,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    script: Arc<Mutex<Script>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let json = headers.contains_key("x-amz-target");
+    let form = if json {
+        HashMap::new()
+    } else {
+        decode_form(&body)
+    };
+    let action = if json {
+        "json".to_owned()
+    } else {
+        form.get("Action").cloned().unwrap_or_default()
+    };
+    seen.lock().unwrap().push(SeenRequest {
+        path,
+        headers,
+        form,
+    });
+    let (status, answer) = script
+        .lock()
+        .unwrap()
+        .get_mut(&action)
+        .and_then(VecDeque::pop_front)
+        .unwrap_or((500, String::new()));
+    let response = format!(
+        "HTTP/1.1 {status} Recorded\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn decode_form(body: &[u8]) -> HashMap<String, String> {
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 2;
+                }
+                byte => out.push(byte),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).unwrap()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+/// The form fields `fields` are all in `request`, with these values.
+fn assert_form(request: &SeenRequest, fields: &[(&str, &str)]) {
+    for (key, value) in fields {
+        assert_eq!(
+            request.form.get(*key).map(String::as_str),
+            Some(*value),
+            "{key} in {:?}",
+            request.form
+        );
+    }
+}
+
+/// Signed with SigV4 for SQS in the test's region, with the test's access key.
+fn assert_signed(request: &SeenRequest) {
+    let authorization = &request.headers["authorization"];
+    assert!(
+        authorization.starts_with("AWS4-HMAC-SHA256 Credential=test/"),
+        "{authorization}"
+    );
+    assert!(
+        authorization.contains("/us-east-1/sqs/aws4_request"),
+        "{authorization}"
+    );
+    assert!(
+        authorization.contains("SignedHeaders=content-type;host;x-amz-date"),
+        "{authorization}"
+    );
+    assert!(authorization.contains("Signature="), "{authorization}");
+    assert!(request.headers.contains_key("x-amz-date"));
+    assert!(
+        request.headers["content-type"].starts_with("application/x-www-form-urlencoded"),
+        "{:?}",
+        request.headers
+    );
+}
+
+#[tokio::test]
+async fn a_pre_3_0_emulator_is_read_through_the_query_source() {
+    let emulator = RecordedEmulator::start().await;
+    let aws = common::aws_config_at(&emulator.endpoint).await;
+    let client = QueryClient::new(&aws);
+    let samples = sample_bodies();
+
+    // auto: a JSON-protocol request gets an XML complaint, so the endpoint speaks Query.
+    emulator.answer("json", 400, recorded("error-json-request.xml"));
+    assert_eq!(probe(&aws, "login-queue").await.unwrap(), Protocol::Query);
+
+    // GetQueueUrl goes to the endpoint.
+    emulator.answer("GetQueueUrl", 200, recorded("get-queue-url.xml"));
+    assert_eq!(
+        client.get_queue_url("login-queue").await.unwrap(),
+        "http://localhost:4566/000000000000/login-queue"
+    );
+    // A missing queue: not transient, said in one line, and not retried.
+    emulator.answer("GetQueueUrl", 400, recorded("error-nonexistent-queue.xml"));
+    let missing = client.get_queue_url("no-such-queue").await.unwrap_err();
+    assert!(!missing.transient);
+    assert_eq!(
+        missing.message,
+        "GetQueueUrl no-such-queue: AWS.SimpleQueueService.NonExistentQueue (HTTP 400) \
+         The specified queue does not exist for this wsdl version."
+    );
+    let seen = emulator.seen();
+    assert_eq!(seen.len(), 3, "the missing queue was asked for once");
+    assert_eq!(seen[1].path, "/");
+    assert_signed(&seen[1]);
+    assert_form(
+        &seen[1],
+        &[
+            ("Action", "GetQueueUrl"),
+            ("Version", "2012-11-05"),
+            ("QueueName", "login-queue"),
+        ],
+    );
+
+    // A throttled receive is retried, and the answer read: ids, receipts, exact bodies (the
+    // XML escapes them as `&#34;`), and SentTimestamp in UTC.
+    let queue_url = format!("{}/000000000000/login-queue", emulator.endpoint);
+    let source = QuerySqsSource::new(
+        client.clone(),
+        queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 2,
+            visibility_timeout_seconds: Some(45),
+        },
+    );
+    emulator.answer("ReceiveMessage", 503, recorded("error-throttled.xml"));
+    emulator.answer("ReceiveMessage", 200, recorded("receive-message.xml"));
+    let messages = source.receive().await.unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0].id, "4b0e1f5c-7e3a-4d58-9a8f-0c6f1b2d3e41");
+    assert_eq!(messages[0].body, samples[0].as_bytes());
+    assert_eq!(messages[1].body, samples[12].as_bytes());
+    assert!(messages[0].receipt.0.starts_with("hzzzvqcmgbzwjzwb"));
+    assert_eq!(
+        messages[0].sent_at,
+        Some(time::OffsetDateTime::from_unix_timestamp_nanos(1_595_263_429_431_000_000).unwrap())
+    );
+    let late = messages[1].sent_at.unwrap();
+    assert_eq!(
+        (late.date().to_string(), late.offset()),
+        ("2020-07-20".to_owned(), time::UtcOffset::UTC)
+    );
+    let seen = emulator.seen();
+    assert_eq!(seen.len(), 5, "the throttled receive was tried again");
+    for receive in &seen[3..5] {
+        // To the configured endpoint, naming the queue in the form, as the AWS CLI does.
+        assert_eq!(receive.path, "/");
+        assert_signed(receive);
+        assert_form(
+            receive,
+            &[
+                ("Action", "ReceiveMessage"),
+                ("Version", "2012-11-05"),
+                ("QueueUrl", &queue_url),
+                ("MaxNumberOfMessages", "10"),
+                ("WaitTimeSeconds", "2"),
+                ("VisibilityTimeout", "45"),
+                ("AttributeName.1", "SentTimestamp"),
+            ],
+        );
+    }
+
+    // DeleteMessageBatch: one deleted, one refused, counted as the JSON adapter counts them.
+    emulator.answer(
+        "DeleteMessageBatch",
+        200,
+        recorded("delete-message-batch.xml"),
+    );
+    let outcome = source
+        .acknowledge(messages.iter().map(|m| m.receipt.clone()).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Acknowledged {
+            deleted: 1,
+            refused: 1
+        }
+    );
+    let delete = emulator.seen().pop().unwrap();
+    assert_signed(&delete);
+    assert_form(
+        &delete,
+        &[
+            ("Action", "DeleteMessageBatch"),
+            ("DeleteMessageBatchRequestEntry.1.Id", "0"),
+            (
+                "DeleteMessageBatchRequestEntry.1.ReceiptHandle",
+                &messages[0].receipt.0,
+            ),
+            ("DeleteMessageBatchRequestEntry.2.Id", "1"),
+            (
+                "DeleteMessageBatchRequestEntry.2.ReceiptHandle",
+                &messages[1].receipt.0,
+            ),
+        ],
+    );
+
+    // Throttled on every attempt: a transient error, after as many attempts as the SDK makes.
+    let before = emulator.seen().len();
+    for _ in 0..5 {
+        emulator.answer("ReceiveMessage", 503, recorded("error-throttled.xml"));
+    }
+    let throttled = source.receive().await.unwrap_err();
+    assert!(throttled.transient);
+    assert!(
+        throttled
+            .message
+            .starts_with("ReceiveMessage: RequestThrottled (HTTP 503)"),
+        "{}",
+        throttled.message
+    );
+    assert_eq!(emulator.seen().len() - before, 5);
+
+    // An answer cut short inside a body: an error that names a position, never the body.
+    let whole = recorded("receive-message.xml");
+    let cut = whole[..whole.find("199.172").unwrap() + 7].to_owned();
+    emulator.answer("ReceiveMessage", 200, cut);
+    let broken = source.receive().await.unwrap_err();
+    assert!(!broken.message.contains("199.172"), "{}", broken.message);
+    assert!(
+        broken.message.starts_with("ReceiveMessage: HTTP 200: "),
+        "{}",
+        broken.message
+    );
+
+    // SendMessageBatch (loadgen): every body goes as it is.
+    emulator.answer("SendMessageBatch", 200, recorded("send-message-batch.xml"));
+    let bodies = [samples[0].clone(), samples[12].clone()];
+    assert_eq!(client.send_batch(&queue_url, &bodies).await.unwrap(), 2);
+    let send = emulator.seen().pop().unwrap();
+    assert_signed(&send);
+    assert_form(
+        &send,
+        &[
+            ("Action", "SendMessageBatch"),
+            ("QueueUrl", &queue_url),
+            ("SendMessageBatchRequestEntry.1.Id", "0"),
+            ("SendMessageBatchRequestEntry.1.MessageBody", &samples[0]),
+            ("SendMessageBatchRequestEntry.2.Id", "1"),
+            ("SendMessageBatchRequestEntry.2.MessageBody", &samples[12]),
+        ],
+    );
 }

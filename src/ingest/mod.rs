@@ -22,6 +22,7 @@ pub mod batch;
 pub mod file;
 pub mod source;
 pub mod sqs;
+pub mod sqs_query;
 pub mod writer;
 
 use std::sync::Arc;

@@ -1,4 +1,6 @@
-//! The SQS adapter: long-poll receive and batched delete.
+//! The SQS adapter: long-poll receive and batched delete through the AWS SDK (the JSON
+//! protocol; [`super::sqs_query`] speaks the older Query protocol), and [`SqsQueue`], either
+//! of the two behind one type.
 
 use std::time::Instant;
 
@@ -9,6 +11,7 @@ use aws_sdk_sqs::types::{
 use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::sqs_query::QuerySqsSource;
 
 /// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
 pub const SQS_BATCH_LIMIT: usize = 10;
@@ -90,23 +93,35 @@ where
     R: std::fmt::Debug,
 {
     let transient = match &error {
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or_default();
-            // Queue missing, access denied, bad parameters: retrying will not help.
-            !(code.contains("NonExistentQueue")
-                || code.contains("QueueDoesNotExist")
-                || code.contains("AccessDenied")
-                || code.contains("InvalidParameter")
-                || code.contains("InvalidAddress")
-                || code.contains("InvalidClientTokenId")
-                || code.contains("UnrecognizedClient"))
-        }
+        SdkError::ServiceError(service) => !is_permanent(service.err().code().unwrap_or_default()),
         _ => true,
     };
     SourceError {
         message: format!("{operation}: {}", DisplayErrorContext(&error)),
         transient,
     }
+}
+
+/// Error codes that retrying will not cure: the queue is missing, the credentials or the
+/// signature are refused, a parameter is wrong. Either protocol answers with these names.
+pub(crate) fn is_permanent(code: &str) -> bool {
+    [
+        "NonExistentQueue",
+        "QueueDoesNotExist",
+        "AccessDenied",
+        "InvalidParameter",
+        "InvalidAddress",
+        "InvalidClientTokenId",
+        "UnrecognizedClient",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "AuthFailure",
+        "InvalidAction",
+        "MissingParameter",
+    ]
+    .iter()
+    .any(|permanent| code.contains(permanent))
 }
 
 /// Sends up to [`SQS_BATCH_LIMIT`] bodies in one SendMessageBatch; fails if SQS refuses any.
@@ -224,5 +239,48 @@ impl MessageSource for SqsSource {
             outcome.refused += output.failed.len();
         }
         Ok(outcome)
+    }
+}
+
+/// The queue `ingest` reads, through whichever protocol its endpoint speaks
+/// (`--sqs-protocol`): one type for the pipeline and the readiness check.
+#[derive(Debug, Clone)]
+pub enum SqsQueue {
+    /// The AWS SDK, JSON protocol: AWS and LocalStack 3.0 and later.
+    Json(SqsSource),
+    /// The Query protocol: emulators older than LocalStack 3.0.
+    Query(QuerySqsSource),
+}
+
+impl SqsQueue {
+    pub fn queue_url(&self) -> &str {
+        match self {
+            SqsQueue::Json(source) => source.queue_url(),
+            SqsQueue::Query(source) => source.queue_url(),
+        }
+    }
+
+    /// Succeeds when the queue answers: the readiness check.
+    pub async fn check(&self) -> Result<(), SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.check().await,
+            SqsQueue::Query(source) => source.check().await,
+        }
+    }
+}
+
+impl MessageSource for SqsQueue {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.receive().await,
+            SqsQueue::Query(source) => source.receive().await,
+        }
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.acknowledge(receipts).await,
+            SqsQueue::Query(source) => source.acknowledge(receipts).await,
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::ingest::sqs::SqsSource;
+use crate::ingest::sqs::SqsQueue;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::AwsKms;
 
@@ -39,7 +39,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Readiness {
     pub pool: PgPool,
     /// The queue; `None` when reading a file.
-    pub queue: Option<Arc<SqsSource>>,
+    pub queue: Option<Arc<SqsQueue>>,
     pub keyring: Keyring<AwsKms>,
     /// Whether the pipeline can seal (see [`Condition`]).
     pub sealing: Arc<Condition>,

@@ -11,11 +11,12 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
-use pii_vault::ingest::sqs::{self, PollSettings, SqsSource};
+use pii_vault::ingest::sqs::{self, PollSettings, SqsQueue, SqsSource};
+use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
 use pii_vault::vault::keyring::Keyring;
@@ -38,6 +39,8 @@ struct Args {
     /// Queue name or URL.
     #[arg(long, env = "QUEUE", default_value = "login-queue")]
     queue: String,
+    #[command(flatten)]
+    sqs: SqsArgs,
     /// Exit once the queue is empty instead of running until SIGTERM or Ctrl-C.
     #[arg(long)]
     drain: bool,
@@ -156,11 +159,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("opening {path}"))?,
         )),
         None => {
-            let sqs_client = aws_sdk_sqs::Client::new(&aws);
-            let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+            let protocol = args
+                .sqs
+                .protocol(&aws, &args.queue)
                 .await
-                .context("finding the queue")?;
-            Input::Queue(Arc::new(SqsSource::new(sqs_client, queue_url, poll)))
+                .context("choosing the SQS protocol")?;
+            let queue = match protocol {
+                Protocol::Json => {
+                    let sqs_client = aws_sdk_sqs::Client::new(&aws);
+                    let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+                        .await
+                        .context("finding the queue")?;
+                    SqsQueue::Json(SqsSource::new(sqs_client, queue_url, poll))
+                }
+                Protocol::Query => {
+                    let client = QueryClient::new(&aws);
+                    let queue_url = client
+                        .get_queue_url(&args.queue)
+                        .await
+                        .context("finding the queue")?;
+                    SqsQueue::Query(QuerySqsSource::new(client, queue_url, poll))
+                }
+            };
+            Input::Queue(Arc::new(queue))
         }
     };
 
@@ -218,7 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Where messages come from.
 enum Input {
-    Queue(Arc<SqsSource>),
+    Queue(Arc<SqsQueue>),
     File(Arc<FileSource>),
 }
 

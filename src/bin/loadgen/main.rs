@@ -9,8 +9,9 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use pii_vault::cli::{self, LoggingArgs, UsageError};
+use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
+use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
 use pii_vault::synth::Generator;
 
 /// Send login messages to an SQS queue (creating the queue if it is missing).
@@ -22,6 +23,8 @@ struct Args {
     /// Queue name or URL.
     #[arg(long, env = "QUEUE", default_value = "login-queue")]
     queue: String,
+    #[command(flatten)]
+    sqs: SqsArgs,
     /// Send the bodies in this file: JSON lines, or a JSON array (gzip-compressed if the name
     /// ends in .gz).
     #[arg(long, conflicts_with = "count", required_unless_present = "count")]
@@ -68,21 +71,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let aws = cli::aws_config().await;
-    let client = aws_sdk_sqs::Client::new(&aws);
-    let queue_url = if args.queue.starts_with("http://") || args.queue.starts_with("https://") {
-        args.queue.clone()
-    } else {
-        // Returns the existing queue's URL when it exists (its attributes are left alone).
-        client
-            .create_queue()
-            .queue_name(&args.queue)
-            .send()
-            .await
-            .map_err(aws_sdk_sqs::Error::from)
-            .with_context(|| format!("creating or finding queue {}", args.queue))?
-            .queue_url
-            .context("CreateQueue returned no URL")?
+    let protocol = args
+        .sqs
+        .protocol(&aws, &args.queue)
+        .await
+        .context("choosing the SQS protocol")?;
+    let client = match protocol {
+        Protocol::Json => Sender::Json(aws_sdk_sqs::Client::new(&aws)),
+        Protocol::Query => Sender::Query(QueryClient::new(&aws)),
     };
+    let queue_url = client
+        .create_or_find(&args.queue)
+        .await
+        .with_context(|| format!("creating or finding queue {}", args.queue))?;
 
     let started = std::time::Instant::now();
     let mut in_flight = JoinSet::new();
@@ -108,12 +109,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send_batch(
-    client: aws_sdk_sqs::Client,
-    queue_url: String,
-    bodies: Vec<String>,
-) -> anyhow::Result<u64> {
-    Ok(sqs::send_batch(&client, &queue_url, &bodies).await? as u64)
+/// SendMessageBatch and CreateQueue in the protocol the queue speaks.
+#[derive(Clone)]
+enum Sender {
+    Json(aws_sdk_sqs::Client),
+    Query(QueryClient),
+}
+
+impl Sender {
+    /// The URL of `queue` (a URL already, or a name), creating the queue if it is missing (an
+    /// existing queue's attributes are left alone).
+    async fn create_or_find(&self, queue: &str) -> anyhow::Result<String> {
+        if queue.starts_with("http://") || queue.starts_with("https://") {
+            return match self {
+                // Refuses an HTTPS URL for the Query protocol, in one line.
+                Sender::Query(client) => Ok(client.get_queue_url(queue).await?),
+                Sender::Json(_) => Ok(queue.to_owned()),
+            };
+        }
+        match self {
+            Sender::Json(client) => client
+                .create_queue()
+                .queue_name(queue)
+                .send()
+                .await
+                .map_err(aws_sdk_sqs::Error::from)?
+                .queue_url
+                .context("CreateQueue returned no URL"),
+            Sender::Query(client) => Ok(client.create_queue(queue).await?),
+        }
+    }
+}
+
+async fn send_batch(client: Sender, queue_url: String, bodies: Vec<String>) -> anyhow::Result<u64> {
+    let sent = match &client {
+        Sender::Json(client) => sqs::send_batch(client, &queue_url, &bodies).await?,
+        Sender::Query(client) => client.send_batch(&queue_url, &bodies).await?,
+    };
+    Ok(sent as u64)
 }
 
 /// The bodies in a file: one per line, or the elements of a JSON array.

@@ -1,0 +1,943 @@
+//! SQS over the Query protocol: form-encoded requests (`Action=ReceiveMessage&...`) answered in
+//! XML.
+//!
+//! LocalStack before 3.0 (the image the original take-home's docker-compose ships) and other
+//! old emulators speak nothing else, while the AWS SDK for Rust speaks only the JSON protocol
+//! and cannot switch back. [`QuerySqsSource`] is the pipeline's [`MessageSource`] over Query,
+//! so validation, sealing, writing and acknowledging are the same whichever protocol the queue
+//! speaks; [`QueryClient`] also gives `loadgen` GetQueueUrl, CreateQueue and SendMessageBatch;
+//! [`probe`] tells which protocol an endpoint speaks (`--sqs-protocol auto`).
+//!
+//! Requests are SigV4-signed with the region and credentials of the usual AWS chain (the
+//! emulators take any credentials but expect a signed request, whose access key picks their
+//! account). They go over plain HTTP only: the emulators this exists for serve no TLS, and
+//! everything that does, AWS included, speaks JSON. Each request has a deadline. Errors are
+//! classified as in the SDK adapter: throttling, server faults and broken connections are
+//! transient, and retried a few times here (as the SDK does) before the caller sees them; a
+//! missing queue, refused credentials or a bad parameter are not. No error or log line quotes a
+//! message body.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_sqs::config::{Credentials, ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use time::OffsetDateTime;
+
+use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
+use crate::retry::Backoff;
+
+/// The one version of the SQS Query API.
+const API_VERSION: &str = "2012-11-05";
+const FORM: &str = "application/x-www-form-urlencoded; charset=utf-8";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request may take beyond its long-poll wait.
+const REQUEST_MARGIN: Duration = Duration::from_secs(10);
+/// Attempts at a request that fails transiently, as many as the SDK makes (`cli::aws_config`).
+const ATTEMPTS: u32 = 5;
+/// Ten messages of 256 KiB each, every byte of them escaped: an answer past this is no SQS's.
+const MAX_ANSWER_BYTES: usize = 32 << 20;
+/// Credentials this close to expiry are fetched again.
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+/// Which protocol an SQS endpoint speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// AWS JSON 1.0 (`X-Amz-Target: AmazonSQS.ReceiveMessage`): AWS, LocalStack 3.0 and later.
+    Json,
+    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
+    Query,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Json => "json",
+            Protocol::Query => "query",
+        })
+    }
+}
+
+/// An SQS client for the Query protocol. Cheap to clone: clones share connections and
+/// credentials.
+#[derive(Clone)]
+pub struct QueryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: Client<HttpConnector, Full<Bytes>>,
+    /// Where GetQueueUrl and CreateQueue go: `AWS_ENDPOINT_URL_SQS`, else `AWS_ENDPOINT_URL`,
+    /// else AWS's own endpoint for the region (which this client refuses: it is HTTPS).
+    endpoint: String,
+    /// Whether `endpoint` was configured rather than AWS's own.
+    configured: bool,
+    region: Option<String>,
+    credentials: Option<SharedCredentialsProvider>,
+    cached: Mutex<Option<Credentials>>,
+}
+
+// Credentials stay out of Debug output.
+impl fmt::Debug for QueryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueryClient")
+            .field("endpoint", &self.inner.endpoint)
+            .field("region", &self.inner.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueryClient {
+    /// A client with the endpoint, region and credentials of `aws` (see `cli::aws_config`).
+    pub fn new(aws: &aws_config::SdkConfig) -> Self {
+        let region = aws.region().map(|r| r.to_string());
+        let configured = aws
+            .service_config()
+            .and_then(|config| {
+                config.load_config(
+                    aws_types::service_config::ServiceConfigKey::builder()
+                        .service_id("SQS")
+                        .env("AWS_ENDPOINT_URL")
+                        .profile("endpoint_url")
+                        .build()
+                        .expect("every field is set"),
+                )
+            })
+            .or_else(|| aws.endpoint_url().map(str::to_owned));
+        let endpoint = configured.clone().unwrap_or_else(|| {
+            format!(
+                "https://sqs.{}.amazonaws.com",
+                region.as_deref().unwrap_or("us-east-1")
+            )
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner {
+                http,
+                endpoint,
+                configured: configured.is_some(),
+                region,
+                credentials: aws.credentials_provider(),
+                cached: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The URL GetQueueUrl and CreateQueue are sent to.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// Where a request about the queue at `queue_url` goes: the configured endpoint, naming
+    /// the queue in the form as the AWS CLI does (an old LocalStack's queue URLs name the host
+    /// it was told it has, `localhost` by default, which another container cannot reach), else
+    /// the queue URL itself.
+    fn target<'a>(&'a self, queue_url: &'a str) -> &'a str {
+        if self.inner.configured {
+            &self.inner.endpoint
+        } else {
+            queue_url
+        }
+    }
+
+    /// The queue URL for `queue`, which is either a URL already or a queue name.
+    pub async fn get_queue_url(&self, queue: &str) -> Result<String, SourceError> {
+        if is_url(queue) {
+            check_plain_http(queue)?;
+            return Ok(queue.to_owned());
+        }
+        let operation = format!("GetQueueUrl {queue}");
+        let mut form = Form::new("GetQueueUrl");
+        form.add("QueueName", queue);
+        let answer = self
+            .call(&operation, &self.inner.endpoint, form, REQUEST_MARGIN)
+            .await?;
+        queue_url_in(&operation, &answer)
+    }
+
+    /// The URL of queue `name`, created with default attributes if it is missing (an existing
+    /// queue is left as it is).
+    pub async fn create_queue(&self, name: &str) -> Result<String, SourceError> {
+        let operation = format!("CreateQueue {name}");
+        let mut form = Form::new("CreateQueue");
+        form.add("QueueName", name);
+        let answer = self
+            .call(&operation, &self.inner.endpoint, form, REQUEST_MARGIN)
+            .await?;
+        queue_url_in(&operation, &answer)
+    }
+
+    /// Sends up to [`SQS_BATCH_LIMIT`] bodies in one SendMessageBatch; fails if SQS refuses any.
+    pub async fn send_batch(
+        &self,
+        queue_url: &str,
+        bodies: &[String],
+    ) -> Result<usize, SourceError> {
+        let mut form = Form::for_queue("SendMessageBatch", queue_url);
+        for (i, body) in bodies.iter().enumerate() {
+            let n = i + 1;
+            form.add(
+                &format!("SendMessageBatchRequestEntry.{n}.Id"),
+                &i.to_string(),
+            );
+            form.add(
+                &format!("SendMessageBatchRequestEntry.{n}.MessageBody"),
+                body,
+            );
+        }
+        let answer = self
+            .call(
+                "SendMessageBatch",
+                self.target(queue_url),
+                form,
+                REQUEST_MARGIN,
+            )
+            .await?;
+        let result = answer.child("SendMessageBatchResult");
+        let failed: Vec<&xml::Element> = result
+            .map(|r| r.children("BatchResultErrorEntry").collect())
+            .unwrap_or_default();
+        if let Some(first) = failed.first() {
+            // The answer's message is the service's own words about the entry, never its body.
+            return Err(SourceError {
+                message: format!(
+                    "SQS refused {} message(s) of a batch: {} {}",
+                    failed.len(),
+                    first.child_text("Code"),
+                    first.child_text("Message")
+                ),
+                transient: first.child_text("SenderFault") != "true",
+            });
+        }
+        Ok(result.map_or(0, |r| r.children("SendMessageBatchResultEntry").count()))
+    }
+
+    /// One request, tried again while it fails transiently: the parsed 2xx answer.
+    async fn call(
+        &self,
+        operation: &str,
+        url: &str,
+        form: Form,
+        timeout: Duration,
+    ) -> Result<xml::Element, SourceError> {
+        let expected = format!("{}Response", form.action);
+        let body = Bytes::from(form.body);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut attempt = 1;
+        loop {
+            match self
+                .call_once(operation, &expected, url, body.clone(), timeout)
+                .await
+            {
+                Err(error) if error.transient && attempt < ATTEMPTS => {
+                    attempt += 1;
+                    let delay = backoff.next_delay();
+                    tracing::debug!(%error, retry_in = ?delay, "SQS Query request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        operation: &str,
+        expected: &str,
+        url: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<xml::Element, SourceError> {
+        check_plain_http(url)?;
+        let request = self.signed_request(operation, url, body).await?;
+        let exchange = async {
+            let response = self.inner.http.request(request).await.map_err(|e| {
+                failure(
+                    operation,
+                    format!("cannot reach {url}: {}", error_chain(&e)),
+                    true,
+                )
+            })?;
+            let status = response.status().as_u16();
+            let answer = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    failure(
+                        operation,
+                        format!("reading the answer: {}", error_chain(&*e)),
+                        true,
+                    )
+                })?
+                .to_bytes();
+            Ok::<_, SourceError>((status, answer))
+        };
+        let (status, answer) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| {
+                failure(
+                    operation,
+                    format!("no answer within {}s", timeout.as_secs()),
+                    true,
+                )
+            })??;
+        let success = (200..300).contains(&status);
+        match xml::parse(&answer) {
+            Ok(root) if success && root.name == expected => Ok(root),
+            Ok(root) if success && !is_error(&root) => Err(failure(
+                operation,
+                format!(
+                    "HTTP {status} answered with <{}> instead of <{expected}>",
+                    root.name
+                ),
+                false,
+            )),
+            Ok(root) => Err(service_error(operation, status, &root)),
+            Err(why) if success => Err(failure(operation, format!("HTTP {status}: {why}"), false)),
+            Err(_) => Err(failure(
+                operation,
+                format!("HTTP {status} with an answer that is not SQS's XML"),
+                status >= 500 || status == 429,
+            )),
+        }
+    }
+
+    async fn signed_request(
+        &self,
+        operation: &str,
+        url: &str,
+        body: Bytes,
+    ) -> Result<hyper::Request<Full<Bytes>>, SourceError> {
+        let Some(region) = self.inner.region.as_deref() else {
+            return Err(failure(
+                operation,
+                "no AWS region: set AWS_REGION".into(),
+                false,
+            ));
+        };
+        let identity: Identity = self.credentials(operation).await?.into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name("sqs")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| failure(operation, format!("signing: {e}"), false))?
+            .into();
+        let signable = SignableRequest::new(
+            "POST",
+            url,
+            [("content-type", FORM)].into_iter(),
+            SignableBody::Bytes(&body),
+        )
+        .map_err(|e| failure(operation, format!("signing: {e}"), false))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| failure(operation, format!("signing: {e}"), false))?
+            .into_parts();
+        let mut request = hyper::Request::post(url)
+            .header(hyper::header::CONTENT_TYPE, FORM)
+            .body(Full::new(body))
+            .map_err(|e| failure(operation, format!("{url}: {e}"), false))?;
+        instructions.apply_to_request_http1x(&mut request);
+        Ok(request)
+    }
+
+    /// The chain's credentials, fetched again only when they near their expiry.
+    async fn credentials(&self, operation: &str) -> Result<Credentials, SourceError> {
+        let fresh = |c: &Credentials| {
+            c.expiry()
+                .is_none_or(|expiry| expiry > SystemTime::now() + CREDENTIALS_MARGIN)
+        };
+        if let Some(cached) = self.inner.cached.lock().expect("not poisoned").as_ref() {
+            if fresh(cached) {
+                return Ok(cached.clone());
+            }
+        }
+        let Some(provider) = &self.inner.credentials else {
+            return Err(failure(
+                operation,
+                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any values for an emulator)".into(),
+                false,
+            ));
+        };
+        let credentials = provider.provide_credentials().await.map_err(|e| {
+            failure(
+                operation,
+                format!("loading AWS credentials: {}", DisplayErrorContext(&e)),
+                true,
+            )
+        })?;
+        *self.inner.cached.lock().expect("not poisoned") = Some(credentials.clone());
+        Ok(credentials)
+    }
+}
+
+/// The pipeline's message source over the Query protocol.
+#[derive(Debug, Clone)]
+pub struct QuerySqsSource {
+    client: QueryClient,
+    queue_url: String,
+    settings: PollSettings,
+}
+
+impl QuerySqsSource {
+    pub fn new(client: QueryClient, queue_url: String, settings: PollSettings) -> Self {
+        Self {
+            client,
+            queue_url,
+            settings,
+        }
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
+    pub async fn check(&self) -> Result<(), SourceError> {
+        let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
+        form.add("AttributeName.1", "QueueArn");
+        let target = self.client.target(&self.queue_url);
+        self.client
+            .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
+            .await
+            .map(drop)
+    }
+}
+
+impl MessageSource for QuerySqsSource {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        let mut form = Form::for_queue("ReceiveMessage", &self.queue_url);
+        form.add("MaxNumberOfMessages", &SQS_BATCH_LIMIT.to_string());
+        form.add(
+            "WaitTimeSeconds",
+            &self.settings.wait_time_seconds.to_string(),
+        );
+        if let Some(seconds) = self.settings.visibility_timeout_seconds {
+            form.add("VisibilityTimeout", &seconds.to_string());
+        }
+        // The name every version of the Query API knows (MessageSystemAttributeName came later).
+        form.add("AttributeName.1", "SentTimestamp");
+        let wait = Duration::from_secs(self.settings.wait_time_seconds.max(0) as u64);
+        let answer = self
+            .client
+            .call(
+                "ReceiveMessage",
+                self.client.target(&self.queue_url),
+                form,
+                wait + REQUEST_MARGIN,
+            )
+            .await?;
+        let read_at = Instant::now();
+        let mut messages = Vec::new();
+        let Some(result) = answer.child("ReceiveMessageResult") else {
+            return Ok(messages);
+        };
+        for message in result.children("Message") {
+            let id = message.child_text("MessageId");
+            let receipt = message.child_text("ReceiptHandle");
+            if id.is_empty() || receipt.is_empty() {
+                tracing::warn!("SQS returned a message without id or receipt handle; skipped");
+                continue;
+            }
+            messages.push(Message {
+                id: id.to_owned(),
+                // Exactly as sent: whitespace is part of the body.
+                body: message
+                    .child("Body")
+                    .map(|b| b.text.clone().into_bytes())
+                    .unwrap_or_default(),
+                sent_at: sent_at(message),
+                receipt: Receipt(receipt.to_owned()),
+                read_at,
+            });
+        }
+        Ok(messages)
+    }
+
+    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        let mut outcome = Acknowledged::default();
+        for chunk in receipts.chunks(SQS_BATCH_LIMIT) {
+            let mut form = Form::for_queue("DeleteMessageBatch", &self.queue_url);
+            for (i, receipt) in chunk.iter().enumerate() {
+                let n = i + 1;
+                form.add(
+                    &format!("DeleteMessageBatchRequestEntry.{n}.Id"),
+                    &i.to_string(),
+                );
+                form.add(
+                    &format!("DeleteMessageBatchRequestEntry.{n}.ReceiptHandle"),
+                    &receipt.0,
+                );
+            }
+            let answer = self
+                .client
+                .call(
+                    "DeleteMessageBatch",
+                    self.client.target(&self.queue_url),
+                    form,
+                    REQUEST_MARGIN,
+                )
+                .await?;
+            let Some(result) = answer.child("DeleteMessageBatchResult") else {
+                continue;
+            };
+            outcome.deleted += result.children("DeleteMessageBatchResultEntry").count();
+            for failed in result.children("BatchResultErrorEntry") {
+                tracing::warn!(
+                    code = failed.child_text("Code"),
+                    message = failed.child_text("Message"),
+                    "SQS refused to delete a message; it will be redelivered and recognized as stored"
+                );
+                outcome.refused += 1;
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+/// Which protocol the SQS endpoint of `aws` speaks, found with one JSON-protocol GetQueueUrl
+/// for `queue` (a name, or a URL whose last segment is the name), not retried: JSON if the
+/// answer is JSON, success or error (a missing queue is reported later, in that protocol);
+/// Query if it is anything else or a JSON complaint that the operation is unknown.
+pub async fn probe(aws: &aws_config::SdkConfig, queue: &str) -> Result<Protocol, SourceError> {
+    use aws_sdk_sqs::config::retry::RetryConfig;
+    use aws_sdk_sqs::config::timeout::TimeoutConfig;
+
+    let name = if is_url(queue) {
+        queue
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(queue)
+    } else {
+        queue
+    };
+    let config = aws_sdk_sqs::config::Builder::from(aws)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(REQUEST_MARGIN)
+                .build(),
+        )
+        .build();
+    let client = aws_sdk_sqs::Client::from_conf(config);
+    let answered = match client.get_queue_url().queue_name(name).send().await {
+        Ok(output) => {
+            return Ok(if output.queue_url.is_some() {
+                Protocol::Json
+            } else {
+                Protocol::Query
+            });
+        }
+        Err(SdkError::ServiceError(error)) => {
+            speaks_json(error.raw().body().bytes(), error.err().code())
+        }
+        Err(SdkError::ResponseError(error)) => speaks_json(error.raw().body().bytes(), None),
+        Err(error) => {
+            return Err(SourceError {
+                message: format!(
+                    "probing which SQS protocol the endpoint speaks: {}",
+                    DisplayErrorContext(&error)
+                ),
+                transient: true,
+            });
+        }
+    };
+    Ok(if answered {
+        Protocol::Json
+    } else {
+        Protocol::Query
+    })
+}
+
+/// Whether an error answer to a JSON-protocol request shows the server speaks JSON.
+fn speaks_json(body: Option<&[u8]>, code: Option<&str>) -> bool {
+    let json = body.is_some_and(|b| b.trim_ascii_start().starts_with(b"{"));
+    let unknown_operation = code.is_some_and(|c| {
+        [
+            "UnknownOperation",
+            "InvalidAction",
+            "MissingAction",
+            "SerializationException",
+        ]
+        .iter()
+        .any(|unknown| c.contains(unknown))
+    });
+    json && !unknown_operation
+}
+
+fn is_url(queue: &str) -> bool {
+    queue.starts_with("http://") || queue.starts_with("https://")
+}
+
+/// This client speaks plain HTTP only; one clear line for anything else.
+fn check_plain_http(url: &str) -> Result<(), SourceError> {
+    if url.starts_with("http://") {
+        return Ok(());
+    }
+    Err(SourceError {
+        message: format!(
+            "{url}: the SQS Query protocol is spoken over plain HTTP only, for local emulators \
+             older than LocalStack 3.0; an HTTPS endpoint (AWS itself, a newer LocalStack) speaks \
+             JSON: use --sqs-protocol json"
+        ),
+        transient: false,
+    })
+}
+
+fn failure(operation: &str, why: String, transient: bool) -> SourceError {
+    SourceError {
+        message: format!("{operation}: {why}"),
+        transient,
+    }
+}
+
+/// An error with its causes on one line (hyper's own message is only "client error (Connect)").
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        line.push_str(": ");
+        line.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    line
+}
+
+/// `<ErrorResponse><Error><Code>` (AWS, LocalStack, moto, ElasticMQ) or
+/// `<Response><Errors><Error>` (some older emulators), whatever the HTTP status said.
+fn is_error(root: &xml::Element) -> bool {
+    root.name == "ErrorResponse" || root.child("Errors").is_some()
+}
+
+fn service_error(operation: &str, status: u16, root: &xml::Element) -> SourceError {
+    let error = root.find("Error");
+    let code = error.map(|e| e.child_text("Code")).unwrap_or_default();
+    // The service's own words (e.g. "The specified queue does not exist for this wsdl
+    // version."), cut short: they describe the request, not a message's contents.
+    let message: String = error
+        .map(|e| e.child_text("Message"))
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect();
+    let throttled = ["Throttl", "RequestThrottled", "OverLimit", "SlowDown"]
+        .iter()
+        .any(|t| code.contains(t));
+    let transient = if code.is_empty() {
+        status >= 500 || status == 429
+    } else {
+        throttled || !is_permanent(code)
+    };
+    let what = if code.is_empty() { "an error" } else { code };
+    SourceError {
+        message: format!(
+            "{operation}: {what} (HTTP {status}) {}",
+            message.replace('\n', " ")
+        )
+        .trim_end()
+        .to_owned(),
+        transient,
+    }
+}
+
+fn queue_url_in(operation: &str, answer: &xml::Element) -> Result<String, SourceError> {
+    match answer.find("QueueUrl").map(|u| u.text.trim()) {
+        Some(url) if !url.is_empty() => Ok(url.to_owned()),
+        _ => Err(failure(operation, "no URL in the answer".into(), false)),
+    }
+}
+
+fn sent_at(message: &xml::Element) -> Option<OffsetDateTime> {
+    let millis: i128 = message
+        .children("Attribute")
+        .find(|a| a.child_text("Name") == "SentTimestamp")?
+        .child_text("Value")
+        .parse()
+        .ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+}
+
+/// An `application/x-www-form-urlencoded` request body, built parameter by parameter.
+struct Form {
+    action: &'static str,
+    body: String,
+}
+
+impl Form {
+    fn new(action: &'static str) -> Self {
+        let mut form = Self {
+            action,
+            body: String::with_capacity(256),
+        };
+        form.add("Action", action);
+        form.add("Version", API_VERSION);
+        form
+    }
+
+    /// A request about one queue, which the form names (see [`QueryClient::target`]).
+    fn for_queue(action: &'static str, queue_url: &str) -> Self {
+        let mut form = Self::new(action);
+        form.add("QueueUrl", queue_url);
+        form
+    }
+
+    fn add(&mut self, key: &str, value: &str) {
+        if !self.body.is_empty() {
+            self.body.push('&');
+        }
+        encode_into(&mut self.body, key);
+        self.body.push('=');
+        encode_into(&mut self.body, value);
+    }
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn encode_into(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &byte in value.as_bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push('%');
+            out.push(HEX[(byte >> 4) as usize] as char);
+            out.push(HEX[(byte & 0xf) as usize] as char);
+        }
+    }
+}
+
+/// The XML of SQS answers as a small tree: names without namespace prefixes, and each
+/// element's text with references resolved. Answers are at most a few MiB, so a tree is the
+/// simplest thing to query; quick-xml's streaming reader builds it.
+mod xml {
+    use quick_xml::events::Event;
+    use quick_xml::reader::Reader;
+
+    #[derive(Debug, Default)]
+    pub struct Element {
+        pub name: String,
+        /// The element's own text, untrimmed (a message body keeps its whitespace).
+        pub text: String,
+        pub children: Vec<Element>,
+    }
+
+    impl Element {
+        pub fn child(&self, name: &str) -> Option<&Element> {
+            self.children.iter().find(|c| c.name == name)
+        }
+
+        pub fn children<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> {
+            self.children.iter().filter(move |c| c.name == name)
+        }
+
+        /// The trimmed text of child `name`, empty if there is none.
+        pub fn child_text(&self, name: &str) -> &str {
+            self.child(name).map_or("", |c| c.text.trim())
+        }
+
+        /// The first element called `name` at any depth, this one included.
+        pub fn find(&self, name: &str) -> Option<&Element> {
+            if self.name == name {
+                return Some(self);
+            }
+            self.children.iter().find_map(|c| c.find(name))
+        }
+    }
+
+    /// The root element of `document`. The reason for a failure names a position only, never
+    /// the content there (which may be a message body).
+    pub fn parse(document: &[u8]) -> Result<Element, String> {
+        let text = std::str::from_utf8(document)
+            .map_err(|e| format!("the answer is not UTF-8 (byte {})", e.valid_up_to()))?;
+        let mut reader = Reader::from_str(text);
+        let malformed = |reader: &Reader<&[u8]>| {
+            format!(
+                "the answer is not well-formed XML (byte {})",
+                reader.error_position()
+            )
+        };
+        let mut open: Vec<Element> = Vec::new();
+        let mut root = None;
+        loop {
+            let event = reader.read_event().map_err(|_| malformed(&reader))?;
+            let text = match event {
+                Event::Start(start) => {
+                    open.push(Element {
+                        name: String::from_utf8_lossy(start.local_name().as_ref()).into_owned(),
+                        ..Element::default()
+                    });
+                    continue;
+                }
+                Event::Empty(empty) => {
+                    let element = Element {
+                        name: String::from_utf8_lossy(empty.local_name().as_ref()).into_owned(),
+                        ..Element::default()
+                    };
+                    close(&mut open, &mut root, element);
+                    continue;
+                }
+                Event::End(_) => {
+                    let element = open.pop().ok_or_else(|| malformed(&reader))?;
+                    close(&mut open, &mut root, element);
+                    continue;
+                }
+                Event::Text(text) => text
+                    .xml10_content()
+                    .map_err(|_| malformed(&reader))?
+                    .into_owned(),
+                Event::CData(data) => data
+                    .xml10_content()
+                    .map_err(|_| malformed(&reader))?
+                    .into_owned(),
+                Event::GeneralRef(reference) => {
+                    if let Some(c) = reference
+                        .resolve_char_ref()
+                        .map_err(|_| malformed(&reader))?
+                    {
+                        c.to_string()
+                    } else {
+                        let name = reference.decode().map_err(|_| malformed(&reader))?;
+                        quick_xml::escape::resolve_xml_entity(&name)
+                            .ok_or_else(|| malformed(&reader))?
+                            .to_owned()
+                    }
+                }
+                Event::Eof => break,
+                _ => continue,
+            };
+            // Text outside the root element is whitespace between declaration and root.
+            if let Some(element) = open.last_mut() {
+                element.text.push_str(&text);
+            }
+        }
+        if !open.is_empty() {
+            return Err("the answer ends before its XML does".into());
+        }
+        root.ok_or_else(|| "the answer holds no XML element".into())
+    }
+
+    fn close(open: &mut [Element], root: &mut Option<Element>, element: Element) {
+        match open.last_mut() {
+            Some(parent) => parent.children.push(element),
+            None => {
+                root.get_or_insert(element);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encodes_everything_but_unreserved_characters() {
+        let mut form = Form::new("SendMessageBatch");
+        form.add(
+            "SendMessageBatchRequestEntry.1.MessageBody",
+            "{\"a\": \"é &=+\"}\r\n",
+        );
+        assert_eq!(
+            form.body,
+            "Action=SendMessageBatch&Version=2012-11-05&SendMessageBatchRequestEntry.1.MessageBody=\
+             %7B%22a%22%3A%20%22%C3%A9%20%26%3D%2B%22%7D%0D%0A"
+        );
+    }
+
+    #[test]
+    fn xml_text_resolves_references_and_keeps_whitespace() {
+        let root = xml::parse(
+            b"<?xml version='1.0'?>\n<a:R xmlns:a='x'><M><Body> {&quot;k&quot;: &#x3C;1&#62;}&#xD;\nx </Body>\
+              <Id>\n  7 \n</Id><E/><C><![CDATA[<raw&>]]></C></M></a:R>",
+        )
+        .unwrap();
+        assert_eq!(root.name, "R");
+        let message = root.child("M").unwrap();
+        assert_eq!(message.child("Body").unwrap().text, " {\"k\": <1>}\r\nx ");
+        assert_eq!(message.child_text("Id"), "7");
+        assert_eq!(message.child_text("E"), "");
+        assert_eq!(message.child_text("C"), "<raw&>");
+    }
+
+    #[test]
+    fn malformed_xml_is_reported_by_position_only() {
+        for document in [
+            &b"<R><Body>secret-body</Wrong></R>"[..],
+            b"<R><Body>secret &bogus; body</Body></R>",
+            b"<R><Body>secret-body",
+            b"not xml: secret-body",
+        ] {
+            let why = xml::parse(document).unwrap_err();
+            assert!(!why.contains("secret"), "{why}");
+        }
+    }
+
+    #[test]
+    fn errors_are_transient_unless_retrying_cannot_help() {
+        let error = |status, code: &str| {
+            let document = format!(
+                "<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>\
+                 <Message>why</Message></Error></ErrorResponse>"
+            );
+            service_error("Op", status, &xml::parse(document.as_bytes()).unwrap())
+        };
+        let missing = error(400, "AWS.SimpleQueueService.NonExistentQueue");
+        assert!(!missing.transient);
+        assert_eq!(
+            missing.message,
+            "Op: AWS.SimpleQueueService.NonExistentQueue (HTTP 400) why"
+        );
+        assert!(!error(400, "QueueDoesNotExist").transient);
+        assert!(!error(403, "InvalidClientTokenId").transient);
+        assert!(!error(403, "SignatureDoesNotMatch").transient);
+        assert!(error(503, "RequestThrottled").transient);
+        assert!(error(400, "ThrottlingException").transient);
+        assert!(error(500, "InternalError").transient);
+        let no_code = xml::parse(b"<html><body>Bad Gateway</body></html>").unwrap();
+        assert!(service_error("Op", 502, &no_code).transient);
+        assert!(!service_error("Op", 404, &no_code).transient);
+    }
+
+    #[test]
+    fn https_is_refused_in_one_line() {
+        let refused = check_plain_http("https://sqs.us-east-1.amazonaws.com/1/q").unwrap_err();
+        assert!(!refused.transient);
+        assert!(
+            refused.message.contains("--sqs-protocol json"),
+            "{}",
+            refused.message
+        );
+        assert!(!refused.message.contains('\n'));
+    }
+
+    #[test]
+    fn a_json_answer_means_json_unless_it_does_not_know_the_operation() {
+        assert!(speaks_json(
+            Some(b" {\"__type\": \"QueueDoesNotExist\"}"),
+            Some("QueueDoesNotExist")
+        ));
+        assert!(!speaks_json(
+            Some(b"{\"__type\": \"UnknownOperationException\"}"),
+            Some("UnknownOperationException")
+        ));
+        assert!(!speaks_json(Some(b"<ErrorResponse/>"), None));
+        assert!(!speaks_json(None, None));
+    }
+}
