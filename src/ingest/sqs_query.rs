@@ -101,19 +101,23 @@ impl QueryClient {
     /// A client with the endpoint, region and credentials of `aws` (see `cli::aws_config`).
     pub fn new(aws: &aws_config::SdkConfig) -> Self {
         let region = aws.region().map(|r| r.to_string());
-        let configured = aws
-            .service_config()
-            .and_then(|config| {
-                config.load_config(
-                    aws_types::service_config::ServiceConfigKey::builder()
-                        .service_id("SQS")
-                        .env("AWS_ENDPOINT_URL")
-                        .profile("endpoint_url")
-                        .build()
-                        .expect("every field is set"),
-                )
-            })
-            .or_else(|| aws.endpoint_url().map(str::to_owned));
+        // As the SDK's own clients do: an endpoint set in code wins over the environment.
+        let configured = if aws.get_origin("endpoint_url").is_client_config() {
+            aws.endpoint_url().map(str::to_owned)
+        } else {
+            aws.service_config()
+                .and_then(|config| {
+                    config.load_config(
+                        aws_types::service_config::ServiceConfigKey::builder()
+                            .service_id("SQS")
+                            .env("AWS_ENDPOINT_URL")
+                            .profile("endpoint_url")
+                            .build()
+                            .expect("every field is set"),
+                    )
+                })
+                .or_else(|| aws.endpoint_url().map(str::to_owned))
+        };
         let endpoint = configured.clone().unwrap_or_else(|| {
             format!(
                 "https://sqs.{}.amazonaws.com",
