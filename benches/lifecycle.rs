@@ -15,15 +15,6 @@ use std::time::{Duration, Instant};
 use pii_vault::audit;
 use pii_vault::rotate::{self, Expiry};
 
-fn arg(name: &str, default: i64) -> i64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
 /// `count` logins of `user` dated `date`, with a data key of `window` (if any), in SQL.
 async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, window: Option<&str>) {
     let token_key: i64 = sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'token'")
@@ -44,7 +35,7 @@ async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, win
              INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,
                                       app_version, create_date, message_id, token_key_id,
                                       app_version_text)
-             SELECT {user_sql}, 'ios', md5(i::text) || md5(i::text), md5(-i::text) || md5(-i::text),
+             SELECT {user_sql}, 'ios', md5(i::text) || md5(i::text), md5((-i)::text) || md5((-i)::text),
                     NULL, 1000000, $1::date, 'bench-' || $2::text || '-' || i, $3, '1.0'
              FROM generate_series(1, $4::int8) AS i
              RETURNING id)
@@ -64,9 +55,9 @@ async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, win
 
 #[tokio::main]
 async fn main() {
-    let audit_rows = arg("--audit-rows", 100_000);
-    let erase_logins = arg("--erase-logins", 10_000);
-    let expire_count = arg("--expire-count", 1_000_000);
+    let audit_rows = common::bench_arg("--audit-rows", 100_000) as i64;
+    let erase_logins = common::bench_arg("--erase-logins", 10_000) as i64;
+    let expire_count = common::bench_arg("--expire-count", 1_000_000) as i64;
     let env = common::TestEnv::new(30).await;
     env.init_token_key().await;
 
@@ -98,17 +89,7 @@ async fn main() {
     assert_eq!(erased.logins as i64, erase_logins);
 
     // expire: one window of many logins.
-    let window_key = env
-        .kms
-        .client()
-        .create_key()
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .arn
-        .unwrap();
+    let window_key = env.new_kms_key("pii-vault bench: retention window").await;
     sqlx::query(
         "INSERT INTO retention_windows (starts, ends, kms_key_id)
          VALUES ('2025-01-01', '2025-02-01', $1)",

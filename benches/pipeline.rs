@@ -34,15 +34,6 @@ use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
 use pii_vault::vault::token::Field;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
 /// Busy CPU time of the whole machine (every process, PostgreSQL included), in microseconds.
 fn machine_busy_micros() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
@@ -76,8 +67,8 @@ fn peak_rss_mib() -> f64 {
 fn settings() -> Settings {
     Settings {
         pollers: 1,
-        writers: arg("--writers", 3) as usize,
-        batch_size: arg("--batch-size", 1_000) as usize,
+        writers: common::bench_arg("--writers", 3) as usize,
+        batch_size: common::bench_arg("--batch-size", 1_000) as usize,
         flush_interval: Duration::from_millis(50),
         drain: true,
         ..Settings::default()
@@ -127,8 +118,8 @@ fn write_messages(path: &std::path::Path, count: u64, seed: u64) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let count = arg("--count", 1_000_000);
-    let sqs_count = arg("--sqs-count", 500);
+    let count = common::bench_arg("--count", 1_000_000);
+    let sqs_count = common::bench_arg("--sqs-count", 500);
     let dir = std::env::temp_dir().join(format!("pii-vault-bench-{}", common::unique_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let input = dir.join("messages.jsonl");

@@ -2,7 +2,7 @@
 -- door functions, and the audit chain is computed by the server.
 --
 -- * Doors are SECURITY DEFINER functions owned by `pii_vault_door`, a NOLOGIN role nobody
---   logs in as. In one transaction a door checks its caller, appends the audit row (which
+--   logs in as (erasure's door comes with the erasure records, in 0006). In one transaction a door checks its caller, appends the audit row (which
 --   names every login it hands out), and only then returns sealed values and wrapped keys.
 -- * No application role keeps SELECT on a sealed column (login_vault.sealed_*,
 --   quarantine.sealed_body) nor on the wrapped keys the compliance officer would need to open
@@ -272,8 +272,9 @@ $$;
 CREATE FUNCTION vault_rotation_page(p_operation text, p_after bigint, p_limit bigint,
                                     p_keys bigint[])
     RETURNS TABLE (audit_id bigint, login_id bigint, message_id text, user_id text,
-                   masked_ip text, masked_device_id text, token_key_id bigint,
-                   data_key_id bigint, sealed_ip bytea, sealed_device_id bytea)
+                   create_date date, masked_ip text, masked_device_id text,
+                   token_key_id bigint, data_key_id bigint, sealed_ip bytea,
+                   sealed_device_id bytea)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
@@ -312,7 +313,7 @@ BEGIN
                           format('%s logins %s..%s', p_operation, ids[1], ids[cardinality(ids)]),
                           cardinality(ids), p_operation, ids, keys);
     RETURN QUERY
-        SELECT audit, l.id, l.message_id, l.user_id::text, l.masked_ip::text,
+        SELECT audit, l.id, l.message_id, l.user_id::text, l.create_date, l.masked_ip::text,
                l.masked_device_id::text, l.token_key_id, v.data_key_id, v.sealed_ip,
                v.sealed_device_id
         FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
@@ -350,42 +351,6 @@ BEGIN
 END
 $$;
 
--- Erasure (rotate-keys erase): removes a user's sealed values (and tokens unless kept) and
--- records it, in one transaction. Returns the audit row and the number of logins erased.
-CREATE FUNCTION vault_erase_user(p_user_id text, p_reason text, p_actor text,
-                                 p_drop_tokens boolean)
-    RETURNS TABLE (audit_id bigint, logins bigint)
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
-AS $$
-DECLARE
-    ids bigint[];
-    keys bigint[];
-BEGIN
-    IF NOT pg_has_role(session_user, 'pii_vault_keyadmin', 'MEMBER') THEN
-        RAISE EXCEPTION 'erasure is for the key admin (pii_vault_keyadmin)'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    IF p_reason IS NULL OR btrim(p_reason) = '' THEN
-        RAISE EXCEPTION 'an erasure needs a reason';
-    END IF;
-    WITH erased AS (
-        DELETE FROM login_vault v USING user_logins l
-        WHERE l.id = v.login_id AND l.user_id = p_user_id
-        RETURNING v.login_id, v.data_key_id)
-    SELECT coalesce(array_agg(e.login_id ORDER BY e.login_id), '{}'),
-           coalesce(array_agg(DISTINCT e.data_key_id), '{}')
-    INTO ids, keys FROM erased e;
-    IF p_drop_tokens THEN
-        UPDATE user_logins SET masked_ip = NULL, masked_device_id = NULL
-        WHERE user_logins.user_id = p_user_id;
-    END IF;
-    RETURN QUERY SELECT audit_append(p_actor, 'erasure', p_reason,
-                                     format('erase user_id = %s', p_user_id),
-                                     0, 'erased', ids, keys),
-                        cardinality(ids)::bigint;
-END
-$$;
-
 -- ------------------------------------------------------------------------------- privileges
 
 GRANT SELECT ON user_logins, login_vault, quarantine, vault_keys, unmask_audit TO pii_vault_door;
@@ -404,7 +369,6 @@ ALTER FUNCTION vault_reveal(text, text, text, text, text) OWNER TO pii_vault_doo
 ALTER FUNCTION vault_reveal_outcome(bigint, text, integer) OWNER TO pii_vault_door;
 ALTER FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) OWNER TO pii_vault_door;
 ALTER FUNCTION vault_quarantine_page(bigint, bigint, bigint[]) OWNER TO pii_vault_door;
-ALTER FUNCTION vault_erase_user(text, text, text, boolean) OWNER TO pii_vault_door;
 
 REVOKE CREATE ON SCHEMA public FROM pii_vault_door;
 
@@ -416,10 +380,8 @@ REVOKE EXECUTE ON FUNCTION vault_reveal_outcome(bigint, text, integer) FROM PUBL
 GRANT EXECUTE ON FUNCTION vault_reveal_outcome(bigint, text, integer) TO pii_vault_compliance;
 REVOKE EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION vault_quarantine_page(bigint, bigint, bigint[]) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION vault_erase_user(text, text, text, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                          vault_quarantine_page(bigint, bigint, bigint[]),
-                          vault_erase_user(text, text, text, boolean) TO pii_vault_keyadmin;
+                          vault_quarantine_page(bigint, bigint, bigint[]) TO pii_vault_keyadmin;
 
 -- compliance: tokens and the audit; sealed values and wrapped keys only through the door.
 REVOKE ALL ON login_vault, vault_keys FROM pii_vault_compliance;

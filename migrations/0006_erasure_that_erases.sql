@@ -31,8 +31,6 @@ GRANT INSERT ON erasures TO pii_vault_door;
 GRANT DELETE ON quarantine TO pii_vault_door;
 GRANT SELECT (user_token, token_key_id) ON quarantine TO pii_vault_keyadmin;
 
-DROP FUNCTION vault_erase_user(text, text, text, boolean);
-
 -- Erasure (rotate-keys erase): removes a user's sealed values, their tokens unless kept
 -- (`p_keep_tokens`: a documented legal hold), and the quarantined bodies that name them;
 -- records the erasure under each (token key, token of the user id) pair the caller computed;

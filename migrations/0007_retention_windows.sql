@@ -27,61 +27,6 @@ ALTER TABLE vault_keys ADD COLUMN window_starts date;
 GRANT SELECT ON retention_windows TO pii_vault_ingester, pii_vault_compliance, pii_vault_door;
 GRANT SELECT, INSERT, UPDATE ON retention_windows TO pii_vault_keyadmin;
 
--- Re-sealing keeps values in their windows: the rotation door also says each login's date.
-DROP FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]);
-CREATE FUNCTION vault_rotation_page(p_operation text, p_after bigint, p_limit bigint,
-                                    p_keys bigint[])
-    RETURNS TABLE (audit_id bigint, login_id bigint, message_id text, user_id text,
-                   create_date date, masked_ip text, masked_device_id text,
-                   token_key_id bigint, data_key_id bigint, sealed_ip bytea,
-                   sealed_device_id bytea)
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
-AS $$
-DECLARE
-    ids bigint[];
-    keys bigint[];
-    audit bigint;
-BEGIN
-    IF NOT pg_has_role(session_user, 'pii_vault_keyadmin', 'MEMBER') THEN
-        RAISE EXCEPTION 'rotation doors are for the key admin (pii_vault_keyadmin)'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    IF p_operation = 'reseal' THEN
-        SELECT coalesce(array_agg(page.login_id ORDER BY page.login_id), '{}') INTO ids
-        FROM (SELECT v.login_id FROM login_vault v
-              WHERE v.login_id > p_after AND v.data_key_id = ANY (p_keys)
-              ORDER BY v.login_id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
-    ELSIF p_operation = 'retokenize' THEN
-        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-        FROM (SELECT l.id FROM user_logins l
-              WHERE l.id > p_after AND l.token_key_id = ANY (p_keys)
-              ORDER BY l.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
-    ELSIF p_operation = 'verify' THEN
-        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-        FROM (SELECT l.id FROM user_logins l WHERE l.id > p_after
-              ORDER BY l.id LIMIT p_limit) AS page;
-    ELSE
-        RAISE EXCEPTION 'unknown rotation operation %', p_operation;
-    END IF;
-    IF cardinality(ids) = 0 THEN
-        RETURN;
-    END IF;
-    SELECT coalesce(array_agg(DISTINCT k ORDER BY k), '{}') INTO keys
-    FROM (SELECT l.token_key_id FROM user_logins l WHERE l.id = ANY (ids)
-          UNION SELECT v.data_key_id FROM login_vault v WHERE v.login_id = ANY (ids)) AS used(k);
-    audit := audit_append(session_user, 'key-administration', 'rotate-keys ' || p_operation,
-                          format('%s logins %s..%s', p_operation, ids[1], ids[cardinality(ids)]),
-                          cardinality(ids), p_operation, ids, keys);
-    RETURN QUERY
-        SELECT audit, l.id, l.message_id, l.user_id::text, l.create_date, l.masked_ip::text,
-               l.masked_device_id::text, l.token_key_id, v.data_key_id, v.sealed_ip,
-               v.sealed_device_id
-        FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
-        WHERE l.id = ANY (ids)
-        ORDER BY l.id;
-END
-$$;
-
 -- Expiry (rotate-keys expire): deletes the sealed values (and, with p_drop_tokens, the tokens)
 -- of the next page of logins dated [p_starts, p_ends) after login p_after, in login id order,
 -- and the quarantined bodies sealed under p_keys (the window's data keys). One audit row per
@@ -133,11 +78,9 @@ END
 $$;
 
 GRANT CREATE ON SCHEMA public TO pii_vault_door;
-ALTER FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) OWNER TO pii_vault_door;
 ALTER FUNCTION vault_expire_page(date, date, bigint, bigint, boolean, bigint[]) OWNER TO pii_vault_door;
 REVOKE CREATE ON SCHEMA public FROM pii_vault_door;
-REVOKE EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                           vault_expire_page(date, date, bigint, bigint, boolean, bigint[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                          vault_expire_page(date, date, bigint, bigint, boolean, bigint[])
+REVOKE EXECUTE ON FUNCTION vault_expire_page(date, date, bigint, bigint, boolean, bigint[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vault_expire_page(date, date, bigint, bigint, boolean, bigint[])
     TO pii_vault_keyadmin;

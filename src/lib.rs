@@ -6,14 +6,16 @@
 //! # Map of the crate
 //!
 //! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
-//! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table.
+//! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table,
+//!   erased users (by token) and retention windows (a KMS key per month).
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
 //!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
 //!     older Query protocol.
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
-//! - [`unmask`]: audited recovery of original values; [`audit`]: its hash-chained trail.
-//! - [`rotate`]: online key rotation, re-wrapping and erasure (`rotate-keys`).
+//! - [`unmask`]: audited recovery of original values through the database's door functions;
+//!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints.
+//! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators.

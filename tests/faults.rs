@@ -514,19 +514,6 @@ fn base64_matches_the_standard_alphabet() {
     assert_eq!(base64(b"abc"), "YWJj");
 }
 
-/// Values sealed under each data key: two per login, one per quarantined body.
-async fn values_per_data_key(env: &TestEnv) -> Vec<(i64, i64)> {
-    sqlx::query_as(
-        "SELECT key, sum(n)::int8 FROM (
-             SELECT data_key_id AS key, 2 * count(*) AS n FROM login_vault GROUP BY 1
-             UNION ALL SELECT data_key_id, count(*) FROM quarantine GROUP BY 1) AS used
-         GROUP BY key ORDER BY key",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one() {
     let env = TestEnv::new(2).await;
@@ -551,7 +538,7 @@ async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one
         || async { stored().await == first.len() },
     )
     .await;
-    let keys_before = values_per_data_key(&env).await;
+    let keys_before = env.values_per_data_key().await;
     assert!(
         keys_before.len() >= 4,
         "a new data key every {limit} values: {keys_before:?}"
@@ -585,7 +572,7 @@ async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one
         stored().await < first.len() + second.len(),
         "not everything was sealed"
     );
-    for (key, values) in values_per_data_key(&env).await {
+    for (key, values) in env.values_per_data_key().await {
         assert!(
             values <= limit,
             "data key {key} sealed {values} values, over {limit}"
@@ -613,7 +600,7 @@ async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one
     terminate_pid(replica.pid());
     let ended = replica.wait(Duration::from_secs(30));
     assert!(ended.status.success(), "{}", ended.stderr);
-    for (key, values) in values_per_data_key(&env).await {
+    for (key, values) in env.values_per_data_key().await {
         assert!(
             values <= limit,
             "data key {key} sealed {values} values, over {limit}"

@@ -303,18 +303,7 @@ async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
     );
     set_old_key_enabled(true).await;
 
-    let new_kms_key = env
-        .kms
-        .client()
-        .create_key()
-        .description("pii-vault test: rewrap target")
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .arn
-        .unwrap();
+    let new_kms_key = env.new_kms_key("pii-vault test: rewrap target").await;
     let output = rotate_keys(&env, &["rewrap", "--kms-key-id", &new_kms_key]).await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
@@ -639,15 +628,7 @@ async fn re_sealing_starts_a_new_data_key_every_max_records_values() {
     )
     .await;
     assert!(output.status.success(), "{}", stderr(&output));
-    let per_key: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT key, sum(n)::int8 FROM (
-             SELECT data_key_id AS key, 2 * count(*) AS n FROM login_vault GROUP BY 1
-             UNION ALL SELECT data_key_id, count(*) FROM quarantine GROUP BY 1) AS used
-         GROUP BY key ORDER BY key",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let per_key = env.values_per_data_key().await;
     assert!(
         per_key.len() >= 7,
         "2,001 values, at most 300 a key: {per_key:?}"
@@ -677,20 +658,6 @@ async fn re_sealing_starts_a_new_data_key_every_max_records_values() {
     env.cleanup().await;
 }
 
-async fn new_kms_key(env: &TestEnv, description: &str) -> String {
-    env.kms
-        .client()
-        .create_key()
-        .description(description)
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .arn
-        .unwrap()
-}
-
 fn date(year: i32, month: u8, day: u8) -> time::Date {
     time::Date::from_calendar_date(year, time::Month::try_from(month).unwrap(), day).unwrap()
 }
@@ -714,7 +681,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     let months = [(2025, 1), (2025, 2), (2025, 3)];
     let mut window_kms_keys = Vec::new();
     for (year, month) in months {
-        let arn = new_kms_key(&env, "pii-vault test: retention window").await;
+        let arn = env.new_kms_key("pii-vault test: retention window").await;
         let label = format!("{year}-{month:02}");
         let output = rotate_keys(&env, &["window", "--month", &label, "--kms-key-id", &arn]).await;
         assert!(output.status.success(), "{}", stderr(&output));

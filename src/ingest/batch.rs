@@ -470,14 +470,7 @@ mod tests {
     #[test]
     fn ingest_matches_the_format_vectors() {
         let vectors = testing::vectors("ingest.json");
-        let tokenizer = Tokenizer::new(
-            KeyId(int(&vectors, "token_key_id")),
-            &key_from_hex(text(&vectors, "token_key")),
-        );
-        let sealer = Sealer::new(
-            KeyId(int(&vectors, "data_key_id")),
-            &key_from_hex(text(&vectors, "data_key")),
-        );
+        let (tokenizer, sealer) = keys_in(&vectors);
         let expected = vectors["messages"].as_array().unwrap();
         let messages = expected
             .iter()
@@ -563,6 +556,17 @@ mod tests {
         assert_eq!(versions.len(), 19);
     }
 
+    /// The token key and data key a vector or fixture file names.
+    fn keys_in(file: &serde_json::Value) -> (Tokenizer, Sealer) {
+        let key = |id: &str, bytes: &str| (KeyId(int(file, id)), key_from_hex(text(file, bytes)));
+        let (token_id, token_key) = key("token_key_id", "token_key");
+        let (data_id, data_key) = key("data_key_id", "data_key");
+        (
+            Tokenizer::new(token_id, &token_key),
+            Sealer::new(data_id, &data_key),
+        )
+    }
+
     const FIXTURE_SEALED: &str = "fixture-sealed-0.1.0.json";
 
     /// Values sealed by pii-vault 0.1.0 (`build`, random nonces) keep opening at their places
@@ -570,14 +574,7 @@ mod tests {
     #[test]
     fn values_sealed_by_0_1_0_still_open() {
         let fixture = testing::vectors(FIXTURE_SEALED);
-        let tokenizer = Tokenizer::new(
-            KeyId(int(&fixture, "token_key_id")),
-            &key_from_hex(text(&fixture, "token_key")),
-        );
-        let sealer = Sealer::new(
-            KeyId(int(&fixture, "data_key_id")),
-            &key_from_hex(text(&fixture, "data_key")),
-        );
+        let (tokenizer, sealer) = keys_in(&fixture);
         let logins = fixture["logins"].as_array().unwrap();
         for login in logins {
             let (message_id, user_id) = (text(login, "message_id"), text(login, "user_id"));

@@ -284,6 +284,34 @@ impl TestEnv {
         )
     }
 
+    /// Values sealed under each data key: two per login, one per quarantined body.
+    pub async fn values_per_data_key(&self) -> Vec<(i64, i64)> {
+        sqlx::query_as(
+            "SELECT key, sum(n)::int8 FROM (
+                 SELECT data_key_id AS key, 2 * count(*) AS n FROM login_vault GROUP BY 1
+                 UNION ALL SELECT data_key_id, count(*) FROM quarantine GROUP BY 1) AS used
+             GROUP BY key ORDER BY key",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// A new symmetric KMS key in the emulator; its ARN.
+    pub async fn new_kms_key(&self, description: &str) -> String {
+        self.kms
+            .client()
+            .create_key()
+            .description(description)
+            .send()
+            .await
+            .expect("creating a KMS key in the emulator")
+            .key_metadata
+            .expect("key metadata")
+            .arn
+            .expect("key arn")
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)
@@ -761,4 +789,14 @@ where
         eventually(limit, condition).await,
         "{what}: not within {limit:?}"
     );
+}
+
+/// A benchmark's numeric flag (`--name N`), or `default`.
+pub fn bench_arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
 }
