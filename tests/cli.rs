@@ -125,13 +125,13 @@ async fn query_protocol_loadgen_and_ingest_and_auto() {
 
     // auto, from the environment: LocalStack 4 speaks JSON, and the choice is logged once.
     let run_auto = |binary: &str, args: &[&str]| {
-        std::process::Command::new(binary)
-            .args(args)
-            .envs(env.binary_env())
-            .env("SQS_PROTOCOL", "auto")
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap()
+        common::output_of(
+            std::process::Command::new(binary)
+                .args(args)
+                .envs(env.binary_env())
+                .env("SQS_PROTOCOL", "auto")
+                .env("RUST_LOG", "info"),
+        )
     };
     let auto_sent = run_auto(LOADGEN, &["--count", "3", "--bad-rate", "0"]);
     assert!(auto_sent.status.success(), "{}", stderr(&auto_sent));
@@ -182,11 +182,11 @@ fn bad_arguments_exit_2_with_one_clear_line() {
         (ROTATE_KEYS, &["frobnicate"]),
     ];
     for (binary, args) in cases {
-        let output = std::process::Command::new(binary)
-            .args(args)
-            .env("DATABASE_URL", "postgres://nobody:secret@127.0.0.1:1/none")
-            .output()
-            .unwrap();
+        let output = common::output_of(
+            std::process::Command::new(binary)
+                .args(args)
+                .env("DATABASE_URL", "postgres://nobody:secret@127.0.0.1:1/none"),
+        );
         assert_eq!(
             output.status.code(),
             Some(2),
@@ -199,14 +199,10 @@ fn bad_arguments_exit_2_with_one_clear_line() {
 
 #[test]
 fn unreachable_database_is_one_line_without_the_password() {
-    let output = std::process::Command::new(INGEST)
-        .args(["--drain"])
-        .env(
-            "DATABASE_URL",
-            "postgres://someone:hunter2@127.0.0.1:1/none",
-        )
-        .output()
-        .unwrap();
+    let output = common::output_of(std::process::Command::new(INGEST).args(["--drain"]).env(
+        "DATABASE_URL",
+        "postgres://someone:hunter2@127.0.0.1:1/none",
+    ));
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(
@@ -240,12 +236,12 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
     assert_eq!(env.count("user_logins").await, 99);
 
     // From stdin, under a source id of its own: new ids, so stored again.
-    let piped = std::process::Command::new(INGEST)
-        .args(["--from-file", "-", "--source-id", "stdin-replay"])
-        .envs(env.binary_env())
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .unwrap();
+    let piped = common::output_of(
+        std::process::Command::new(INGEST)
+            .args(["--from-file", "-", "--source-id", "stdin-replay"])
+            .envs(env.binary_env())
+            .stdin(std::fs::File::open(&file).unwrap()),
+    );
     assert!(piped.status.success(), "{}", stderr(&piped));
     assert_eq!(env.count("user_logins").await, 198);
 

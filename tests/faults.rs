@@ -443,15 +443,15 @@ async fn the_most_verbose_logs_hold_no_personal_value_and_no_key_byte() {
     env.init_token_key().await;
     let bodies = sample_bodies();
     env.send(&bodies).await;
-    let output = std::process::Command::new(INGEST)
-        .arg("--drain")
-        .envs(env.binary_env())
-        .env(
-            "RUST_LOG",
-            "trace,aws_smithy_runtime::client::orchestrator=trace",
-        )
-        .output()
-        .unwrap();
+    let output = common::output_of(
+        std::process::Command::new(INGEST)
+            .arg("--drain")
+            .envs(env.binary_env())
+            .env(
+                "RUST_LOG",
+                "trace,aws_smithy_runtime::client::orchestrator=trace",
+            ),
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let logs = format!("{}{}", stdout(&output), stderr(&output));
     assert!(logs.lines().count() > 100, "trace level was on");

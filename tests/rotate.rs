@@ -49,7 +49,7 @@ async fn rotate_keys(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .args(args)
         .envs(env.binary_env())
         .env("DATABASE_URL", env.url_as("keyadmin"));
-    tokio::task::spawn_blocking(move || command.output().unwrap())
+    tokio::task::spawn_blocking(move || common::output_of(&mut command))
         .await
         .unwrap()
 }
@@ -201,15 +201,19 @@ async fn token_key_rotation_while_ingesting_killed_and_rerun_keeps_duplicates_ex
         .env("DATABASE_URL", env.url_as("keyadmin"))
         .spawn()
         .unwrap();
-    common::eventually(Duration::from_secs(30), || async {
-        rows_under(
-            &env,
-            "SELECT count(*) FROM user_logins WHERE NOT token_key_id = ANY($1)",
-            &old,
-        )
-        .await
-            > 100
-    })
+    common::within(
+        Duration::from_secs(30),
+        "the token rotation gets under way",
+        || async {
+            rows_under(
+                &env,
+                "SELECT count(*) FROM user_logins WHERE NOT token_key_id = ANY($1)",
+                &old,
+            )
+            .await
+                > 100
+        },
+    )
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -726,11 +730,13 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
 
     // A backup taken before the expiry.
     let dump = std::env::temp_dir().join(format!("{}.sql", env.database_name));
-    let dumped = std::process::Command::new("pg_dump")
-        .args(["--file", dump.to_str().unwrap(), &env.database_url])
-        .status()
-        .expect("pg_dump (PostgreSQL's client; scripts/services installs it)");
-    assert!(dumped.success());
+    // pg_dump comes with PostgreSQL's client, which scripts/services installs.
+    let dumped = common::output_of(std::process::Command::new("pg_dump").args([
+        "--file",
+        dump.to_str().unwrap(),
+        &env.database_url,
+    ]));
+    assert!(dumped.status.success(), "{}", stderr(&dumped));
 
     // January ends on 2025-02-01: the horizon that expires it and nothing later.
     let days = (time::OffsetDateTime::now_utc().date() - date(2025, 2, 1)).whole_days();
@@ -858,12 +864,12 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     // The door functions are owned by pii_vault_door, which needs CREATE on the schema while
     // they are restored (as while they were migrated).
     let psql = |args: &[&str]| {
-        let output = std::process::Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-            .args(args)
-            .arg(&restored_url)
-            .output()
-            .unwrap();
+        let output = common::output_of(
+            std::process::Command::new("psql")
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+                .args(args)
+                .arg(&restored_url),
+        );
         assert!(output.status.success(), "{}", stderr(&output));
     };
     psql(&["-c", "GRANT CREATE ON SCHEMA public TO pii_vault_door"]);

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Proxy, TestEnv, eventually, free_port, get, login, sample, stderr, terminate};
+use common::{Proxy, TestEnv, eventually, free_port, get, login, sample, stderr};
 use pii_vault::telemetry;
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
@@ -34,23 +34,15 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
 
     let proxy = Proxy::start(common::database_port()).await;
     let port = free_port();
-    let mut child = Command::new(INGEST)
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--flush-ms", "20", "--log-format", "json"])
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.database_url_through(proxy.port))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Read stderr as it comes: debug logs would fill the pipe and stall the process.
-    let mut log_pipe = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        let mut logs = String::new();
-        std::io::Read::read_to_string(&mut log_pipe, &mut logs).unwrap();
-        logs
-    });
+    // Its debug logs are read as they come (a full pipe would stall it).
+    let child = common::Running::spawn(
+        Command::new(INGEST)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--flush-ms", "20", "--log-format", "json"])
+            .envs(env.binary_env())
+            .env("DATABASE_URL", env.database_url_through(proxy.port))
+            .env("RUST_LOG", "debug"),
+    );
 
     let scrape = || async {
         get(port, "/metrics")
@@ -146,10 +138,10 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     assert_eq!(sample(&metrics, telemetry::STORED), Some(34.0));
     assert_eq!(env.count("user_logins").await, 34);
 
-    terminate(&child);
-    let status = child.wait().unwrap();
-    let logs = logs.join().unwrap();
-    assert!(status.success(), "{logs}");
+    common::terminate_pid(child.pid());
+    let ended = child.wait(Duration::from_secs(30));
+    let logs = ended.stderr;
+    assert!(ended.status.success(), "{logs}");
     assert!(logs.lines().count() > 3, "{logs}");
     for line in logs.lines() {
         let event: serde_json::Value = serde_json::from_str(line)
@@ -169,11 +161,11 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
 fn a_taken_metrics_address_is_a_usage_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = Command::new(INGEST)
-        .args(["--metrics-addr", &addr])
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .output()
-        .unwrap();
+    let output = common::output_of(
+        Command::new(INGEST)
+            .args(["--metrics-addr", &addr])
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+    );
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     let message = stderr(&output);
     assert_eq!(message.lines().count(), 1, "{message}");

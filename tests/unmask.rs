@@ -911,29 +911,27 @@ async fn when_the_audit_cannot_be_written_nothing_is_revealed() {
 #[tokio::test]
 async fn eight_officers_at_once_leave_one_chain_that_verifies() {
     let env = three_logins().await;
-    let officers: Vec<std::process::Child> = (0..8)
+    let officers: Vec<common::Running> = (0..8)
         .map(|i| {
-            std::process::Command::new(UNMASK)
-                .args([
-                    "--user-id",
-                    if i % 2 == 0 { "u-1" } else { "u-2" },
-                    "--purpose",
-                    "security-incident",
-                    "--reason",
-                    &format!("incident {i}"),
-                ])
-                .envs(env.binary_env())
-                .env("DATABASE_URL", env.url_as("compliance"))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            common::Running::spawn(
+                std::process::Command::new(UNMASK)
+                    .args([
+                        "--user-id",
+                        if i % 2 == 0 { "u-1" } else { "u-2" },
+                        "--purpose",
+                        "security-incident",
+                        "--reason",
+                        &format!("incident {i}"),
+                    ])
+                    .envs(env.binary_env())
+                    .env("DATABASE_URL", env.url_as("compliance")),
+            )
         })
         .collect();
     for officer in officers {
-        let output = officer.wait_with_output().unwrap();
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-        assert!(stdout(&output).contains("10.0.0."));
+        let ended = officer.wait(common::BINARY_LIMIT);
+        assert_eq!(ended.status.code(), Some(0), "{}", ended.stderr);
+        assert!(ended.stdout.contains("10.0.0."));
     }
     let mut recorded = outcomes(&env).await;
     recorded.sort();

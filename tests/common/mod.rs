@@ -335,11 +335,7 @@ impl TestEnv {
     }
 
     pub fn run_binary(&self, path: &str, args: &[&str]) -> Output {
-        Command::new(path)
-            .args(args)
-            .envs(self.binary_env())
-            .output()
-            .expect("running the binary")
+        output_of(Command::new(path).args(args).envs(self.binary_env()))
     }
 
     /// This test's database URL, logged in as one of the local users that `scripts/services up`
@@ -361,23 +357,12 @@ impl TestEnv {
 
     /// Runs a binary logged in to the database as `user`.
     pub fn run_binary_as(&self, user: &str, path: &str, args: &[&str]) -> Output {
-        Command::new(path)
-            .args(args)
-            .envs(self.binary_env())
-            .env("DATABASE_URL", self.url_as(user))
-            .output()
-            .expect("running the binary")
-    }
-
-    /// Starts a binary in the background against this test's world.
-    pub fn spawn_binary(&self, path: &str, args: &[&str]) -> std::process::Child {
-        Command::new(path)
-            .args(args)
-            .envs(self.binary_env())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starting the binary")
+        output_of(
+            Command::new(path)
+                .args(args)
+                .envs(self.binary_env())
+                .env("DATABASE_URL", self.url_as(user)),
+        )
     }
 
     /// Ingests `bodies` through the real pipeline, read from memory instead of SQS.
@@ -608,11 +593,6 @@ where
     condition().await
 }
 
-/// Sends SIGTERM to a child process.
-pub fn terminate(child: &std::process::Child) {
-    terminate_pid(child.id());
-}
-
 /// Sends SIGTERM to a process.
 pub fn terminate_pid(pid: u32) {
     let status = Command::new("kill")
@@ -684,31 +664,37 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// An `ingest` process against a test's world, with its metrics served on a port of its own
-/// so a test can see what it holds, and its output drained as it comes (a full pipe would
-/// stall it).
-pub struct Replica {
+/// How long a binary run to its end may take before the test fails.
+pub const BINARY_LIMIT: Duration = Duration::from_secs(180);
+
+/// A process started by a test: its output drained as it comes (a full pipe would stall it),
+/// its end waited for with a deadline (a hung binary fails the test instead of hanging it).
+pub struct Running {
     child: std::process::Child,
-    pub metrics_port: u16,
     stdout: std::thread::JoinHandle<Vec<u8>>,
     stderr: std::thread::JoinHandle<Vec<u8>>,
 }
 
-/// What a replica reported when it ended.
+/// What a process reported when it ended.
 pub struct Ended {
     pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
-impl Replica {
-    pub fn spawn(env: &TestEnv, path: &str, args: &[&str]) -> Self {
-        let metrics_port = free_port();
-        let mut child = Command::new(path)
-            .args(args)
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .envs(env.binary_env())
-            .stdin(std::process::Stdio::null())
+impl From<Ended> for Output {
+    fn from(ended: Ended) -> Self {
+        Output {
+            status: ended.status,
+            stdout: ended.stdout.into_bytes(),
+            stderr: ended.stderr.into_bytes(),
+        }
+    }
+}
+
+impl Running {
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -724,26 +710,8 @@ impl Replica {
         let stderr = drain(Box::new(child.stderr.take().unwrap()));
         Self {
             child,
-            metrics_port,
             stdout,
             stderr,
-        }
-    }
-
-    /// A counter from its /metrics (0 before the first record), or `None` if it does not
-    /// answer.
-    pub async fn counter(&self, name: &str) -> Option<f64> {
-        let (status, body) = get(self.metrics_port, "/metrics").await?;
-        (status == 200).then(|| sample(&body, name).unwrap_or(0.0))
-    }
-
-    /// Deliveries it has received but not yet deleted: work a crash now would leave undone.
-    pub async fn holding(&self) -> u64 {
-        let received = self.counter(pii_vault::telemetry::RECEIVED).await;
-        let deleted = self.counter(pii_vault::telemetry::DELETED).await;
-        match (received, deleted) {
-            (Some(received), Some(deleted)) => (received - deleted).max(0.0) as u64,
-            _ => 0,
         }
     }
 
@@ -776,6 +744,63 @@ impl Replica {
             stdout: text(self.stdout.join().unwrap()),
             stderr: text(self.stderr.join().unwrap()),
         }
+    }
+}
+
+/// Runs `command` to its end within [`BINARY_LIMIT`], its output drained as it comes.
+pub fn output_of(command: &mut Command) -> Output {
+    Running::spawn(command).wait(BINARY_LIMIT).into()
+}
+
+/// An `ingest` process against a test's world, with its metrics served on a port of its own
+/// so a test can see what it holds.
+pub struct Replica {
+    process: Running,
+    pub metrics_port: u16,
+}
+
+impl Replica {
+    pub fn spawn(env: &TestEnv, path: &str, args: &[&str]) -> Self {
+        let metrics_port = free_port();
+        let process = Running::spawn(
+            Command::new(path)
+                .args(args)
+                .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+                .envs(env.binary_env()),
+        );
+        Self {
+            process,
+            metrics_port,
+        }
+    }
+
+    /// A counter from its /metrics (0 before the first record), or `None` if it does not
+    /// answer.
+    pub async fn counter(&self, name: &str) -> Option<f64> {
+        let (status, body) = get(self.metrics_port, "/metrics").await?;
+        (status == 200).then(|| sample(&body, name).unwrap_or(0.0))
+    }
+
+    /// Deliveries it has received but not yet deleted: work a crash now would leave undone.
+    pub async fn holding(&self) -> u64 {
+        let received = self.counter(pii_vault::telemetry::RECEIVED).await;
+        let deleted = self.counter(pii_vault::telemetry::DELETED).await;
+        match (received, deleted) {
+            (Some(received), Some(deleted)) => (received - deleted).max(0.0) as u64,
+            _ => 0,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn kill(self) -> Ended {
+        self.process.kill()
+    }
+
+    pub fn wait(self, limit: Duration) -> Ended {
+        self.process.wait(limit)
     }
 }
 
