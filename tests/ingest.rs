@@ -35,7 +35,15 @@ async fn sample_queue_gives_99_rows_1_quarantine_and_an_empty_queue() {
     let bodies = sample_bodies();
     env.send(&bodies).await;
 
-    let summary = env.drain().await;
+    let source = KeepSentTimes::new(SqsSource::new(
+        env.sqs.clone(),
+        env.queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: None,
+        },
+    ));
+    let summary = env.drain_from(source.clone()).await;
     assert_eq!((summary.stored, summary.quarantined), (99, 1));
     // At least once: the emulator may hand one message to two concurrent polls.
     assert_eq!(summary.received, 100 + summary.duplicates);
@@ -77,16 +85,8 @@ async fn sample_queue_gives_99_rows_1_quarantine_and_an_empty_queue() {
     assert_eq!(versions["0.96"], 96_000);
     assert_eq!(versions["3.7"], 3_007_000);
 
-    // create_date: the UTC date the messages were sent, i.e. today.
-    let dates: Vec<time::Date> = sqlx::query_scalar("SELECT DISTINCT create_date FROM user_logins")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-    let today = time::OffsetDateTime::now_utc().date();
-    assert!(
-        dates.iter().all(|d| (*d - today).whole_days().abs() <= 1),
-        "{dates:?}"
-    );
+    // create_date: the UTC date of each message's SentTimestamp, as SQS reported it.
+    source.assert_create_dates(&env).await;
 
     // Nothing personal in clear, and every sealed value opens to the original at its place.
     let originals: HashMap<String, (String, String)> = bodies
@@ -338,12 +338,37 @@ async fn a_batch_whose_commit_fails_is_not_deleted_and_is_stored_once_later() {
 // against the answers of an emulator older than LocalStack 3.0, replayed from loopback.
 
 /// Keeps each message's SentTimestamp, to compare with its row's `create_date`.
-struct KeepSentTimes {
-    source: QuerySqsSource,
+struct KeepSentTimes<S> {
+    source: S,
     sent: Mutex<HashMap<String, time::OffsetDateTime>>,
 }
 
-impl MessageSource for KeepSentTimes {
+impl<S: MessageSource> KeepSentTimes<S> {
+    fn new(source: S) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            sent: Mutex::default(),
+        })
+    }
+
+    /// Every stored login's `create_date` is the UTC date its message was sent.
+    async fn assert_create_dates(&self, env: &TestEnv) {
+        let rows: Vec<(String, time::Date)> =
+            sqlx::query_as("SELECT message_id, create_date FROM user_logins")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        assert!(!rows.is_empty());
+        let sent = self.sent.lock().unwrap().clone();
+        for (message_id, create_date) in rows {
+            let sent_at = sent[&message_id];
+            assert_eq!(sent_at.offset(), time::UtcOffset::UTC);
+            assert_eq!(create_date, sent_at.date(), "{message_id}");
+        }
+    }
+}
+
+impl<S: MessageSource> MessageSource for KeepSentTimes<S> {
     async fn receive(&self) -> Result<Vec<Message>, SourceError> {
         let messages = self.source.receive().await?;
         let mut sent = self.sent.lock().unwrap();
@@ -366,17 +391,14 @@ async fn over_the_query_protocol_the_sample_gives_99_rows_1_quarantine_and_an_em
         let sent = client.send_batch(&env.queue_url, chunk).await.unwrap();
         assert_eq!(sent, chunk.len());
     }
-    let source = Arc::new(KeepSentTimes {
-        source: QuerySqsSource::new(
-            client,
-            env.queue_url.clone(),
-            PollSettings {
-                wait_time_seconds: 1,
-                visibility_timeout_seconds: None,
-            },
-        ),
-        sent: Mutex::default(),
-    });
+    let source = KeepSentTimes::new(QuerySqsSource::new(
+        client,
+        env.queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: None,
+        },
+    ));
     let summary = env.drain_from(source.clone()).await;
     assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
     assert_eq!(summary.received, 100 + summary.duplicates);
@@ -386,17 +408,7 @@ async fn over_the_query_protocol_the_sample_gives_99_rows_1_quarantine_and_an_em
     assert_eq!(env.messages_on_queue().await, 0);
 
     // create_date: the UTC date of each message's SentTimestamp, read from the XML.
-    let rows: Vec<(String, time::Date)> =
-        sqlx::query_as("SELECT message_id, create_date FROM user_logins")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    let sent = source.sent.lock().unwrap().clone();
-    for (message_id, create_date) in rows {
-        let sent_at = sent[&message_id];
-        assert_eq!(sent_at.offset(), time::UtcOffset::UTC);
-        assert_eq!(create_date, sent_at.date(), "{message_id}");
-    }
+    source.assert_create_dates(&env).await;
     env.cleanup().await;
 }
 
