@@ -322,8 +322,10 @@ BEGIN
 END
 $$;
 
--- The key admin's re-sealing of quarantined bodies, one locked page per call, audited.
-CREATE FUNCTION vault_quarantine_page(p_after bigint, p_limit bigint, p_keys bigint[])
+-- The key admin's walk over quarantined bodies sealed under `p_keys`, one page per call,
+-- audited: 'reseal' locks the page (SKIP LOCKED), 'verify' only reads it.
+CREATE FUNCTION vault_quarantine_page(p_operation text, p_after bigint, p_limit bigint,
+                                      p_keys bigint[])
     RETURNS TABLE (audit_id bigint, id bigint, message_id text, data_key_id bigint,
                    sealed_body bytea)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
@@ -336,15 +338,23 @@ BEGIN
         RAISE EXCEPTION 'rotation doors are for the key admin (pii_vault_keyadmin)'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-    FROM (SELECT q.id FROM quarantine q WHERE q.id > p_after AND q.data_key_id = ANY (p_keys)
-          ORDER BY q.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
+    IF p_operation = 'reseal' THEN
+        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
+        FROM (SELECT q.id FROM quarantine q WHERE q.id > p_after AND q.data_key_id = ANY (p_keys)
+              ORDER BY q.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
+    ELSIF p_operation = 'verify' THEN
+        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
+        FROM (SELECT q.id FROM quarantine q WHERE q.id > p_after AND q.data_key_id = ANY (p_keys)
+              ORDER BY q.id LIMIT p_limit) AS page;
+    ELSE
+        RAISE EXCEPTION 'unknown quarantine operation %', p_operation;
+    END IF;
     IF cardinality(ids) = 0 THEN
         RETURN;
     END IF;
-    audit := audit_append(session_user, 'key-administration', 'rotate-keys reseal',
-                          format('reseal quarantine %s..%s', ids[1], ids[cardinality(ids)]),
-                          cardinality(ids), 'reseal-quarantine', '{}', p_keys);
+    audit := audit_append(session_user, 'key-administration', 'rotate-keys ' || p_operation,
+                          format('%s quarantine %s..%s', p_operation, ids[1], ids[cardinality(ids)]),
+                          cardinality(ids), p_operation || '-quarantine', '{}', p_keys);
     RETURN QUERY
         SELECT audit, q.id, q.message_id, q.data_key_id, q.sealed_body
         FROM quarantine q WHERE q.id = ANY (ids) ORDER BY q.id;
@@ -368,7 +378,7 @@ ALTER FUNCTION audit_append(text, text, text, text, integer, text, bigint[], big
 ALTER FUNCTION vault_reveal(text, text, text, text, text) OWNER TO pii_vault_door;
 ALTER FUNCTION vault_reveal_outcome(bigint, text, integer) OWNER TO pii_vault_door;
 ALTER FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) OWNER TO pii_vault_door;
-ALTER FUNCTION vault_quarantine_page(bigint, bigint, bigint[]) OWNER TO pii_vault_door;
+ALTER FUNCTION vault_quarantine_page(text, bigint, bigint, bigint[]) OWNER TO pii_vault_door;
 
 REVOKE CREATE ON SCHEMA public FROM pii_vault_door;
 
@@ -379,9 +389,9 @@ GRANT EXECUTE ON FUNCTION vault_reveal(text, text, text, text, text) TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION vault_reveal_outcome(bigint, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_reveal_outcome(bigint, text, integer) TO pii_vault_compliance;
 REVOKE EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION vault_quarantine_page(bigint, bigint, bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION vault_quarantine_page(text, bigint, bigint, bigint[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_rotation_page(text, bigint, bigint, bigint[]),
-                          vault_quarantine_page(bigint, bigint, bigint[]) TO pii_vault_keyadmin;
+                          vault_quarantine_page(text, bigint, bigint, bigint[]) TO pii_vault_keyadmin;
 
 -- compliance: tokens and the audit; sealed values and wrapped keys only through the door.
 REVOKE ALL ON login_vault, vault_keys FROM pii_vault_compliance;

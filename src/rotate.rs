@@ -437,7 +437,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = "SELECT id, message_id, data_key_id, sealed_body
-         FROM vault_quarantine_page($1, $2, $3)";
+         FROM vault_quarantine_page('reseal', $1, $2, $3)";
     // A body stays in the window its old key served (its month when it was quarantined).
     let windows: Vec<(i64, Option<Date>)> =
         sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")

@@ -506,16 +506,28 @@ pub enum SealedLoginError {
     Integrity { row: String, what: String },
 }
 
-/// Opens and checks every stored login through the key admin's door (audited, one row per
-/// page), revealing nothing: the number of logins checked, or the first integrity failure.
-/// For operators after a rotation (`rotate-keys verify`).
+/// What `verify_all` opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// Logins checked (their values opened and matched against their tokens, where not erased).
+    pub logins: u64,
+    /// Quarantined bodies opened.
+    pub bodies: u64,
+}
+
+/// Opens and checks every stored login and quarantined body through the key admin's doors
+/// (audited, one row per page), revealing nothing: what was checked, or the first integrity
+/// failure. For operators after a rotation (`rotate-keys verify`).
 pub async fn verify_all<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
-) -> Result<u64, SealedLoginError> {
+) -> Result<Verified, SealedLoginError> {
     let mut keys = Keys::default();
+    let mut verified = Verified {
+        logins: 0,
+        bodies: 0,
+    };
     let mut after = 0i64;
-    let mut checked = 0u64;
     let page = rotation_page("verify");
     loop {
         let rows: Vec<SealedLogin> = sqlx::query_as(&page)
@@ -526,12 +538,42 @@ pub async fn verify_all<W: KeyWrapper>(
             .await
             .map_err(KeyringError::Database)?;
         let Some(last) = rows.last() else {
-            return Ok(checked);
+            break;
         };
         after = last.login_id;
         for row in &rows {
             row.open(keyring, &mut keys).await?;
         }
-        checked += rows.len() as u64;
+        verified.logins += rows.len() as u64;
+    }
+    let data_keys: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
+            .fetch_all(pool)
+            .await
+            .map_err(KeyringError::Database)?;
+    let mut after = 0i64;
+    loop {
+        let bodies: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, message_id, data_key_id, sealed_body FROM vault_quarantine_page('verify', $1, 5000, $2)",
+        )
+        .bind(after)
+        .bind(&data_keys)
+        .fetch_all(pool)
+        .await
+        .map_err(KeyringError::Database)?;
+        let Some(last) = bodies.last() else {
+            return Ok(verified);
+        };
+        after = last.0;
+        for (id, message_id, key, sealed) in &bodies {
+            keys.sealer(keyring, *key, None)
+                .await?
+                .open(&crate::ingest::batch::quarantine_place(message_id), sealed)
+                .map_err(|e| SealedLoginError::Integrity {
+                    row: format!("quarantine {id} (message {message_id})"),
+                    what: e.to_string(),
+                })?;
+        }
+        verified.bodies += bodies.len() as u64;
     }
 }

@@ -16,6 +16,7 @@ use pii_vault::vault::erasure::ErasedUsers;
 use pii_vault::vault::keyring::key_use_lock;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
 
 fn logins(count: usize, seed: u64) -> Vec<String> {
@@ -26,11 +27,11 @@ fn logins(count: usize, seed: u64) -> Vec<String> {
 /// Every login opens under its keys and matches its token; returns how many.
 async fn verify_all(env: &TestEnv) -> u64 {
     let keyadmin = env.pool_as("keyadmin").await;
-    let checked = unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin))
+    let verified = unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin))
         .await
         .expect("every row opens");
     keyadmin.close().await;
-    checked
+    verified.logins
 }
 
 async fn keys_in_state(env: &TestEnv, purpose: &str, state: &str) -> Vec<i64> {
@@ -931,4 +932,154 @@ async fn db_as(env: &TestEnv, user: &str, database: &str) -> sqlx::PgPool {
     pii_vault::db::connect(&env.url_as(user).replace(&env.database_name, database), 2)
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn a_rotation_under_a_running_ingester_refuses_its_batches_and_sqs_brings_them_back() {
+    let env = TestEnv::new(2).await;
+    env.init_token_key().await;
+    let generate = |count, seed| {
+        let mut generator = Generator::new(seed, 0.0, 0.1);
+        let messages: Vec<_> = (0..count).map(|_| generator.next_message()).collect();
+        let malformed = messages.iter().filter(|m| m.malformed).count();
+        (
+            messages.into_iter().map(|m| m.body).collect::<Vec<_>>(),
+            malformed,
+        )
+    };
+    // The ingester checks key states only once an hour: it can learn of the rotation only
+    // by having a batch refused.
+    let replica = common::Replica::spawn(
+        &env,
+        INGEST,
+        &[
+            "--flush-ms",
+            "20",
+            "--batch-size",
+            "20",
+            "--wait-seconds",
+            "1",
+            "--key-check-seconds",
+            "3600",
+        ],
+    );
+    let (before, malformed_before) = generate(400, 51);
+    env.send(&before).await;
+    common::within(
+        Duration::from_secs(60),
+        "the first messages are stored",
+        || async {
+            (env.count("user_logins").await + env.count("quarantine").await) as usize
+                == before.len()
+        },
+    )
+    .await;
+    let old = keys_in_state(&env, "data", "active").await;
+
+    let rotated = rotate_keys(&env, &["data-key", "--grace-seconds", "0"]).await;
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    let retired = keys_in_state(&env, "data", "retired").await;
+    assert!(
+        old.iter().all(|k| retired.contains(k)),
+        "the ingester's key is retired: {old:?} {retired:?}"
+    );
+    // Sent after the rotation: the ingester seals them under its retired key, the writer
+    // refuses the batch, and the messages come back to be sealed under a new one.
+    let (after, malformed_after) = generate(200, 52);
+    env.send(&after).await;
+    let total = before.len() + after.len();
+    common::within(
+        Duration::from_secs(90),
+        "every message is stored",
+        || async {
+            (env.count("user_logins").await + env.count("quarantine").await) as usize == total
+        },
+    )
+    .await;
+    let refused = replica
+        .counter(pii_vault::telemetry::LEFT_ON_QUEUE)
+        .await
+        .unwrap_or_default();
+    assert!(
+        refused > 0.0,
+        "a batch under the retired key was refused and redelivered"
+    );
+    common::terminate_pid(replica.pid());
+    let ended = replica.wait(Duration::from_secs(30));
+    assert!(ended.status.success(), "{}", ended.stderr);
+    assert!(
+        ended.stderr.contains("retired by a rotation"),
+        "{}",
+        ended.stderr
+    );
+
+    let (rows, users, under_old): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT l.user_id),
+                count(*) FILTER (WHERE v.data_key_id = ANY($1))
+         FROM user_logins l JOIN login_vault v ON v.login_id = l.id",
+    )
+    .bind(&old)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let valid = (total - malformed_before - malformed_after) as i64;
+    assert_eq!(
+        (rows, users, under_old),
+        (valid, valid, 0),
+        "each once, none under the old key"
+    );
+    // Quarantined bodies were re-sealed too, and open under their new keys.
+    let keyadmin = env.pool_as("keyadmin").await;
+    let verified = unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin))
+        .await
+        .expect("everything opens");
+    keyadmin.close().await;
+    assert_eq!(
+        (verified.logins, verified.bodies),
+        (valid as u64, (malformed_before + malformed_after) as u64)
+    );
+    // status counts what each key protects.
+    let status = rotate_keys(&env, &["status"]).await;
+    let text = stdout(&status);
+    for (key, values) in env.values_per_data_key().await {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&key.to_string()))
+            .unwrap_or_else(|| panic!("key {key} in {text}"));
+        assert_eq!(
+            line.split_whitespace().nth(5),
+            Some(values.to_string().as_str()),
+            "{line}"
+        );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn commands_with_nothing_to_do_say_so_and_exit_0() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    for (args, says) in [
+        (&["data-key", "--grace-seconds", "0"][..], "nothing to do"),
+        (&["expire", "--older-than", "400d"][..], "nothing to expire"),
+        (
+            &["expire", "--older-than", "400d", "--apply"][..],
+            "nothing to expire",
+        ),
+        (&["verify"][..], "all 0 logins and 0 quarantined bodies"),
+    ] {
+        let output = rotate_keys(&env, args).await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stdout(&output).contains(says),
+            "{args:?}: {}",
+            stdout(&output)
+        );
+    }
+    env.cleanup().await;
 }

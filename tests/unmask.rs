@@ -476,7 +476,7 @@ const MATRIX: [(&str, &str, bool); 41] = [
     ),
     (
         "door vault_quarantine_page",
-        "SELECT * FROM vault_quarantine_page(0, 1, '{}')",
+        "SELECT * FROM vault_quarantine_page('verify', 0, 1, '{}')",
         false,
     ),
     (

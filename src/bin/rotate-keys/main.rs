@@ -262,8 +262,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Verify => {
             db::check_schema(&pool).await?;
-            let checked = unmask::verify_all(&pool, &keyring().await).await?;
-            println!("all {checked} logins open and match their tokens");
+            let verified = unmask::verify_all(&pool, &keyring().await).await?;
+            println!(
+                "all {} logins and {} quarantined bodies open and match their tokens",
+                verified.logins, verified.bodies
+            );
         }
     }
     Ok(())
