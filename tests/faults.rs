@@ -611,3 +611,72 @@ async fn a_data_key_is_never_taken_past_its_limit_even_when_kms_gives_no_new_one
     assert_exactly_once(&env, valid, first_malformed + second_malformed).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_connection_lost_during_commit_leaves_every_message_stored_once() {
+    let env = TestEnv::new(5).await;
+    env.init_token_key().await;
+    let cutter = common::CommitCutter::start(common::database_port(), 3).await;
+    // In clear, so that the proxy sees the COMMIT go by.
+    let url = format!("{}?sslmode=disable", env.database_url_through(cutter.port));
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&url)
+        .unwrap();
+    let (bodies, malformed) = generated(300, 61);
+    env.send(&bodies).await;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        ingest::run(
+            env.source(poll()),
+            pool,
+            env.keyring(),
+            Settings {
+                drain: true,
+                batch_size: 50,
+                ..settings()
+            },
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("the drain finishes")
+    .expect("ingest runs");
+    assert_eq!(cutter.cuts(), 3, "three COMMITs lost their answer");
+    // A batch whose COMMIT landed although its answer was lost is written again on retry:
+    // its rows are found already stored, not stored twice.
+    assert!(summary.duplicates > 0, "{summary}");
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_delete_stores_nothing_twice() {
+    let env = TestEnv::new(2).await;
+    env.init_token_key().await;
+    let (bodies, malformed) = generated(300, 62);
+    env.send(&bodies).await;
+    let crashed = common::output_of(
+        std::process::Command::new(INGEST)
+            .args(["--drain", "--flush-ms", "20", "--batch-size", "50"])
+            .envs(env.binary_env())
+            .env("PII_VAULT_FAILPOINT", "exit-after-commit"),
+    );
+    assert!(!crashed.status.success(), "it died at the failpoint");
+    assert!(
+        stderr(&crashed).contains("failpoint exit-after-commit"),
+        "{}",
+        stderr(&crashed)
+    );
+    let stored = (env.count("user_logins").await + env.count("quarantine").await) as u64;
+    let on_queue = env.messages_on_queue().await;
+    assert!(stored > 0, "a batch committed before the crash");
+    assert!(
+        stored + on_queue > bodies.len() as u64,
+        "some committed messages were never deleted: {stored} stored, {on_queue} on the queue"
+    );
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    assert_exactly_once(&env, bodies.len() - malformed, malformed).await;
+    env.cleanup().await;
+}

@@ -313,6 +313,16 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     Ok(summary)
 }
 
+/// Whether the test-only failpoint `name` is set in `PII_VAULT_FAILPOINT` (read once). Tests
+/// use it to crash a real ingest process exactly inside a window that timing cannot hit.
+fn failpoint_set(name: &str) -> bool {
+    static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAILPOINT
+        .get_or_init(|| std::env::var("PII_VAULT_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+}
+
 /// Retries `attempt` while it fails transiently, unless shutdown is requested.
 async fn with_retry<T, F, Fut>(
     what: &str,
@@ -696,6 +706,11 @@ async fn write_and_acknowledge<S: MessageSource>(
                     read_to_commit = ?latency.unwrap_or_default(),
                     "batch committed"
                 );
+                if failpoint_set("exit-after-commit") {
+                    // The crash window between COMMIT and DeleteMessageBatch (tests only).
+                    tracing::warn!("failpoint exit-after-commit: aborting before the delete");
+                    std::process::abort();
+                }
                 acknowledge(source, receipts, stats).await;
             }
             Err(refused @ (WriteError::KeyRetired | WriteError::ErasuresChanged)) => {

@@ -825,3 +825,82 @@ pub fn bench_arg(name: &str, default: u64) -> u64 {
         .map(|v| v.parse().expect("a number"))
         .unwrap_or(default)
 }
+
+/// A TCP proxy in front of PostgreSQL that drops the connection just after forwarding a
+/// `COMMIT`, the first `times` times: the server may have committed, the client cannot know
+/// (the hardest window for exactly-once).
+pub struct CommitCutter {
+    pub port: u16,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CommitCutter {
+    pub async fn start(target_port: u16, times: u64) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = cuts.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut server_read, mut server_write) = outbound.into_split();
+                    let answers = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    });
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let Ok(n) = client_read.read(&mut buffer).await else {
+                            break;
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        let commit = buffer[..n].windows(6).any(|w| w == b"COMMIT");
+                        let take = || {
+                            counter
+                                .fetch_update(
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    |done| (done < times).then_some(done + 1),
+                                )
+                                .is_ok()
+                        };
+                        if commit && take() {
+                            // No answer reaches the client from here on; the server gets the
+                            // COMMIT, acts on it, and the connection drops.
+                            answers.abort();
+                            let _ = server_write.write_all(&buffer[..n]).await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                        if server_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    answers.abort();
+                });
+            }
+        });
+        Self { port, cuts, accept }
+    }
+
+    /// COMMITs whose answer was lost so far.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
