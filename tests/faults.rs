@@ -20,6 +20,8 @@ use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
+const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
+const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 
 fn settings() -> Settings {
     Settings {
@@ -437,47 +439,172 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// Every form a personal value could take in a log: quoted, escaped, bare, canonical, and
+/// its bytes in hex and base64.
+fn forms_of(value: &str) -> Vec<String> {
+    let mut forms = vec![
+        format!("\"{value}\""),
+        format!("\\\"{value}\\\""),
+        value.to_owned(),
+        value.trim().to_owned(),
+        value.bytes().map(|b| format!("{b:02x}")).collect(),
+        base64(value.as_bytes()),
+    ];
+    if let Ok(ip) = value.parse::<std::net::IpAddr>() {
+        forms.push(ip.to_string());
+    }
+    forms
+}
+
 #[tokio::test]
-async fn the_most_verbose_logs_hold_no_personal_value_and_no_key_byte() {
+async fn the_most_verbose_logs_of_every_binary_hold_no_personal_value_and_no_key_byte() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
-    let bodies = sample_bodies();
+    let mut bodies = sample_bodies();
+    // Hostile and quarantined paths, with values of their own to look for.
+    let hostile = [
+        r#"{"user_id": "leak-1", "ip": "203.0.113.77", "device_id": "leak-device-0001", "surplus": 1}"#,
+        r#"{"user_id": "leak-2", "ip": "999.1.1.1", "device_id": "leak-device-0002", "app_version": "1", "device_type": "ios", "locale": null}"#,
+        r#"{"user_id": "leak-3", "ip": "2001:db8:0:0::77", "device_id": "  leak-device-0003 ", "app_version": "1.0", "device_type": "ios", "locale": null}"#,
+    ];
+    bodies.extend(hostile.iter().map(|b| b.to_string()));
     env.send(&bodies).await;
-    let output = common::output_of(
-        std::process::Command::new(INGEST)
-            .arg("--drain")
+    let trace = "trace,aws_smithy_runtime::client::orchestrator=trace";
+    let run = |user: Option<&str>, binary: &str, args: &[&str]| {
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(args)
             .envs(env.binary_env())
-            .env(
-                "RUST_LOG",
-                "trace,aws_smithy_runtime::client::orchestrator=trace",
-            ),
+            .env("RUST_LOG", trace);
+        if let Some(user) = user {
+            command.env("DATABASE_URL", env.url_as(user));
+        }
+        common::output_of(&mut command)
+    };
+    let sample_user = serde_json::from_str::<serde_json::Value>(&bodies[0]).unwrap()["user_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Each run: (what, its output, whether its stdout may hold revealed values).
+    let mut runs = vec![("ingest --drain", run(None, INGEST, &["--drain"]), false)];
+    assert!(runs[0].1.status.success(), "{}", stderr(&runs[0].1));
+    let reveal = ["--purpose", "security-incident", "--reason", "leak test"];
+    runs.push((
+        "unmask (revealing)",
+        run(
+            Some("compliance"),
+            UNMASK,
+            &[
+                &["--user-id", &sample_user, "--format", "json"][..],
+                &reveal[..],
+            ]
+            .concat(),
+        ),
+        true,
+    ));
+    assert!(runs[1].1.status.success(), "{}", stderr(&runs[1].1));
+    for (what, user, args) in [
+        (
+            "unmask, nothing found",
+            "compliance",
+            vec!["--user-id", "nobody"],
+        ),
+        ("unmask, refused", "analyst", vec!["--user-id", "leak-3"]),
+        ("rotate-keys status", "keyadmin", vec!["status"]),
+        (
+            "rotate-keys data-key",
+            "keyadmin",
+            vec!["data-key", "--grace-seconds", "0"],
+        ),
+        (
+            "rotate-keys token-key",
+            "keyadmin",
+            vec!["token-key", "--grace-seconds", "0"],
+        ),
+        ("rotate-keys verify", "keyadmin", vec!["verify"]),
+        (
+            "rotate-keys erase",
+            "keyadmin",
+            vec!["erase", "--user-id", "leak-3", "--reason", "r"],
+        ),
+        ("unmask verify-audit", "compliance", vec!["verify-audit"]),
+    ] {
+        let binary = if what.starts_with("unmask") {
+            UNMASK
+        } else {
+            ROTATE_KEYS
+        };
+        let args = if what.starts_with("unmask,") {
+            [&args[..], &reveal[..]].concat()
+        } else {
+            args
+        };
+        runs.push((what, run(Some(user), binary, &args), false));
+    }
+    // The error path: a tampered value, refused with an integrity failure.
+    sqlx::query(
+        "UPDATE login_vault SET sealed_ip = sealed_device_id
+         WHERE login_id = (SELECT id FROM user_logins WHERE user_id = $1)",
+    )
+    .bind(&sample_user)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let tampered = run(
+        Some("compliance"),
+        UNMASK,
+        &[&["--user-id", &sample_user][..], &reveal[..]].concat(),
     );
-    assert!(output.status.success(), "{}", stderr(&output));
-    let logs = format!("{}{}", stdout(&output), stderr(&output));
-    assert!(logs.lines().count() > 100, "trace level was on");
-    assert!(logs.contains("TRACE"), "trace level was on");
+    assert_eq!(tampered.status.code(), Some(4), "{}", stderr(&tampered));
+    runs.push(("unmask, integrity failure", tampered, false));
+
+    let mut values = Vec::new();
     for body in &bodies {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
             continue;
         };
         for field in ["ip", "device_id"] {
             if let Some(text) = value[field].as_str() {
-                assert!(
-                    !logs.contains(&format!("\"{text}\""))
-                        && !logs.contains(&format!("\\\"{text}\\\"")),
-                    "{field} {text} leaked"
-                );
+                values.push(text.to_owned());
             }
         }
     }
+    assert!(values.len() >= 200);
+    let revealed = stdout(&runs[1].1);
+    assert!(
+        values.iter().any(|v| revealed.contains(v.trim())),
+        "unmask did reveal"
+    );
+    for (what, output, stdout_reveals) in &runs {
+        let logs = if *stdout_reveals {
+            stderr(output)
+        } else {
+            format!("{}{}", stdout(output), stderr(output))
+        };
+        assert!(
+            logs.contains("TRACE") || logs.contains("DEBUG"),
+            "{what}: the most verbose level was on: {logs}"
+        );
+        for value in &values {
+            for form in forms_of(value) {
+                assert!(!logs.contains(&form), "{what}: {value} leaked as {form}");
+            }
+        }
+    }
+    let all_logs: String = runs
+        .iter()
+        .map(|(_, output, _)| format!("{}{}", stdout(output), stderr(output)))
+        .collect();
+    assert!(all_logs.contains("TRACE"), "trace level was on");
     // Every key pii-vault holds, unwrapped here the way KMS gives it out.
-    let keys: Vec<(i64, String, String, Vec<u8>)> =
+    let keys: Vec<(i64, String, String, Option<Vec<u8>>)> =
         sqlx::query_as("SELECT id, purpose, kms_key_id, wrapped_key FROM vault_keys")
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    assert!(keys.len() >= 2);
+    assert!(keys.len() >= 4, "data and token keys, old and new");
     for (id, purpose, kms_key_id, wrapped) in keys {
+        let Some(wrapped) = wrapped else { continue };
         let plaintext = env
             .kms
             .client()
@@ -501,7 +628,10 @@ async fn the_most_verbose_logs_hold_no_personal_value_and_no_key_byte() {
             base64(&plaintext),
             decimal.to_owned(),
         ] {
-            assert!(!logs.contains(&form), "{purpose} key {id} leaked as {form}");
+            assert!(
+                !all_logs.contains(&form),
+                "{purpose} key {id} leaked as {form}"
+            );
         }
     }
     env.cleanup().await;

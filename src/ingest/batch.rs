@@ -287,6 +287,45 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_of_what_holds_values_tokens_or_keys_reveals_none_of_them() {
+        let (tokenizer, sealer) = keys();
+        let named = r#"{"user_id": "u-9", "ip": "10.0.0.9", "device_id": "900-99-9999", "x": 1}"#;
+        let batch = build(
+            vec![message("m-1", VALID, "r-1"), message("m-2", named, "r-2")],
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+            false,
+        );
+        let personal = batch.logins[0].personal.as_ref().unwrap();
+        let tokens = [
+            personal.masked_ip.to_string(),
+            personal.masked_device_id.to_string(),
+            tokenizer.user_id("u-9").to_string(),
+        ];
+        let event = event::parse(VALID.as_bytes()).unwrap();
+        let printed = [
+            format!("{batch:?}"),
+            format!("{event:?}"),
+            format!("{tokenizer:?} {sealer:?} {:?}", key(1)),
+            format!("{:?}", message("m-2", named, "r-2")),
+        ]
+        .join("\n");
+        for secret in ["10.0.0.1", "593-47-5928", "10.0.0.9", "900-99-9999"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(tokens)
+            .chain([hex(&[1u8; 32]), hex(&[2u8; 32])])
+        {
+            assert!(!printed.contains(&secret), "{secret} in {printed}");
+        }
+        assert!(
+            printed.contains("m-1") && printed.contains("<redacted>"),
+            "{printed}"
+        );
+    }
+
+    #[test]
     fn builds_rows_that_open_at_their_place() {
         let (tokenizer, sealer) = keys();
         let batch = build(

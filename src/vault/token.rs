@@ -70,9 +70,11 @@ impl fmt::Display for Token {
     }
 }
 
+// A token is a stable pseudonym, personal data in its own right: Debug output (logs, panics)
+// shows only that one is there. Display writes it, for the rows that store it.
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token({})", self.as_str())
+        f.write_str("Token(<redacted>)")
     }
 }
 
