@@ -126,12 +126,12 @@ async fn data_key_rotation_killed_midway_is_finished_by_a_rerun() {
     env.ingest_bodies(&["not json".to_owned()]).await;
     let old = keys_in_state(&env, "data", "active").await;
 
-    let mut child = std::process::Command::new(ROTATE_KEYS)
-        .args(["data-key", "--grace-seconds", "0", "--batch-size", "50"])
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.url_as("keyadmin"))
-        .spawn()
-        .unwrap();
+    let child = common::Running::spawn(
+        std::process::Command::new(ROTATE_KEYS)
+            .args(["data-key", "--grace-seconds", "0", "--batch-size", "50"])
+            .envs(env.binary_env())
+            .env("DATABASE_URL", env.url_as("keyadmin")),
+    );
     let moved = common::eventually(Duration::from_secs(30), || async {
         rows_under(
             &env,
@@ -142,8 +142,8 @@ async fn data_key_rotation_killed_midway_is_finished_by_a_rerun() {
             > 200
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let ended = child.kill();
+    assert!(!ended.status.success(), "killed mid-way, not finished");
     assert!(moved, "the rotation got under way before it was killed");
     assert_eq!(
         verify_all(&env).await,
@@ -196,12 +196,12 @@ async fn token_key_rotation_while_ingesting_killed_and_rerun_keeps_duplicates_ex
     env.ingest_bodies(&first).await;
     let old = keys_in_state(&env, "token", "active").await;
 
-    let mut child = std::process::Command::new(ROTATE_KEYS)
-        .args(["token-key", "--grace-seconds", "0", "--batch-size", "50"])
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.url_as("keyadmin"))
-        .spawn()
-        .unwrap();
+    let child = common::Running::spawn(
+        std::process::Command::new(ROTATE_KEYS)
+            .args(["token-key", "--grace-seconds", "0", "--batch-size", "50"])
+            .envs(env.binary_env())
+            .env("DATABASE_URL", env.url_as("keyadmin")),
+    );
     common::within(
         Duration::from_secs(30),
         "the token rotation gets under way",
@@ -216,8 +216,8 @@ async fn token_key_rotation_while_ingesting_killed_and_rerun_keeps_duplicates_ex
         },
     )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let ended = child.kill();
+    assert!(!ended.status.success(), "killed mid-way, not finished");
     // Meanwhile a query can tell which version each row's token is in.
     let versions: i64 = sqlx::query_scalar("SELECT count(DISTINCT token_key_id) FROM user_logins")
         .fetch_one(&env.pool)
@@ -758,29 +758,21 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     );
 
     // kill -9 in the middle of the expiry, then run it again.
-    let mut expiring = std::process::Command::new(ROTATE_KEYS)
-        .args([
-            "expire",
-            "--older-than",
-            &older_than,
-            "--apply",
-            "--batch-size",
-            "2",
-        ])
-        .args(["--grace-seconds", "0"])
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.url_as("keyadmin"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let expiring = common::Running::spawn(
+        std::process::Command::new(ROTATE_KEYS)
+            .args(["expire", "--older-than", &older_than, "--apply"])
+            .args(["--batch-size", "2", "--grace-seconds", "0"])
+            .envs(env.binary_env())
+            .env("DATABASE_URL", env.url_as("keyadmin")),
+    );
     common::within(
         Duration::from_secs(60),
         "the expiry deletes values",
         || async { sealed_per_month(&env, &env.pool).await[0].1 < 600 },
     )
     .await;
-    expiring.kill().unwrap();
-    expiring.wait().unwrap();
+    let ended = expiring.kill();
+    assert!(!ended.status.success(), "killed mid-way, not finished");
     let left = sealed_per_month(&env, &env.pool).await[0].clone();
     assert!(
         left.0 == "2025-01" && left.1 > 0,
