@@ -587,10 +587,11 @@ async fn make_batches<W: KeyWrapper>(
         keys.follow_rotations(settings, shutdown).await;
         // One batch per retention window the messages fall in (nearly always one).
         for (placement, messages) in by_window(std::mem::take(&mut pending), &keys.windows) {
-            let window = match &placement {
-                Placed::Window(window) => Some(window),
+            let window = match placement {
+                Placed::Window(starts) => keys.windows.get(starts).cloned(),
                 Placed::Expired | Placed::Unwindowed => None,
             };
+            let window = window.as_ref();
             // At most two values per message (a login's ip and device id).
             let values = 2 * messages.len() as u64;
             let Some(at) = keys.room_for(window, values, settings).await else {
@@ -618,10 +619,10 @@ async fn make_batches<W: KeyWrapper>(
     }
 }
 
-/// Where a group of messages goes: an owned [`Placement`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a group of messages goes: a window by its first day, or a [`Placement`] without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placed {
-    Window(Window),
+    Window(Date),
     Expired,
     Unwindowed,
 }
@@ -631,12 +632,21 @@ enum Placed {
 fn by_window(messages: Vec<Message>, windows: &Windows) -> Vec<(Placed, Vec<Message>)> {
     let today = OffsetDateTime::now_utc().date();
     let mut groups: Vec<(Placed, Vec<Message>)> = Vec::new();
+    // Consecutive messages nearly always share a date: look the window up once per date.
+    let mut last: Option<(Date, Placed)> = None;
     for message in messages {
         let date = message.sent_at.map_or(today, |sent| sent.date());
-        let placed = match windows.placement(date) {
-            Placement::Window(window) => Placed::Window(window.clone()),
-            Placement::Expired => Placed::Expired,
-            Placement::Unwindowed => Placed::Unwindowed,
+        let placed = match last {
+            Some((seen, placed)) if seen == date => placed,
+            _ => {
+                let placed = match windows.placement(date) {
+                    Placement::Window(window) => Placed::Window(window.starts),
+                    Placement::Expired => Placed::Expired,
+                    Placement::Unwindowed => Placed::Unwindowed,
+                };
+                last = Some((date, placed));
+                placed
+            }
         };
         match groups.iter_mut().find(|(p, _)| *p == placed) {
             Some((_, group)) => group.push(message),

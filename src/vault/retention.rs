@@ -68,8 +68,9 @@ impl Windows {
         }
     }
 
-    pub fn all(&self) -> &[Window] {
-        &self.0
+    /// The window that starts on `starts`.
+    pub fn get(&self, starts: Date) -> Option<&Window> {
+        self.0.iter().find(|w| w.starts == starts)
     }
 
     #[cfg(test)]
