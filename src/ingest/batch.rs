@@ -279,6 +279,11 @@ mod tests {
 
     const VALID: &str = r#"{"user_id": "u-1", "app_version": "0.96", "device_type": "ios", "ip": "10.0.0.1", "locale": null, "device_id": "593-47-5928"}"#;
 
+    /// `build` for no erased user and a window that has not expired.
+    fn build_plain(messages: Vec<Message>, tokenizer: &Tokenizer, sealer: &Sealer) -> Batch {
+        build(messages, tokenizer, sealer, &ErasedUsers::default(), false)
+    }
+
     fn keys() -> (Tokenizer, Sealer) {
         (
             Tokenizer::new(KeyId(1), &key(1)),
@@ -290,12 +295,10 @@ mod tests {
     fn debug_output_of_what_holds_values_tokens_or_keys_reveals_none_of_them() {
         let (tokenizer, sealer) = keys();
         let named = r#"{"user_id": "u-9", "ip": "10.0.0.9", "device_id": "900-99-9999", "x": 1}"#;
-        let batch = build(
+        let batch = build_plain(
             vec![message("m-1", VALID, "r-1"), message("m-2", named, "r-2")],
             &tokenizer,
             &sealer,
-            &ErasedUsers::default(),
-            false,
         );
         let personal = batch.logins[0].personal.as_ref().unwrap();
         let tokens = [
@@ -328,13 +331,7 @@ mod tests {
     #[test]
     fn builds_rows_that_open_at_their_place() {
         let (tokenizer, sealer) = keys();
-        let batch = build(
-            vec![message("m-1", VALID, "r-1")],
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(vec![message("m-1", VALID, "r-1")], &tokenizer, &sealer);
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 0));
         let row = &batch.logins[0];
         assert_eq!(row.create_date.to_string(), "2023-11-14");
@@ -367,13 +364,7 @@ mod tests {
     fn quarantines_with_a_reason_and_a_sealed_body() {
         let (tokenizer, sealer) = keys();
         let bad = r#"{"foo": "oops_wrong_msg_type", "bar": "123"}"#;
-        let batch = build(
-            vec![message("m-1", bad, "r-1")],
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(vec![message("m-1", bad, "r-1")], &tokenizer, &sealer);
         assert!(batch.logins.is_empty());
         let row = &batch.quarantined[0];
         assert_eq!(row.reason, "unexpected field `foo`");
@@ -385,13 +376,7 @@ mod tests {
         assert_eq!(body.as_slice(), bad.as_bytes());
         assert_eq!(row.user_token, None, "the body names no user");
         let named = r#"{"user_id": "u-9", "ip": 1}"#;
-        let batch = build(
-            vec![message("m-2", named, "r-2")],
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(vec![message("m-2", named, "r-2")], &tokenizer, &sealer);
         assert_eq!(
             batch.quarantined[0].user_token,
             Some(tokenizer.user_id("u-9"))
@@ -443,7 +428,7 @@ mod tests {
     #[test]
     fn a_redelivered_message_is_one_row_with_both_receipts() {
         let (tokenizer, sealer) = keys();
-        let batch = build(
+        let batch = build_plain(
             vec![
                 message("m-1", VALID, "r-1"),
                 message("m-2", "nope", "r-2"),
@@ -452,8 +437,6 @@ mod tests {
             ],
             &tokenizer,
             &sealer,
-            &ErasedUsers::default(),
-            false,
         );
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 1));
         let receipts: Vec<String> = batch.receipts().into_iter().map(|r| r.0).collect();
@@ -469,13 +452,7 @@ mod tests {
                 message(&format!("m-{i}"), body, &format!("r-{i}"))
             })
             .collect();
-        let batch = build(
-            messages,
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(messages, &tokenizer, &sealer);
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (3, 2));
         let (front, back) = batch.split();
         assert_eq!((front.len(), back.len()), (2, 3));
@@ -515,13 +492,7 @@ mod tests {
             .iter()
             .map(|m| message_bytes(text(m, "message_id"), &bytes(m, "body_hex"), "r"))
             .collect();
-        let batch = build(
-            messages,
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(messages, &tokenizer, &sealer);
         let (mut logins, mut quarantined) = (batch.logins.iter(), batch.quarantined.iter());
         for m in expected {
             let message_id = text(m, "message_id");
@@ -679,13 +650,7 @@ mod tests {
             .iter()
             .map(|(id, body)| message_bytes(id, body, "r"))
             .collect();
-        let batch = build(
-            messages,
-            &tokenizer,
-            &sealer,
-            &ErasedUsers::default(),
-            false,
-        );
+        let batch = build_plain(messages, &tokenizer, &sealer);
         let by_id: HashMap<&str, &[u8]> = bodies.iter().copied().collect();
         let logins: Vec<serde_json::Value> = batch
             .logins
