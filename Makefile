@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 ENV := source scripts/env.sh
 
-.PHONY: demo test services lint fmt vectors-check
+.PHONY: demo test services lint fmt vectors-check fuzz fuzz-ci
 
 services:
 	scripts/services up
@@ -33,3 +33,12 @@ vectors-check:
 	test -x .venv-vectors/bin/python || python3 -m venv .venv-vectors
 	.venv-vectors/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-vectors.txt
 	.venv-vectors/bin/python scripts/format-vectors.py --check
+
+## Fuzz every target for 60 s each (FUZZ_SECONDS to change); needs nightly and cargo-fuzz.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz $(FUZZ_SECONDS)
+
+## The short run for CI: 15 s per target, fails on a crash or a missing tool.
+fuzz-ci:
+	scripts/fuzz --ci

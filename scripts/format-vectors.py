@@ -180,21 +180,24 @@ LOGINS_TABLE, QUARANTINE_TABLE = "user_logins", "quarantine"
 def app_version_encoded(text):
     """FORMAT.md "app_version": up to three '.'-separated parts of 1 to 4 ASCII digits,
     major * 1_000_000 + minor * 1_000 + patch (missing parts are 0), minor and patch at most
-    999, major at most 2146 (the largest whose every encoding fits a signed 32-bit integer,
-    so 2147.0.0 is refused though it would fit). None if refused."""
+    999, refused exactly when the value exceeds 2147483647 (PostgreSQL's integer, i32), so
+    2147.483.647 is the largest. Leading zeros and zero trailing parts encode alike (1.2, 1.02
+    and 1.2.0 are all 1002000). None if refused."""
     parts = text.split(".")
     if not text or len(parts) > 3:
         return None
     if any(not (1 <= len(p) <= 4) or any(c not in "0123456789" for c in p) for p in parts):
         return None
     major, minor, patch = ([int(p) for p in parts] + [0, 0])[:3]
-    if minor > 999 or patch > 999 or major > 2146:
+    if minor > 999 or patch > 999:
         return None
-    return major * 1_000_000 + minor * 1_000 + patch
+    encoded = major * 1_000_000 + minor * 1_000 + patch
+    return encoded if encoded <= 2_147_483_647 else None
 
 
 APP_VERSIONS = ["2.3.0", "0.96", "3.7", "6.02", "6.2", "6.20", "2", "2.00", "0.0.1", "2146.999.999",
-                "2147", "1.1000", "1.2.3.4", " 1.2", "v1.2", "12345", "1.", "", "\u0661.2"]
+                "2147", "1.1000", "1.2.3.4", " 1.2", "v1.2", "12345", "1.", "", "\u0661.2",
+                "2147.483.647", "2147.483.648", "2147.484", "1.2", "1.02", "01.2.0", "9999"]
 
 
 def audit_hash(row):

@@ -116,7 +116,8 @@ proptest! {
             && !user_id.chars().any(char::is_control)
             && !device_type.is_empty() && device_type.len() <= 32
             && !device_id.trim().is_empty()
-            && major <= 2146 && minor <= 999;
+            && minor <= 999
+            && u64::from(major) * 1_000_000 + u64::from(minor) * 1_000 <= i32::MAX as u64;
         match event::parse(body.as_bytes()) {
             Ok(login) => {
                 prop_assert!(expected_valid, "accepted {body}");

@@ -563,7 +563,7 @@ mod tests {
             let encoded = parsed.map(|v| i64::from(v.encoded));
             assert_eq!(encoded, version["encoded"].as_i64(), "app_version {text:?}");
         }
-        assert_eq!(versions.len(), 19);
+        assert_eq!(versions.len(), 26);
     }
 
     /// The token key and data key a vector or fixture file names.

@@ -6,6 +6,12 @@
 //! absolute path; give the same `--source-id` to replay a file that moved. Lines are read on
 //! a thread of their own, a bounded number of chunks ahead, so memory stays flat whatever the
 //! file's size. Acknowledging is a no-op: a file has nothing to delete.
+//!
+//! Each line is read with a bound ([`LineReader`]): at most [`MAX_LINE_BYTES`] of it is held,
+//! so one huge line, or a gzip bomb that decompresses to one, cannot exhaust memory. A longer
+//! line is quarantined like an oversized SQS body (its first [`MAX_LINE_BYTES`] bytes are what
+//! is kept and sealed, and a warning names its line number and full length); the rest of it is
+//! skipped without being kept, and the next line is read as usual.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -15,6 +21,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+
+/// The most of one line that is ever held: one byte over the body limit, so that the parser
+/// still refuses an over-long line as too large (`MAX_BODY_BYTES` itself plus a `\r`).
+pub const MAX_LINE_BYTES: usize = crate::event::MAX_BODY_BYTES + 2;
 
 /// Lines per chunk handed to the pipeline.
 const CHUNK_LINES: usize = 500;
@@ -60,34 +70,124 @@ impl FileSource {
     }
 }
 
+/// One line as read: its 1-based number, its bytes without the line end (at most
+/// [`MAX_LINE_BYTES`]), and, when it was longer, its full length.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line<'a> {
+    pub number: u64,
+    pub bytes: &'a [u8],
+    /// `Some(total bytes)` when the line was longer than [`MAX_LINE_BYTES`] and cut.
+    pub truncated_from: Option<u64>,
+}
+
+/// Reads `\n`-terminated lines holding at most `max` bytes of each: the excess of a longer
+/// line is consumed and counted, never kept.
+pub struct LineReader<R> {
+    reader: R,
+    line: Vec<u8>,
+    number: u64,
+    max: usize,
+}
+
+impl<R: BufRead> LineReader<R> {
+    pub fn new(reader: R) -> Self {
+        Self::with_limit(reader, MAX_LINE_BYTES)
+    }
+
+    pub fn with_limit(reader: R, max: usize) -> Self {
+        Self {
+            reader,
+            line: Vec::new(),
+            number: 0,
+            max,
+        }
+    }
+
+    /// The most this reader has ever held of one line (its buffer's capacity).
+    pub fn held_capacity(&self) -> usize {
+        self.line.capacity()
+    }
+
+    /// The next line (`\r\n` and `\n` removed), or `None` at the end of the input.
+    pub fn next_line(&mut self) -> std::io::Result<Option<Line<'_>>> {
+        self.line.clear();
+        let mut total = 0u64;
+        let mut saw_any = false;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(available) => available,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            };
+            if available.is_empty() {
+                break;
+            }
+            saw_any = true;
+            let (content, used, end) = match available.iter().position(|&b| b == b'\n') {
+                Some(at) => (&available[..at], at + 1, true),
+                None => (available, available.len(), false),
+            };
+            let take = content.len().min(self.max.saturating_sub(self.line.len()));
+            if self.line.len() + take > self.line.capacity() {
+                // Grow by doubling, but never past the bound.
+                let want = (self.line.len() + take)
+                    .max(self.line.capacity() * 2)
+                    .min(self.max);
+                self.line.reserve_exact(want - self.line.len());
+            }
+            self.line.extend_from_slice(&content[..take]);
+            total += content.len() as u64;
+            self.reader.consume(used);
+            if end {
+                break;
+            }
+        }
+        if !saw_any {
+            return Ok(None);
+        }
+        self.number += 1;
+        let truncated_from = (total > self.line.len() as u64).then_some(total);
+        while truncated_from.is_none() && self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        Ok(Some(Line {
+            number: self.number,
+            bytes: &self.line,
+            truncated_from,
+        }))
+    }
+}
+
 fn read_lines(
-    mut reader: impl BufRead,
+    reader: impl BufRead,
     source_id: &str,
     sender: &mpsc::Sender<Result<Vec<Message>, String>>,
 ) {
     let mut chunk = Vec::with_capacity(CHUNK_LINES);
-    let mut line = Vec::new();
-    let mut number = 0u64;
+    let mut lines = LineReader::new(reader);
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
+        let line = match lines.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
             Err(error) => {
-                let _ = sender.blocking_send(Err(format!("reading line {}: {error}", number + 1)));
+                let number = lines.number + 1;
+                let _ = sender.blocking_send(Err(format!("reading line {number}: {error}")));
                 return;
             }
-        }
-        number += 1;
-        while matches!(line.last(), Some(b'\n' | b'\r')) {
-            line.pop();
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        };
+        if line.bytes.iter().all(u8::is_ascii_whitespace) && line.truncated_from.is_none() {
             continue;
         }
+        if let Some(total) = line.truncated_from {
+            tracing::warn!(
+                line = line.number,
+                bytes = total,
+                "line over the 256 KiB body limit: quarantined with its first {MAX_LINE_BYTES} bytes"
+            );
+        }
         chunk.push(Message {
-            id: format!("{source_id}:{number}"),
-            body: line.clone(),
+            id: format!("{source_id}:{}", line.number),
+            body: line.bytes.to_vec(),
             sent_at: None,
             receipt: Receipt(String::new()),
             read_at: Instant::now(),
@@ -171,6 +271,133 @@ mod tests {
             "{}",
             messages[1].id
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `len` bytes of `a`, made on demand: a huge line that costs no memory to produce.
+    struct LazyLine {
+        left: u64,
+        then: &'static [u8],
+    }
+
+    impl Read for LazyLine {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left > 0 {
+                let n = buf
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                buf[..n].fill(b'a');
+                self.left -= n as u64;
+                return Ok(n);
+            }
+            let n = buf.len().min(self.then.len());
+            buf[..n].copy_from_slice(&self.then[..n]);
+            self.then = &self.then[n..];
+            Ok(n)
+        }
+    }
+
+    /// The process's peak resident set (VmHWM), where Linux reports it.
+    fn peak_rss_bytes() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    const HUGE: u64 = 100 << 20;
+
+    #[test]
+    fn a_100_mib_line_is_cut_at_the_bound_and_the_next_line_still_read() {
+        let before = peak_rss_bytes();
+        let input = LazyLine {
+            left: HUGE,
+            then: b"\r\nnext\r\n",
+        };
+        let mut lines = LineReader::new(BufReader::with_capacity(1 << 20, input));
+        let first = lines.next_line().unwrap().unwrap();
+        assert_eq!(first.number, 1);
+        assert_eq!(first.bytes.len(), MAX_LINE_BYTES);
+        assert_eq!(
+            first.truncated_from,
+            Some(HUGE + 1),
+            "the \\r counts: it is content"
+        );
+        assert!(
+            crate::event::parse(first.bytes)
+                .is_err_and(|r| matches!(r, crate::event::Rejection::TooLarge(_)))
+        );
+        assert!(
+            lines.held_capacity() <= MAX_LINE_BYTES,
+            "{}",
+            lines.held_capacity()
+        );
+        let next = lines.next_line().unwrap().unwrap();
+        assert_eq!(
+            (next.number, next.bytes, next.truncated_from),
+            (2, &b"next"[..], None)
+        );
+        assert!(lines.next_line().unwrap().is_none());
+        if let (Some(before), Some(after)) = (before, peak_rss_bytes()) {
+            // The old `read_until` held the whole line: 100 MiB and more.
+            assert!(
+                after - before < 48 << 20,
+                "peak RSS grew {} bytes",
+                after - before
+            );
+        }
+    }
+
+    #[test]
+    fn lines_at_the_bound_are_whole_and_a_small_bound_holds() {
+        let mut lines = LineReader::with_limit(&b"abc\nabcd\nabcde\n\n\r\r\nend"[..], 4);
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().unwrap() {
+            seen.push((line.number, line.bytes.to_vec(), line.truncated_from));
+        }
+        assert_eq!(
+            seen,
+            [
+                (1, b"abc".to_vec(), None),
+                (2, b"abcd".to_vec(), None),
+                (3, b"abcd".to_vec(), Some(5)),
+                (4, b"".to_vec(), None),
+                (5, b"".to_vec(), None),
+                (6, b"end".to_vec(), None),
+            ]
+        );
+        assert!(lines.held_capacity() <= 4);
+    }
+
+    #[tokio::test]
+    async fn a_gzip_bomb_is_read_with_flat_memory() {
+        let dir = std::env::temp_dir().join(format!("pii-vault-bomb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bomb.jsonl.gz");
+        // 100 MiB of one line compresses to about 100 KiB.
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::copy(
+            &mut LazyLine {
+                left: HUGE,
+                then: b"\n{\"after\": 1}\n",
+            },
+            &mut encoder,
+        )
+        .unwrap();
+        let compressed = encoder.finish().unwrap();
+        assert!(compressed.len() < 1 << 20, "{}", compressed.len());
+        std::fs::write(&path, compressed).unwrap();
+
+        let source = FileSource::open(path.to_str().unwrap(), Some("bomb")).unwrap();
+        let messages = source.receive().await.unwrap();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].id, "bomb:1");
+        assert_eq!(messages[0].body.len(), MAX_LINE_BYTES);
+        assert_eq!(
+            (messages[1].id.as_str(), messages[1].body.as_slice()),
+            ("bomb:2", &b"{\"after\": 1}"[..])
+        );
+        assert!(source.receive().await.unwrap().is_empty(), "end of file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
