@@ -144,6 +144,10 @@ async fn main() {
         "bench",
     );
     let kms_before = env.kms.calls();
+    let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let source = FileSource::open(input.to_str().unwrap(), Some("bench")).unwrap();
     let (cpu_before, started) = (machine_busy_micros(), Instant::now());
     let summary: Summary = ingest::run(
@@ -169,9 +173,48 @@ async fn main() {
         (count - malformed, malformed),
         "every message once"
     );
+    // What a login costs PostgreSQL: WAL written during the run (the bench runs alone), and
+    // table plus index bytes on disk afterwards, per stored login.
+    let (wal_bytes, disk_bytes): (f64, f64) = sqlx::query_as(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8,
+                (pg_total_relation_size('user_logins') + pg_total_relation_size('login_vault'))::float8",
+    )
+    .bind(&wal_before)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (wal_bytes_per_login, disk_bytes_per_login) =
+        (wal_bytes / rows as f64, disk_bytes / rows as f64);
     println!(
-        "pipeline: {count} messages in {seconds:.2}s = {msgs_per_s:.0} msgs/s; machine CPU {cpu_us_per_record:.1} us/record; peak RSS {peak_rss:.1} MiB; KMS calls {kms_calls}; {summary}"
+        "pipeline: {count} messages in {seconds:.2}s = {msgs_per_s:.0} msgs/s; machine CPU {cpu_us_per_record:.1} us/record; peak RSS {peak_rss:.1} MiB; KMS calls {kms_calls}; WAL {wal_bytes_per_login:.0} B/login, disk {disk_bytes_per_login:.0} B/login; {summary}"
     );
+    // The same input through the whole process, `ingest --from-file`, into a fresh database.
+    let whole = common::TestEnv::new(30).await;
+    whole.init_token_key().await;
+    let started = Instant::now();
+    let output = common::output_of(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args([
+                "--from-file",
+                input.to_str().unwrap(),
+                "--source-id",
+                "whole",
+            ])
+            .envs(whole.binary_env()),
+    );
+    let whole_seconds = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(whole.count("user_logins").await as u64, count - malformed);
+    let whole_process_msgs_per_s = count as f64 / whole_seconds;
+    println!(
+        "whole process (ingest --from-file, defaults): {whole_process_msgs_per_s:.0} msgs/s = {:.2}x the in-process run",
+        whole_process_msgs_per_s / msgs_per_s
+    );
+    whole.cleanup().await;
 
     // 2. Latency at half the rate just measured.
     let latency_count = ((msgs_per_s / 2.0) * 10.0).min(count as f64) as u64;
@@ -344,7 +387,7 @@ async fn main() {
     );
 
     println!(
-        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}}}"
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}}}"
     );
     pool.close().await;
     env.cleanup().await;
