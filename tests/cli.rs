@@ -50,14 +50,7 @@ async fn demo_path_loadgen_init_ingest() {
 
     // The ingester needs nothing beyond the pii_vault_ingester role.
     let ingested = env.run_binary_as("ingester", INGEST, &["--drain"]);
-    assert!(ingested.status.success(), "{}", stderr(&ingested));
-    assert!(
-        stdout(&ingested).contains("stored=99 quarantined=1"),
-        "{}",
-        stdout(&ingested)
-    );
-    assert_eq!(env.count("user_logins").await, 99);
-    assert_eq!(env.messages_on_queue().await, 0);
+    assert_sample_stored(&env, &ingested).await;
     env.cleanup().await;
 }
 
@@ -114,14 +107,7 @@ async fn query_protocol_loadgen_and_ingest_and_auto() {
         stdout(&sent)
     );
     let ingested = env.run_binary(INGEST, &["--sqs-protocol", "query", "--drain"]);
-    assert!(ingested.status.success(), "{}", stderr(&ingested));
-    assert!(
-        stdout(&ingested).contains("stored=99 quarantined=1"),
-        "{}",
-        stdout(&ingested)
-    );
-    assert_eq!(env.count("user_logins").await, 99);
-    assert_eq!(env.messages_on_queue().await, 0);
+    assert_sample_stored(&env, &ingested).await;
 
     // auto, from the environment: LocalStack 4 speaks JSON, and the choice is logged once.
     let run_auto = |binary: &str, args: &[&str]| {
@@ -195,6 +181,18 @@ fn bad_arguments_exit_2_with_one_clear_line() {
         );
         assert!(stderr(&output).contains("error"), "{}", stderr(&output));
     }
+}
+
+/// `ingest --drain` stored the sample (99 logins, 1 quarantined) and left the queue empty.
+async fn assert_sample_stored(env: &TestEnv, ingested: &std::process::Output) {
+    assert!(ingested.status.success(), "{}", stderr(ingested));
+    assert!(
+        stdout(ingested).contains("stored=99 quarantined=1"),
+        "{}",
+        stdout(ingested)
+    );
+    assert_eq!(env.count("user_logins").await, 99);
+    assert_eq!(env.messages_on_queue().await, 0);
 }
 
 #[test]

@@ -48,6 +48,20 @@ pub async fn aws_config() -> aws_config::SdkConfig {
     aws_config_at(&aws_endpoint()).await
 }
 
+/// Creates the KMS key `request` describes in the emulator; its ARN.
+async fn arn_of(
+    request: aws_sdk_kms::operation::create_key::builders::CreateKeyFluentBuilder,
+) -> String {
+    request
+        .send()
+        .await
+        .expect("creating a KMS key in the emulator")
+        .key_metadata
+        .expect("key metadata")
+        .arn
+        .expect("key arn")
+}
+
 /// One test's world: a database, a queue and a KMS key of its own.
 pub struct TestEnv {
     pub database_url: String,
@@ -114,28 +128,15 @@ impl TestEnv {
             .queue_url
             .expect("queue url");
         let kms_client = aws_sdk_kms::Client::new(&config);
-        let kms_key_id = kms_client
-            .create_key()
-            .description("pii-vault test key")
-            .send()
-            .await
-            .expect("creating a KMS key in the emulator")
-            .key_metadata
-            .expect("key metadata")
-            .arn
-            .expect("key arn");
-        let audit_signing_key_id = kms_client
-            .create_key()
-            .description("pii-vault test audit signing key")
-            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-            .send()
-            .await
-            .expect("creating a KMS signing key in the emulator")
-            .key_metadata
-            .expect("key metadata")
-            .arn
-            .expect("key arn");
+        let kms_key_id = arn_of(kms_client.create_key().description("pii-vault test key")).await;
+        let audit_signing_key_id = arn_of(
+            kms_client
+                .create_key()
+                .description("pii-vault test audit signing key")
+                .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+                .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify),
+        )
+        .await;
         Self {
             database_url,
             database_name,
@@ -299,17 +300,7 @@ impl TestEnv {
 
     /// A new symmetric KMS key in the emulator; its ARN.
     pub async fn new_kms_key(&self, description: &str) -> String {
-        self.kms
-            .client()
-            .create_key()
-            .description(description)
-            .send()
-            .await
-            .expect("creating a KMS key in the emulator")
-            .key_metadata
-            .expect("key metadata")
-            .arn
-            .expect("key arn")
+        arn_of(self.kms.client().create_key().description(description)).await
     }
 
     pub async fn count(&self, table: &str) -> i64 {
