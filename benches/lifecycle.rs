@@ -36,7 +36,7 @@ async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, win
                                       app_version, create_date, message_id, token_key_id,
                                       app_version_text)
              SELECT {user_sql}, 'ios', md5(i::text) || md5(i::text), md5((-i)::text) || md5((-i)::text),
-                    NULL, 1000000, $1::date, 'bench-' || $2::text || '-' || i, $3, '1.0'
+                    NULL, 1000000, $1::date, message_key('bench-' || $2::text || '-' || i), $3, '1.0'
              FROM generate_series(1, $4::int8) AS i
              RETURNING id)
          INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id)

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use pii_vault::event;
 use pii_vault::ingest::batch::login_place;
-use pii_vault::ingest::file::FileSource;
+use pii_vault::ingest::file::{FileSource, line_id};
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::PollSettings;
 use pii_vault::ingest::{self, Settings, Summary};
@@ -189,32 +189,11 @@ async fn main() {
         "pipeline: {count} messages in {seconds:.2}s = {msgs_per_s:.0} msgs/s; machine CPU {cpu_us_per_record:.1} us/record; peak RSS {peak_rss:.1} MiB; KMS calls {kms_calls}; WAL {wal_bytes_per_login:.0} B/login, disk {disk_bytes_per_login:.0} B/login; {summary}"
     );
     // The same input through the whole process, `ingest --from-file`, into a fresh database.
-    let whole = common::TestEnv::new(30).await;
-    whole.init_token_key().await;
-    let started = Instant::now();
-    let output = common::output_of(
-        std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .args([
-                "--from-file",
-                input.to_str().unwrap(),
-                "--source-id",
-                "whole",
-            ])
-            .envs(whole.binary_env()),
-    );
-    let whole_seconds = started.elapsed().as_secs_f64();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(whole.count("user_logins").await as u64, count - malformed);
-    let whole_process_msgs_per_s = count as f64 / whole_seconds;
+    let whole_process_msgs_per_s = whole_process(&input, count - malformed).await;
     println!(
         "whole process (ingest --from-file, defaults): {whole_process_msgs_per_s:.0} msgs/s = {:.2}x the in-process run",
         whole_process_msgs_per_s / msgs_per_s
     );
-    whole.cleanup().await;
 
     // 2. Latency at half the rate just measured.
     let latency_count = ((msgs_per_s / 2.0) * 10.0).min(count as f64) as u64;
@@ -276,7 +255,7 @@ async fn main() {
                 continue;
             };
             login_id += 1;
-            let message_id = format!("copy:{line}");
+            let message_id = line_id("copy", line as u64 + 1);
             let ip = sealer.seal(
                 &login_place(Field::Ip, &message_id, &login.user_id),
                 login.ip.as_bytes(),
@@ -345,6 +324,18 @@ async fn main() {
     );
     drop(connection);
 
+    // 5. Beside the seed's design (one INSERT and one COMMIT per login, on one connection, in
+    //    the same schema), the whole process on the same logins.
+    let seed_count = common::bench_arg("--seed-count", 50_000);
+    let seed_input = dir.join("seed.jsonl");
+    let seed_malformed = write_messages(&seed_input, seed_count, 45);
+    let seed_msgs_per_s = seed_design(&seed_input, seed_count - seed_malformed).await;
+    let whole_seed_msgs_per_s = whole_process(&seed_input, seed_count - seed_malformed).await;
+    let ratio_to_seed = whole_seed_msgs_per_s / seed_msgs_per_s;
+    println!(
+        "seed design ({seed_count} messages, a row and a commit at a time): {seed_msgs_per_s:.0} msgs/s; whole process {whole_seed_msgs_per_s:.0} msgs/s = {ratio_to_seed:.1}x"
+    );
+
     // 4. The SQS path: the emulator's bare drain rate, then ingest's, over the same queue.
     let mut generator = Generator::new(44, 0.2, 0.01);
     let bodies: Vec<String> = (0..sqs_count)
@@ -387,12 +378,104 @@ async fn main() {
     );
 
     println!(
-        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}}}"
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}}}"
     );
     pool.close().await;
     env.cleanup().await;
     reference.cleanup().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `ingest --from-file` over `input` into a fresh database, with its defaults: messages per
+/// second, start to exit.
+async fn whole_process(input: &std::path::Path, logins: u64) -> f64 {
+    let env = common::TestEnv::new(30).await;
+    env.init_token_key().await;
+    let lines = std::fs::read_to_string(input).unwrap().lines().count();
+    let started = Instant::now();
+    let output = common::output_of(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args([
+                "--from-file",
+                input.to_str().unwrap(),
+                "--source-id",
+                "whole",
+            ])
+            .envs(env.binary_env()),
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(env.count("user_logins").await as u64, logins);
+    env.cleanup().await;
+    lines as f64 / seconds
+}
+
+/// The seed's design over `input`: each login tokenized, sealed, and inserted with its vault
+/// row in a transaction of its own, on one connection. Messages per second.
+async fn seed_design(input: &std::path::Path, logins: u64) -> f64 {
+    let env = common::TestEnv::new(30).await;
+    env.init_token_key().await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+    let mut connection = env.pool.acquire().await.unwrap();
+    let today = time::OffsetDateTime::now_utc().date();
+    let lines: Vec<String> = BufReader::new(std::fs::File::open(input).unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    let started = Instant::now();
+    for (line, body) in lines.iter().enumerate() {
+        let Ok(login) = event::parse(body.as_bytes()) else {
+            continue;
+        };
+        let message_id = line_id("seed", line as u64 + 1);
+        let ip = sealer.seal(
+            &login_place(Field::Ip, &message_id, &login.user_id),
+            login.ip.as_bytes(),
+        );
+        let device = sealer.seal(
+            &login_place(Field::DeviceId, &message_id, &login.user_id),
+            login.device_id.as_bytes(),
+        );
+        let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,
+                                      app_version, create_date, message_id, token_key_id,
+                                      app_version_text)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid, $9, $10) RETURNING id",
+        )
+        .bind(login.user_id.as_ref())
+        .bind(login.device_type.as_ref())
+        .bind(tokenizer.ip(login.ip_addr).as_str())
+        .bind(tokenizer.device_id(&login.device_id).as_str())
+        .bind(login.locale.as_deref())
+        .bind(login.app_version.encoded)
+        .bind(today)
+        .bind(&message_id)
+        .bind(tokenizer.key_id())
+        .bind(login.app_version.text.as_ref())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO login_vault VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(sealer.key_id())
+            .bind(&ip)
+            .bind(&device)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(env.count("user_logins").await as u64, logins);
+    env.cleanup().await;
+    lines.len() as f64 / seconds
 }
 
 /// Receive and delete with 4 concurrent long polls, no processing: messages per second until

@@ -104,7 +104,7 @@ async fn sample_queue_gives_99_rows_1_quarantine_and_an_empty_queue() {
         })
         .collect();
     let rows: Vec<StoredLogin> = sqlx::query_as(
-        "SELECT l.message_id, l.user_id, l.masked_ip, l.masked_device_id, l.token_key_id,
+        "SELECT coalesce(l.message_id_text, l.message_id::text) AS message_id, l.user_id, l.masked_ip, l.masked_device_id, l.token_key_id,
                 v.data_key_id, v.sealed_ip, v.sealed_device_id
          FROM user_logins l JOIN login_vault v ON v.login_id = l.id",
     )
@@ -354,7 +354,7 @@ impl<S: MessageSource> KeepSentTimes<S> {
     /// Every stored login's `create_date` is the UTC date its message was sent.
     async fn assert_create_dates(&self, env: &TestEnv) {
         let rows: Vec<(String, time::Date)> =
-            sqlx::query_as("SELECT message_id, create_date FROM user_logins")
+            sqlx::query_as("SELECT message_id::text, create_date FROM user_logins")
                 .fetch_all(&env.pool)
                 .await
                 .unwrap();
@@ -837,4 +837,189 @@ async fn a_pre_3_0_emulator_is_read_through_the_query_source() {
             ("SendMessageBatchRequestEntry.2.MessageBody", &samples[12]),
         ],
     );
+}
+
+/// Migration 0008 keys each login by 16 bytes of its message id. Logins stored before it, with
+/// ids that are not UUIDs (a file line's `<path>:<line>`), keep the id they were sealed with:
+/// they still open, and the same file replayed after the upgrade adds nothing.
+#[tokio::test]
+async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_deduplicate() {
+    let env = TestEnv::unmigrated().await;
+    let before_0008 = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            pii_vault::db::MIGRATOR
+                .iter()
+                .filter(|m| m.version < 8)
+                .cloned()
+                .collect(),
+        ),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    };
+    before_0008.run(&env.pool).await.unwrap();
+    env.init_token_key().await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+
+    // The sample file's logins as the writer before 0008 stored them: text message ids.
+    let lines: Vec<String> = std::fs::read_to_string(common::SAMPLE_JSONL)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let messages = lines
+        .iter()
+        .enumerate()
+        .map(|(i, body)| Message {
+            id: format!("legacy:{}", i + 1),
+            body: body.clone().into_bytes(),
+            sent_at: None,
+            receipt: Receipt(String::new()),
+            read_at: std::time::Instant::now(),
+        })
+        .collect();
+    let erased = pii_vault::vault::erasure::ErasedUsers::default();
+    let batch = pii_vault::ingest::batch::build(messages, &tokenizer, &sealer, &erased, false);
+    assert_eq!(batch.logins.len(), 99);
+    for row in &batch.logins {
+        let personal = row.personal.as_ref().unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,
+                                      app_version, create_date, message_id, token_key_id,
+                                      app_version_text)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        )
+        .bind(&row.user_id)
+        .bind(&row.device_type)
+        .bind(personal.masked_ip.as_str())
+        .bind(personal.masked_device_id.as_str())
+        .bind(row.locale.as_deref())
+        .bind(row.app_version)
+        .bind(row.create_date)
+        .bind(&row.message_id)
+        .bind(tokenizer.key_id())
+        .bind(&row.app_version_text)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO login_vault VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(sealer.key_id())
+            .bind(&personal.sealed_ip)
+            .bind(&personal.sealed_device_id)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+
+    pii_vault::db::migrate(&env.pool).await.unwrap();
+    let (kept_text, keyed_by_hash): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE message_id_text LIKE 'legacy:%'),
+                count(*) FILTER (WHERE message_id = message_key(message_id_text))
+         FROM user_logins",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((kept_text, keyed_by_hash), (99, 99));
+    let keyadmin = env.pool_as("keyadmin").await;
+    let verified = pii_vault::unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin))
+        .await
+        .expect("every login stored before 0008 still opens");
+    assert_eq!(verified.logins, 99);
+    keyadmin.close().await;
+
+    let replay =
+        pii_vault::ingest::file::FileSource::open(common::SAMPLE_JSONL, Some("legacy")).unwrap();
+    let summary = env.drain_from(Arc::new(replay)).await;
+    assert_eq!((summary.stored, summary.duplicates), (0, 99), "{summary}");
+    assert_eq!(env.count("user_logins").await, 99);
+    env.cleanup().await;
+}
+
+/// Two replicas writing the same message (a redelivery racing its first delivery): the one
+/// that loses is told so by the unique index while it copies, and writing its batch again
+/// stores the rest of it, the raced message once.
+#[tokio::test]
+async fn a_writer_that_loses_a_race_for_a_message_stores_the_rest_when_written_again() {
+    use pii_vault::ingest::writer::{self, WriteError};
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+    let ids = [
+        "0b1e4c8e-3f7a-4c55-9d0e-6a0f5c1e2d3b",
+        "7c9d2f10-88aa-4e0b-b1c2-d3e4f5a6b7c8",
+    ];
+    let bodies = sample_bodies();
+    let messages = ids
+        .iter()
+        .zip(&bodies)
+        .map(|(id, body)| Message {
+            id: (*id).to_owned(),
+            body: body.clone().into_bytes(),
+            sent_at: None,
+            receipt: Receipt(String::new()),
+            read_at: std::time::Instant::now(),
+        })
+        .collect();
+    let erased = pii_vault::vault::erasure::ErasedUsers::default();
+    let batch = pii_vault::ingest::batch::build(messages, &tokenizer, &sealer, &erased, false);
+    assert_eq!(batch.logins.len(), 2);
+
+    // The rival has the second message in the index, uncommitted.
+    let mut rival = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO user_logins (user_id, device_type, app_version, create_date, message_id,
+                                  token_key_id, app_version_text)
+         VALUES ('rival', 'ios', 1, current_date, $1::uuid, $2, '1')",
+    )
+    .bind(ids[1])
+    .bind(tokenizer.key_id())
+    .execute(&mut *rival)
+    .await
+    .unwrap();
+    let pool = env.pool.clone();
+    let writing = tokio::spawn(async move {
+        let result = writer::write(&pool, &batch).await;
+        (result, batch)
+    });
+    common::within(
+        Duration::from_secs(10),
+        "the writer waiting on the rival's entry",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'COPY user_logins%'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
+    rival.commit().await.unwrap();
+    let (result, batch) = writing.await.unwrap();
+    assert!(matches!(result, Err(WriteError::Raced)), "{result:?}");
+    assert_eq!(
+        env.count("user_logins").await,
+        1,
+        "nothing of the raced batch"
+    );
+
+    let again = writer::write(&env.pool, &batch).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (1, 1));
+    let owners: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_logins ORDER BY message_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(owners.len(), 2);
+    assert!(owners.contains(&"rival".to_owned()));
+    env.cleanup().await;
 }

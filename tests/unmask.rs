@@ -1055,7 +1055,8 @@ async fn tampering_is_an_integrity_failure_naming_the_row_and_reveals_nothing() 
         // A second data key, so that tampering can point at a key that exists.
         env.keyring().new_sealer().await.unwrap();
         let victim: (i64, String) = sqlx::query_as(
-            "SELECT id, message_id FROM user_logins WHERE user_id = 'u-1' ORDER BY id LIMIT 1",
+            "SELECT id, coalesce(message_id_text, message_id::text) FROM user_logins
+             WHERE user_id = 'u-1' ORDER BY id LIMIT 1",
         )
         .fetch_one(&env.pool)
         .await

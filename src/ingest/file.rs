@@ -1,9 +1,10 @@
 //! A file as a message source, for backfills and replays: one message per line (JSON lines,
 //! gzip-compressed if the name ends in `.gz`, or `-` for stdin).
 //!
-//! Each line's message id is `<source id>:<line number>`, stable across runs, so replaying the
-//! same file adds nothing (`ON CONFLICT (message_id)`). The source id defaults to the file's
-//! absolute path; give the same `--source-id` to replay a file that moved. Lines are read on
+//! Each line's message id is the [`MessageKey`] of `<source id>:<line number>` in UUID form,
+//! stable across runs, so replaying the same file adds nothing; it is 16 bytes in the
+//! database however long the path. The source id defaults to the file's absolute path; give
+//! the same `--source-id` to replay a file that moved. Lines are read on
 //! a thread of their own, a bounded number of chunks ahead, so memory stays flat whatever the
 //! file's size. Acknowledging is a no-op: a file has nothing to delete.
 //!
@@ -20,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::source::{Acknowledged, Message, MessageKey, MessageSource, Receipt, SourceError};
 
 /// The most of one line that is ever held: one byte over the body limit, so that the parser
 /// still refuses an over-long line as too large (`MAX_BODY_BYTES` itself plus a `\r`).
@@ -186,7 +187,7 @@ fn read_lines(
             );
         }
         chunk.push(Message {
-            id: format!("{source_id}:{}", line.number),
+            id: line_id(source_id, line.number),
             body: line.bytes.to_vec(),
             sent_at: None,
             receipt: Receipt(String::new()),
@@ -203,6 +204,12 @@ fn read_lines(
     if !chunk.is_empty() {
         let _ = sender.blocking_send(Ok(chunk));
     }
+}
+
+/// A line's message id. Before migration 0008 it was the text `<source id>:<line number>`;
+/// its key is the same, so a file replayed across the upgrade still adds nothing.
+pub fn line_id(source_id: &str, line: u64) -> String {
+    MessageKey::of(&format!("{source_id}:{line}")).to_text()
 }
 
 impl MessageSource for FileSource {
@@ -254,7 +261,13 @@ mod tests {
         let source = FileSource::open(path.to_str().unwrap(), Some("backfill")).unwrap();
         let messages = source.receive().await.unwrap();
         let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, ["backfill:1", "backfill:4", "backfill:5"]);
+        let want: Vec<String> = [1, 4, 5].map(|n| line_id("backfill", n)).into();
+        assert_eq!(ids, want);
+        assert_eq!(
+            MessageKey::parse_canonical(ids[0]),
+            Some(MessageKey::of("backfill:1")),
+            "a line's id is the UUID of its pre-0008 text id"
+        );
         assert_eq!(messages[0].body, b"{\"a\": 1}");
         assert_eq!(messages[2].body, b"last");
         assert!(source.receive().await.unwrap().is_empty(), "end of file");
@@ -266,10 +279,11 @@ mod tests {
         let source = FileSource::open(gz.to_str().unwrap(), None).unwrap();
         let messages = source.receive().await.unwrap();
         assert_eq!(messages.len(), 2);
-        assert!(
-            messages[1].id.ends_with("in.jsonl.gz:2"),
-            "{}",
-            messages[1].id
+        let absolute = std::fs::canonicalize(&gz).unwrap();
+        let by_path = line_id(&absolute.display().to_string(), 2);
+        assert_eq!(
+            messages[1].id, by_path,
+            "the source id defaults to the absolute path"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -391,11 +405,11 @@ mod tests {
         let source = FileSource::open(path.to_str().unwrap(), Some("bomb")).unwrap();
         let messages = source.receive().await.unwrap();
         assert_eq!(messages.len(), 2);
-        assert_eq!(messages[0].id, "bomb:1");
+        assert_eq!(messages[0].id, line_id("bomb", 1));
         assert_eq!(messages[0].body.len(), MAX_LINE_BYTES);
         assert_eq!(
-            (messages[1].id.as_str(), messages[1].body.as_slice()),
-            ("bomb:2", &b"{\"after\": 1}"[..])
+            (&messages[1].id, messages[1].body.as_slice()),
+            (&line_id("bomb", 2), &b"{\"after\": 1}"[..])
         );
         assert!(source.receive().await.unwrap().is_empty(), "end of file");
         std::fs::remove_dir_all(&dir).unwrap();

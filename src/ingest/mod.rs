@@ -75,6 +75,18 @@ pub struct Settings {
     pub sealing: Arc<Condition>,
 }
 
+impl Settings {
+    /// For a file (`ingest --from-file`): every line is there to be read, so batches fill at
+    /// once; bigger ones and one more writer keep PostgreSQL busy (README.md, "Performance").
+    pub fn for_file() -> Self {
+        Self {
+            writers: 3,
+            batch_size: 2_000,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -780,6 +792,11 @@ async fn write_with_retry(
                 telemetry::retry(retried::DATABASE_WRITE);
                 tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");
                 tokio::time::sleep(delay).await;
+            }
+            Err(WriteError::Raced) => {
+                tracing::debug!(
+                    "a message of the batch was stored by another writer; writing the rest"
+                );
             }
             result => return result,
         }

@@ -33,6 +33,61 @@ impl std::fmt::Debug for Message {
     }
 }
 
+/// The 16 bytes a message is stored under (`user_logins.message_id`, a uuid; migration 0008),
+/// so that the idempotency index holds 16 bytes per login whatever the id's length.
+///
+/// An id that is a UUID in canonical text form (lowercase, hyphenated: SQS's, and a file
+/// line's) is its own key; any other id is keyed by the first 16 bytes of its SHA-256, and
+/// its text is stored beside the key. SQL's `message_key(id)` computes the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageKey(pub [u8; 16]);
+
+impl MessageKey {
+    pub fn of(id: &str) -> MessageKey {
+        Self::parse_canonical(id).unwrap_or_else(|| {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(id.as_bytes());
+            MessageKey(digest[..16].try_into().expect("SHA-256 is 32 bytes"))
+        })
+    }
+
+    /// The key of a UUID in canonical text form, `None` for any other text.
+    pub fn parse_canonical(id: &str) -> Option<MessageKey> {
+        let text = id.as_bytes();
+        if text.len() != 36 || [8, 13, 18, 23].iter().any(|&at| text[at] != b'-') {
+            return None;
+        }
+        let mut digits = text.iter().filter(|&&b| b != b'-');
+        let mut key = [0; 16];
+        for byte in &mut key {
+            let high = lowercase_hex_value(*digits.next()?)?;
+            let low = lowercase_hex_value(*digits.next()?)?;
+            *byte = high << 4 | low;
+        }
+        Some(MessageKey(key))
+    }
+
+    /// The key's canonical UUID text, as PostgreSQL prints a uuid.
+    pub fn to_text(self) -> String {
+        let mut text = String::with_capacity(36);
+        for (i, byte) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                text.push('-');
+            }
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+}
+
+fn lowercase_hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
+}
+
 /// An opaque acknowledgement handle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt(pub String);
@@ -64,4 +119,36 @@ pub trait MessageSource: Send + Sync + 'static {
         &self,
         receipts: Vec<Receipt>,
     ) -> impl Future<Output = Result<Acknowledged, SourceError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageKey;
+
+    #[test]
+    fn a_canonical_uuid_is_its_own_key_and_prints_back() {
+        let id = "5fea7756-0ea4-451a-a703-a558b933e274";
+        let key = MessageKey::of(id);
+        assert_eq!(key.0[0], 0x5f);
+        assert_eq!(key.0[15], 0x74);
+        assert_eq!(key.to_text(), id);
+        assert_eq!(MessageKey::parse_canonical(id), Some(key));
+    }
+
+    #[test]
+    fn any_other_id_is_keyed_by_its_sha256() {
+        // SQL: SELECT message_key('/data/logins.jsonl:7') (migration 0008).
+        let key = MessageKey::of("/data/logins.jsonl:7");
+        assert_eq!(key.to_text(), "e3fc73d0-8454-ee4a-93c3-86426444e72b");
+        for other in [
+            "5FEA7756-0EA4-451A-A703-A558B933E274",
+            "5fea7756-0ea4-451a-a703-a558b933e27",
+            "5fea7756+0ea4-451a-a703-a558b933e274",
+            "5fea7756-0ea4-451a-a703-a558b933e27g",
+            "",
+        ] {
+            assert_eq!(MessageKey::parse_canonical(other), None, "{other}");
+            assert_ne!(MessageKey::of(other).to_text(), other);
+        }
+    }
 }

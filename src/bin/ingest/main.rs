@@ -48,14 +48,14 @@ struct Args {
     /// per line, gzip if the name ends in .gz, `-` for stdin. Implies --drain.
     #[arg(long, value_name = "PATH")]
     from_file: Option<String>,
-    /// With --from-file: the name that makes line ids (`<source-id>:<line>`) stable, so a
-    /// replay adds nothing [default: the file's absolute path, or `stdin`].
+    /// With --from-file: the name that makes line ids (derived from `<source-id>:<line>`)
+    /// stable, so a replay adds nothing [default: the file's absolute path, or `stdin`].
     #[arg(long, requires = "from_file")]
     source_id: Option<String>,
-    /// Most messages per database transaction.
-    #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 500,
+    /// Most messages per database transaction [default: 500 from SQS, 2000 from a file].
+    #[arg(long, env = "INGEST_BATCH_SIZE",
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    batch_size: u32,
+    batch_size: Option<u32>,
     /// Longest a message waits for its batch to fill, in milliseconds.
     #[arg(long, env = "INGEST_FLUSH_MS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -64,10 +64,10 @@ struct Args {
     #[arg(long, env = "INGEST_POLLERS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pollers: u32,
-    /// Concurrent database writers (connections).
-    #[arg(long, env = "INGEST_WRITERS", default_value_t = 2,
+    /// Concurrent database writers (connections) [default: 2 from SQS, 3 from a file].
+    #[arg(long, env = "INGEST_WRITERS",
           value_parser = clap::value_parser!(u32).range(1..=64))]
-    writers: u32,
+    writers: Option<u32>,
     /// Long-poll wait in seconds [default: 20, or 2 with --drain].
     #[arg(long, env = "INGEST_WAIT_SECONDS",
           value_parser = clap::value_parser!(i32).range(0..=20))]
@@ -114,7 +114,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .into());
     }
-    if args.data_key_max_records < 2 * u64::from(args.batch_size) {
+    // A file is not a queue: its lines are all there, so bigger batches and one more writer.
+    let defaults = if args.from_file.is_some() {
+        Settings::for_file()
+    } else {
+        Settings::default()
+    };
+    let batch_size = args.batch_size.map_or(defaults.batch_size, |b| b as usize);
+    let writers = args.writers.map_or(defaults.writers, |w| w as usize);
+    if args.data_key_max_records < 2 * batch_size as u64 {
         return Err(UsageError(
             "--data-key-max-records must be at least twice --batch-size (two values a login)"
                 .into(),
@@ -123,8 +131,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let settings = Settings {
         pollers: args.pollers as usize,
-        writers: args.writers as usize,
-        batch_size: args.batch_size as usize,
+        writers,
+        batch_size,
         flush_interval: Duration::from_millis(args.flush_ms),
         drain: args.drain || args.from_file.is_some(),
         data_key_max_records: args.data_key_max_records,
@@ -144,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let pool = db::connect(&args.database.database_url, args.writers + 2).await?;
+    let pool = db::connect(&args.database.database_url, writers as u32 + 2).await?;
     db::check_schema(&pool).await?;
 
     let aws = cli::aws_config().await;
