@@ -7,7 +7,8 @@
 //!
 //! Run: `cargo bench --bench lifecycle [-- --expire-count N]`
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
+#[allow(dead_code)] // the tests' set-up, of which a bench uses a part
 mod common;
 
 use std::time::{Duration, Instant};

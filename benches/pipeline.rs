@@ -14,7 +14,8 @@
 //!
 //! Ends with one line of JSON holding every figure.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
+#[allow(dead_code)] // the tests' set-up, of which a bench uses a part
 mod common;
 
 use std::io::{BufRead, BufReader, BufWriter, Write};

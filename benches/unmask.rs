@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench --bench unmask`
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
+#[allow(dead_code)] // the tests' set-up, of which a bench uses a part
 mod common;
 
 use std::sync::Arc;

@@ -23,5 +23,5 @@ fuzz_target!(|body: &[u8]| {
         i64::from(login.app_version.encoded),
         part(0) * 1_000_000 + part(1) * 1_000 + part(2)
     );
-    // The reason text never quotes the body: checked on rejections by tests/hostile.rs.
+    // The reason text never quotes the body: checked on rejections by tests/integration/hostile.rs.
 });

@@ -1,9 +1,7 @@
 //! unmask over the wire: real PostgreSQL roles, KMS in the emulator, the binary as an officer
 //! runs it.
 
-mod common;
-
-use common::{TestEnv, login, stderr, stdout};
+use crate::common::{self, TestEnv, login, stderr, stdout};
 use pii_vault::unmask::{self, Question, Request};
 use pii_vault::vault::keyring::Keyring;
 

@@ -2,12 +2,10 @@
 //! kill -9 and rerun, re-wrapping under a new KMS key, erasure. After each, every row opens
 //! and matches its token.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{TestEnv, VecSource, login, stderr, stdout};
+use crate::common::{self, TestEnv, VecSource, login, stderr, stdout};
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;

@@ -1,12 +1,10 @@
 //! The operator's view of `ingest`, over the real wire: `/metrics` after an ingest, `/healthz`
 //! and `/readyz` while the database comes and goes, and JSON logs.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Proxy, TestEnv, eventually, free_port, get, login, sample, stderr};
+use crate::common::{self, Proxy, TestEnv, eventually, free_port, get, login, sample, stderr};
 use pii_vault::telemetry;
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");

@@ -1,13 +1,11 @@
 //! Ingest end to end over the wire: SQS and KMS in the emulator, the real PostgreSQL; and the
 //! SQS Query protocol, over the emulator and against a pre-3.0 emulator's recorded answers.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestEnv, sample_bodies};
+use crate::common::{self, TestEnv, sample_bodies};
 use pii_vault::ingest::batch::login_place;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};

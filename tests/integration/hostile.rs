@@ -1,11 +1,9 @@
 //! Hostile input: the corpus in tests/data/hostile/ plus generated cases and property tests.
 //! Nothing panics, every bad message is quarantined with a reason, none reaches user_logins.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{TestEnv, login};
+use crate::common::{self, TestEnv, login};
 use pii_vault::event::{self, MAX_BODY_BYTES};
 use proptest::prelude::*;
 

@@ -1,9 +1,7 @@
 //! The binaries as a user runs them: flags, exit codes, one-line errors, and the demo's path
 //! (loadgen -> rotate-keys init -> ingest --drain).
 
-mod common;
-
-use common::{TestEnv, stderr, stdout};
+use crate::common::{self, TestEnv, stderr, stdout};
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");

@@ -1,8 +1,6 @@
 //! Faults over the real wire: nothing lost, nothing stored twice, nothing acknowledged that was
 //! not stored, and no personal value or key byte in the logs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,8 +8,9 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
-use common::{
-    Proxy, Replica, TestEnv, eventually, get, sample_bodies, stderr, stdout, terminate_pid, within,
+use crate::common::{
+    self, Proxy, Replica, TestEnv, eventually, get, sample_bodies, stderr, stdout, terminate_pid,
+    within,
 };
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};

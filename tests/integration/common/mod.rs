@@ -5,8 +5,6 @@
 //! A missing service is a loud failure naming the command that starts it: `scripts/services up`
 //! (which `make test` runs first).
 
-#![allow(dead_code)] // each test binary uses a different part of this module
-
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::process::{Command, Output};
@@ -808,6 +806,7 @@ where
 }
 
 /// A benchmark's numeric flag (`--name N`), or `default`.
+#[allow(dead_code)] // for benches/*.rs, which include this module
 pub fn bench_arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

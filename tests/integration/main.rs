@@ -1,0 +1,18 @@
+//! The integration tests, as one test binary: each file beside this one is a module (as they were
+//! eight binaries, each linking the AWS SDK, sqlx and the crate again, the link alone took
+//! minutes). Every test still gets its own database, queue and KMS key (`common::TestEnv`), and
+//! nothing here sets process-wide state (environment, tracing subscriber, metrics recorder): the
+//! binaries under test run as child processes, so the modules share one process safely.
+//!
+//! One module: `cargo test --test integration rotate::` (a filter on the module path).
+
+mod common;
+
+mod cli;
+mod faults;
+mod hostile;
+mod ingest;
+mod keys;
+mod rotate;
+mod telemetry;
+mod unmask;
