@@ -145,6 +145,10 @@ async fn main() {
         "bench",
     );
     let kms_before = env.kms.calls();
+    // A checkpoint during the run would add full-page images to the WAL measured: start
+    // right after one (the next is minutes away), and say if one ran anyway.
+    let checkpointed = sqlx::query("CHECKPOINT").execute(&pool).await.is_ok();
+    let checkpoints_before = checkpoints(&pool).await;
     let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&pool)
         .await
@@ -186,6 +190,13 @@ async fn main() {
     .unwrap();
     let (wal_bytes_per_login, disk_bytes_per_login) =
         (wal_bytes / rows as f64, disk_bytes / rows as f64);
+    let checkpoints_during_run = checkpoints(&pool).await - checkpoints_before;
+    if !checkpointed || checkpoints_during_run > 0 {
+        println!(
+            "note: WAL per login includes full-page images (CHECKPOINT before the run {}; {checkpoints_during_run} checkpoints during it); `scripts/services up` grants pg_checkpoint",
+            if checkpointed { "ran" } else { "was refused" }
+        );
+    }
     println!(
         "pipeline: {count} messages in {seconds:.2}s = {msgs_per_s:.0} msgs/s; machine CPU {cpu_us_per_record:.1} us/record; peak RSS {peak_rss:.1} MiB; KMS calls {kms_calls}; WAL {wal_bytes_per_login:.0} B/login, disk {disk_bytes_per_login:.0} B/login; {summary}"
     );
@@ -379,12 +390,20 @@ async fn main() {
     );
 
     println!(
-        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}}}"
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}, \"checkpoints_during_run\": {checkpoints_during_run}}}"
     );
     pool.close().await;
     env.cleanup().await;
     reference.cleanup().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Checkpoints the server has made so far.
+async fn checkpoints(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// `ingest --from-file` over `input` into a fresh database, with its defaults: messages per
@@ -474,6 +493,7 @@ async fn seed_design(input: &std::path::Path, logins: u64) -> f64 {
         tx.commit().await.unwrap();
     }
     let seconds = started.elapsed().as_secs_f64();
+    drop(connection);
     assert_eq!(env.count("user_logins").await as u64, logins);
     env.cleanup().await;
     lines.len() as f64 / seconds

@@ -222,7 +222,14 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
         "{}",
         stdout(&first)
     );
-    let replay = env.run_binary(INGEST, &["--from-file", &file]);
+    // A file's own defaults: bigger batches and one more writer than from a queue.
+    assert!(
+        stderr(&first).contains("writers=3 batch_size=2000"),
+        "{}",
+        stderr(&first)
+    );
+    let replay = env.run_binary(INGEST, &["--from-file", &file, "--batch-size", "7"]);
+    assert!(stderr(&replay).contains("writers=3 batch_size=7"), "{}", stderr(&replay));
     assert!(replay.status.success(), "{}", stderr(&replay));
     assert!(
         stdout(&replay).contains("stored=0 quarantined=0 duplicates=100"),
