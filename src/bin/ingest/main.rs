@@ -205,16 +205,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // pipeline drains) and stops when the pipeline has ended.
     let endpoint_stop = CancellationToken::new();
     if let Some((listener, metrics)) = endpoint {
-        let readiness = Readiness {
-            pool: pool.clone(),
-            queue: match &input {
+        let checks = ingest::readiness::checks(
+            pool.clone(),
+            match &input {
                 Input::Queue(queue) => Some(queue.clone()),
                 Input::File(_) => None,
             },
-            keyring: keyring("ingest readiness check"),
-            sealing: settings.sealing.clone(),
-            shutdown: shutdown.clone(),
-        };
+            keyring("ingest readiness check"),
+            settings.sealing.clone(),
+        );
+        let readiness = Readiness::new(checks, shutdown.clone());
         let endpoints = Arc::new(Endpoints { metrics, readiness });
         tokio::spawn(telemetry::server::serve(
             listener,
