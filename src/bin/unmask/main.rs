@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use pii_vault::audit::{self, CheckpointKey, VerifyError};
 use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs};
@@ -15,6 +15,10 @@ use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
+
+/// The usage line: the three questions are alternatives, one of them required.
+const USAGE: &str = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]
+       unmask <COMMAND>";
 
 /// Recover a user's original ip and device_id values (audited).
 ///
@@ -28,7 +32,9 @@ use pii_vault::vault::kms::AwsKms;
 #[command(
     version,
     args_conflicts_with_subcommands = true,
-    override_usage = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]\n       unmask <COMMAND>"
+    // Exactly one question: the group is what clap enforces, the usage what it shows.
+    group(ArgGroup::new("question").required(true).multiple(false)),
+    override_usage = USAGE
 )]
 struct Args {
     #[command(flatten)]
@@ -40,13 +46,13 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Every login of this user.
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question")]
     user_id: Option<String>,
     /// Every login whose ip has this token (masked_ip).
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question", value_name = "TOKEN")]
     masked_ip: Option<String>,
     /// Every login whose device id has this token (masked_device_id).
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question", value_name = "TOKEN")]
     masked_device_id: Option<String>,
     /// Why, from a fixed list: recorded in the audit; the database refuses any other.
     #[arg(long, value_enum)]
