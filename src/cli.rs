@@ -1,10 +1,7 @@
-//! What the binaries share: common flags, logging, AWS configuration, and how errors end a run.
+//! What the binaries share: common flags, logging, AWS configuration, and how an error is
+//! printed: one line on stderr, with its chain of causes, never a panic or backtrace.
 //!
-//! Exit codes: 0 success, 1 failure, 2 bad arguments or configuration. An error prints as one
-//! line on stderr, with its chain of causes, never as a panic or backtrace.
-
-use std::fmt;
-use std::process::ExitCode;
+//! Which exit code an error ends a run with is each binary's own decision (`src/bin/`).
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -92,18 +89,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// An error the user fixes by changing arguments or configuration (exit code 2).
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
 /// Libraries whose most verbose levels print request and response contents (the AWS SDK's
 /// orchestrator logs every ReceiveMessage output, message bodies included, at TRACE). Their
 /// events pass only up to DEBUG, whatever `RUST_LOG` asks: the cap is a second filter, so it
@@ -165,19 +150,9 @@ pub fn process_name(program: &str) -> String {
     format!("{program}@{host}:{}", std::process::id())
 }
 
-/// Ends the program: prints the error's whole chain as one line and picks the exit code.
-pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", one_line(&error));
-            if error.chain().any(|cause| cause.is::<UsageError>()) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+/// Prints `error: ` and the error's whole chain as one line on stderr.
+pub fn print_error(error: &anyhow::Error) {
+    eprintln!("error: {}", one_line(error));
 }
 
 /// `outer: cause: root cause`, skipping causes whose text the outer message already includes.

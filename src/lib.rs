@@ -13,17 +13,23 @@
 //!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
 //!     older Query protocol.
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
+//!   - [`ingest::readiness`]: the checks `ingest` hands to `/readyz` (database, queue, keys,
+//!     sealing).
 //! - [`unmask`]: audited recovery of original values through the database's door functions;
 //!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints.
 //! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
-//! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators.
+//! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
+//!   readiness checks it is given and depends on nothing else in the crate.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
-//! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, exit codes.
+//! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, one-line
+//!   errors.
 //!
 //! The binaries (`src/bin/`) are thin: `ingest` (the daemon), `unmask` (audited recovery),
 //! `rotate-keys` (key and schema administration) and `loadgen` (puts test messages on a queue).
+//! Each parses its arguments, checks them into a `Config` (a bad one is a one-line error, exit
+//! code 2) and runs it; each maps its own errors to exit codes.
 
 #![forbid(unsafe_code)]
 

@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod file;
+pub mod readiness;
 pub mod source;
 pub mod sqs;
 pub mod sqs_query;

@@ -50,10 +50,6 @@ impl SqsSource {
         }
     }
 
-    pub fn queue_url(&self) -> &str {
-        &self.queue_url
-    }
-
     /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
     pub async fn check(&self) -> Result<(), SourceError> {
         self.client
@@ -253,13 +249,6 @@ pub enum SqsQueue {
 }
 
 impl SqsQueue {
-    pub fn queue_url(&self) -> &str {
-        match self {
-            SqsQueue::Json(source) => source.queue_url(),
-            SqsQueue::Query(source) => source.queue_url(),
-        }
-    }
-
     /// Succeeds when the queue answers: the readiness check.
     pub async fn check(&self) -> Result<(), SourceError> {
         match self {

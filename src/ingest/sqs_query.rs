@@ -409,10 +409,6 @@ impl QuerySqsSource {
         }
     }
 
-    pub fn queue_url(&self) -> &str {
-        &self.queue_url
-    }
-
     /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
     pub async fn check(&self) -> Result<(), SourceError> {
         let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);

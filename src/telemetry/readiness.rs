@@ -1,17 +1,32 @@
-//! `/readyz`: can this process do its work right now? It checks, concurrently and each within
-//! [`CHECK_TIMEOUT`], that the database answers, that the queue answers, and that the keys are
-//! there (an active token key, and a usable KMS key to wrap new data keys).
+//! `/readyz`: can this process do its work right now? It runs the [`Check`]s it was given
+//! (the database answers, the queue answers, the keys are there...), concurrently and each
+//! within [`CHECK_TIMEOUT`], and is not ready once shutdown has begun.
+//!
+//! The checks are injected: telemetry knows how to run and report them, not what they look
+//! at, so it depends on neither the pipeline nor the vault (`ingest::readiness` builds
+//! `ingest`'s).
 
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::ingest::sqs::SqsQueue;
-use crate::vault::keyring::Keyring;
-use crate::vault::kms::AwsKms;
+/// What a check found: `Err` says why the process is not ready, in one line.
+pub type Outcome = Result<(), String>;
+
+/// The future a [`Check`] returns.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// One thing `/readyz` looks at.
+pub trait Check: Send + Sync {
+    /// The name the report gives its line, e.g. `database`.
+    fn name(&self) -> &'static str;
+    /// Whether it is fine now; given at most [`CHECK_TIMEOUT`].
+    fn check(&self) -> CheckFuture<'_>;
+}
 
 /// A condition the pipeline itself reports, e.g. "sealing stopped: the data key is over its
 /// limit and KMS gives no new one": not ready while it is set.
@@ -37,20 +52,16 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What `/readyz` checks.
 pub struct Readiness {
-    pub pool: PgPool,
-    /// The queue; `None` when reading a file.
-    pub queue: Option<Arc<SqsQueue>>,
-    pub keyring: Keyring<AwsKms>,
-    /// Whether the pipeline can seal (see [`Condition`]).
-    pub sealing: Arc<Condition>,
+    /// Run concurrently, reported in this order.
+    checks: Vec<Box<dyn Check>>,
     /// Cancelled once shutdown has begun: the process is finishing, not taking new work.
-    pub shutdown: CancellationToken,
+    shutdown: CancellationToken,
 }
 
 /// The outcome of each check, in a fixed order.
 #[derive(Debug)]
 pub struct Report {
-    pub checks: Vec<(&'static str, Result<(), String>)>,
+    pub checks: Vec<(&'static str, Outcome)>,
 }
 
 impl Report {
@@ -73,28 +84,19 @@ impl fmt::Display for Report {
 }
 
 impl Readiness {
+    pub fn new(checks: Vec<Box<dyn Check>>, shutdown: CancellationToken) -> Self {
+        Self { checks, shutdown }
+    }
+
     pub async fn check(&self) -> Report {
-        let database = within(async {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        });
-        let queue = within(async {
-            match &self.queue {
-                Some(queue) => queue.check().await.map_err(|e| e.message),
-                None => Ok(()),
-            }
-        });
-        let keys = within(async { self.keyring.check_ready().await.map_err(|e| e.to_string()) });
-        let (database, queue, keys) = tokio::join!(database, queue, keys);
-        let mut checks = vec![("database", database)];
-        if self.queue.is_some() {
-            checks.push(("queue", queue));
-        }
-        checks.push(("keys", keys));
-        checks.push(("sealing", self.sealing.get().map_or(Ok(()), Err)));
+        let outcomes = join_all(
+            self.checks
+                .iter()
+                .map(|check| Box::pin(within(check.check())) as CheckFuture<'_>)
+                .collect(),
+        )
+        .await;
+        let mut checks: Vec<_> = self.checks.iter().map(|c| c.name()).zip(outcomes).collect();
         if self.shutdown.is_cancelled() {
             checks.push(("process", Err("shutting down".into())));
         }
@@ -102,8 +104,82 @@ impl Readiness {
     }
 }
 
-async fn within(check: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+async fn within(check: impl Future<Output = Outcome>) -> Outcome {
     tokio::time::timeout(CHECK_TIMEOUT, check)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())))
+}
+
+/// Polls every future until all are done; their outputs in the futures' order.
+async fn join_all(mut futures: Vec<CheckFuture<'_>>) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, outcome) in futures.iter_mut().zip(&mut outcomes) {
+            if outcome.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(done) => *outcome = Some(done),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every future finished"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(&'static str, Outcome, Duration);
+
+    impl Check for Fixed {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn check(&self) -> CheckFuture<'_> {
+            Box::pin(async {
+                tokio::time::sleep(self.2).await;
+                self.1.clone()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_every_check_in_order_with_timeouts_and_shutdown() {
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::new(
+            vec![
+                Box::new(Fixed("slow", Ok(()), Duration::from_secs(2))),
+                Box::new(Fixed("hung", Ok(()), Duration::from_secs(60))),
+                Box::new(Fixed("broken", Err("no\nway".into()), Duration::ZERO)),
+            ],
+            shutdown.clone(),
+        );
+        let started = std::time::Instant::now();
+        let report = readiness.check().await;
+        // Concurrently (2 s and 3 s in turn would be 5 s), the hung one cut at the timeout.
+        let took = started.elapsed();
+        assert!(
+            took >= CHECK_TIMEOUT && took < Duration::from_millis(4500),
+            "{took:?}"
+        );
+        assert!(!report.is_ready());
+        assert_eq!(
+            report.to_string(),
+            "slow: ok\nhung: no answer within 3s\nbroken: no way\n"
+        );
+        shutdown.cancel();
+        let report = Readiness::new(vec![], shutdown).check().await;
+        assert_eq!(report.to_string(), "process: shutting down\n");
+    }
 }

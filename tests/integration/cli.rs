@@ -6,6 +6,7 @@ use crate::common::{self, TestEnv, stderr, stdout};
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
 
 fn sample(name: &str) -> String {
     format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -179,6 +180,37 @@ fn bad_arguments_exit_2_with_one_clear_line() {
         );
         assert!(stderr(&output).contains("error"), "{}", stderr(&output));
     }
+}
+
+/// The three questions of `unmask` are alternatives, exactly one required: the usage says so,
+/// and so does the error when none is asked.
+#[test]
+fn unmask_usage_shows_the_questions_as_alternatives() {
+    let help = common::output_of(std::process::Command::new(UNMASK).arg("--help"));
+    assert!(help.status.success(), "{}", stderr(&help));
+    let usage = stdout(&help);
+    let line = usage
+        .lines()
+        .find(|line| line.starts_with("Usage: "))
+        .unwrap_or_else(|| panic!("no usage line in\n{usage}"));
+    assert_eq!(
+        line,
+        "Usage: unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) \
+         --purpose <PURPOSE> --reason <REASON> [OPTIONS]"
+    );
+
+    let none = common::output_of(
+        std::process::Command::new(UNMASK)
+            .args(["--purpose", "legal-request", "--reason", "r"])
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+    );
+    assert_eq!(none.status.code(), Some(2), "{}", stderr(&none));
+    assert!(
+        stderr(&none)
+            .contains("<--user-id <USER_ID>|--masked-ip <TOKEN>|--masked-device-id <TOKEN>>"),
+        "{}",
+        stderr(&none)
+    );
 }
 
 /// `ingest --drain` stored the sample (99 logins, 1 quarantined) and left the queue empty.

@@ -11,7 +11,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
@@ -100,82 +100,163 @@ struct Args {
     shutdown_deadline: u64,
 }
 
+/// Bad arguments or configuration, said in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `Args`, checked and resolved: what a run needs.
+struct Config {
+    database_url: String,
+    kms_key_id: String,
+    input: InputConfig,
+    settings: Settings,
+    shutdown_deadline: Duration,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// Where messages come from, as configured.
+enum InputConfig {
+    Queue {
+        queue: String,
+        sqs: SqsArgs,
+        poll: PollSettings,
+    },
+    File {
+        path: String,
+        source_id: Option<String>,
+    },
+}
+
+impl TryFrom<Args> for Config {
+    type Error = UsageError;
+
+    fn try_from(args: Args) -> Result<Config, UsageError> {
+        if args.data_key_max_records == 0 || args.data_key_max_age == 0 {
+            return Err(UsageError(
+                "--data-key-max-records and --data-key-max-age must be positive".into(),
+            ));
+        }
+        // A file is not a queue: its lines are all there, so bigger batches and one more writer.
+        let defaults = if args.from_file.is_some() {
+            Settings::for_file()
+        } else {
+            Settings::default()
+        };
+        let batch_size = args.batch_size.map_or(defaults.batch_size, |b| b as usize);
+        let writers = args.writers.map_or(defaults.writers, |w| w as usize);
+        if args.data_key_max_records < 2 * batch_size as u64 {
+            return Err(UsageError(
+                "--data-key-max-records must be at least twice --batch-size (two values a login)"
+                    .into(),
+            ));
+        }
+        let input = match args.from_file {
+            Some(path) => InputConfig::File {
+                path,
+                source_id: args.source_id,
+            },
+            None => InputConfig::Queue {
+                queue: args.queue,
+                sqs: args.sqs,
+                poll: PollSettings {
+                    wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
+                    visibility_timeout_seconds: args.visibility_timeout,
+                },
+            },
+        };
+        let settings = Settings {
+            // A file's lines must be taken in order by one reader.
+            pollers: match input {
+                InputConfig::File { .. } => 1,
+                InputConfig::Queue { .. } => args.pollers as usize,
+            },
+            writers,
+            batch_size,
+            flush_interval: Duration::from_millis(args.flush_ms),
+            drain: args.drain || matches!(input, InputConfig::File { .. }),
+            data_key_max_records: args.data_key_max_records,
+            data_key_max_age: Duration::from_secs(args.data_key_max_age),
+            key_check_interval: Duration::from_secs(args.key_check_seconds),
+            sealing: Arc::default(),
+        };
+        Ok(Config {
+            database_url: args.database.database_url,
+            kms_key_id: args.kms.kms_key_id,
+            input,
+            settings,
+            shutdown_deadline: Duration::from_secs(args.shutdown_deadline),
+            metrics_addr: args.metrics_addr,
+        })
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    cli::exit_code(run(args).await)
+    let result = match Config::try_from(args) {
+        Ok(config) => run(config).await,
+        Err(usage) => Err(usage.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            cli::print_error(&error);
+            ExitCode::from(exit_code(&error))
+        }
+    }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    if args.data_key_max_records == 0 || args.data_key_max_age == 0 {
-        return Err(UsageError(
-            "--data-key-max-records and --data-key-max-age must be positive".into(),
-        )
-        .into());
-    }
-    // A file is not a queue: its lines are all there, so bigger batches and one more writer.
-    let defaults = if args.from_file.is_some() {
-        Settings::for_file()
+/// Exit codes: 2 bad arguments or configuration (a taken `--metrics-addr` included), 1 any
+/// other failure.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|cause| cause.is::<UsageError>()) {
+        2
     } else {
-        Settings::default()
-    };
-    let batch_size = args.batch_size.map_or(defaults.batch_size, |b| b as usize);
-    let writers = args.writers.map_or(defaults.writers, |w| w as usize);
-    if args.data_key_max_records < 2 * batch_size as u64 {
-        return Err(UsageError(
-            "--data-key-max-records must be at least twice --batch-size (two values a login)"
-                .into(),
-        )
-        .into());
+        1
     }
-    let settings = Settings {
-        pollers: args.pollers as usize,
-        writers,
-        batch_size,
-        flush_interval: Duration::from_millis(args.flush_ms),
-        drain: args.drain || args.from_file.is_some(),
-        data_key_max_records: args.data_key_max_records,
-        data_key_max_age: Duration::from_secs(args.data_key_max_age),
-        key_check_interval: Duration::from_secs(args.key_check_seconds),
-        sealing: Arc::default(),
-    };
-    let poll = PollSettings {
-        wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
-        visibility_timeout_seconds: args.visibility_timeout,
-    };
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let Config {
+        database_url,
+        kms_key_id,
+        input,
+        settings,
+        shutdown_deadline,
+        metrics_addr,
+    } = config;
 
     // Bound first, so a taken port fails the start; installed before anything records, so no
     // count is lost.
-    let endpoint = match args.metrics_addr {
+    let endpoint = match metrics_addr {
         Some(addr) => Some(open_endpoint(addr).await?),
         None => None,
     };
 
-    let pool = db::connect(&args.database.database_url, writers as u32 + 2).await?;
+    let pool = db::connect(&database_url, settings.writers as u32 + 2).await?;
     db::check_schema(&pool).await?;
 
     let aws = cli::aws_config().await;
     let kms = Arc::new(AwsKms::from_conf(&aws));
-    let keyring = |created_by: &str| {
-        Keyring::new(pool.clone(), kms.clone(), &args.kms.kms_key_id, created_by)
-    };
+    let keyring =
+        |created_by: &str| Keyring::new(pool.clone(), kms.clone(), &kms_key_id, created_by);
 
-    let input = match &args.from_file {
-        Some(path) => Input::File(Arc::new(
-            FileSource::open(path, args.source_id.as_deref())
+    let input = match input {
+        InputConfig::File { path, source_id } => Input::File(Arc::new(
+            FileSource::open(&path, source_id.as_deref())
                 .with_context(|| format!("opening {path}"))?,
         )),
-        None => {
-            let protocol = args
-                .sqs
-                .protocol(&aws, &args.queue)
+        InputConfig::Queue { queue, sqs, poll } => {
+            let protocol = sqs
+                .protocol(&aws, &queue)
                 .await
                 .context("choosing the SQS protocol")?;
             let queue = match protocol {
                 Protocol::Json => {
                     let sqs_client = aws_sdk_sqs::Client::new(&aws);
-                    let queue_url = sqs::resolve_queue_url(&sqs_client, &args.queue)
+                    let queue_url = sqs::resolve_queue_url(&sqs_client, &queue)
                         .await
                         .context("finding the queue")?;
                     SqsQueue::Json(SqsSource::new(sqs_client, queue_url, poll))
@@ -183,7 +264,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Protocol::Query => {
                     let client = QueryClient::new(&aws);
                     let queue_url = client
-                        .get_queue_url(&args.queue)
+                        .get_queue_url(&queue)
                         .await
                         .context("finding the queue")?;
                     SqsQueue::Query(QuerySqsSource::new(client, queue_url, poll))
@@ -205,16 +286,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // pipeline drains) and stops when the pipeline has ended.
     let endpoint_stop = CancellationToken::new();
     if let Some((listener, metrics)) = endpoint {
-        let readiness = Readiness {
-            pool: pool.clone(),
-            queue: match &input {
+        let checks = ingest::readiness::checks(
+            pool.clone(),
+            match &input {
                 Input::Queue(queue) => Some(queue.clone()),
                 Input::File(_) => None,
             },
-            keyring: keyring("ingest readiness check"),
-            sealing: settings.sealing.clone(),
-            shutdown: shutdown.clone(),
-        };
+            keyring("ingest readiness check"),
+            settings.sealing.clone(),
+        );
+        let readiness = Readiness::new(checks, shutdown.clone());
         let endpoints = Arc::new(Endpoints { metrics, readiness });
         tokio::spawn(telemetry::server::serve(
             listener,
@@ -223,15 +304,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
 
-    let deadline = Duration::from_secs(args.shutdown_deadline);
+    let deadline = shutdown_deadline;
     let keyring = keyring(&cli::process_name("ingest"));
     let summary = match input {
         Input::File(source) => {
-            // Lines must be taken in order by one reader.
-            let settings = Settings {
-                pollers: 1,
-                ..settings
-            };
             run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
         }
         Input::Queue(source) => {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
+use pii_vault::cli::{self, LoggingArgs, SqsArgs};
 use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
 use pii_vault::synth::Generator;
@@ -48,32 +48,97 @@ struct Args {
     concurrency: u32,
 }
 
+/// Bad arguments, said in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `Args`, checked: what a run needs.
+struct Config {
+    queue: String,
+    sqs: SqsArgs,
+    bodies: Bodies,
+    concurrency: usize,
+}
+
+/// What to send.
+enum Bodies {
+    File(PathBuf),
+    Generated {
+        count: u64,
+        seed: u64,
+        dup_rate: f64,
+        bad_rate: f64,
+    },
+}
+
+impl TryFrom<Args> for Config {
+    type Error = UsageError;
+
+    fn try_from(args: Args) -> Result<Config, UsageError> {
+        for (name, rate) in [("--dup-rate", args.dup_rate), ("--bad-rate", args.bad_rate)] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(UsageError(format!("{name} must be between 0 and 1")));
+            }
+        }
+        let bodies = match (args.file, args.count) {
+            (Some(path), _) => Bodies::File(path),
+            (None, Some(count)) => Bodies::Generated {
+                count,
+                seed: args.seed,
+                dup_rate: args.dup_rate,
+                bad_rate: args.bad_rate,
+            },
+            (None, None) => unreachable!("clap requires --file or --count"),
+        };
+        Ok(Config {
+            queue: args.queue,
+            sqs: args.sqs,
+            bodies,
+            concurrency: args.concurrency as usize,
+        })
+    }
+}
+
+/// Exit codes: 0 sent, 1 failure, 2 bad arguments.
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    cli::exit_code(run(args).await)
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    for (name, rate) in [("--dup-rate", args.dup_rate), ("--bad-rate", args.bad_rate)] {
-        if !(0.0..=1.0).contains(&rate) {
-            return Err(UsageError(format!("{name} must be between 0 and 1")).into());
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(usage) => {
+            cli::print_error(&usage.into());
+            return ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            cli::print_error(&error);
+            ExitCode::FAILURE
         }
     }
-    let bodies: Box<dyn Iterator<Item = String> + Send> = match (&args.file, args.count) {
-        (Some(path), _) => Box::new(read_bodies(path)?.into_iter()),
-        (None, Some(count)) => {
-            let mut generator = Generator::new(args.seed, args.dup_rate, args.bad_rate);
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let bodies: Box<dyn Iterator<Item = String> + Send> = match &config.bodies {
+        Bodies::File(path) => Box::new(read_bodies(path)?.into_iter()),
+        &Bodies::Generated {
+            count,
+            seed,
+            dup_rate,
+            bad_rate,
+        } => {
+            let mut generator = Generator::new(seed, dup_rate, bad_rate);
             Box::new((0..count).map(move |_| generator.next_message().body))
         }
-        (None, None) => unreachable!("clap requires --file or --count"),
     };
 
     let aws = cli::aws_config().await;
-    let protocol = args
+    let protocol = config
         .sqs
-        .protocol(&aws, &args.queue)
+        .protocol(&aws, &config.queue)
         .await
         .context("choosing the SQS protocol")?;
     let client = match protocol {
@@ -81,9 +146,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Protocol::Query => Sender::Query(QueryClient::new(&aws)),
     };
     let queue_url = client
-        .create_or_find(&args.queue)
+        .create_or_find(&config.queue)
         .await
-        .with_context(|| format!("creating or finding queue {}", args.queue))?;
+        .with_context(|| format!("creating or finding queue {}", config.queue))?;
 
     let started = std::time::Instant::now();
     let mut in_flight = JoinSet::new();
@@ -93,7 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while bodies.peek().is_some() {
         chunk.clear();
         chunk.extend(bodies.by_ref().take(SQS_BATCH_LIMIT));
-        if in_flight.len() >= args.concurrency as usize {
+        if in_flight.len() >= config.concurrency {
             sent += in_flight.join_next().await.expect("not empty")??;
         }
         in_flight.spawn(send_batch(client.clone(), queue_url.clone(), chunk.clone()));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
@@ -134,26 +134,143 @@ impl RotationArgs {
     }
 }
 
+/// Bad arguments, said in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `Args`, checked and resolved: what a run needs.
+struct Config {
+    database_url: String,
+    kms_key_id: String,
+    task: Task,
+}
+
+/// A [`Command`], checked.
+enum Task {
+    Init,
+    Status {
+        data_key_max_records: u64,
+    },
+    DataKey(Options),
+    TokenKey(Options),
+    Rewrap {
+        new_kms_key_id: String,
+    },
+    Erase {
+        user_id: String,
+        reason: String,
+        actor: String,
+        keep_tokens: bool,
+    },
+    Verify,
+    Window {
+        month: time::Date,
+        kms_key_id: String,
+    },
+    Expire(rotate::Expiry),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = UsageError;
+
+    fn try_from(args: Args) -> Result<Config, UsageError> {
+        let task = match args.command {
+            Command::Init => Task::Init,
+            Command::Status {
+                data_key_max_records,
+            } => Task::Status {
+                data_key_max_records,
+            },
+            Command::DataKey(rotation) => Task::DataKey(rotation.options()),
+            Command::TokenKey(rotation) => Task::TokenKey(rotation.options()),
+            Command::Rewrap { new_kms_key_id } => Task::Rewrap { new_kms_key_id },
+            Command::Erase {
+                user_id,
+                reason,
+                actor,
+                keep_tokens,
+            } => {
+                if reason.trim().is_empty() {
+                    return Err(UsageError("--reason must say why".into()));
+                }
+                Task::Erase {
+                    user_id,
+                    reason,
+                    actor: actor
+                        .or_else(|| std::env::var("USER").ok())
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                    keep_tokens,
+                }
+            }
+            Command::Verify => Task::Verify,
+            Command::Window { month, kms_key_id } => {
+                if kms_key_id.starts_with("alias/") {
+                    return Err(UsageError(
+                        "--kms-key-id must name the key itself (id or ARN), not an alias".into(),
+                    ));
+                }
+                Task::Window { month, kms_key_id }
+            }
+            Command::Expire {
+                older_than,
+                apply,
+                tokens,
+                batch_size,
+                grace_seconds,
+            } => {
+                let today = time::OffsetDateTime::now_utc().date();
+                Task::Expire(rotate::Expiry {
+                    horizon: today - time::Duration::days(i64::from(older_than)),
+                    apply,
+                    drop_tokens: tokens,
+                    batch_size,
+                    grace: Duration::from_secs(grace_seconds),
+                })
+            }
+        };
+        Ok(Config {
+            database_url: args.database.database_url,
+            kms_key_id: args.kms.kms_key_id,
+            task,
+        })
+    }
+}
+
+/// Exit codes: 0 done (or nothing to do), 1 failure, 2 bad arguments.
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    cli::exit_code(run(args).await)
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(usage) => {
+            cli::print_error(&usage.into());
+            return ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            cli::print_error(&error);
+            ExitCode::FAILURE
+        }
+    }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let pool = db::connect(&args.database.database_url, 4).await?;
+async fn run(config: Config) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database_url, 4).await?;
     let keyring = || async {
         let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
         Keyring::new(
             pool.clone(),
             kms,
-            &args.kms.kms_key_id,
+            &config.kms_key_id,
             &cli::process_name("rotate-keys"),
         )
     };
-    match args.command {
-        Command::Init => {
+    match config.task {
+        Task::Init => {
             db::migrate(&pool).await?;
             match keyring().await.init_token_key().await? {
                 TokenKeyInit::Created(id) => println!("schema current; token key {id} created"),
@@ -162,7 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status {
+        Task::Status {
             data_key_max_records,
         } => {
             db::check_schema(&pool).await?;
@@ -176,17 +293,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 data_key_max_records,
             );
         }
-        Command::DataKey(rotation) => {
+        Task::DataKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::data_keys(&pool, &keyring().await, &rotation.options()).await?;
+            let report = rotate::data_keys(&pool, &keyring().await, &options).await?;
             print_report("data", "re-encrypted", &report);
         }
-        Command::TokenKey(rotation) => {
+        Task::TokenKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::token_key(&pool, &keyring().await, &rotation.options()).await?;
+            let report = rotate::token_key(&pool, &keyring().await, &options).await?;
             print_report("token", "re-tokenized", &report);
         }
-        Command::Rewrap { new_kms_key_id } => {
+        Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
             let count = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
             if count == 0 {
@@ -195,18 +312,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 println!("re-wrapped {count} keys under {new_kms_key_id}");
             }
         }
-        Command::Erase {
+        Task::Erase {
             user_id,
             reason,
             actor,
             keep_tokens,
         } => {
-            if reason.trim().is_empty() {
-                return Err(UsageError("--reason must say why".into()).into());
-            }
-            let actor = actor
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "unknown".to_owned());
             db::check_schema(&pool).await?;
             let keyring = keyring().await;
             let erased =
@@ -223,14 +334,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 erased.quarantined
             );
         }
-        Command::Window { month, kms_key_id } => {
+        Task::Window { month, kms_key_id } => {
             db::check_schema(&pool).await?;
-            if kms_key_id.starts_with("alias/") {
-                return Err(UsageError(
-                    "--kms-key-id must name the key itself (id or ARN), not an alias".into(),
-                )
-                .into());
-            }
             let added = rotate::add_window(&pool, &keyring().await, month, &kms_key_id).await?;
             let month = &month.to_string()[..7];
             if added {
@@ -241,26 +346,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Expire {
-            older_than,
-            apply,
-            tokens,
-            batch_size,
-            grace_seconds,
-        } => {
+        Task::Expire(expiry) => {
             db::check_schema(&pool).await?;
-            let today = time::OffsetDateTime::now_utc().date();
-            let expiry = rotate::Expiry {
-                horizon: today - time::Duration::days(i64::from(older_than)),
-                apply,
-                drop_tokens: tokens,
-                batch_size,
-                grace: Duration::from_secs(grace_seconds),
-            };
             let report = rotate::expire(&pool, &keyring().await, &expiry).await?;
             print_expiry(&expiry, &report);
         }
-        Command::Verify => {
+        Task::Verify => {
             db::check_schema(&pool).await?;
             let verified = unmask::verify_all(&pool, &keyring().await).await?;
             println!(

@@ -7,14 +7,18 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use pii_vault::audit::{self, CheckpointKey, VerifyError};
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs};
 use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
+
+/// The usage line: the three questions are alternatives, one of them required.
+const USAGE: &str = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]
+       unmask <COMMAND>";
 
 /// Recover a user's original ip and device_id values (audited).
 ///
@@ -28,7 +32,9 @@ use pii_vault::vault::kms::AwsKms;
 #[command(
     version,
     args_conflicts_with_subcommands = true,
-    override_usage = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]\n       unmask <COMMAND>"
+    // Exactly one question: the group is what clap enforces, the usage what it shows.
+    group(ArgGroup::new("question").required(true).multiple(false)),
+    override_usage = USAGE
 )]
 struct Args {
     #[command(flatten)]
@@ -40,13 +46,13 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Every login of this user.
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question")]
     user_id: Option<String>,
     /// Every login whose ip has this token (masked_ip).
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question", value_name = "TOKEN")]
     masked_ip: Option<String>,
     /// Every login whose device id has this token (masked_device_id).
-    #[arg(long, group = "question", required = true)]
+    #[arg(long, group = "question", value_name = "TOKEN")]
     masked_device_id: Option<String>,
     /// Why, from a fixed list: recorded in the audit; the database refuses any other.
     #[arg(long, value_enum)]
@@ -114,34 +120,160 @@ enum Format {
     Csv,
 }
 
+/// Bad arguments, said in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `Args`, checked and resolved: what a run needs.
+struct Config {
+    database_url: String,
+    task: Task,
+}
+
+enum Task {
+    /// Reveal what `request` asks.
+    Unmask {
+        kms_key_id: String,
+        request: Request,
+        format: Format,
+    },
+    VerifyAudit {
+        signing: SigningArgs,
+        /// The 32 bytes of `--expect-head`.
+        expect_head: Option<Vec<u8>>,
+    },
+    AuditCheckpoint {
+        signing: SigningArgs,
+    },
+}
+
+impl TryFrom<Args> for Config {
+    type Error = UsageError;
+
+    fn try_from(args: Args) -> Result<Config, UsageError> {
+        let task = match args.command {
+            Some(Command::VerifyAudit {
+                signing,
+                expect_head,
+            }) => Task::VerifyAudit {
+                signing,
+                expect_head: expect_head
+                    .map(|text| {
+                        unhex(&text)
+                            .filter(|b| b.len() == 32)
+                            .ok_or_else(|| UsageError("--expect-head takes 64 hex digits".into()))
+                    })
+                    .transpose()?,
+            },
+            Some(Command::AuditCheckpoint { signing }) => Task::AuditCheckpoint { signing },
+            None => Task::Unmask {
+                kms_key_id: args.kms.kms_key_id,
+                request: request(
+                    args.user_id,
+                    args.masked_ip,
+                    args.masked_device_id,
+                    args.purpose,
+                    args.reason,
+                    args.actor,
+                )?,
+                format: args.format,
+            },
+        };
+        Ok(Config {
+            database_url: args.database.database_url,
+            task,
+        })
+    }
+}
+
+/// The reveal asked for, checked before anything is audited.
+fn request(
+    user_id: Option<String>,
+    masked_ip: Option<String>,
+    masked_device_id: Option<String>,
+    purpose: Option<Purpose>,
+    reason: Option<String>,
+    actor: Option<String>,
+) -> Result<Request, UsageError> {
+    let question = match (user_id, masked_ip, masked_device_id) {
+        (Some(user), None, None) => Question::UserId(user),
+        (None, Some(token), None) => Question::MaskedIp(token),
+        (None, None, Some(token)) => Question::MaskedDeviceId(token),
+        _ => unreachable!("clap requires exactly one question"),
+    };
+    let Some(purpose) = purpose else {
+        return Err(UsageError(format!(
+            "--purpose is required: one of {}",
+            audit::REVEAL_PURPOSES.join(", ")
+        )));
+    };
+    let purpose = purpose
+        .to_possible_value()
+        .expect("every purpose has a name")
+        .get_name()
+        .to_owned();
+    let reason = reason.unwrap_or_default();
+    if reason.trim().is_empty() {
+        return Err(UsageError("--reason is required and must say why".into()));
+    }
+    let actor = match actor {
+        Some(actor) if !actor.trim().is_empty() => actor,
+        Some(_) => return Err(UsageError("--actor must not be empty".into())),
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".to_owned()),
+    };
+    Ok(Request {
+        question,
+        purpose,
+        reason,
+        actor,
+    })
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    match run(args).await {
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(usage) => {
+            cli::print_error(&usage.into());
+            return ExitCode::from(2);
+        }
+    };
+    match run(config).await {
         Ok(code) => code,
         Err(error) => {
-            let code = if let Some(e) = error.downcast_ref::<UnmaskError>() {
-                e.exit_code()
-            } else if let Some(VerifyError::Broken(_)) = error.downcast_ref::<VerifyError>() {
-                4
-            } else {
-                return cli::exit_code(Err(error));
-            };
-            eprintln!("error: {}", cli::one_line(&error));
-            ExitCode::from(code)
+            cli::print_error(&error);
+            ExitCode::from(exit_code(&error))
         }
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    match args.command {
-        Some(Command::VerifyAudit {
+/// The exit code of a failed run (see the `--help`): the reveal's own (2 refused as asked, 3
+/// not authorized, 4 integrity failure), 4 for an audit found tampered with, 1 otherwise.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if let Some(e) = error.downcast_ref::<UnmaskError>() {
+        e.exit_code()
+    } else if let Some(VerifyError::Broken(_)) = error.downcast_ref::<VerifyError>() {
+        4
+    } else {
+        1
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let (kms_key_id, request, format) = match config.task {
+        Task::VerifyAudit {
             signing,
             expect_head,
-        }) => return verify_audit(&args.database, &signing, expect_head.as_deref()).await,
-        Some(Command::AuditCheckpoint { signing }) => {
-            let pool = db::connect(&args.database.database_url, 1).await?;
+        } => {
+            return verify_audit(&config.database_url, &signing, expect_head.as_deref()).await;
+        }
+        Task::AuditCheckpoint { signing } => {
+            let pool = db::connect(&config.database_url, 1).await?;
             let key = checkpoint_key(&signing).await;
             match key.checkpoint(&pool).await? {
                 Some(checkpoint) => println!(
@@ -154,47 +286,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        None => {}
-    }
-    let question = match (args.user_id, args.masked_ip, args.masked_device_id) {
-        (Some(user), None, None) => Question::UserId(user),
-        (None, Some(token), None) => Question::MaskedIp(token),
-        (None, None, Some(token)) => Question::MaskedDeviceId(token),
-        _ => unreachable!("clap requires exactly one question"),
-    };
-    let Some(purpose) = args.purpose else {
-        return Err(UsageError(format!(
-            "--purpose is required: one of {}",
-            audit::REVEAL_PURPOSES.join(", ")
-        ))
-        .into());
-    };
-    let purpose = purpose
-        .to_possible_value()
-        .expect("every purpose has a name")
-        .get_name()
-        .to_owned();
-    let reason = args.reason.unwrap_or_default();
-    if reason.trim().is_empty() {
-        return Err(UsageError("--reason is required and must say why".into()).into());
-    }
-    let actor = match args.actor {
-        Some(actor) if !actor.trim().is_empty() => actor,
-        Some(_) => return Err(UsageError("--actor must not be empty".into()).into()),
-        None => std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| "unknown".to_owned()),
+        Task::Unmask {
+            kms_key_id,
+            request,
+            format,
+        } => (kms_key_id, request, format),
     };
 
-    let pool = db::connect(&args.database.database_url, 2).await?;
+    let pool = db::connect(&config.database_url, 2).await?;
     let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
-    let keyring = Keyring::new(pool.clone(), kms.clone(), &args.kms.kms_key_id, &actor);
-    let request = Request {
-        question,
-        purpose,
-        reason,
-        actor,
-    };
+    let keyring = Keyring::new(pool.clone(), kms.clone(), &kms_key_id, &request.actor);
     let revealed = unmask::unmask(&pool, &keyring, &request).await?;
     tracing::debug!(kms_calls = kms.calls(), logins = revealed.len(), "unmasked");
     if revealed.is_empty() {
@@ -216,7 +317,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut out = std::io::stdout().lock();
-    match args.format {
+    match format {
         Format::Table => output::table(&mut out, &revealed)?,
         Format::Json => output::json(&mut out, &revealed)?,
         Format::Csv => output::csv(&mut out, &revealed)?,
@@ -233,19 +334,11 @@ async fn checkpoint_key(signing: &SigningArgs) -> CheckpointKey {
 }
 
 async fn verify_audit(
-    database: &DatabaseArgs,
+    database_url: &str,
     signing: &SigningArgs,
-    expect_head: Option<&str>,
+    expect_head: Option<&[u8]>,
 ) -> anyhow::Result<ExitCode> {
-    let expect_head = expect_head
-        .map(|text| {
-            let bytes = unhex(text)
-                .filter(|b| b.len() == 32)
-                .ok_or_else(|| UsageError("--expect-head takes 64 hex digits".into()))?;
-            Ok::<_, UsageError>(bytes)
-        })
-        .transpose()?;
-    let pool = db::connect(&database.database_url, 1).await?;
+    let pool = db::connect(database_url, 1).await?;
     let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_checkpoints")
         .fetch_one(&pool)
         .await?;
@@ -256,7 +349,7 @@ async fn verify_audit(
     } else {
         None
     };
-    let intact = audit::verify(&pool, key.as_ref(), expect_head.as_deref()).await?;
+    let intact = audit::verify(&pool, key.as_ref(), expect_head).await?;
     println!(
         "audit intact: {} rows, {} signed checkpoints, head {}",
         intact.rows,
