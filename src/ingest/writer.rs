@@ -100,7 +100,7 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
     }
     let mut written = Written::default();
     if !batch.logins.is_empty() {
-        written.stored = copy_logins(&mut *tx, batch).await?;
+        written.stored = copy_logins(&mut tx, batch).await?;
         written.duplicates += batch.logins.len() as u64 - written.stored;
     }
     if !batch.quarantined.is_empty() {
