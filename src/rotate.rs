@@ -23,11 +23,11 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use crate::ingest::batch::quarantine_place;
 use crate::unmask::{Keys, SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows, next_month};
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
@@ -403,8 +403,7 @@ async fn reseal_logins<W: KeyWrapper>(
             let target = targets
                 .room_for(walk.keyring, Some(row.create_date), 2)
                 .await?;
-            let place =
-                |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
+            let place = |field| login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
             key_ids.push(target.key_id());
             ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));

@@ -21,9 +21,9 @@ use sqlx::PgPool;
 use time::Date;
 use zeroize::Zeroizing;
 
-use crate::ingest::batch::login_place;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
 use crate::vault::{KeyId, WrappedKey};
@@ -568,7 +568,7 @@ pub async fn verify_all<W: KeyWrapper>(
         for (id, message_id, key, sealed) in &bodies {
             keys.sealer(keyring, *key, None)
                 .await?
-                .open(&crate::ingest::batch::quarantine_place(message_id), sealed)
+                .open(&quarantine_place(message_id), sealed)
                 .map_err(|e| SealedLoginError::Integrity {
                     row: format!("quarantine {id} (message {message_id})"),
                     what: e.to_string(),

@@ -12,12 +12,14 @@
 //! - [`retention`]: retention windows: the KMS key behind a login month's data keys.
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
+//! - [`place`]: the places values are sealed for (a login's fields, a quarantined body).
 //!
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
 pub mod erasure;
 pub mod keyring;
 pub mod kms;
+pub mod place;
 pub mod retention;
 pub mod seal;
 pub mod token;
