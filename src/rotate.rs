@@ -23,8 +23,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use crate::unmask::{Keys, SealedLogin, SealedLoginError, rotation_page};
+use crate::unmask::{SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
+use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
@@ -185,7 +186,7 @@ pub async fn data_keys<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let mut targets = Targets::new(pool, options.data_key_max_records).await?;
-    let mut sealers = Keys::default();
+    let mut sealers = KeyCache::default();
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
               + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
@@ -228,7 +229,7 @@ pub async fn token_key<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let target = keyring.active_tokenizer().await?;
-    let mut keys = Keys::default();
+    let mut keys = KeyCache::default();
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
             .bind(&retiring)
@@ -384,7 +385,7 @@ impl Targets {
 
 async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
@@ -431,19 +432,19 @@ async fn reseal_logins<W: KeyWrapper>(
 
 async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
     let select = "SELECT id, message_id, data_key_id, sealed_body
          FROM vault_quarantine_page('reseal', $1, $2, $3)";
     // A body stays in the window its old key served (its month when it was quarantined).
-    let windows: Vec<(i64, Option<Date>)> =
+    let windows: Vec<(KeyId, Option<Date>)> =
         sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
             .bind(walk.retiring)
             .fetch_all(walk.pool)
             .await?;
-    let window_of = |key: i64| {
+    let window_of = |key: KeyId| {
         windows
             .iter()
             .find(|(id, _)| *id == key)
@@ -451,7 +452,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
     };
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
-        .page(select, &mut after, |row: &(i64, String, i64, Vec<u8>)| {
+        .page(select, &mut after, |row: &(i64, String, KeyId, Vec<u8>)| {
             row.0
         })
         .await?
@@ -490,7 +491,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
 
 async fn retokenize<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     target: &Tokenizer,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {

@@ -13,14 +13,13 @@
 //!    commit it. Only then are the values handed back to be shown; if that record cannot be
 //!    written, nothing is shown.
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::fmt;
 
 use sqlx::PgPool;
 use time::Date;
 use zeroize::Zeroizing;
 
+use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
@@ -162,10 +161,10 @@ struct HandedOut {
     create_date: Option<Date>,
     masked_ip: Option<String>,
     masked_device_id: Option<String>,
-    token_key_id: Option<i64>,
+    token_key_id: Option<KeyId>,
     token_key_kms: Option<String>,
     token_key_wrapped: Option<Vec<u8>>,
-    data_key_id: Option<i64>,
+    data_key_id: Option<KeyId>,
     data_key_kms: Option<String>,
     data_key_wrapped: Option<Vec<u8>>,
     sealed_ip: Option<Vec<u8>>,
@@ -242,7 +241,7 @@ async fn open_handed_out<W: KeyWrapper>(
     keyring: &Keyring<W>,
     handed: &[HandedOut],
 ) -> Result<Vec<Revealed>, UnmaskError> {
-    let mut keys = Keys::default();
+    let mut keys = KeyCache::default();
     for row in handed {
         let (Some(login_id), Some(message_id)) = (row.login_id, &row.message_id) else {
             continue;
@@ -268,7 +267,7 @@ async fn open_handed_out<W: KeyWrapper>(
     handed.iter().map(|row| reveal(row, &keys)).collect()
 }
 
-fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
+fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
     let (Some(login_id), Some(message_id), Some(user_id), Some(token_key_id)) = (
         row.login_id,
         row.message_id.as_deref(),
@@ -283,13 +282,11 @@ fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
         what,
     };
     let tokenizer = keys
-        .tokenizers
-        .get(&token_key_id)
+        .opened_tokenizer(token_key_id)
         .ok_or_else(|| integrity(format!("token key {token_key_id} was not handed out")))?;
     let sealer = match row.data_key_id {
         Some(id) => Some(
-            keys.sealers
-                .get(&id)
+            keys.opened_sealer(id)
                 .ok_or_else(|| integrity(format!("data key {id} cannot be opened")))?,
         ),
         None => None,
@@ -324,48 +321,6 @@ fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
             &row.masked_device_id,
         )?,
     })
-}
-
-/// Opened keys by id: each unwrapped once (one KMS call per key, whatever the number of rows).
-#[derive(Default)]
-pub(crate) struct Keys {
-    pub sealers: BTreeMap<i64, Sealer>,
-    pub tokenizers: BTreeMap<i64, Tokenizer>,
-}
-
-impl Keys {
-    /// Data key `id`, unwrapped once: from the bytes a door handed out, or else read from the
-    /// key table (the key admin may read it).
-    pub async fn sealer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-        handed_out: Option<&WrappedKey>,
-    ) -> Result<&Sealer, KeyringError> {
-        Ok(match self.sealers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(match handed_out {
-                Some(wrapped) => keyring.sealer_from(KeyId(id), wrapped).await?,
-                None => keyring.sealer(KeyId(id)).await?,
-            }),
-        })
-    }
-
-    /// Token key `id`, unwrapped once, like [`Keys::sealer`].
-    pub async fn tokenizer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-        handed_out: Option<&WrappedKey>,
-    ) -> Result<&Tokenizer, KeyringError> {
-        Ok(match self.tokenizers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(match handed_out {
-                Some(wrapped) => keyring.tokenizer_from(KeyId(id), wrapped).await?,
-                None => keyring.tokenizer(KeyId(id)).await?,
-            }),
-        })
-    }
 }
 
 /// A key that will not unwrap: KMS denying *us* is an authorization problem; anything else
@@ -435,8 +390,8 @@ pub(crate) struct SealedLogin {
     pub create_date: Date,
     pub masked_ip: Option<String>,
     pub masked_device_id: Option<String>,
-    pub token_key_id: i64,
-    pub data_key_id: Option<i64>,
+    pub token_key_id: KeyId,
+    pub data_key_id: Option<KeyId>,
     pub sealed_ip: Option<Vec<u8>>,
     pub sealed_device_id: Option<Vec<u8>>,
 }
@@ -471,17 +426,14 @@ impl SealedLogin {
     pub async fn open<W: KeyWrapper>(
         &self,
         keyring: &Keyring<W>,
-        keys: &mut Keys,
+        keys: &mut KeyCache,
     ) -> Result<Option<[Zeroizing<String>; 2]>, SealedLoginError> {
         let Some(data_key) = self.data_key_id else {
             return Ok(None);
         };
-        keys.tokenizer(keyring, self.token_key_id, None).await?;
-        keys.sealer(keyring, data_key, None).await?;
-        let (sealer, tokenizer) = (
-            &keys.sealers[&data_key],
-            &keys.tokenizers[&self.token_key_id],
-        );
+        let (tokenizer, sealer) = keys
+            .login_keys(keyring, self.token_key_id, data_key)
+            .await?;
         let open = |field| match self.value(field) {
             Some(value) => open_checked(&value, sealer, tokenizer).map_err(|what| {
                 SealedLoginError::Integrity {
@@ -522,7 +474,7 @@ pub async fn verify_all<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
 ) -> Result<Verified, SealedLoginError> {
-    let mut keys = Keys::default();
+    let mut keys = KeyCache::default();
     let mut verified = Verified {
         logins: 0,
         bodies: 0,
@@ -546,14 +498,14 @@ pub async fn verify_all<W: KeyWrapper>(
         }
         verified.logins += rows.len() as u64;
     }
-    let data_keys: Vec<i64> =
+    let data_keys: Vec<KeyId> =
         sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
             .fetch_all(pool)
             .await
             .map_err(KeyringError::Database)?;
     let mut after = 0i64;
     loop {
-        let bodies: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(
+        let bodies: Vec<(i64, String, KeyId, Vec<u8>)> = sqlx::query_as(
             "SELECT id, message_id, data_key_id, sealed_body FROM vault_quarantine_page('verify', $1, 5000, $2)",
         )
         .bind(after)
