@@ -23,7 +23,6 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use crate::unmask::{SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
@@ -31,6 +30,9 @@ use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows, next_month};
 use crate::vault::seal::Sealer;
+use crate::vault::sealed::{
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, quarantine_page, rotation_page,
+};
 use crate::vault::token::{Field, Tokenizer};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,15 +41,22 @@ pub enum RotateError {
     Keys(#[from] KeyringError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("row {row} cannot be opened ({what}); rotation stopped, the row is untouched")]
-    Integrity { row: String, what: String },
+    #[error("row {row} cannot be opened ({error}); rotation stopped, the row is untouched")]
+    Integrity {
+        row: RowId,
+        #[source]
+        error: IntegrityError,
+    },
+    /// `add-window` for a month already registered under another KMS key.
+    #[error("retention window {month} is already registered with KMS key {registered}")]
+    WindowTaken { month: Date, registered: String },
 }
 
-impl From<SealedLoginError> for RotateError {
-    fn from(error: SealedLoginError) -> Self {
+impl From<OpenRowError> for RotateError {
+    fn from(error: OpenRowError) -> Self {
         match error {
-            SealedLoginError::Keys(e) => RotateError::Keys(e),
-            SealedLoginError::Integrity { row, what } => RotateError::Integrity { row, what },
+            OpenRowError::Keys(e) => RotateError::Keys(e),
+            OpenRowError::Integrity { row, error } => RotateError::Integrity { row, error },
         }
     }
 }
@@ -436,8 +445,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
     targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let select = "SELECT id, message_id, data_key_id, sealed_body
-         FROM vault_quarantine_page('reseal', $1, $2, $3)";
+    let select = quarantine_page("reseal");
     // A body stays in the window its old key served (its month when it was quarantined).
     let windows: Vec<(KeyId, Option<Date>)> =
         sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
@@ -452,26 +460,18 @@ async fn reseal_quarantine<W: KeyWrapper>(
     };
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
-        .page(select, &mut after, |row: &(i64, String, KeyId, Vec<u8>)| {
-            row.0
-        })
+        .page(&select, &mut after, |row: &SealedBody| row.id)
         .await?
     {
         let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
-        for (id, message_id, key, sealed) in &rows {
-            let place = quarantine_place(message_id);
-            let body = keys
-                .sealer(walk.keyring, *key, None)
-                .await?
-                .open(&place, sealed)
-                .map_err(|e| RotateError::Integrity {
-                    row: format!("quarantine {id} (message {message_id})"),
-                    what: e.to_string(),
-                })?;
-            let target = targets.room_for(walk.keyring, window_of(*key), 1).await?;
-            ids.push(*id);
+        for row in &rows {
+            let body = row.open(walk.keyring, keys).await?;
+            let target = targets
+                .room_for(walk.keyring, window_of(row.data_key_id), 1)
+                .await?;
+            ids.push(row.id);
             key_ids.push(target.key_id());
-            bodies.push(target.seal(&place, &body));
+            bodies.push(target.seal(&quarantine_place(&row.message_id), &body));
         }
         sqlx::query(
             "UPDATE quarantine q SET data_key_id = u.data_key_id, sealed_body = u.sealed_body
@@ -512,8 +512,8 @@ async fn retokenize<W: KeyWrapper>(
                 target
                     .token_of(Field::Ip, &ip)
                     .ok_or_else(|| RotateError::Integrity {
-                        row: format!("login {}", row.login_id),
-                        what: "ip: not an address".into(),
+                        row: row.row(),
+                        error: IntegrityError::NotAnAddress,
                     })?;
             let device_token = target.device_id(&device);
             tokens.insert(
@@ -746,9 +746,9 @@ pub async fn add_window<W: KeyWrapper>(
             .fetch_one(pool)
             .await?;
     if stored != kms_key_id {
-        return Err(RotateError::Integrity {
-            row: format!("retention window {month}"),
-            what: format!("already registered with KMS key {stored}"),
+        return Err(RotateError::WindowTaken {
+            month,
+            registered: stored,
         });
     }
     Ok(added)

@@ -14,6 +14,8 @@
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
 //! - [`place`]: the places values are sealed for (a login's fields, a quarantined body).
+//! - [`sealed`]: sealed values as the doors hand them out, opened at their place and checked
+//!   against their token (the key commitment), with typed integrity errors.
 //!
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
@@ -24,6 +26,7 @@ pub mod kms;
 pub mod place;
 pub mod retention;
 pub mod seal;
+pub mod sealed;
 pub mod token;
 
 use std::collections::HashMap;
