@@ -27,12 +27,12 @@ use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use tokio_util::sync::CancellationToken;
 
 use pii_vault::event;
-use pii_vault::ingest::batch::login_place;
 use pii_vault::ingest::file::{FileSource, line_id};
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::PollSettings;
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
+use pii_vault::vault::place::login_place;
 use pii_vault::vault::token::Field;
 
 /// Busy CPU time of the whole machine (every process, PostgreSQL included), in microseconds.

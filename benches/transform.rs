@@ -10,10 +10,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use pii_vault::event;
-use pii_vault::ingest::batch::{self, login_place};
+use pii_vault::ingest::batch;
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::synth::Generator;
 use pii_vault::vault::erasure::ErasedUsers;
+use pii_vault::vault::place::login_place;
 use pii_vault::vault::seal::Sealer;
 use pii_vault::vault::token::{Field, Tokenizer};
 use pii_vault::vault::{KeyId, SecretKey};

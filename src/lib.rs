@@ -8,6 +8,10 @@
 //! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
 //! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table,
 //!   erased users (by token) and retention windows (a KMS key per month).
+//!   - [`vault::place`]: where values are sealed (the table and field names in the associated
+//!     data); [`vault::sealed`]: sealed values as the doors hand them out, opened and checked
+//!     against their token, with typed integrity errors; [`vault::key_cache`]: keys unwrapped
+//!     once each, shared by [`unmask`] and [`rotate`].
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
 //!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
@@ -15,7 +19,8 @@
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
 //!   - [`ingest::readiness`]: the checks `ingest` hands to `/readyz` (database, queue, keys,
 //!     sealing).
-//! - [`unmask`]: audited recovery of original values through the database's door functions;
+//! - [`unmask`]: audited recovery of original values through the database's door functions,
+//!   and `verify_all` (every stored value opened and checked, revealing nothing);
 //!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints.
 //! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.

@@ -23,13 +23,16 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use crate::ingest::batch::quarantine_place;
-use crate::unmask::{Keys, SealedLogin, SealedLoginError, rotation_page};
 use crate::vault::KeyId;
+use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError, key_use_lock};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows, next_month};
 use crate::vault::seal::Sealer;
+use crate::vault::sealed::{
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, quarantine_page, rotation_page,
+};
 use crate::vault::token::{Field, Tokenizer};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,15 +41,22 @@ pub enum RotateError {
     Keys(#[from] KeyringError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("row {row} cannot be opened ({what}); rotation stopped, the row is untouched")]
-    Integrity { row: String, what: String },
+    #[error("row {row} cannot be opened ({error}); rotation stopped, the row is untouched")]
+    Integrity {
+        row: RowId,
+        #[source]
+        error: IntegrityError,
+    },
+    /// `add-window` for a month already registered under another KMS key.
+    #[error("retention window {month} is already registered with KMS key {registered}")]
+    WindowTaken { month: Date, registered: String },
 }
 
-impl From<SealedLoginError> for RotateError {
-    fn from(error: SealedLoginError) -> Self {
+impl From<OpenRowError> for RotateError {
+    fn from(error: OpenRowError) -> Self {
         match error {
-            SealedLoginError::Keys(e) => RotateError::Keys(e),
-            SealedLoginError::Integrity { row, what } => RotateError::Integrity { row, what },
+            OpenRowError::Keys(e) => RotateError::Keys(e),
+            OpenRowError::Integrity { row, error } => RotateError::Integrity { row, error },
         }
     }
 }
@@ -185,7 +195,7 @@ pub async fn data_keys<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let mut targets = Targets::new(pool, options.data_key_max_records).await?;
-    let mut sealers = Keys::default();
+    let mut sealers = KeyCache::default();
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
               + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
@@ -228,7 +238,7 @@ pub async fn token_key<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let target = keyring.active_tokenizer().await?;
-    let mut keys = Keys::default();
+    let mut keys = KeyCache::default();
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
             .bind(&retiring)
@@ -384,7 +394,7 @@ impl Targets {
 
 async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
@@ -403,8 +413,7 @@ async fn reseal_logins<W: KeyWrapper>(
             let target = targets
                 .room_for(walk.keyring, Some(row.create_date), 2)
                 .await?;
-            let place =
-                |field| crate::ingest::batch::login_place(field, &row.message_id, &row.user_id);
+            let place = |field| login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
             key_ids.push(target.key_id());
             ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));
@@ -432,19 +441,18 @@ async fn reseal_logins<W: KeyWrapper>(
 
 async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     targets: &mut Targets,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
-    let select = "SELECT id, message_id, data_key_id, sealed_body
-         FROM vault_quarantine_page('reseal', $1, $2, $3)";
+    let select = quarantine_page("reseal");
     // A body stays in the window its old key served (its month when it was quarantined).
-    let windows: Vec<(i64, Option<Date>)> =
+    let windows: Vec<(KeyId, Option<Date>)> =
         sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
             .bind(walk.retiring)
             .fetch_all(walk.pool)
             .await?;
-    let window_of = |key: i64| {
+    let window_of = |key: KeyId| {
         windows
             .iter()
             .find(|(id, _)| *id == key)
@@ -452,26 +460,18 @@ async fn reseal_quarantine<W: KeyWrapper>(
     };
     let mut after = 0;
     while let Some((mut tx, rows)) = walk
-        .page(select, &mut after, |row: &(i64, String, i64, Vec<u8>)| {
-            row.0
-        })
+        .page(&select, &mut after, |row: &SealedBody| row.id)
         .await?
     {
         let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
-        for (id, message_id, key, sealed) in &rows {
-            let place = quarantine_place(message_id);
-            let body = keys
-                .sealer(walk.keyring, *key, None)
-                .await?
-                .open(&place, sealed)
-                .map_err(|e| RotateError::Integrity {
-                    row: format!("quarantine {id} (message {message_id})"),
-                    what: e.to_string(),
-                })?;
-            let target = targets.room_for(walk.keyring, window_of(*key), 1).await?;
-            ids.push(*id);
+        for row in &rows {
+            let body = row.open(walk.keyring, keys).await?;
+            let target = targets
+                .room_for(walk.keyring, window_of(row.data_key_id), 1)
+                .await?;
+            ids.push(row.id);
             key_ids.push(target.key_id());
-            bodies.push(target.seal(&place, &body));
+            bodies.push(target.seal(&quarantine_place(&row.message_id), &body));
         }
         sqlx::query(
             "UPDATE quarantine q SET data_key_id = u.data_key_id, sealed_body = u.sealed_body
@@ -491,7 +491,7 @@ async fn reseal_quarantine<W: KeyWrapper>(
 
 async fn retokenize<W: KeyWrapper>(
     walk: &Walk<'_, W>,
-    keys: &mut Keys,
+    keys: &mut KeyCache,
     target: &Tokenizer,
     progress: &mut Progress,
 ) -> Result<(), RotateError> {
@@ -512,8 +512,8 @@ async fn retokenize<W: KeyWrapper>(
                 target
                     .token_of(Field::Ip, &ip)
                     .ok_or_else(|| RotateError::Integrity {
-                        row: format!("login {}", row.login_id),
-                        what: "ip: not an address".into(),
+                        row: row.row(),
+                        error: IntegrityError::NotAnAddress,
                     })?;
             let device_token = target.device_id(&device);
             tokens.insert(
@@ -746,9 +746,9 @@ pub async fn add_window<W: KeyWrapper>(
             .fetch_one(pool)
             .await?;
     if stored != kms_key_id {
-        return Err(RotateError::Integrity {
-            row: format!("retention window {month}"),
-            what: format!("already registered with KMS key {stored}"),
+        return Err(RotateError::WindowTaken {
+            month,
+            registered: stored,
         });
     }
     Ok(added)

@@ -13,20 +13,21 @@
 //!    commit it. Only then are the values handed back to be shown; if that record cannot be
 //!    written, nothing is shown.
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::fmt;
 
 use sqlx::PgPool;
 use time::Date;
 use zeroize::Zeroizing;
 
-use crate::ingest::batch::login_place;
+use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
-use crate::vault::seal::Sealer;
-use crate::vault::token::{Field, Tokenizer};
-use crate::vault::{KeyId, WrappedKey};
+use crate::vault::sealed::{
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, open_checked,
+    quarantine_page, rotation_page,
+};
+use crate::vault::token::Field;
+use crate::vault::{KeyId, Purpose, WrappedKey};
 
 /// What the officer asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,23 +89,19 @@ pub enum UnmaskError {
     /// The door refused the request as asked (an unknown purpose, no reason).
     #[error("refused: {0} (the attempt was audited)")]
     Refused(String),
-    #[error(
-        "integrity failure at login {login_id} (message {message_id}): {what}; nothing was revealed"
-    )]
+    #[error("integrity failure at {row}: {error}; nothing was revealed")]
     Integrity {
-        login_id: i64,
-        message_id: String,
-        what: String,
+        row: RowId,
+        #[source]
+        error: IntegrityError,
     },
     /// KMS refused to unwrap a key a door handed out: a wrapped key altered, moved to another
     /// id, or under a disabled or deleted KMS key. Nothing was revealed.
-    #[error(
-        "KMS refused the key of login {login_id} (message {message_id}): {what}; nothing was revealed"
-    )]
+    #[error("KMS refused the key of {row}: {error}; nothing was revealed")]
     KmsRefused {
-        login_id: i64,
-        message_id: String,
-        what: String,
+        row: RowId,
+        #[source]
+        error: KeyringError,
     },
     #[error("keys: {0}")]
     Keys(KeyringError),
@@ -162,10 +159,10 @@ struct HandedOut {
     create_date: Option<Date>,
     masked_ip: Option<String>,
     masked_device_id: Option<String>,
-    token_key_id: Option<i64>,
+    token_key_id: Option<KeyId>,
     token_key_kms: Option<String>,
     token_key_wrapped: Option<Vec<u8>>,
-    data_key_id: Option<i64>,
+    data_key_id: Option<KeyId>,
     data_key_kms: Option<String>,
     data_key_wrapped: Option<Vec<u8>>,
     sealed_ip: Option<Vec<u8>>,
@@ -242,12 +239,12 @@ async fn open_handed_out<W: KeyWrapper>(
     keyring: &Keyring<W>,
     handed: &[HandedOut],
 ) -> Result<Vec<Revealed>, UnmaskError> {
-    let mut keys = Keys::default();
+    let mut keys = KeyCache::default();
     for row in handed {
         let (Some(login_id), Some(message_id)) = (row.login_id, &row.message_id) else {
             continue;
         };
-        let failure = |error| key_failure(login_id, message_id, error);
+        let failure = |error| key_failure(RowId::login(login_id, message_id), error);
         if let (Some(id), Some(key)) = (
             row.token_key_id,
             wrapped(&row.token_key_kms, &row.token_key_wrapped),
@@ -262,13 +259,13 @@ async fn open_handed_out<W: KeyWrapper>(
         ) {
             keys.sealer(keyring, id, Some(&key))
                 .await
-                .map_err(|error| key_failure(login_id, message_id, error))?;
+                .map_err(failure)?;
         }
     }
     handed.iter().map(|row| reveal(row, &keys)).collect()
 }
 
-fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
+fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
     let (Some(login_id), Some(message_id), Some(user_id), Some(token_key_id)) = (
         row.login_id,
         row.message_id.as_deref(),
@@ -277,20 +274,18 @@ fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
     ) else {
         return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
     };
-    let integrity = |what: String| UnmaskError::Integrity {
-        login_id,
-        message_id: message_id.to_owned(),
-        what,
+    let integrity = |error| UnmaskError::Integrity {
+        row: RowId::login(login_id, message_id),
+        error,
     };
+    let not_handed_out = |purpose, id| integrity(IntegrityError::KeyNotHandedOut { purpose, id });
     let tokenizer = keys
-        .tokenizers
-        .get(&token_key_id)
-        .ok_or_else(|| integrity(format!("token key {token_key_id} was not handed out")))?;
+        .opened_tokenizer(token_key_id)
+        .ok_or_else(|| not_handed_out(Purpose::Token, token_key_id))?;
     let sealer = match row.data_key_id {
         Some(id) => Some(
-            keys.sealers
-                .get(&id)
-                .ok_or_else(|| integrity(format!("data key {id} cannot be opened")))?,
+            keys.opened_sealer(id)
+                .ok_or_else(|| not_handed_out(Purpose::Data, id))?,
         ),
         None => None,
     };
@@ -326,184 +321,21 @@ fn reveal(row: &HandedOut, keys: &Keys) -> Result<Revealed, UnmaskError> {
     })
 }
 
-/// Opened keys by id: each unwrapped once (one KMS call per key, whatever the number of rows).
-#[derive(Default)]
-pub(crate) struct Keys {
-    pub sealers: BTreeMap<i64, Sealer>,
-    pub tokenizers: BTreeMap<i64, Tokenizer>,
-}
-
-impl Keys {
-    /// Data key `id`, unwrapped once: from the bytes a door handed out, or else read from the
-    /// key table (the key admin may read it).
-    pub async fn sealer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-        handed_out: Option<&WrappedKey>,
-    ) -> Result<&Sealer, KeyringError> {
-        Ok(match self.sealers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(match handed_out {
-                Some(wrapped) => keyring.sealer_from(KeyId(id), wrapped).await?,
-                None => keyring.sealer(KeyId(id)).await?,
-            }),
-        })
-    }
-
-    /// Token key `id`, unwrapped once, like [`Keys::sealer`].
-    pub async fn tokenizer<W: KeyWrapper>(
-        &mut self,
-        keyring: &Keyring<W>,
-        id: i64,
-        handed_out: Option<&WrappedKey>,
-    ) -> Result<&Tokenizer, KeyringError> {
-        Ok(match self.tokenizers.entry(id) {
-            Entry::Occupied(slot) => slot.into_mut(),
-            Entry::Vacant(slot) => slot.insert(match handed_out {
-                Some(wrapped) => keyring.tokenizer_from(KeyId(id), wrapped).await?,
-                None => keyring.tokenizer(KeyId(id)).await?,
-            }),
-        })
-    }
-}
-
 /// A key that will not unwrap: KMS denying *us* is an authorization problem; anything else
 /// (a corrupted or moved wrapped key, a wrong purpose, a destroyed key) is an integrity one.
-fn key_failure(login_id: i64, message_id: &str, error: KeyringError) -> UnmaskError {
+fn key_failure(row: RowId, error: KeyringError) -> UnmaskError {
     match &error {
         KeyringError::Kms { source, .. } if source.is_access_denied() => {
             UnmaskError::NotAuthorized(error.to_string())
         }
         KeyringError::Kms { source, .. } if source.is_transient() => UnmaskError::Keys(error),
         KeyringError::Database(_) => UnmaskError::Keys(error),
-        KeyringError::Kms { .. } => UnmaskError::KmsRefused {
-            login_id,
-            message_id: message_id.to_owned(),
-            what: error.to_string(),
-        },
+        KeyringError::Kms { .. } => UnmaskError::KmsRefused { row, error },
         _ => UnmaskError::Integrity {
-            login_id,
-            message_id: message_id.to_owned(),
-            what: error.to_string(),
+            row,
+            error: IntegrityError::Key(error),
         },
     }
-}
-
-/// A sealed personal value with what binds it: its place and its stored token.
-pub(crate) struct SealedValue<'a> {
-    pub field: Field,
-    pub message_id: &'a str,
-    pub user_id: &'a str,
-    pub sealed: &'a [u8],
-    pub stored_token: Option<&'a str>,
-}
-
-/// Opens a value at its place and checks it against its token (the key commitment). The error
-/// says what failed, never the value.
-pub(crate) fn open_checked(
-    value: &SealedValue<'_>,
-    sealer: &Sealer,
-    tokenizer: &Tokenizer,
-) -> Result<Zeroizing<String>, String> {
-    let field = value.field.name();
-    let place = login_place(value.field, value.message_id, value.user_id);
-    let opened = sealer
-        .open(&place, value.sealed)
-        .map_err(|e| format!("{field}: {e}"))?;
-    let text =
-        std::str::from_utf8(&opened).map_err(|_| format!("{field}: opened value is not text"))?;
-    let committed = match (tokenizer.token_of(value.field, text), value.stored_token) {
-        (Some(token), Some(stored)) => token.matches(stored),
-        _ => false,
-    };
-    if !committed {
-        return Err(format!(
-            "{field}: the opened value does not match the stored token"
-        ));
-    }
-    Ok(Zeroizing::new(text.to_owned()))
-}
-
-/// A login as the key admin's rotation door hands it out (`vault_rotation_page`): sealed
-/// values are `None` where the user's values were erased.
-#[derive(sqlx::FromRow)]
-pub(crate) struct SealedLogin {
-    pub login_id: i64,
-    pub message_id: String,
-    pub user_id: String,
-    pub create_date: Date,
-    pub masked_ip: Option<String>,
-    pub masked_device_id: Option<String>,
-    pub token_key_id: i64,
-    pub data_key_id: Option<i64>,
-    pub sealed_ip: Option<Vec<u8>>,
-    pub sealed_device_id: Option<Vec<u8>>,
-}
-
-/// The door's page after login `$1` of `$2` rows under keys `$3`, for `operation`.
-pub(crate) fn rotation_page(operation: &str) -> String {
-    format!(
-        "SELECT login_id, message_id, user_id, create_date, masked_ip, masked_device_id,
-                token_key_id, data_key_id, sealed_ip, sealed_device_id
-         FROM vault_rotation_page('{operation}', $1, $2, $3)"
-    )
-}
-
-impl SealedLogin {
-    /// The sealed value of `field`, unless erased.
-    pub fn value(&self, field: Field) -> Option<SealedValue<'_>> {
-        let (sealed, stored_token) = match field {
-            Field::Ip => (&self.sealed_ip, &self.masked_ip),
-            Field::DeviceId => (&self.sealed_device_id, &self.masked_device_id),
-        };
-        Some(SealedValue {
-            field,
-            message_id: &self.message_id,
-            user_id: &self.user_id,
-            sealed: sealed.as_deref()?,
-            stored_token: stored_token.as_deref(),
-        })
-    }
-
-    /// Opens the login's values with their keys, each checked against its token; `None` where
-    /// erased.
-    pub async fn open<W: KeyWrapper>(
-        &self,
-        keyring: &Keyring<W>,
-        keys: &mut Keys,
-    ) -> Result<Option<[Zeroizing<String>; 2]>, SealedLoginError> {
-        let Some(data_key) = self.data_key_id else {
-            return Ok(None);
-        };
-        keys.tokenizer(keyring, self.token_key_id, None).await?;
-        keys.sealer(keyring, data_key, None).await?;
-        let (sealer, tokenizer) = (
-            &keys.sealers[&data_key],
-            &keys.tokenizers[&self.token_key_id],
-        );
-        let open = |field| match self.value(field) {
-            Some(value) => open_checked(&value, sealer, tokenizer).map_err(|what| {
-                SealedLoginError::Integrity {
-                    row: format!("login {} (message {})", self.login_id, self.message_id),
-                    what,
-                }
-            }),
-            None => Err(SealedLoginError::Integrity {
-                row: format!("login {}", self.login_id),
-                what: format!("{}: no sealed value beside a data key", field.name()),
-            }),
-        };
-        Ok(Some([open(Field::Ip)?, open(Field::DeviceId)?]))
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SealedLoginError {
-    #[error("keys: {0}")]
-    Keys(#[from] KeyringError),
-    #[error("row {row} cannot be opened ({what})")]
-    Integrity { row: String, what: String },
 }
 
 /// What `verify_all` opened.
@@ -521,8 +353,8 @@ pub struct Verified {
 pub async fn verify_all<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
-) -> Result<Verified, SealedLoginError> {
-    let mut keys = Keys::default();
+) -> Result<Verified, OpenRowError> {
+    let mut keys = KeyCache::default();
     let mut verified = Verified {
         logins: 0,
         bodies: 0,
@@ -546,33 +378,27 @@ pub async fn verify_all<W: KeyWrapper>(
         }
         verified.logins += rows.len() as u64;
     }
-    let data_keys: Vec<i64> =
+    let data_keys: Vec<KeyId> =
         sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
             .fetch_all(pool)
             .await
             .map_err(KeyringError::Database)?;
     let mut after = 0i64;
+    let page = quarantine_page("verify");
     loop {
-        let bodies: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, message_id, data_key_id, sealed_body FROM vault_quarantine_page('verify', $1, 5000, $2)",
-        )
-        .bind(after)
-        .bind(&data_keys)
-        .fetch_all(pool)
-        .await
-        .map_err(KeyringError::Database)?;
+        let bodies: Vec<SealedBody> = sqlx::query_as(&page)
+            .bind(after)
+            .bind(5_000i64)
+            .bind(&data_keys)
+            .fetch_all(pool)
+            .await
+            .map_err(KeyringError::Database)?;
         let Some(last) = bodies.last() else {
             return Ok(verified);
         };
-        after = last.0;
-        for (id, message_id, key, sealed) in &bodies {
-            keys.sealer(keyring, *key, None)
-                .await?
-                .open(&crate::ingest::batch::quarantine_place(message_id), sealed)
-                .map_err(|e| SealedLoginError::Integrity {
-                    row: format!("quarantine {id} (message {message_id})"),
-                    what: e.to_string(),
-                })?;
+        after = last.id;
+        for body in &bodies {
+            body.open(keyring, &mut keys).await?;
         }
         verified.bodies += bodies.len() as u64;
     }

@@ -12,14 +12,9 @@ use super::source::{Message, Receipt};
 use crate::event::{self, LoginEvent};
 use crate::vault::KeyId;
 use crate::vault::erasure::ErasedUsers;
-use crate::vault::seal::{Place, Sealer};
+use crate::vault::place::{login_place, quarantine_place};
+use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Token, Tokenizer};
-
-/// The table whose rows the sealed personal fields belong to (part of the associated data).
-pub const LOGINS_TABLE: &str = "user_logins";
-/// The table whose rows sealed bodies belong to (part of the associated data).
-pub const QUARANTINE_TABLE: &str = "quarantine";
-pub const BODY_FIELD: &str = "body";
 
 /// A valid login, ready for `user_logins` and `login_vault`.
 #[derive(Debug)]
@@ -201,26 +196,6 @@ fn user_id_in(body: &[u8]) -> Option<String> {
         .map(|named| named.user_id)
 }
 
-/// Where a login's personal field is sealed.
-pub fn login_place<'a>(field: Field, message_id: &'a str, user_id: &'a str) -> Place<'a> {
-    Place {
-        table: LOGINS_TABLE,
-        field: field.name(),
-        message_id,
-        user_id,
-    }
-}
-
-/// Where a quarantined body is sealed (its user is unknown).
-pub fn quarantine_place(message_id: &str) -> Place<'_> {
-    Place {
-        table: QUARANTINE_TABLE,
-        field: BODY_FIELD,
-        message_id,
-        user_id: "",
-    }
-}
-
 fn login_row(
     message_id: &str,
     sent_at: Option<OffsetDateTime>,
@@ -260,7 +235,7 @@ fn login_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::seal::associated_data;
+    use crate::vault::seal::{Place, associated_data};
     use crate::vault::testing::{self, bytes, hex, int, key, key_from_hex, text};
 
     fn message(id: &str, body: &str, receipt: &str) -> Message {

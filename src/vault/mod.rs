@@ -9,17 +9,24 @@
 //! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
+//! - [`key_cache`]: keys opened once each, by id, for a reveal, a verification or a rotation.
 //! - [`retention`]: retention windows: the KMS key behind a login month's data keys.
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
+//! - [`place`]: the places values are sealed for (a login's fields, a quarantined body).
+//! - [`sealed`]: sealed values as the doors hand them out, opened at their place and checked
+//!   against their token (the key commitment), with typed integrity errors.
 //!
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
 pub mod erasure;
+pub mod key_cache;
 pub mod keyring;
 pub mod kms;
+pub mod place;
 pub mod retention;
 pub mod seal;
+pub mod sealed;
 pub mod token;
 
 use std::collections::HashMap;

@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{self, TestEnv, sample_bodies};
-use pii_vault::ingest::batch::login_place;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource, probe};
 use pii_vault::synth::Generator;
 use pii_vault::vault::KeyId;
+use pii_vault::vault::place::login_place;
 use pii_vault::vault::token::Field;
 
 #[derive(sqlx::FromRow)]
