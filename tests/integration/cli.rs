@@ -247,7 +247,12 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
     let file = sample("sample_data.jsonl");
-    let first = env.run_binary(INGEST, &["--from-file", &file]);
+    let first = common::output_of(
+        std::process::Command::new(INGEST)
+            .args(["--from-file", &file])
+            .envs(env.binary_env())
+            .env("RUST_LOG", "info"),
+    );
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(
         stdout(&first).contains("stored=99 quarantined=1"),
@@ -260,8 +265,17 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
         "{}",
         stderr(&first)
     );
-    let replay = env.run_binary(INGEST, &["--from-file", &file, "--batch-size", "7"]);
-    assert!(stderr(&replay).contains("writers=3 batch_size=7"), "{}", stderr(&replay));
+    let replay = common::output_of(
+        std::process::Command::new(INGEST)
+            .args(["--from-file", &file, "--batch-size", "7"])
+            .envs(env.binary_env())
+            .env("RUST_LOG", "info"),
+    );
+    assert!(
+        stderr(&replay).contains("writers=3 batch_size=7"),
+        "{}",
+        stderr(&replay)
+    );
     assert!(replay.status.success(), "{}", stderr(&replay));
     assert!(
         stdout(&replay).contains("stored=0 quarantined=0 duplicates=100"),
