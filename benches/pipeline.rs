@@ -63,16 +63,17 @@ fn peak_rss_mib() -> f64 {
     kib / 1024.0
 }
 
-/// The pipeline's settings: `--writers W` (default 3) and `--batch-size B` (default 1,000)
-/// override the tuned defaults, to compare.
+/// The pipeline's settings: a file's, as `ingest --from-file` uses them; `--writers W` and
+/// `--batch-size B` override them, to compare.
 fn settings() -> Settings {
+    let file = Settings::for_file();
     Settings {
         pollers: 1,
-        writers: common::bench_arg("--writers", 3) as usize,
-        batch_size: common::bench_arg("--batch-size", 1_000) as usize,
+        writers: common::bench_arg("--writers", file.writers as u64) as usize,
+        batch_size: common::bench_arg("--batch-size", file.batch_size as u64) as usize,
         flush_interval: Duration::from_millis(50),
         drain: true,
-        ..Settings::default()
+        ..file
     }
 }
 

@@ -81,8 +81,8 @@ impl Settings {
     /// once; bigger ones and one more writer keep PostgreSQL busy (README.md, "Performance").
     pub fn for_file() -> Self {
         Self {
-            writers: 3,
-            batch_size: 2_000,
+            writers: 4,
+            batch_size: 4_000,
             ..Self::default()
         }
     }

@@ -261,7 +261,7 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
     );
     // A file's own defaults: bigger batches and one more writer than from a queue.
     assert!(
-        stderr(&first).contains("writers=3 batch_size=2000"),
+        stderr(&first).contains("writers=4 batch_size=4000"),
         "{}",
         stderr(&first)
     );
@@ -272,7 +272,7 @@ async fn from_file_ingests_a_backfill_and_a_replay_adds_nothing() {
             .env("RUST_LOG", "info"),
     );
     assert!(
-        stderr(&replay).contains("writers=3 batch_size=7"),
+        stderr(&replay).contains("writers=4 batch_size=7"),
         "{}",
         stderr(&replay)
     );

@@ -52,7 +52,7 @@ struct Args {
     /// stable, so a replay adds nothing [default: the file's absolute path, or `stdin`].
     #[arg(long, requires = "from_file")]
     source_id: Option<String>,
-    /// Most messages per database transaction [default: 500 from SQS, 2000 from a file].
+    /// Most messages per database transaction [default: 500 from SQS, 4000 from a file].
     #[arg(long, env = "INGEST_BATCH_SIZE",
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: Option<u32>,
@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, env = "INGEST_POLLERS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pollers: u32,
-    /// Concurrent database writers (connections) [default: 2 from SQS, 3 from a file].
+    /// Concurrent database writers (connections) [default: 2 from SQS, 4 from a file].
     #[arg(long, env = "INGEST_WRITERS",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     writers: Option<u32>,
