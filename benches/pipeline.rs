@@ -256,7 +256,7 @@ async fn main() {
     {
         let mut logins = BufWriter::new(std::fs::File::create(&logins_copy).unwrap());
         let mut vault = BufWriter::new(std::fs::File::create(&vault_copy).unwrap());
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hex = |bytes: &[u8]| hex::encode(bytes);
         let today = time::OffsetDateTime::now_utc().date();
         let mut login_id = 0u64;
         for (line, body) in BufReader::new(std::fs::File::open(&input).unwrap())
@@ -269,14 +269,7 @@ async fn main() {
             };
             login_id += 1;
             let message_id = line_id("copy", line as u64 + 1);
-            let ip = sealer.seal(
-                &login_place(Field::Ip, &message_id, &login.user_id),
-                login.ip.as_bytes(),
-            );
-            let device = sealer.seal(
-                &login_place(Field::DeviceId, &message_id, &login.user_id),
-                login.device_id.as_bytes(),
-            );
+            let (ip, device) = seal_login(&sealer, &message_id, &login);
             writeln!(
                 logins,
                 "{}\t{}\t{}\t{}\t{}\t{}\t{today}\t{message_id}\t{}\t{}",
@@ -399,6 +392,24 @@ async fn main() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A login's ip and device id sealed as the pipeline seals them.
+fn seal_login(
+    sealer: &pii_vault::vault::seal::Sealer,
+    message_id: &str,
+    login: &event::LoginEvent<'_>,
+) -> (Vec<u8>, Vec<u8>) {
+    let seal = |field, value: &str| {
+        sealer.seal(
+            &login_place(field, message_id, &login.user_id),
+            value.as_bytes(),
+        )
+    };
+    (
+        seal(Field::Ip, &login.ip),
+        seal(Field::DeviceId, &login.device_id),
+    )
+}
+
 /// Checkpoints the server has made so far.
 async fn checkpoints(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
@@ -455,14 +466,7 @@ async fn seed_design(input: &std::path::Path, logins: u64) -> f64 {
             continue;
         };
         let message_id = line_id("seed", line as u64 + 1);
-        let ip = sealer.seal(
-            &login_place(Field::Ip, &message_id, &login.user_id),
-            login.ip.as_bytes(),
-        );
-        let device = sealer.seal(
-            &login_place(Field::DeviceId, &message_id, &login.user_id),
-            login.device_id.as_bytes(),
-        );
+        let (ip, device) = seal_login(&sealer, &message_id, &login);
         let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale,

@@ -155,6 +155,23 @@ pub fn print_error(error: &anyhow::Error) {
     eprintln!("error: {}", one_line(error));
 }
 
+/// Bad arguments or configuration, said in one line: exit code 2 in every binary.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Checks a binary's parsed arguments into its configuration; a bad one is printed as one
+/// line, and the exit code to end with (2) is returned instead.
+pub fn configure<Args, Config>(args: Args) -> Result<Config, std::process::ExitCode>
+where
+    Config: TryFrom<Args, Error = UsageError>,
+{
+    Config::try_from(args).map_err(|usage| {
+        print_error(&usage.into());
+        std::process::ExitCode::from(2)
+    })
+}
+
 /// `outer: cause: root cause`, skipping causes whose text the outer message already includes.
 pub fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();

@@ -110,16 +110,10 @@ pub enum UnmaskError {
 }
 
 impl UnmaskError {
-    /// The exit code `unmask` ends with: 2 refused as asked, 3 not authorized, 4 integrity
-    /// failure, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            UnmaskError::Refused(_) => 2,
-            UnmaskError::NotAuthorized(_) => 3,
-            UnmaskError::Integrity { .. } | UnmaskError::KmsRefused { .. } => 4,
-            UnmaskError::Database(e) if is_permission_denied(e) => 3,
-            _ => 1,
-        }
+    /// The database refused this login the door or a table (SQLSTATE 42501): a role that
+    /// is not the compliance officer's.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, UnmaskError::Database(e) if is_permission_denied(e))
     }
 
     /// What the audit records as the outcome of a hand-out that ended in this error.

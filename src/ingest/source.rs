@@ -54,37 +54,29 @@ impl MessageKey {
     /// The key of a UUID in canonical text form, `None` for any other text.
     pub fn parse_canonical(id: &str) -> Option<MessageKey> {
         let text = id.as_bytes();
-        if text.len() != 36 || [8, 13, 18, 23].iter().any(|&at| text[at] != b'-') {
+        let hyphens_in_place =
+            text.len() == 36 && [8, 13, 18, 23].iter().all(|&at| text[at] == b'-');
+        if !hyphens_in_place || text.iter().any(u8::is_ascii_uppercase) {
             return None;
         }
-        let mut digits = text.iter().filter(|&&b| b != b'-');
+        let digits: Vec<u8> = text.iter().copied().filter(|&b| b != b'-').collect();
         let mut key = [0; 16];
-        for byte in &mut key {
-            let high = lowercase_hex_value(*digits.next()?)?;
-            let low = lowercase_hex_value(*digits.next()?)?;
-            *byte = high << 4 | low;
-        }
+        hex::decode_to_slice(digits, &mut key).ok()?;
         Some(MessageKey(key))
     }
 
     /// The key's canonical UUID text, as PostgreSQL prints a uuid.
     pub fn to_text(self) -> String {
-        let mut text = String::with_capacity(36);
-        for (i, byte) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                text.push('-');
-            }
-            text.push_str(&format!("{byte:02x}"));
-        }
-        text
-    }
-}
-
-fn lowercase_hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
+        let digits = hex::encode(self.0);
+        let group = |range: std::ops::Range<usize>| &digits[range];
+        [
+            group(0..8),
+            group(8..12),
+            group(12..16),
+            group(16..20),
+            group(20..32),
+        ]
+        .join("-")
     }
 }
 

@@ -135,15 +135,6 @@ pub struct WrappedKey {
     pub kms_key_id: String,
 }
 
-/// Lowercase hex, used for tokens.
-pub(crate) fn hex_encode(bytes: &[u8], out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0x0f)];
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
@@ -189,18 +180,12 @@ pub(crate) mod testing {
         unhex(text(vector, field))
     }
 
-    pub fn unhex(hex: &str) -> Vec<u8> {
-        assert!(hex.len() % 2 == 0, "odd-length hex {hex:?}");
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
-            .collect()
+    pub fn unhex(text: &str) -> Vec<u8> {
+        hex::decode(text).unwrap_or_else(|e| panic!("{text:?} is not hex: {e}"))
     }
 
     pub fn hex(bytes: &[u8]) -> String {
-        let mut out = vec![0u8; bytes.len() * 2];
-        hex_encode(bytes, &mut out);
-        String::from_utf8(out).expect("hex is ASCII")
+        hex::encode(bytes)
     }
 }
 

@@ -77,7 +77,7 @@ impl Sealer {
         // The thread's ChaCha12 generator, seeded and periodically reseeded from the OS: a
         // nonce need only be unpredictable and unlikely to repeat, not a system call each.
         let mut nonce = Nonce::default();
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
         self.seal_with_nonce(&nonce, place, plaintext)
     }
 

@@ -16,7 +16,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::{KEY_LEN, KeyId, SecretKey, hex_encode};
+use super::{KEY_LEN, KeyId, SecretKey};
 use crate::event::{canonical_device_id, canonical_ip};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -173,7 +173,7 @@ fn mac(keyed: &HmacSha256, message: &[u8]) -> Token {
     mac.update(message);
     let digest = mac.finalize().into_bytes();
     let mut token = [0u8; TOKEN_LEN];
-    hex_encode(&digest, &mut token);
+    hex::encode_to_slice(digest, &mut token).expect("a 32-byte MAC is 64 hex digits");
     Token(token)
 }
 
@@ -238,7 +238,7 @@ mod tests {
         let value = "593-47-5928";
         let plain = sha2::Sha256::digest(value.as_bytes());
         let mut plain_hex = [0u8; 64];
-        hex_encode(&plain, &mut plain_hex);
+        hex::encode_to_slice(plain, &mut plain_hex).unwrap();
         assert_ne!(tokenizer(1).device_id(value).0, plain_hex);
     }
 

@@ -446,7 +446,7 @@ fn forms_of(value: &str) -> Vec<String> {
         format!("\\\"{value}\\\""),
         value.to_owned(),
         value.trim().to_owned(),
-        value.bytes().map(|b| format!("{b:02x}")).collect(),
+        hex::encode(value),
         base64(value.as_bytes()),
     ];
     if let Ok(ip) = value.parse::<std::net::IpAddr>() {
@@ -618,7 +618,7 @@ async fn the_most_verbose_logs_of_every_binary_hold_no_personal_value_and_no_key
             .plaintext
             .unwrap()
             .into_inner();
-        let hex: String = plaintext.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(&plaintext);
         let decimal = format!("{:?}", &plaintext[..8]);
         let decimal = decimal.trim_end_matches(']');
         for form in [

@@ -867,19 +867,8 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
         .lines()
         .map(str::to_owned)
         .collect();
-    let messages = lines
-        .iter()
-        .enumerate()
-        .map(|(i, body)| Message {
-            id: format!("legacy:{}", i + 1),
-            body: body.clone().into_bytes(),
-            sent_at: None,
-            receipt: Receipt(String::new()),
-            read_at: std::time::Instant::now(),
-        })
-        .collect();
-    let erased = pii_vault::vault::erasure::ErasedUsers::default();
-    let batch = pii_vault::ingest::batch::build(messages, &tokenizer, &sealer, &erased, false);
+    let ids = (1..=lines.len()).map(|n| format!("legacy:{n}"));
+    let batch = batch_of(ids.zip(&lines), &tokenizer, &sealer);
     assert_eq!(batch.logins.len(), 99);
     for row in &batch.logins {
         let personal = row.personal.as_ref().unwrap();
@@ -953,19 +942,11 @@ async fn a_writer_that_loses_a_race_for_a_message_stores_the_rest_when_written_a
         "7c9d2f10-88aa-4e0b-b1c2-d3e4f5a6b7c8",
     ];
     let bodies = sample_bodies();
-    let messages = ids
-        .iter()
-        .zip(&bodies)
-        .map(|(id, body)| Message {
-            id: (*id).to_owned(),
-            body: body.clone().into_bytes(),
-            sent_at: None,
-            receipt: Receipt(String::new()),
-            read_at: std::time::Instant::now(),
-        })
-        .collect();
-    let erased = pii_vault::vault::erasure::ErasedUsers::default();
-    let batch = pii_vault::ingest::batch::build(messages, &tokenizer, &sealer, &erased, false);
+    let batch = batch_of(
+        ids.map(str::to_owned).iter().cloned().zip(&bodies),
+        &tokenizer,
+        &sealer,
+    );
     assert_eq!(batch.logins.len(), 2);
 
     // The rival has the second message in the index, uncommitted.
@@ -1020,4 +1001,23 @@ async fn a_writer_that_loses_a_race_for_a_message_stores_the_rest_when_written_a
     assert_eq!(owners.len(), 2);
     assert!(owners.contains(&"rival".to_owned()));
     env.cleanup().await;
+}
+
+/// `(id, body)` pairs as a source would hand them out, made into one batch as ingest makes it.
+fn batch_of<'a>(
+    messages: impl Iterator<Item = (String, &'a String)>,
+    tokenizer: &pii_vault::vault::token::Tokenizer,
+    sealer: &pii_vault::vault::seal::Sealer,
+) -> pii_vault::ingest::batch::Batch {
+    let messages = messages
+        .map(|(id, body)| Message {
+            id,
+            body: body.clone().into_bytes(),
+            sent_at: None,
+            receipt: Receipt(String::new()),
+            read_at: std::time::Instant::now(),
+        })
+        .collect();
+    let erased = pii_vault::vault::erasure::ErasedUsers::default();
+    pii_vault::ingest::batch::build(messages, tokenizer, sealer, &erased, false)
 }

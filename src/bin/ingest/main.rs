@@ -11,7 +11,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
@@ -99,11 +99,6 @@ struct Args {
     #[arg(long, env = "INGEST_SHUTDOWN_DEADLINE", default_value_t = 30)]
     shutdown_deadline: u64,
 }
-
-/// Bad arguments or configuration, said in one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
 
 /// `Args`, checked and resolved: what a run needs.
 struct Config {
@@ -195,11 +190,11 @@ impl TryFrom<Args> for Config {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let result = match Config::try_from(args) {
-        Ok(config) => run(config).await,
-        Err(usage) => Err(usage.into()),
+    let config: Config = match cli::configure(args) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
-    match result {
+    match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             cli::print_error(&error);

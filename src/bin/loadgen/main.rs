@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use pii_vault::cli::{self, LoggingArgs, SqsArgs};
+use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
 use pii_vault::synth::Generator;
@@ -47,11 +47,6 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=256))]
     concurrency: u32,
 }
-
-/// Bad arguments, said in one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
 
 /// `Args`, checked: what a run needs.
 struct Config {
@@ -105,12 +100,9 @@ impl TryFrom<Args> for Config {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config = match Config::try_from(args) {
+    let config: Config = match cli::configure(args) {
         Ok(config) => config,
-        Err(usage) => {
-            cli::print_error(&usage.into());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,

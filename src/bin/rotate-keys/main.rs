@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
@@ -134,11 +134,6 @@ impl RotationArgs {
     }
 }
 
-/// Bad arguments, said in one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
-
 /// `Args`, checked and resolved: what a run needs.
 struct Config {
     database_url: String,
@@ -242,12 +237,9 @@ impl TryFrom<Args> for Config {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config = match Config::try_from(args) {
+    let config: Config = match cli::configure(args) {
         Ok(config) => config,
-        Err(usage) => {
-            cli::print_error(&usage.into());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use pii_vault::audit::{self, CheckpointKey, VerifyError};
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs};
+use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
@@ -120,11 +120,6 @@ enum Format {
     Csv,
 }
 
-/// Bad arguments, said in one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
-
 /// `Args`, checked and resolved: what a run needs.
 struct Config {
     database_url: String,
@@ -160,7 +155,8 @@ impl TryFrom<Args> for Config {
                 signing,
                 expect_head: expect_head
                     .map(|text| {
-                        unhex(&text)
+                        hex::decode(&text)
+                            .ok()
                             .filter(|b| b.len() == 32)
                             .ok_or_else(|| UsageError("--expect-head takes 64 hex digits".into()))
                     })
@@ -236,12 +232,9 @@ fn request(
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config = match Config::try_from(args) {
+    let config: Config = match cli::configure(args) {
         Ok(config) => config,
-        Err(usage) => {
-            cli::print_error(&usage.into());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match run(config).await {
         Ok(code) => code,
@@ -256,7 +249,13 @@ async fn main() -> ExitCode {
 /// not authorized, 4 integrity failure), 4 for an audit found tampered with, 1 otherwise.
 fn exit_code(error: &anyhow::Error) -> u8 {
     if let Some(e) = error.downcast_ref::<UnmaskError>() {
-        e.exit_code()
+        match e {
+            UnmaskError::Refused(_) => 2,
+            UnmaskError::NotAuthorized(_) => 3,
+            UnmaskError::Integrity { .. } | UnmaskError::KmsRefused { .. } => 4,
+            e if e.is_permission_denied() => 3,
+            _ => 1,
+        }
     } else if let Some(VerifyError::Broken(_)) = error.downcast_ref::<VerifyError>() {
         4
     } else {
@@ -280,7 +279,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
                     "checkpoint {} signed: audit row {}, head {}",
                     checkpoint.id,
                     checkpoint.last_audit_id,
-                    hex(&checkpoint.head_hash)
+                    hex::encode(&checkpoint.head_hash)
                 ),
                 None => println!("the audit is empty; nothing to sign"),
             }
@@ -354,21 +353,7 @@ async fn verify_audit(
         "audit intact: {} rows, {} signed checkpoints, head {}",
         intact.rows,
         intact.checkpoints,
-        hex(&intact.head)
+        hex::encode(intact.head)
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
