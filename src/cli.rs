@@ -160,16 +160,33 @@ pub fn print_error(error: &anyhow::Error) {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Checks a binary's parsed arguments into its configuration; a bad one is printed as one
-/// line, and the exit code to end with (2) is returned instead.
-pub fn configure<Args, Config>(args: Args) -> Result<Config, std::process::ExitCode>
+/// A binary's life after parsing: its arguments checked into its configuration (a bad one
+/// is one line and exit code 2), then `run`; a failure is printed as one line and ends with
+/// the code the binary's own `exit_code` gives it.
+pub async fn main<Args, Config, Run, Done>(
+    args: Args,
+    run: impl FnOnce(Config) -> Run,
+    exit_code: impl FnOnce(&anyhow::Error) -> u8,
+) -> std::process::ExitCode
 where
     Config: TryFrom<Args, Error = UsageError>,
+    Run: std::future::Future<Output = anyhow::Result<Done>>,
+    Done: std::process::Termination,
 {
-    Config::try_from(args).map_err(|usage| {
-        print_error(&usage.into());
-        std::process::ExitCode::from(2)
-    })
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(usage) => {
+            print_error(&usage.into());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(done) => done.report(),
+        Err(error) => {
+            print_error(&error);
+            std::process::ExitCode::from(exit_code(&error))
+        }
+    }
 }
 
 /// `outer: cause: root cause`, skipping causes whose text the outer message already includes.

@@ -190,17 +190,7 @@ impl TryFrom<Args> for Config {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config: Config = match cli::configure(args) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            cli::print_error(&error);
-            ExitCode::from(exit_code(&error))
-        }
-    }
+    cli::main(args, run, exit_code).await
 }
 
 /// Exit codes: 2 bad arguments or configuration (a taken `--metrics-addr` included), 1 any

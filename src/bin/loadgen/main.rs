@@ -100,17 +100,7 @@ impl TryFrom<Args> for Config {
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config: Config = match cli::configure(args) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            cli::print_error(&error);
-            ExitCode::FAILURE
-        }
-    }
+    cli::main(args, run, |_| 1).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

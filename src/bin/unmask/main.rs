@@ -232,17 +232,7 @@ fn request(
 async fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(&args.logging);
-    let config: Config = match cli::configure(args) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    match run(config).await {
-        Ok(code) => code,
-        Err(error) => {
-            cli::print_error(&error);
-            ExitCode::from(exit_code(&error))
-        }
-    }
+    cli::main(args, run, exit_code).await
 }
 
 /// The exit code of a failed run (see the `--help`): the reveal's own (2 refused as asked, 3
