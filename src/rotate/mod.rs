@@ -19,7 +19,7 @@
 //! - this file: the entry points of the two rotations ([`data_keys`], [`token_key`]), their
 //!   options, report and errors;
 //! - `walk`: the walk over the rows under the retiring keys, a page at a time through the key
-//!   admin's doors, with its progress;
+//!   admin's doors, with its [`Progress`] told to the caller (the library prints nothing);
 //! - `reseal`: what is done to each page: values re-sealed under new data keys (a fresh one
 //!   whenever one is full), tokens recomputed under the new token key;
 //! - `admin`: key states (retiring, retired, destroyed), re-wrapping under another KMS key,
@@ -48,7 +48,7 @@ pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
 
 use admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retiring_keys};
 use reseal::{Targets, reseal_logins, reseal_quarantine, retokenize};
-use walk::{Progress, Walk};
+use walk::{Tally, Walk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
@@ -121,12 +121,30 @@ impl Report {
     }
 }
 
+/// How far a rotation is: told to whoever runs it (`rotate-keys` redraws a line on a terminal,
+/// or logs one every few seconds); the library itself prints nothing.
+pub trait Progress: Sync {
+    /// `done` rows rewritten so far, of the `total` under the retiring keys when the rotation
+    /// began (rows an ingester writes under them meanwhile can take `done` past it, and a row
+    /// rewritten on two passes counts twice). Called after every page.
+    fn advance(&self, done: u64, total: u64);
+    /// The last pass is over: `done` of `total`. Called once, before retired keys are dropped.
+    fn finish(&self, done: u64, total: u64);
+}
+
+/// Progress nobody watches.
+impl Progress for () {
+    fn advance(&self, _done: u64, _total: u64) {}
+    fn finish(&self, _done: u64, _total: u64) {}
+}
+
 /// Replaces every data key: all sealed values (logins and quarantined bodies) are re-sealed
 /// under a new one, and the old ones retired.
 pub async fn data_keys<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     options: &Options,
+    progress: &dyn Progress,
 ) -> Result<Report, RotateError> {
     let mut retiring = retiring_keys(pool, "data").await?;
     if retiring.is_empty() {
@@ -152,7 +170,7 @@ pub async fn data_keys<W: KeyWrapper>(
     .bind(&retiring)
     .fetch_one(pool)
     .await?;
-    let mut progress = Progress::new("re-encrypting", total as u64);
+    let mut tally = Tally::new(total as u64, progress);
     let walk = Walk {
         pool,
         keyring,
@@ -161,13 +179,13 @@ pub async fn data_keys<W: KeyWrapper>(
         grace_ends,
     };
     let retired = loop {
-        reseal_logins(&walk, &mut sealers, &mut targets, &mut progress).await?;
-        reseal_quarantine(&walk, &mut sealers, &mut targets, &mut progress).await?;
+        reseal_logins(&walk, &mut sealers, &mut targets, &mut tally).await?;
+        reseal_quarantine(&walk, &mut sealers, &mut targets, &mut tally).await?;
         if let Some(retired) = walk.retire_if_unused(UNUSED_DATA_KEY).await? {
             break retired;
         }
     };
-    walk.finish("data", progress, retired, targets.made).await
+    walk.finish("data", tally, retired, targets.made).await
 }
 
 /// Replaces the token key: every stored token is recomputed from the opened original under a
@@ -177,6 +195,7 @@ pub async fn token_key<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     options: &Options,
+    progress: &dyn Progress,
 ) -> Result<Report, RotateError> {
     let mut retiring = retiring_keys(pool, "token").await?;
     if retiring.is_empty() {
@@ -193,7 +212,7 @@ pub async fn token_key<W: KeyWrapper>(
             .bind(&retiring)
             .fetch_one(pool)
             .await?;
-    let mut progress = Progress::new("re-tokenizing", total as u64);
+    let mut tally = Tally::new(total as u64, progress);
     let walk = Walk {
         pool,
         keyring,
@@ -202,11 +221,11 @@ pub async fn token_key<W: KeyWrapper>(
         grace_ends,
     };
     let retired = loop {
-        retokenize(&walk, &mut keys, &target, &mut progress).await?;
+        retokenize(&walk, &mut keys, &target, &mut tally).await?;
         if let Some(retired) = walk.retire_if_unused(UNUSED_TOKEN_KEY).await? {
             break retired;
         }
     };
-    walk.finish("token", progress, retired, vec![target.key_id()])
+    walk.finish("token", tally, retired, vec![target.key_id()])
         .await
 }

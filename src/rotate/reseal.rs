@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use time::Date;
 
 use super::RotateError;
-use super::walk::{Progress, Walk};
+use super::walk::{Tally, Walk};
 use crate::vault::KeyId;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::Keyring;
@@ -79,7 +79,7 @@ pub(super) async fn reseal_logins<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut KeyCache,
     targets: &mut Targets,
-    progress: &mut Progress,
+    tally: &mut Tally<'_>,
 ) -> Result<(), RotateError> {
     let select = rotation_page("reseal");
     let mut after = 0;
@@ -117,7 +117,7 @@ pub(super) async fn reseal_logins<W: KeyWrapper>(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        progress.advance(rows.len() as u64);
+        tally.advance(rows.len() as u64);
     }
     Ok(())
 }
@@ -126,7 +126,7 @@ pub(super) async fn reseal_quarantine<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut KeyCache,
     targets: &mut Targets,
-    progress: &mut Progress,
+    tally: &mut Tally<'_>,
 ) -> Result<(), RotateError> {
     let select = quarantine_page("reseal");
     // A body stays in the window its old key served (its month when it was quarantined).
@@ -167,7 +167,7 @@ pub(super) async fn reseal_quarantine<W: KeyWrapper>(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        progress.advance(rows.len() as u64);
+        tally.advance(rows.len() as u64);
     }
     Ok(())
 }
@@ -176,7 +176,7 @@ pub(super) async fn retokenize<W: KeyWrapper>(
     walk: &Walk<'_, W>,
     keys: &mut KeyCache,
     target: &Tokenizer,
-    progress: &mut Progress,
+    tally: &mut Tally<'_>,
 ) -> Result<(), RotateError> {
     let select = rotation_page("retokenize");
     let mut after = 0;
@@ -226,7 +226,7 @@ pub(super) async fn retokenize<W: KeyWrapper>(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        progress.advance(rows.len() as u64);
+        tally.advance(rows.len() as u64);
     }
     Ok(())
 }

@@ -1,71 +1,44 @@
 //! The walk over the rows under a rotation's retiring keys, a page at a time through the key
-//! admin's doors, and its progress.
+//! admin's doors, and its progress (told to the caller, never printed).
 
-use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::admin::{destroy_retired, retire_unused};
-use super::{Options, Report, RotateError};
+use super::{Options, Progress, Report, RotateError};
 use crate::vault::KeyId;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 
-/// Rows done out of a total, shown on a terminal or logged every few seconds.
-pub(super) struct Progress {
-    label: &'static str,
+/// Rows rewritten so far out of the total, told to the caller's [`Progress`] after every page.
+pub(super) struct Tally<'a> {
     total: u64,
     done: u64,
     started: Instant,
-    last_shown: Instant,
-    terminal: bool,
+    progress: &'a dyn Progress,
 }
 
-impl Progress {
-    pub(super) fn new(label: &'static str, total: u64) -> Self {
+impl<'a> Tally<'a> {
+    pub(super) fn new(total: u64, progress: &'a dyn Progress) -> Self {
         Self {
-            label,
             total,
             done: 0,
             started: Instant::now(),
-            last_shown: Instant::now(),
-            terminal: std::io::stderr().is_terminal(),
+            progress,
         }
     }
 
     pub(super) fn advance(&mut self, rows: u64) {
         self.done += rows;
-        let every = if self.terminal {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.last_shown.elapsed() >= every {
-            self.show();
-        }
+        self.progress.advance(self.done, self.total);
     }
 
-    fn rate(&self) -> f64 {
-        self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
-    }
-
-    fn show(&mut self) {
-        self.last_shown = Instant::now();
-        let (label, done, total, rate) = (self.label, self.done, self.total, self.rate());
-        if self.terminal {
-            eprint!("\r{label}: {done}/{total} rows ({rate:.0} rows/s)   ");
-        } else {
-            tracing::info!(done, total, rows_per_second = rate as u64, "{label}");
-        }
-    }
-
-    fn finish(mut self) {
-        self.show();
-        if self.terminal {
-            eprintln!();
-        }
+    /// The rows done and when the walk started, once the caller is told it is over.
+    fn finish(self) -> (u64, Instant) {
+        self.progress.finish(self.done, self.total);
+        (self.done, self.started)
     }
 }
 
@@ -129,12 +102,11 @@ impl<W: KeyWrapper> Walk<'_, W> {
     pub(super) async fn finish(
         &self,
         purpose: &str,
-        progress: Progress,
+        tally: Tally<'_>,
         retired: Vec<KeyId>,
         new_keys: Vec<KeyId>,
     ) -> Result<Report, RotateError> {
-        let (rows_rewritten, started) = (progress.done, progress.started);
-        progress.finish();
+        let (rows_rewritten, started) = tally.finish();
         let destroyed = destroy_retired(self.pool, purpose, self.options.destroy_retired).await?;
         Ok(Report {
             started_or_resumed: true,
