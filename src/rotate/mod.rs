@@ -18,10 +18,12 @@
 //! The module's parts:
 //! - this file: the entry points of the two rotations ([`data_keys`], [`token_key`]), their
 //!   options, report and errors;
-//! - `walk`: the walk over the rows under the retiring keys, a page at a time through the key
-//!   admin's doors, with its [`Progress`] told to the caller (the library prints nothing);
-//! - `reseal`: what is done to each page: values re-sealed under new data keys (a fresh one
-//!   whenever one is full), tokens recomputed under the new token key;
+//! - `walk`: the walk over the rows under the retiring keys, page after page and pass after
+//!   pass until no row uses them, with its [`Progress`] told to the caller (the library prints
+//!   nothing); it needs no database, and its unit tests drive it with tables in memory;
+//! - `reseal`: the two rotations over the database: their pages, read through the key
+//!   admin's doors, and what is done to each (values re-sealed under new data keys, a fresh
+//!   one whenever one is full; tokens recomputed under the new token key);
 //! - `admin`: key states (retiring, retired, destroyed), re-wrapping under another KMS key,
 //!   and `status`;
 //! - `erase`: deleting personal data for good through the doors: a user's erasure, and the
@@ -46,9 +48,9 @@ use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
 pub use admin::{KeyStatus, rewrap, status};
 pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
 
-use admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retiring_keys};
-use reseal::{Targets, reseal_logins, reseal_quarantine, retokenize};
-use walk::{Tally, Walk};
+use admin::{destroy_retired, retiring_keys};
+use reseal::{DataKeys, Scope, Targets, TokenKeys};
+use walk::{Tally, until_retired};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
@@ -161,8 +163,7 @@ pub async fn data_keys<W: KeyWrapper>(
         return Ok(Report::default());
     }
     let grace_ends = Instant::now() + options.grace;
-    let mut targets = Targets::new(pool, options.data_key_max_records).await?;
-    let mut sealers = KeyCache::default();
+    let targets = Targets::new(pool, options.data_key_max_records).await?;
     let total: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
               + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
@@ -171,21 +172,18 @@ pub async fn data_keys<W: KeyWrapper>(
     .fetch_one(pool)
     .await?;
     let mut tally = Tally::new(total as u64, progress);
-    let walk = Walk {
-        pool,
-        keyring,
-        retiring: &retiring,
-        options,
-        grace_ends,
+    let mut rotation = DataKeys {
+        scope: Scope {
+            pool,
+            keyring,
+            retiring: &retiring,
+            batch_size: options.batch_size,
+        },
+        keys: KeyCache::default(),
+        targets,
     };
-    let retired = loop {
-        reseal_logins(&walk, &mut sealers, &mut targets, &mut tally).await?;
-        reseal_quarantine(&walk, &mut sealers, &mut targets, &mut tally).await?;
-        if let Some(retired) = walk.retire_if_unused(UNUSED_DATA_KEY).await? {
-            break retired;
-        }
-    };
-    walk.finish("data", tally, retired, targets.made).await
+    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
+    finish(pool, options, "data", tally, retired, rotation.targets.made).await
 }
 
 /// Replaces the token key: every stored token is recomputed from the opened original under a
@@ -206,26 +204,45 @@ pub async fn token_key<W: KeyWrapper>(
     }
     let grace_ends = Instant::now() + options.grace;
     let target = keyring.active_tokenizer().await?;
-    let mut keys = KeyCache::default();
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
             .bind(&retiring)
             .fetch_one(pool)
             .await?;
     let mut tally = Tally::new(total as u64, progress);
-    let walk = Walk {
-        pool,
-        keyring,
-        retiring: &retiring,
-        options,
-        grace_ends,
+    let new_key = target.key_id();
+    let mut rotation = TokenKeys {
+        scope: Scope {
+            pool,
+            keyring,
+            retiring: &retiring,
+            batch_size: options.batch_size,
+        },
+        keys: KeyCache::default(),
+        target,
     };
-    let retired = loop {
-        retokenize(&walk, &mut keys, &target, &mut tally).await?;
-        if let Some(retired) = walk.retire_if_unused(UNUSED_TOKEN_KEY).await? {
-            break retired;
-        }
-    };
-    walk.finish("token", tally, retired, vec![target.key_id()])
-        .await
+    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
+    finish(pool, options, "token", tally, retired, vec![new_key]).await
+}
+
+/// The report of a finished rotation of `purpose` keys, once the retired keys' bytes are
+/// dropped if asked.
+async fn finish(
+    pool: &PgPool,
+    options: &Options,
+    purpose: &str,
+    tally: Tally<'_>,
+    retired: Vec<KeyId>,
+    new_keys: Vec<KeyId>,
+) -> Result<Report, RotateError> {
+    let (rows_rewritten, started) = tally.finish();
+    let destroyed = destroy_retired(pool, purpose, options.destroy_retired).await?;
+    Ok(Report {
+        started_or_resumed: true,
+        rows_rewritten,
+        seconds: started.elapsed().as_secs_f64(),
+        retired,
+        destroyed,
+        new_keys,
+    })
 }
