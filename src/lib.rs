@@ -22,7 +22,11 @@
 //! - [`unmask`]: audited recovery of original values through the database's door functions,
 //!   and `verify_all` (every stored value opened and checked, revealing nothing);
 //!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints.
-//! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`).
+//! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`): the
+//!   rotations' paged walk (`rotate/walk.rs`, no database: unit-tested in memory), their pages
+//!   through the key admin's doors (`reseal.rs`), key states, re-wrapping and status
+//!   (`admin.rs`), erasure and expiry (`erase.rs`). A rotation's progress goes to the caller's
+//!   [`rotate::Progress`]; the library prints nothing.
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the

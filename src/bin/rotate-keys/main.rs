@@ -1,6 +1,8 @@
 //! `rotate-keys`: schema and key administration. Every command is idempotent and safe to run
 //! from a scheduler: an interrupted run is finished by the next one.
 
+mod progress;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,8 @@ use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
+
+use progress::ProgressLine;
 
 /// Create, rotate, re-wrap and retire pii-vault's keys, online.
 #[derive(Debug, Parser)]
@@ -277,12 +281,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::DataKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::data_keys(&pool, &keyring().await, &options).await?;
+            let report = rotate::data_keys(
+                &pool,
+                &keyring().await,
+                &options,
+                &ProgressLine::new("re-encrypting"),
+            )
+            .await?;
             print_report("data", "re-encrypted", &report);
         }
         Task::TokenKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::token_key(&pool, &keyring().await, &options).await?;
+            let report = rotate::token_key(
+                &pool,
+                &keyring().await,
+                &options,
+                &ProgressLine::new("re-tokenizing"),
+            )
+            .await?;
             print_report("token", "re-tokenized", &report);
         }
         Task::Rewrap { new_kms_key_id } => {

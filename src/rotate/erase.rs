@@ -1,0 +1,277 @@
+//! Deleting personal data for good through the key admin's doors: a user's erasure
+//! (`vault_erase_user`), and the expiry of retention windows (`vault_expire_page`), which
+//! shreds their data keys and schedules their KMS key for deletion.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use time::Date;
+
+use super::RotateError;
+use super::admin::{UNUSED_DATA_KEY, retire_unused};
+use crate::vault::KeyId;
+use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::kms::KeyWrapper;
+use crate::vault::retention::next_month;
+
+/// What an erasure removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// Logins whose sealed values were deleted.
+    pub logins: u64,
+    /// Logins whose tokens were set to NULL (0 with `keep_tokens`).
+    pub tokens: u64,
+    /// Quarantined messages deleted because their body names the user.
+    pub quarantined: u64,
+}
+
+/// Erasure: removes a user's sealed values, tokens (unless `keep_tokens`, a legal hold) and
+/// the quarantined messages that name them, keeping the analytic rows; records the erasure so
+/// that messages sent before it cannot bring the values back; audits it; all in one
+/// transaction (the key admin's door `vault_erase_user`).
+///
+/// The erasure record holds the token of the user id under every token key that is not
+/// destroyed (an ingester may still tokenize with a retiring one), never the id itself.
+pub async fn erase<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    user_id: &str,
+    reason: &str,
+    actor: &str,
+    keep_tokens: bool,
+) -> Result<Erased, RotateError> {
+    let token_keys: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM vault_keys WHERE purpose = 'token' AND state <> 'destroyed' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut tokens = Vec::with_capacity(token_keys.len());
+    for id in &token_keys {
+        tokens.push(
+            keyring
+                .tokenizer(KeyId(*id))
+                .await?
+                .user_id(user_id)
+                .to_string(),
+        );
+    }
+    let (logins, nulled, quarantined): (i64, i64, i64) = sqlx::query_as(
+        "SELECT logins, tokens, quarantined FROM vault_erase_user($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(user_id)
+    .bind(reason)
+    .bind(actor)
+    .bind(keep_tokens)
+    .bind(&token_keys)
+    .bind(&tokens)
+    .fetch_one(pool)
+    .await?;
+    Ok(Erased {
+        logins: logins as u64,
+        tokens: nulled as u64,
+        quarantined: quarantined as u64,
+    })
+}
+
+/// How an expiry runs (`rotate-keys expire`).
+#[derive(Debug, Clone)]
+pub struct Expiry {
+    /// Windows that end on or before this date expire.
+    pub horizon: Date,
+    /// Without it, nothing changes: the plan is reported.
+    pub apply: bool,
+    /// Also set the expired logins' tokens to NULL.
+    pub drop_tokens: bool,
+    /// Logins per transaction.
+    pub batch_size: i64,
+    /// Time given to running ingesters to stop sealing into an expiring window.
+    pub grace: Duration,
+}
+
+/// One window's expiry, planned or done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowExpiry {
+    pub starts: Date,
+    pub ends: Date,
+    /// Logins whose sealed values go (or went), and quarantined bodies, in the plan; rows
+    /// touched, when applied.
+    pub logins: u64,
+    pub quarantined: u64,
+    /// The window's data keys, destroyed when applied.
+    pub data_keys: Vec<i64>,
+    /// The window's KMS key, scheduled for deletion when applied.
+    pub kms_key_id: String,
+    pub applied: bool,
+}
+
+/// Registers the retention window of `month` (its first day): the data keys of logins dated
+/// in it are wrapped under `kms_key_id` from now on. Refuses a month already registered with
+/// another key.
+pub async fn add_window<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    month: Date,
+    kms_key_id: &str,
+) -> Result<bool, RotateError> {
+    keyring
+        .wrapper()
+        .check_key(kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    let added = sqlx::query(
+        "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
+         ON CONFLICT (starts) DO NOTHING",
+    )
+    .bind(month)
+    .bind(next_month(month))
+    .bind(kms_key_id)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    let stored: String =
+        sqlx::query_scalar("SELECT kms_key_id FROM retention_windows WHERE starts = $1")
+            .bind(month)
+            .fetch_one(pool)
+            .await?;
+    if stored != kms_key_id {
+        return Err(RotateError::WindowTaken {
+            month,
+            registered: stored,
+        });
+    }
+    Ok(added)
+}
+
+/// Expires every retention window that ends on or before the horizon: deletes the sealed
+/// values of its logins and its quarantined bodies (pages through the key admin's door, each
+/// audited), retires and destroys its data keys once nothing uses them (under their use lock,
+/// like a rotation), then schedules its KMS key for deletion, which makes the data keys in
+/// every earlier backup impossible to unwrap. Resumable: each step finds what is left.
+pub async fn expire<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    expiry: &Expiry,
+) -> Result<Vec<WindowExpiry>, RotateError> {
+    let due: Vec<(Date, Date, String, String)> = sqlx::query_as(
+        "SELECT starts, ends, kms_key_id, state FROM retention_windows
+         WHERE ends <= $1 AND state <> 'expired' ORDER BY starts",
+    )
+    .bind(expiry.horizon)
+    .fetch_all(pool)
+    .await?;
+    let mut report = Vec::with_capacity(due.len());
+    for (starts, ends, kms_key_id, state) in due {
+        let keys = window_keys(pool, starts).await?;
+        let (logins, quarantined): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM user_logins l JOIN login_vault v ON v.login_id = l.id
+                     WHERE l.create_date >= $1 AND l.create_date < $2),
+                    (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($3))",
+        )
+        .bind(starts)
+        .bind(ends)
+        .bind(&keys)
+        .fetch_one(pool)
+        .await?;
+        let mut window = WindowExpiry {
+            starts,
+            ends,
+            logins: logins as u64,
+            quarantined: quarantined as u64,
+            data_keys: keys,
+            kms_key_id,
+            applied: false,
+        };
+        if expiry.apply {
+            expire_window(pool, keyring, expiry, &mut window, state == "active").await?;
+        }
+        report.push(window);
+    }
+    Ok(report)
+}
+
+async fn window_keys(pool: &PgPool, starts: Date) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM vault_keys WHERE window_starts = $1 AND state <> 'destroyed' ORDER BY id",
+    )
+    .bind(starts)
+    .fetch_all(pool)
+    .await
+}
+
+async fn expire_window<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    expiry: &Expiry,
+    window: &mut WindowExpiry,
+    first_run: bool,
+) -> Result<(), RotateError> {
+    let starts = window.starts;
+    // Ingesters stop sealing into it once they see it expiring (within their
+    // --key-check-seconds); what they write meanwhile is caught by the passes below.
+    sqlx::query(
+        "UPDATE retention_windows SET state = 'expiring' WHERE starts = $1 AND state = 'active'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE vault_keys SET state = 'retiring' WHERE window_starts = $1 AND state = 'active'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    if first_run {
+        tokio::time::sleep(expiry.grace).await;
+    }
+    loop {
+        let keys = window_keys(pool, starts).await?;
+        let mut after = 0i64;
+        loop {
+            let (_, walked_to): (i64, Option<i64>) =
+                sqlx::query_as("SELECT * FROM vault_expire_page($1, $2, $3, $4, $5, $6)")
+                    .bind(starts)
+                    .bind(window.ends)
+                    .bind(after)
+                    .bind(expiry.batch_size)
+                    .bind(expiry.drop_tokens)
+                    .bind(&keys)
+                    .fetch_one(pool)
+                    .await?;
+            match walked_to {
+                Some(id) => after = id,
+                None => break,
+            }
+        }
+        let live: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE window_starts = $1 AND state IN ('active', 'retiring')",
+        )
+        .bind(starts)
+        .fetch_all(pool)
+        .await?;
+        if live.is_empty() || retire_unused(pool, &live, UNUSED_DATA_KEY).await?.is_some() {
+            break;
+        }
+    }
+    sqlx::query(
+        "UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL
+         WHERE window_starts = $1 AND state = 'retired'",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    keyring
+        .wrapper()
+        .schedule_deletion(&window.kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    sqlx::query(
+        "UPDATE retention_windows SET state = 'expired', expired_at = now() WHERE starts = $1",
+    )
+    .bind(starts)
+    .execute(pool)
+    .await?;
+    window.applied = true;
+    tracing::info!(window = %starts, "retention window expired");
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Key rotation, online: while ingesters write, every stored row stays readable at every
+//! moment, and an interrupted rotation (even kill -9) is finished by running it again.
+//!
+//! A rotation moves keys through `active -> retiring -> retired (-> destroyed)`:
+//! 1. the keys to replace are marked `retiring`; running ingesters notice within their
+//!    `--key-check-seconds` and move to new keys (a retiring key still opens what it sealed);
+//! 2. rows under retiring keys are rewritten under the new key in batches, one transaction each,
+//!    walking the primary key, so every row is under the old key or the new one, never neither;
+//! 3. after a grace period, a last pass catches rows that slow ingesters wrote meanwhile, and a
+//!    key that no row references is marked `retired` under its exclusive key-use lock (an
+//!    ingester holds that lock shared from before its inserts until it commits, and checks
+//!    the key's state once it holds it, so no row can land under a retired key; see
+//!    `vault::keyring::key_use_lock`);
+//! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
+//!
+//! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
+//!
+//! The module's parts:
+//! - this file: the entry points of the two rotations ([`data_keys`], [`token_key`]), their
+//!   options, report and errors;
+//! - `walk`: the walk over the rows under the retiring keys, page after page and pass after
+//!   pass until no row uses them, with its [`Progress`] told to the caller (the library prints
+//!   nothing); it needs no database, and its unit tests drive it with tables in memory;
+//! - `reseal`: the two rotations over the database: their pages, read through the key
+//!   admin's doors, and what is done to each (values re-sealed under new data keys, a fresh
+//!   one whenever one is full; tokens recomputed under the new token key);
+//! - `admin`: key states (retiring, retired, destroyed), re-wrapping under another KMS key,
+//!   and `status`;
+//! - `erase`: deleting personal data for good through the doors: a user's erasure, and the
+//!   expiry of retention windows.
+
+mod admin;
+mod erase;
+mod reseal;
+mod walk;
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use time::Date;
+
+use crate::vault::KeyId;
+use crate::vault::key_cache::KeyCache;
+use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::kms::KeyWrapper;
+use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
+
+pub use admin::{KeyStatus, rewrap, status};
+pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
+
+use admin::{destroy_retired, retiring_keys};
+use reseal::{DataKeys, Scope, Targets, TokenKeys};
+use walk::{Tally, until_retired};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("keys: {0}")]
+    Keys(#[from] KeyringError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("row {row} cannot be opened ({error}); rotation stopped, the row is untouched")]
+    Integrity {
+        row: RowId,
+        #[source]
+        error: IntegrityError,
+    },
+    /// `add-window` for a month already registered under another KMS key.
+    #[error("retention window {month} is already registered with KMS key {registered}")]
+    WindowTaken { month: Date, registered: String },
+}
+
+impl From<OpenRowError> for RotateError {
+    fn from(error: OpenRowError) -> Self {
+        match error {
+            OpenRowError::Keys(e) => RotateError::Keys(e),
+            OpenRowError::Integrity { row, error } => RotateError::Integrity { row, error },
+        }
+    }
+}
+
+/// How a rotation runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rows per transaction.
+    pub batch_size: i64,
+    /// Time given to running ingesters to move off retiring keys before the last pass (at
+    /// least their `--key-check-seconds`).
+    pub grace: Duration,
+    /// Drop the wrapped bytes of retired keys at the end.
+    pub destroy_retired: bool,
+    /// Values one new data key may seal; re-sealing starts another one past it.
+    pub data_key_max_records: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            grace: Duration::from_secs(15),
+            destroy_retired: false,
+            data_key_max_records: 10_000_000,
+        }
+    }
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// False when there was nothing to rotate (and nothing unfinished).
+    pub started_or_resumed: bool,
+    pub rows_rewritten: u64,
+    pub seconds: f64,
+    pub retired: Vec<KeyId>,
+    pub destroyed: u64,
+    /// The keys rows were moved to, in order (re-sealing starts a new data key every
+    /// `data_key_max_records` values).
+    pub new_keys: Vec<KeyId>,
+}
+
+impl Report {
+    pub fn rows_per_second(&self) -> f64 {
+        self.rows_rewritten as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// How far a rotation is: told to whoever runs it (`rotate-keys` redraws a line on a terminal,
+/// or logs one every few seconds); the library itself prints nothing.
+pub trait Progress: Sync {
+    /// `done` rows rewritten so far, of the `total` under the retiring keys when the rotation
+    /// began (rows an ingester writes under them meanwhile can take `done` past it, and a row
+    /// rewritten on two passes counts twice). Called after every page.
+    fn advance(&self, done: u64, total: u64);
+    /// The last pass is over: `done` of `total`. Called once, before retired keys are dropped.
+    fn finish(&self, done: u64, total: u64);
+}
+
+/// Progress nobody watches.
+impl Progress for () {
+    fn advance(&self, _done: u64, _total: u64) {}
+    fn finish(&self, _done: u64, _total: u64) {}
+}
+
+/// Replaces every data key: all sealed values (logins and quarantined bodies) are re-sealed
+/// under a new one, and the old ones retired.
+pub async fn data_keys<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    options: &Options,
+    progress: &dyn Progress,
+) -> Result<Report, RotateError> {
+    let mut retiring = retiring_keys(pool, "data").await?;
+    if retiring.is_empty() {
+        retiring = sqlx::query_scalar(
+            "UPDATE vault_keys SET state = 'retiring'
+             WHERE purpose = 'data' AND state = 'active' RETURNING id",
+        )
+        .fetch_all(pool)
+        .await?;
+    } else {
+        tracing::info!(keys = ?retiring, "resuming an unfinished data key rotation");
+    }
+    if retiring.is_empty() {
+        return Ok(Report::default());
+    }
+    let grace_ends = Instant::now() + options.grace;
+    let targets = Targets::new(pool, options.data_key_max_records).await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
+              + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
+    )
+    .bind(&retiring)
+    .fetch_one(pool)
+    .await?;
+    let mut tally = Tally::new(total as u64, progress);
+    let mut rotation = DataKeys {
+        scope: Scope {
+            pool,
+            keyring,
+            retiring: &retiring,
+            batch_size: options.batch_size,
+        },
+        keys: KeyCache::default(),
+        targets,
+    };
+    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
+    finish(pool, options, "data", tally, retired, rotation.targets.made).await
+}
+
+/// Replaces the token key: every stored token is recomputed from the opened original under a
+/// new token key, and the old key is retired. Rows record their token key version throughout
+/// (`user_logins.token_key_id`), so a query can tell old tokens from new ones meanwhile.
+pub async fn token_key<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    options: &Options,
+    progress: &dyn Progress,
+) -> Result<Report, RotateError> {
+    let mut retiring = retiring_keys(pool, "token").await?;
+    if retiring.is_empty() {
+        keyring.rotate_token_key().await?;
+        retiring = retiring_keys(pool, "token").await?;
+    } else {
+        tracing::info!(keys = ?retiring, "resuming an unfinished token key rotation");
+    }
+    let grace_ends = Instant::now() + options.grace;
+    let target = keyring.active_tokenizer().await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
+            .bind(&retiring)
+            .fetch_one(pool)
+            .await?;
+    let mut tally = Tally::new(total as u64, progress);
+    let new_key = target.key_id();
+    let mut rotation = TokenKeys {
+        scope: Scope {
+            pool,
+            keyring,
+            retiring: &retiring,
+            batch_size: options.batch_size,
+        },
+        keys: KeyCache::default(),
+        target,
+    };
+    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
+    finish(pool, options, "token", tally, retired, vec![new_key]).await
+}
+
+/// The report of a finished rotation of `purpose` keys, once the retired keys' bytes are
+/// dropped if asked.
+async fn finish(
+    pool: &PgPool,
+    options: &Options,
+    purpose: &str,
+    tally: Tally<'_>,
+    retired: Vec<KeyId>,
+    new_keys: Vec<KeyId>,
+) -> Result<Report, RotateError> {
+    let (rows_rewritten, started) = tally.finish();
+    let destroyed = destroy_retired(pool, purpose, options.destroy_retired).await?;
+    Ok(Report {
+        started_or_resumed: true,
+        rows_rewritten,
+        seconds: started.elapsed().as_secs_f64(),
+        retired,
+        destroyed,
+        new_keys,
+    })
+}
