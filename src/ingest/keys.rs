@@ -11,7 +11,7 @@ use time::Date;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::Settings;
-use crate::retry::Backoff;
+use crate::retry::{Policy, retry};
 use crate::telemetry::{self, retried};
 use crate::vault::KeyId;
 use crate::vault::erasure::ErasedUsers;
@@ -25,28 +25,22 @@ use crate::vault::token::Tokenizer;
 pub(super) async fn with_retry<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
-    mut attempt: F,
+    attempt: F,
 ) -> Result<T, KeyringError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, KeyringError>>,
 {
-    let mut backoff = Backoff::default();
-    loop {
-        match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
-                let delay = backoff.next_delay();
-                telemetry::retry(retried::KEYS);
-                tracing::warn!(error = %error, retry_in = ?delay, "{what} failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Err(error),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    retry(
+        Policy::forever().until(shutdown),
+        KeyringError::is_transient,
+        |error, delay| {
+            telemetry::retry(retried::KEYS);
+            tracing::warn!(error = %error, retry_in = ?delay, "{what} failed; retrying");
+        },
+        attempt,
+    )
+    .await
 }
 
 /// The batcher's keys: the token key, and this process's data keys, one per retention window

@@ -20,7 +20,8 @@
 //!
 //! Where each job lives: [`Settings`] in `settings.rs`; the stages (pollers, batcher, writers
 //! and acknowledging) in `stages.rs`; following key rotations, erasures and retention windows
-//! in `keys.rs`; the counters of a run and its [`Summary`] in `stats.rs`.
+//! in `keys.rs`; the counters of a run and its [`Summary`] in `stats.rs`. Every fault that passes
+//! is retried by the one loop of [`crate::retry::retry`].
 
 pub mod batch;
 pub mod file;

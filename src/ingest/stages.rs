@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{self, Batch};
 use super::keys::Keys;
 use super::settings::Settings;
-use super::source::{Message, MessageSource, Receipt};
+use super::source::{Message, MessageSource, Receipt, SourceError};
 use super::stats::{Stats, add};
 use super::writer::{self, WriteError};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, Policy, retry};
 use crate::telemetry::{self, retried};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::retention::{Placement, Windows};
@@ -37,21 +37,36 @@ pub(super) async fn poll<S: MessageSource>(
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) {
-    let mut backoff = Backoff::default();
     loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = source.receive() => received,
-        };
+        // Every fault is retried (a configuration error too: it may be fixed meanwhile),
+        // except, in `drain`, one that cannot pass: then there is nothing to wait for.
+        let received = retry(
+            Policy::forever().until(&shutdown),
+            |error: &SourceError| !drain || error.transient,
+            |error, delay| {
+                telemetry::retry(retried::RECEIVE);
+                if error.transient {
+                    tracing::warn!(%error, retry_in = ?delay, "receive failed; retrying");
+                } else {
+                    tracing::error!(%error, retry_in = ?delay, "receive failed; retrying");
+                }
+            },
+            || async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => Ok(None),
+                    received = source.receive() => received.map(Some),
+                }
+            },
+        )
+        .await;
         match received {
-            Ok(batch) if batch.is_empty() => {
-                backoff.reset();
+            Ok(None) => return,
+            Ok(Some(batch)) if batch.is_empty() => {
                 if drain {
                     return;
                 }
             }
-            Ok(batch) => {
-                backoff.reset();
+            Ok(Some(batch)) => {
                 add(&stats.received, telemetry::RECEIVED, batch.len() as u64);
                 for message in batch {
                     // Fails only when the batcher is gone, i.e. the pipeline is stopping; the
@@ -67,19 +82,8 @@ pub(super) async fn poll<S: MessageSource>(
                 *stats.source_failure.lock().expect("not poisoned") = Some(error);
                 return;
             }
-            Err(error) => {
-                let delay = backoff.next_delay();
-                telemetry::retry(retried::RECEIVE);
-                if error.transient {
-                    tracing::warn!(%error, retry_in = ?delay, "receive failed; retrying");
-                } else {
-                    tracing::error!(%error, retry_in = ?delay, "receive failed; retrying");
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+            // Any other fault is retried until shutdown.
+            Err(_) => return,
         }
     }
 }
@@ -293,50 +297,52 @@ async fn write_with_retry(
     batch: &Batch,
     stats: &Stats,
 ) -> Result<writer::Written, WriteError> {
-    let mut backoff = Backoff::default();
-    loop {
-        match writer::write(pool, batch).await {
-            Err(WriteError::Database(error)) if crate::db::is_transient(&error) => {
-                let delay = backoff.next_delay();
-                stats.write_retries.fetch_add(1, Ordering::Relaxed);
-                telemetry::retry(retried::DATABASE_WRITE);
-                tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");
-                tokio::time::sleep(delay).await;
+    retry(
+        Policy::forever(),
+        |error: &WriteError| {
+            matches!(error, WriteError::Database(error) if crate::db::is_transient(error))
+        },
+        |error, delay| {
+            stats.write_retries.fetch_add(1, Ordering::Relaxed);
+            telemetry::retry(retried::DATABASE_WRITE);
+            tracing::warn!(%error, retry_in = ?delay, "database write failed; retrying");
+        },
+        || async {
+            loop {
+                // Not a fault: written again at once, the batch skips what the other stored.
+                match writer::write(pool, batch).await {
+                    Err(WriteError::Raced) => tracing::debug!(
+                        "a message of the batch was stored by another writer; writing the rest"
+                    ),
+                    result => return result,
+                }
             }
-            Err(WriteError::Raced) => {
-                tracing::debug!(
-                    "a message of the batch was stored by another writer; writing the rest"
-                );
-            }
-            result => return result,
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// Deletes committed messages, retrying a few times: a message whose delete is lost is
 /// redelivered later and recognized as already stored.
 async fn acknowledge<S: MessageSource>(source: &S, receipts: Vec<Receipt>, stats: &Stats) {
-    let mut backoff = Backoff::default();
-    for attempt in 1..=5 {
-        match source.acknowledge(receipts.clone()).await {
-            Ok(outcome) => {
-                add(
-                    &stats.acknowledged,
-                    telemetry::DELETED,
-                    outcome.deleted as u64,
-                );
-                return;
-            }
-            Err(error) if error.transient && attempt < 5 => {
-                let delay = backoff.next_delay();
-                telemetry::retry(retried::ACKNOWLEDGE);
-                tracing::warn!(%error, retry_in = ?delay, "acknowledge failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(error) => {
-                tracing::error!(%error, messages = receipts.len(), "acknowledge failed; the messages will be redelivered and skipped as duplicates");
-                return;
-            }
+    let acknowledged = retry(
+        Policy::at_most(5),
+        |error: &SourceError| error.transient,
+        |error, delay| {
+            telemetry::retry(retried::ACKNOWLEDGE);
+            tracing::warn!(%error, retry_in = ?delay, "acknowledge failed; retrying");
+        },
+        || source.acknowledge(receipts.clone()),
+    )
+    .await;
+    match acknowledged {
+        Ok(outcome) => add(
+            &stats.acknowledged,
+            telemetry::DELETED,
+            outcome.deleted as u64,
+        ),
+        Err(error) => {
+            tracing::error!(%error, messages = receipts.len(), "acknowledge failed; the messages will be redelivered and skipped as duplicates");
         }
     }
 }
