@@ -91,15 +91,17 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(settings.writers.max(1));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
 
-    for _ in 0..settings.pollers.max(1) {
-        tasks.spawn(stages::poll(
-            source.clone(),
-            message_tx.clone(),
-            settings.drain,
-            shutdown.clone(),
-            stats.clone(),
-        ));
-    }
+    let pollers: Vec<_> = (0..settings.pollers.max(1))
+        .map(|_| {
+            tasks.spawn(stages::poll(
+                source.clone(),
+                message_tx.clone(),
+                settings.drain,
+                shutdown.clone(),
+                stats.clone(),
+            ))
+        })
+        .collect();
     drop(message_tx);
 
     let batcher_settings = settings.clone();
@@ -126,8 +128,12 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     }
     tasks.close();
     tasks.wait().await;
-    if let Some(failure) = stats.source_failure.lock().expect("not poisoned").take() {
-        return Err(IngestError::Source(failure));
+    // A source that cannot recover (a file that failed to read, in `drain`) fails the run,
+    // once everything received before has been written.
+    for poller in pollers {
+        if let Ok(Err(failure)) = poller.await {
+            return Err(IngestError::Source(failure));
+        }
     }
     let summary = stats.summary();
     tracing::info!(%summary, "ingest finished");

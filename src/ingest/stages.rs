@@ -30,13 +30,15 @@ fn failpoint_set(name: &str) -> bool {
         == Some(name)
 }
 
+/// Receives until shutdown or, in `drain`, until the source is empty; fails only in `drain`,
+/// on a fault that cannot pass.
 pub(super) async fn poll<S: MessageSource>(
     source: Arc<S>,
     messages: mpsc::Sender<Message>,
     drain: bool,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
-) {
+) -> Result<(), SourceError> {
     loop {
         // Every fault is retried (a configuration error too: it may be fixed meanwhile),
         // except, in `drain`, one that cannot pass: then there is nothing to wait for.
@@ -60,10 +62,10 @@ pub(super) async fn poll<S: MessageSource>(
         )
         .await;
         match received {
-            Ok(None) => return,
+            Ok(None) => return Ok(()),
             Ok(Some(batch)) if batch.is_empty() => {
                 if drain {
-                    return;
+                    return Ok(());
                 }
             }
             Ok(Some(batch)) => {
@@ -72,18 +74,17 @@ pub(super) async fn poll<S: MessageSource>(
                     // Fails only when the batcher is gone, i.e. the pipeline is stopping; the
                     // message was not acknowledged and will be redelivered.
                     if messages.send(message).await.is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
             }
             Err(error) if drain && !error.transient => {
                 // Nothing to wait for (a file that cannot be read): stop, and fail the run.
                 tracing::error!(%error, "message source failed");
-                *stats.source_failure.lock().expect("not poisoned") = Some(error);
-                return;
+                return Err(error);
             }
-            // Any other fault is retried until shutdown.
-            Err(_) => return,
+            // Any other fault is retried: it ended the retries only because shutdown came.
+            Err(_) => return Ok(()),
         }
     }
 }

@@ -3,8 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::source;
-
 /// Counters of one run.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -18,8 +16,6 @@ pub struct Stats {
     pub(super) write_retries: AtomicU64,
     /// Read-to-commit latency of every stored or quarantined message.
     pub(super) latency: LatencyHistogram,
-    /// Why a source that cannot recover (a file that failed to read) stopped, in `--drain`.
-    pub(super) source_failure: std::sync::Mutex<Option<source::SourceError>>,
 }
 
 /// Latencies in buckets a quarter of a power of two wide (about 19% apart), from 1 µs up.
