@@ -13,6 +13,9 @@
 //!     against their token, with typed integrity errors; [`vault::key_cache`]: keys unwrapped
 //!     once each, shared by [`unmask`] and [`rotate`].
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
+//!   [`ingest::run`] wires its stages (`stages.rs`: pollers, batcher, writers, acknowledging)
+//!   to the keys it follows through rotations (`keys.rs`), with [`ingest::Settings`] and a
+//!   run's [`ingest::Summary`] (`settings.rs`, `stats.rs`).
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
 //!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
 //!     older Query protocol.
@@ -28,7 +31,8 @@
 //!   (`admin.rs`), erasure and expiry (`erase.rs`). A rotation's progress goes to the caller's
 //!   [`rotate::Progress`]; the library prints nothing.
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
-//! - [`retry`]: back-off for faults that pass.
+//! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
+//!   them.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
 //!   readiness checks it is given and depends on nothing else in the crate.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.

@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, Policy, retry};
 
 /// The one version of the SQS Query API.
 const API_VERSION: &str = "2012-11-05";
@@ -241,22 +241,18 @@ impl QueryClient {
     ) -> Result<xml::Element, SourceError> {
         let expected = format!("{}Response", form.action);
         let body = Bytes::from(form.body);
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let mut attempt = 1;
-        loop {
-            match self
-                .call_once(operation, &expected, url, body.clone(), timeout)
-                .await
-            {
-                Err(error) if error.transient && attempt < ATTEMPTS => {
-                    attempt += 1;
-                    let delay = backoff.next_delay();
-                    tracing::debug!(%error, retry_in = ?delay, "SQS Query request failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                outcome => return outcome,
-            }
-        }
+        retry(
+            Policy::at_most(ATTEMPTS).backoff(Backoff::new(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            )),
+            |error: &SourceError| error.transient,
+            |error, delay| {
+                tracing::debug!(%error, retry_in = ?delay, "SQS Query request failed; retrying");
+            },
+            || self.call_once(operation, &expected, url, body.clone(), timeout),
+        )
+        .await
     }
 
     async fn call_once(
