@@ -138,22 +138,29 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
 
 /// Copies the batch's logins not stored yet, and their vault rows; returns how many.
 async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, WriteError> {
-    let keys: Vec<String> = batch
+    // Each message's key, and the key's text: what the look-up binds and, where it differs
+    // from the id as received, the sign that the id's text is stored beside its key.
+    let keys: Vec<(MessageKey, String)> = batch
         .logins
         .iter()
-        .map(|row| MessageKey::of(&row.message_id).to_text())
+        .map(|row| {
+            let key = MessageKey::of(&row.message_id);
+            (key, key.to_text())
+        })
         .collect();
-    let mut skip: HashSet<String> = sqlx::query_scalar(STORED_KEYS)
-        .bind(&keys)
+    let texts: Vec<&str> = keys.iter().map(|(_, text)| text.as_str()).collect();
+    let stored: HashSet<String> = sqlx::query_scalar(STORED_KEYS)
+        .bind(&texts)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .collect();
-    let new: Vec<(&LoginRow, &String)> = batch
+    let mut copied = HashSet::with_capacity(keys.len());
+    let new: Vec<(&LoginRow, &(MessageKey, String))> = batch
         .logins
         .iter()
         .zip(&keys)
-        .filter(|(_, key)| skip.insert((*key).clone()))
+        .filter(|(_, (key, text))| !stored.contains(text) && copied.insert(*key))
         .collect();
     if new.is_empty() {
         return Ok(0);
@@ -165,9 +172,8 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
 
     let mut logins = BinaryCopy::new(new.len() * 320);
     let mut vault = BinaryCopy::new(new.len() * 140);
-    for ((row, key), &id) in new.iter().zip(&ids) {
-        let key = MessageKey::parse_canonical(key).expect("made by MessageKey::to_text");
-        let id_text = (key.to_text() != row.message_id).then_some(row.message_id.as_str());
+    for ((row, (key, text)), &id) in new.iter().zip(&ids) {
+        let id_text = (*text != row.message_id).then_some(row.message_id.as_str());
         let personal = row.personal.as_ref();
         logins.row(12);
         logins.int8(id);
