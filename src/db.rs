@@ -136,6 +136,57 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
+/// A database of its own for a unit test that needs PostgreSQL: created and migrated on the
+/// server at `DATABASE_URL` (as `scripts/services up` sets it up), dropped by [`Scratch::drop`]
+/// (left in place when the test fails, for inspection).
+#[cfg(test)]
+pub(crate) mod scratch {
+    use super::*;
+
+    pub struct Scratch {
+        pub pool: PgPool,
+        name: String,
+        base: String,
+    }
+
+    impl Scratch {
+        pub async fn new() -> Self {
+            static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let base =
+                std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL_DATABASE_URL.to_owned());
+            let admin = connect(&base, 1).await.unwrap_or_else(|e| {
+                panic!("PostgreSQL is not reachable ({e}); start it with `scripts/services up`")
+            });
+            let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("pii_vault_unit_{}_{serial}", std::process::id());
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&admin)
+                .await
+                .unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&admin)
+                .await
+                .expect(
+                    "creating a scratch database (the role needs CREATEDB; see scripts/services)",
+                );
+            admin.close().await;
+            let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
+            let pool = connect(&format!("{prefix}/{name}"), 4).await.unwrap();
+            migrate(&pool).await.unwrap();
+            Self { pool, name, base }
+        }
+
+        pub async fn drop(self) {
+            self.pool.close().await;
+            let admin = connect(&self.base, 1).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -397,3 +397,168 @@ pub async fn verify_all<W: KeyWrapper>(
         verified.bodies += bodies.len() as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
+    use crate::vault::place::login_place;
+    use crate::vault::seal::Sealer;
+    use crate::vault::token::Tokenizer;
+    use crate::vault::{EncryptionContext, SecretKey};
+
+    const TOKEN_KEY: KeyId = KeyId(1);
+    const DATA_KEY: KeyId = KeyId(2);
+
+    /// What a door hands out, made with keys from an in-memory KMS: the database is not needed
+    /// to open it.
+    struct Door {
+        kms: Arc<MemoryKms>,
+        keyring: Keyring<MemoryKms>,
+        token_key: (SecretKey, WrappedKey),
+        data_key: (SecretKey, WrappedKey),
+    }
+
+    impl Door {
+        async fn new() -> Self {
+            let kms = Arc::new(MemoryKms::new());
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://unused@127.0.0.1:1/unused")
+                .unwrap();
+            let make = |purpose, key_id| {
+                let kms = kms.clone();
+                async move {
+                    let context = EncryptionContext { purpose, key_id };
+                    kms.generate_key(TEST_KMS_KEY, context).await.unwrap()
+                }
+            };
+            Self {
+                keyring: Keyring::new(pool, kms.clone(), TEST_KMS_KEY, "test"),
+                token_key: make(Purpose::Token, TOKEN_KEY).await,
+                data_key: make(Purpose::Data, DATA_KEY).await,
+                kms,
+            }
+        }
+
+        /// Login `login_id` of `user` with its ip and device id, sealed and tokenized as the
+        /// ingester does, and the wrapped keys beside it as the door returns them.
+        fn login(&self, login_id: i64, user: &str, ip: &str, device_id: &str) -> HandedOut {
+            let message_id = format!("m-{login_id}");
+            let sealer = Sealer::new(DATA_KEY, &self.data_key.0);
+            let tokenizer = Tokenizer::new(TOKEN_KEY, &self.token_key.0);
+            let seal = |field, value: &str| {
+                sealer.seal(&login_place(field, &message_id, user), value.as_bytes())
+            };
+            let token = |field, value| {
+                Some(
+                    tokenizer
+                        .token_of(field, value)
+                        .unwrap()
+                        .as_str()
+                        .to_owned(),
+                )
+            };
+            HandedOut {
+                audit_id: 1,
+                outcome: "handed-out".into(),
+                login_id: Some(login_id),
+                sealed_ip: Some(seal(Field::Ip, ip)),
+                sealed_device_id: Some(seal(Field::DeviceId, device_id)),
+                message_id: Some(message_id),
+                user_id: Some(user.into()),
+                device_type: Some("android".into()),
+                create_date: None,
+                masked_ip: token(Field::Ip, ip),
+                masked_device_id: token(Field::DeviceId, device_id),
+                token_key_id: Some(TOKEN_KEY),
+                token_key_kms: Some(self.token_key.1.kms_key_id.clone()),
+                token_key_wrapped: Some(self.token_key.1.ciphertext.clone()),
+                data_key_id: Some(DATA_KEY),
+                data_key_kms: Some(self.data_key.1.kms_key_id.clone()),
+                data_key_wrapped: Some(self.data_key.1.ciphertext.clone()),
+            }
+        }
+    }
+
+    fn plain(value: &Option<Zeroizing<String>>) -> Option<&str> {
+        value.as_ref().map(|v| v.as_str())
+    }
+
+    #[tokio::test]
+    async fn handed_out_logins_open_with_one_unwrap_per_key() {
+        let door = Door::new().await;
+        let handed = [
+            door.login(1, "u-1", "10.0.0.1", "d-1"),
+            door.login(2, "u-1", "2001:db8::7", "d-2"),
+        ];
+        let revealed = open_handed_out(&door.keyring, &handed).await.unwrap();
+        let values: Vec<_> = revealed
+            .iter()
+            .map(|r| (r.login_id, plain(&r.ip), plain(&r.device_id)))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                (1, Some("10.0.0.1"), Some("d-1")),
+                (2, Some("2001:db8::7"), Some("d-2"))
+            ]
+        );
+        assert_eq!(door.kms.calls("Decrypt"), 2, "one per key, not per row");
+    }
+
+    #[tokio::test]
+    async fn a_value_that_does_not_match_its_token_reveals_nothing() {
+        let door = Door::new().await;
+        let mut swapped = door.login(1, "u-1", "10.0.0.1", "d-1");
+        let other = door.login(1, "u-1", "10.0.0.2", "d-1");
+        swapped.sealed_ip = other.sealed_ip;
+        let error = open_handed_out(&door.keyring, &[swapped])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                UnmaskError::Integrity {
+                    error: IntegrityError::TokenMismatch { .. },
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(error.audit_outcome(), "integrity-failure");
+    }
+
+    #[tokio::test]
+    async fn kms_refusals_and_throttling_are_told_apart() {
+        let door = Door::new().await;
+        let row = || door.login(1, "u-1", "10.0.0.1", "d-1");
+
+        // A data key handed out under another id: KMS refuses the context.
+        let mut moved = row();
+        moved.data_key_id = Some(KeyId(9));
+        let error = open_handed_out(&door.keyring, &[moved]).await.unwrap_err();
+        assert!(matches!(error, UnmaskError::KmsRefused { .. }), "{error:?}");
+        assert_eq!(error.audit_outcome(), "kms-refused");
+
+        // Throttled: worth asking again, and audited as keys unavailable.
+        door.kms.throttle_next("Decrypt", 1);
+        let error = open_handed_out(&door.keyring, &[row()]).await.unwrap_err();
+        assert!(matches!(error, UnmaskError::Keys(_)), "{error:?}");
+        assert_eq!(error.audit_outcome(), "keys-unavailable");
+
+        // The KMS key disabled: refused, as AWS refuses it.
+        door.kms.disable(TEST_KMS_KEY);
+        let error = open_handed_out(&door.keyring, &[row()]).await.unwrap_err();
+        assert!(matches!(error, UnmaskError::KmsRefused { .. }), "{error:?}");
+        door.kms.enable(TEST_KMS_KEY);
+        assert_eq!(
+            open_handed_out(&door.keyring, &[row()])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}

@@ -79,103 +79,51 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::vault::kms::KmsError;
+    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
     use crate::vault::place::login_place;
-    use crate::vault::testing::key;
     use crate::vault::token::Field;
-    use crate::vault::{EncryptionContext, KEY_LEN, SecretKey};
+    use crate::vault::{EncryptionContext, Purpose, SecretKey};
 
-    /// Wraps nothing: a "wrapped" key is the key id it was made for, then the key's bytes.
-    /// Unwrapping counts its calls and refuses another key id, as KMS refuses another context.
-    #[derive(Default)]
-    struct Counting {
-        unwraps: AtomicUsize,
-    }
-
-    fn wrapped(id: i64, byte: u8) -> WrappedKey {
-        WrappedKey {
-            ciphertext: [&id.to_be_bytes()[..], &[byte; KEY_LEN]].concat(),
-            kms_key_id: "arn:test".into(),
-        }
-    }
-
-    impl KeyWrapper for Counting {
-        async fn generate_key(
-            &self,
-            _: &str,
-            _: EncryptionContext,
-        ) -> Result<(SecretKey, WrappedKey), KmsError> {
-            unimplemented!("the cache creates no keys")
-        }
-
-        async fn unwrap_key(
-            &self,
-            wrapped: &WrappedKey,
-            context: EncryptionContext,
-        ) -> Result<SecretKey, KmsError> {
-            self.unwraps.fetch_add(1, Ordering::SeqCst);
-            let (id, key) = wrapped.ciphertext.split_at(8);
-            if id != context.key_id.0.to_be_bytes() {
-                return Err(KmsError::Refused {
-                    operation: "Decrypt",
-                    code: "InvalidCiphertextException".into(),
-                    message: "another encryption context".into(),
-                });
-            }
-            Ok(SecretKey::take_from(&mut key.to_vec()).unwrap())
-        }
-
-        async fn rewrap_key(
-            &self,
-            _: &WrappedKey,
-            _: EncryptionContext,
-            _: &str,
-        ) -> Result<WrappedKey, KmsError> {
-            unimplemented!("the cache rewraps nothing")
-        }
-
-        async fn check_key(&self, _: &str) -> Result<(), KmsError> {
-            unimplemented!("the cache checks no KMS key")
-        }
-
-        async fn schedule_deletion(&self, _: &str) -> Result<(), KmsError> {
-            unimplemented!("the cache deletes no KMS key")
-        }
-    }
-
-    /// A keyring whose database is never reached: handed-out keys need only the wrapper.
-    fn keyring() -> (Keyring<Counting>, Arc<Counting>) {
+    /// A keyring whose database is never reached: handed-out keys need only KMS.
+    fn keyring() -> (Keyring<MemoryKms>, Arc<MemoryKms>) {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://unused@127.0.0.1:1/unused")
             .unwrap();
-        let wrapper = Arc::new(Counting::default());
-        (
-            Keyring::new(pool, wrapper.clone(), "alias/test", "test"),
-            wrapper,
-        )
+        let kms = Arc::new(MemoryKms::new());
+        (Keyring::new(pool, kms.clone(), TEST_KMS_KEY, "test"), kms)
+    }
+
+    /// A key as the key table would hold it: wrapped by KMS for `purpose` and `id`.
+    async fn made(kms: &MemoryKms, purpose: Purpose, id: i64) -> (SecretKey, WrappedKey) {
+        let context = EncryptionContext {
+            purpose,
+            key_id: KeyId(id),
+        };
+        kms.generate_key(TEST_KMS_KEY, context).await.unwrap()
     }
 
     #[tokio::test]
     async fn each_key_is_unwrapped_once_by_id() {
-        let (keyring, wrapper) = keyring();
+        let (keyring, kms) = keyring();
+        let (data_key, wrapped_data_key) = made(&kms, Purpose::Data, 2).await;
+        let (token_key, wrapped_token_key) = made(&kms, Purpose::Token, 1).await;
         let mut keys = KeyCache::default();
         assert!(keys.opened_sealer(KeyId(2)).is_none());
         for _ in 0..3 {
-            keys.sealer(&keyring, KeyId(2), Some(&wrapped(2, 2)))
+            keys.sealer(&keyring, KeyId(2), Some(&wrapped_data_key))
                 .await
                 .unwrap();
-            keys.tokenizer(&keyring, KeyId(1), Some(&wrapped(1, 1)))
+            keys.tokenizer(&keyring, KeyId(1), Some(&wrapped_token_key))
                 .await
                 .unwrap();
         }
-        assert_eq!(wrapper.unwraps.load(Ordering::SeqCst), 2);
+        assert_eq!(kms.calls("Decrypt"), 2);
 
-        // What the cache holds is the key it unwrapped, under its id.
+        // What the cache holds is the key KMS unwrapped, under its id.
         let place = login_place(Field::Ip, "m-1", "u-1");
-        let sealed = Sealer::new(KeyId(2), &key(2)).seal(&place, b"10.0.0.1");
+        let sealed = Sealer::new(KeyId(2), &data_key).seal(&place, b"10.0.0.1");
         let sealer = keys.opened_sealer(KeyId(2)).unwrap();
         assert_eq!(sealer.key_id(), KeyId(2));
         assert_eq!(
@@ -185,26 +133,58 @@ mod tests {
         let tokenizer = keys.opened_tokenizer(KeyId(1)).unwrap();
         assert_eq!(
             tokenizer.device_id("d"),
-            Tokenizer::new(KeyId(1), &key(1)).device_id("d")
+            Tokenizer::new(KeyId(1), &token_key).device_id("d")
         );
         assert!(keys.opened_tokenizer(KeyId(2)).is_none());
     }
 
     #[tokio::test]
     async fn a_key_that_does_not_unwrap_is_not_kept() {
-        let (keyring, wrapper) = keyring();
+        let (keyring, kms) = keyring();
+        // Key 4's wrapped bytes handed out as key 3's: KMS refuses the other context.
+        let (_, wrapped_for_4) = made(&kms, Purpose::Data, 4).await;
         let mut keys = KeyCache::default();
         for _ in 0..2 {
             let error = keys
-                .sealer(&keyring, KeyId(3), Some(&wrapped(4, 4)))
+                .sealer(&keyring, KeyId(3), Some(&wrapped_for_4))
                 .await
                 .unwrap_err();
             assert!(
-                matches!(error, KeyringError::Kms { id: KeyId(3), .. }),
+                matches!(error, KeyringError::Kms { id: KeyId(3), ref source } if !source.is_transient()),
                 "{error:?}"
             );
         }
         assert!(keys.opened_sealer(KeyId(3)).is_none());
-        assert_eq!(wrapper.unwraps.load(Ordering::SeqCst), 2, "asked again");
+        assert_eq!(kms.calls("Decrypt"), 2, "asked again");
+
+        // A token key handed out as a data key: refused the same way.
+        let (_, wrapped_token_key) = made(&kms, Purpose::Token, 3).await;
+        let error = keys
+            .sealer(&keyring, KeyId(3), Some(&wrapped_token_key))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, KeyringError::Kms { id: KeyId(3), .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_throttled_unwrap_is_transient_and_the_next_one_is_kept() {
+        let (keyring, kms) = keyring();
+        let (_, wrapped) = made(&kms, Purpose::Data, 5).await;
+        let mut keys = KeyCache::default();
+        kms.throttle_next("Decrypt", 1);
+        let error = keys
+            .sealer(&keyring, KeyId(5), Some(&wrapped))
+            .await
+            .unwrap_err();
+        assert!(error.is_transient(), "{error:?}");
+        assert!(keys.opened_sealer(KeyId(5)).is_none());
+        keys.sealer(&keyring, KeyId(5), Some(&wrapped))
+            .await
+            .unwrap();
+        assert!(keys.opened_sealer(KeyId(5)).is_some());
+        assert_eq!(kms.calls("Decrypt"), 2);
     }
 }

@@ -382,3 +382,108 @@ impl<W: KeyWrapper> Keyring<W> {
             .map_err(|source| KeyringError::Kms { id, source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::db::scratch::Scratch;
+    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
+    use crate::vault::place::login_place;
+    use crate::vault::token::Field;
+
+    fn keyring(db: &Scratch) -> (Keyring<MemoryKms>, Arc<MemoryKms>) {
+        let kms = Arc::new(MemoryKms::new());
+        (
+            Keyring::new(db.pool.clone(), kms.clone(), TEST_KMS_KEY, "test"),
+            kms,
+        )
+    }
+
+    #[tokio::test]
+    async fn keys_are_stored_wrapped_and_open_only_as_what_they_were_made_for() {
+        let db = Scratch::new().await;
+        let (keyring, kms) = keyring(&db);
+        assert!(matches!(
+            keyring.active_tokenizer().await,
+            Err(KeyringError::NoTokenKey)
+        ));
+        let TokenKeyInit::Created(token_key) = keyring.init_token_key().await.unwrap() else {
+            panic!("a first init creates the token key");
+        };
+        assert_eq!(
+            keyring.init_token_key().await.unwrap(),
+            TokenKeyInit::AlreadyActive(token_key)
+        );
+        assert_eq!(kms.calls("GenerateDataKey"), 1);
+
+        // A data key seals before use and opens again from its stored wrapped bytes.
+        let sealer = keyring.new_sealer().await.unwrap();
+        let place = login_place(Field::Ip, "m-1", "u-1");
+        let sealed = sealer.seal(&place, b"10.0.0.1");
+        let reopened = keyring.sealer(sealer.key_id()).await.unwrap();
+        assert_eq!(
+            reopened.open(&place, &sealed).unwrap().as_slice(),
+            b"10.0.0.1"
+        );
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT wrapped_key FROM vault_keys WHERE id = $1")
+                .bind(sealer.key_id())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            stored.len(),
+            12 + 32 + 16,
+            "nonce, wrapped key, tag: never the key alone"
+        );
+
+        // Asked for as the other purpose, a key is refused by the table before KMS is asked.
+        let decrypts = kms.calls("Decrypt");
+        assert!(matches!(
+            keyring.tokenizer(sealer.key_id()).await,
+            Err(KeyringError::WrongPurpose { .. })
+        ));
+        assert!(matches!(
+            keyring.sealer(token_key).await,
+            Err(KeyringError::WrongPurpose { .. })
+        ));
+        assert_eq!(kms.calls("Decrypt"), decrypts);
+        assert!(matches!(
+            keyring.sealer(KeyId(999)).await,
+            Err(KeyringError::NotFound(KeyId(999)))
+        ));
+        db.drop().await;
+    }
+
+    #[tokio::test]
+    async fn rewrapped_keys_open_under_the_new_kms_key_alone() {
+        let db = Scratch::new().await;
+        let (keyring, kms) = keyring(&db);
+        keyring.init_token_key().await.unwrap();
+        keyring.check_ready().await.unwrap();
+        let sealer = keyring.new_sealer().await.unwrap();
+        let place = login_place(Field::DeviceId, "m-1", "u-1");
+        let sealed = sealer.seal(&place, b"d-1");
+
+        let next = kms.create_key("alias/next");
+        assert_eq!(
+            keyring.rewrap(sealer.key_id(), "alias/next").await.unwrap(),
+            next
+        );
+        kms.disable(TEST_KMS_KEY);
+        let reopened = keyring.sealer(sealer.key_id()).await.unwrap();
+        assert_eq!(reopened.open(&place, &sealed).unwrap().as_slice(), b"d-1");
+
+        // New keys are still made under the default KMS key, now disabled: refused, for good.
+        let error = keyring.check_ready().await.unwrap_err();
+        assert!(matches!(error, KeyringError::WrappingKey(_)), "{error:?}");
+        let error = keyring.new_sealer().await.unwrap_err();
+        assert!(
+            matches!(error, KeyringError::Kms { .. }) && !error.is_transient(),
+            "{error:?}"
+        );
+        db.drop().await;
+    }
+}

@@ -4,6 +4,12 @@
 //! record. Every call carries the key's [`EncryptionContext`], which KMS authenticates: a
 //! wrapped key unwraps only under the purpose and id it was created for, and KMS key policies
 //! can grant each role exactly the purposes it needs (see `keys/`).
+//!
+//! Unit tests run the vault's logic on [`memory::MemoryKms`], which keeps the rules of KMS the
+//! vault relies on; every path over AWS's wire is tested against the emulator.
+
+#[cfg(test)]
+pub mod memory;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +20,7 @@ use aws_sdk_kms::types::{DataKeySpec, KeyState};
 
 use super::{EncryptionContext, SecretKey, WrappedKey};
 
-/// Creates and unwraps keys. The AWS implementation is [`AwsKms`]; tests use an in-memory one.
+/// Creates and unwraps keys: [`AwsKms`] in production, `memory::MemoryKms` in unit tests.
 pub trait KeyWrapper: Send + Sync + 'static {
     /// A fresh 256-bit key, in plaintext and wrapped under `kms_key_id` with `context`.
     fn generate_key(
