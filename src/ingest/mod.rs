@@ -106,12 +106,14 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
 
     let batcher_settings = settings.clone();
     let batcher_shutdown = shutdown.clone();
+    let batcher_stats = stats.clone();
     tasks.spawn(async move {
         stages::make_batches(
             message_rx,
             batch_tx,
             &mut keys,
             &batcher_settings,
+            &batcher_stats,
             &batcher_shutdown,
         )
         .await
@@ -138,4 +140,88 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     let summary = stats.summary();
     tracing::info!(%summary, "ingest finished");
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::scratch::Scratch;
+    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
+    use file::FileSource;
+
+    const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
+
+    fn settings() -> Settings {
+        Settings {
+            drain: true,
+            ..Settings::for_file()
+        }
+    }
+
+    /// The whole pipeline over PostgreSQL with KMS in memory. KMS throttles the token key's
+    /// unwrap: loading waits it out. Then it throttles the data key's creation: the batch is not
+    /// sealed, nothing of it is acknowledged, and `/readyz` says why; the file read again is
+    /// stored whole.
+    #[tokio::test]
+    async fn kms_throttling_delays_or_leaves_messages_and_loses_none() {
+        let db = Scratch::new().await;
+        let kms = Arc::new(MemoryKms::new());
+        let keyring = || Keyring::new(db.pool.clone(), kms.clone(), TEST_KMS_KEY, "test");
+        keyring().init_token_key().await.unwrap();
+        let source = || Arc::new(FileSource::open(SAMPLE, Some("unit")).unwrap());
+
+        kms.throttle_next("Decrypt", 3);
+        kms.throttle_next("GenerateDataKey", 1);
+        let first = settings();
+        let summary = run(
+            source(),
+            db.pool.clone(),
+            keyring(),
+            first.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            kms.calls("Decrypt"),
+            3 + 1,
+            "the token key, asked until it passed"
+        );
+        assert_eq!(
+            (
+                summary.stored,
+                summary.quarantined,
+                summary.acknowledged,
+                summary.left_on_queue
+            ),
+            (0, 0, 0, 100),
+            "{summary}"
+        );
+        let why = first.sealing.get().expect("readiness names the stop");
+        assert!(why.contains("sealing stopped"), "{why}");
+
+        let summary = run(
+            source(),
+            db.pool.clone(),
+            keyring(),
+            settings(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
+        assert_eq!(
+            kms.calls("GenerateDataKey"),
+            1 + 1 + 1,
+            "init, refused, made"
+        );
+        let (logins, sealed): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM login_vault)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!((logins, sealed), (99, 99));
+        db.drop().await;
+    }
 }

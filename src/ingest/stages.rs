@@ -94,6 +94,7 @@ pub(super) async fn make_batches<W: KeyWrapper>(
     batches: mpsc::Sender<Batch>,
     keys: &mut Keys<W>,
     settings: &Settings,
+    stats: &Stats,
     shutdown: &CancellationToken,
 ) {
     let mut pending = Vec::with_capacity(settings.batch_size);
@@ -122,7 +123,14 @@ pub(super) async fn make_batches<W: KeyWrapper>(
             // At most two values per message (a login's ip and device id).
             let values = 2 * messages.len() as u64;
             let Some(at) = keys.room_for(window, values, settings).await else {
+                // Not sealed, so not written and not acknowledged: a queue hands them out again
+                // after their visibility timeout; a file's run reports them as not written.
                 metrics::counter!(telemetry::SEALING_REFUSED).increment(messages.len() as u64);
+                add(
+                    &stats.left_on_queue,
+                    telemetry::LEFT_ON_QUEUE,
+                    messages.len() as u64,
+                );
                 let delay = backoff.next_delay();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -23,7 +23,7 @@ pub const QUARANTINED: &str = "pii_vault_messages_quarantined_total";
 pub const DUPLICATES: &str = "pii_vault_duplicates_skipped_total";
 /// Deliveries deleted from the queue after their batch committed.
 pub const DELETED: &str = "pii_vault_messages_deleted_total";
-/// Messages left on the queue because their batch could not be written.
+/// Messages left on the queue because their batch could not be sealed or written.
 pub const LEFT_ON_QUEUE: &str = "pii_vault_messages_left_on_queue_total";
 /// Messages not sealed because the data key was over its limit and KMS gave no new one; they
 /// stay on the queue and come back.
@@ -98,7 +98,7 @@ fn describe() {
     describe_counter!(
         LEFT_ON_QUEUE,
         Unit::Count,
-        "Messages left on the queue because their batch could not be written."
+        "Messages left on the queue because their batch could not be sealed or written."
     );
     describe_counter!(
         SEALING_REFUSED,

@@ -225,6 +225,56 @@ async fn assert_sample_stored(env: &TestEnv, ingested: &std::process::Output) {
     assert_eq!(env.messages_on_queue().await, 0);
 }
 
+/// A file's lines that KMS gives no data key for are neither written nor passed over in
+/// silence: the run fails and says how many, and the same file run again stores them.
+#[tokio::test]
+async fn from_file_fails_when_kms_will_not_seal_and_a_rerun_stores_everything() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let kms = env.kms.client();
+    let refusing = kms
+        .create_key()
+        .description("pii-vault test key, disabled")
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    kms.disable_key().key_id(&refusing).send().await.unwrap();
+    let file = sample("sample_data.jsonl");
+
+    let refused = common::output_of(
+        std::process::Command::new(INGEST)
+            .args(["--from-file", &file])
+            .envs(env.binary_env())
+            .env("KMS_KEY_ID", &refusing),
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stdout(&refused)
+            .contains("stored=0 quarantined=0 duplicates=0 acknowledged=0 left_on_queue=100"),
+        "{}",
+        stdout(&refused)
+    );
+    let message = stderr(&refused);
+    assert!(
+        message.contains("error: 100 lines were not written")
+            && message.contains("DisabledException"),
+        "{message}"
+    );
+    assert_eq!(env.count("user_logins").await, 0);
+
+    let rerun = env.run_binary(INGEST, &["--from-file", &file]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(
+        stdout(&rerun).contains("stored=99 quarantined=1"),
+        "{}",
+        stdout(&rerun)
+    );
+    env.cleanup().await;
+}
+
 #[test]
 fn unreachable_database_is_one_line_without_the_password() {
     let output = common::output_of(std::process::Command::new(INGEST).args(["--drain"]).env(

@@ -291,6 +291,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let deadline = shutdown_deadline;
     let keyring = keyring(&cli::process_name("ingest"));
+    let from_file = matches!(input, Input::File(_));
     let summary = match input {
         Input::File(source) => {
             run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
@@ -303,6 +304,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let summary = summary?;
     tracing::info!(kms_calls = kms.calls(), "done");
     println!("{summary}");
+    if from_file && summary.left_on_queue > 0 {
+        // A queue hands these out again; a file does not, so the run must not pass as done.
+        anyhow::bail!(
+            "{} lines were not written (the log says why); run the same file again: the lines \
+             already stored are skipped",
+            summary.left_on_queue
+        );
+    }
     Ok(())
 }
 
