@@ -243,7 +243,6 @@ impl MessageSource for FileSource {
     async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
         Ok(Acknowledged {
             deleted: receipts.len(),
-            refused: 0,
         })
     }
 }

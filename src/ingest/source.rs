@@ -96,10 +96,10 @@ pub struct SourceError {
 /// What an acknowledgement achieved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Acknowledged {
+    /// Messages deleted. The others were refused one by one (e.g. a receipt that expired
+    /// because the message was redelivered meanwhile): each source logs why, and the message
+    /// comes back to be recognized as already stored.
     pub deleted: usize,
-    /// Refused individually (e.g. a receipt that expired because the message was redelivered
-    /// meanwhile); the message comes back and is recognized as already stored.
-    pub refused: usize,
 }
 
 pub trait MessageSource: Send + Sync + 'static {

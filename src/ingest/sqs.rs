@@ -232,7 +232,6 @@ impl MessageSource for SqsSource {
                     "SQS refused to delete a message; it will be redelivered and recognized as stored"
                 );
             }
-            outcome.refused += output.failed.len();
         }
         Ok(outcome)
     }

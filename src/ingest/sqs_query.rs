@@ -501,7 +501,6 @@ impl MessageSource for QuerySqsSource {
                     message = failed.child_text("Message"),
                     "SQS refused to delete a message; it will be redelivered and recognized as stored"
                 );
-                outcome.refused += 1;
             }
         }
         Ok(outcome)

@@ -459,7 +459,6 @@ impl MessageSource for VecSource {
     async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
         Ok(Acknowledged {
             deleted: receipts.len(),
-            refused: 0,
         })
     }
 }
