@@ -161,6 +161,7 @@ async fn main() {
         pool.clone(),
         keyring,
         settings(),
+        Arc::default(),
         CancellationToken::new(),
     )
     .await
@@ -233,6 +234,7 @@ async fn main() {
             flush_interval: Duration::from_millis(5),
             ..settings()
         },
+        Arc::default(),
         CancellationToken::new(),
     )
     .await
@@ -371,6 +373,7 @@ async fn main() {
             pollers: 4,
             ..settings()
         },
+        Arc::default(),
         CancellationToken::new(),
     ));
     common::eventually(Duration::from_secs(600), || async {

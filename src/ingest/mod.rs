@@ -37,7 +37,7 @@ mod stages;
 mod stats;
 
 pub use settings::Settings;
-pub use stats::{LatencyHistogram, Stats, Summary};
+pub use stats::{Stats, Summary};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -61,15 +61,17 @@ pub enum IngestError {
     Source(#[from] source::SourceError),
 }
 
-/// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry.
+/// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry,
+/// counting into `stats` (a fresh `Arc::default()` unless the caller watches it, e.g. to serve
+/// [`Stats::read_to_commit`] at `/metrics`) and returning their final [`Summary`].
 pub async fn run<S: MessageSource, W: KeyWrapper>(
     source: Arc<S>,
     pool: PgPool,
     keyring: Keyring<W>,
     settings: Settings,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<Summary, IngestError> {
-    let stats = Arc::new(Stats::default());
     let keys_retired = Arc::new(AtomicBool::new(false));
     let mut keys = Keys::load(
         Arc::new(keyring),
@@ -178,6 +180,7 @@ mod tests {
             db.pool.clone(),
             keyring(),
             first.clone(),
+            Arc::default(),
             CancellationToken::new(),
         )
         .await
@@ -205,6 +208,7 @@ mod tests {
             db.pool.clone(),
             keyring(),
             settings(),
+            Arc::default(),
             CancellationToken::new(),
         )
         .await

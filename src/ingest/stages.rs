@@ -235,12 +235,10 @@ async fn write_and_acknowledge<S: MessageSource>(
                     written.duplicates + folded as u64,
                 );
                 metrics::histogram!(telemetry::BATCH_SIZE).record(batch.len() as f64);
-                let read_to_commit = metrics::histogram!(telemetry::READ_TO_COMMIT);
                 let mut latency = None;
                 for delivery in batch.deliveries() {
                     let elapsed = delivery.first_read.elapsed();
-                    stats.latency.record(elapsed);
-                    read_to_commit.record(elapsed);
+                    stats.read_to_commit.record(elapsed);
                     latency = latency.max(Some(elapsed));
                 }
                 tracing::debug!(

@@ -3,12 +3,16 @@
 //! The pipeline records through the [`metrics`] facade under the names below. Without a
 //! recorder (no `--metrics-addr`) every record is a no-op; with one, [`install`] renders them
 //! in the Prometheus text format and [`server`] serves them at `/metrics`, beside `/healthz`
-//! and `/readyz` ([`readiness`]).
+//! and `/readyz` ([`readiness`]). The exception is [`READ_TO_COMMIT`]: a run keeps it in its
+//! own [`LatencyHistogram`] (its quantiles are the run's summary) and [`server`] renders that.
 //!
 //! No metric carries personal data or key material: labels are fixed operation names.
 
+pub mod latency;
 pub mod readiness;
 pub mod server;
+
+pub use latency::LatencyHistogram;
 
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -34,8 +38,11 @@ pub const RETRIES: &str = "pii_vault_retries_total";
 pub const KMS_CALLS: &str = "pii_vault_kms_calls_total";
 /// Messages per committed batch.
 pub const BATCH_SIZE: &str = "pii_vault_batch_size";
-/// Seconds from reading a message to committing its row.
+/// Seconds from reading a message to committing its row: a [`LatencyHistogram`], not a
+/// `metrics` histogram.
 pub const READ_TO_COMMIT: &str = "pii_vault_read_to_commit_seconds";
+/// The `# HELP` text of [`READ_TO_COMMIT`].
+pub const READ_TO_COMMIT_HELP: &str = "Seconds from reading a message to committing its row.";
 
 /// The `operation` label values of [`RETRIES`].
 pub mod retried {
@@ -48,9 +55,6 @@ pub mod retried {
 const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10_000.0, 20_000.0,
 ];
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
 
 #[derive(Debug, thiserror::Error)]
 #[error("installing the metrics recorder: {0}")]
@@ -62,9 +66,6 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
     let fail = |error: &dyn std::fmt::Display| InstallError(error.to_string());
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS)
-        .and_then(|b| {
-            b.set_buckets_for_metric(Matcher::Full(READ_TO_COMMIT.into()), &LATENCY_BUCKETS)
-        })
         .map_err(|e| fail(&e))?
         .install_recorder()
         .map_err(|e| fail(&e))?;
@@ -116,11 +117,6 @@ fn describe() {
         "Requests to AWS KMS, by API operation."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per committed batch.");
-    describe_histogram!(
-        READ_TO_COMMIT,
-        Unit::Seconds,
-        "Seconds from reading a message to committing its row."
-    );
     // Zero-valued series from the start, so a rate() over a fresh process is defined.
     for name in [
         RECEIVED,

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::LatencyHistogram;
 use super::readiness::Readiness;
 
 /// A client gets this long to send its request head, so idle connections cannot pile up.
@@ -27,6 +28,8 @@ const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 /// What the endpoint serves.
 pub struct Endpoints {
     pub metrics: PrometheusHandle,
+    /// Rendered after `metrics` as [`READ_TO_COMMIT`](super::READ_TO_COMMIT).
+    pub read_to_commit: Arc<LatencyHistogram>,
     pub readiness: Readiness,
 }
 
@@ -79,7 +82,13 @@ async fn respond(endpoints: &Endpoints, request: &Request<Incoming>) -> Response
     }
     match request.uri().path() {
         "/metrics" => {
-            let mut response = text(StatusCode::OK, endpoints.metrics.render());
+            let mut exposition = endpoints.metrics.render();
+            endpoints.read_to_commit.write_prometheus(
+                &mut exposition,
+                super::READ_TO_COMMIT,
+                super::READ_TO_COMMIT_HELP,
+            );
+            let mut response = text(StatusCode::OK, exposition);
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));

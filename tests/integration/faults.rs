@@ -115,6 +115,7 @@ async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged
         pool,
         keyring,
         settings(),
+        Arc::default(),
         shutdown.clone(),
     ));
     assert!(
@@ -175,6 +176,7 @@ async fn the_emulator_unreachable_for_a_while_is_retried_and_catches_up() {
         env.pool.clone(),
         keyring,
         settings(),
+        Arc::default(),
         shutdown.clone(),
     ));
     assert!(
@@ -384,6 +386,7 @@ async fn a_message_that_keeps_failing_goes_to_the_dead_letter_queue() {
         env.pool.clone(),
         env.keyring(),
         settings(),
+        Arc::default(),
         shutdown.clone(),
     ));
     let dead_lettered = eventually(Duration::from_secs(30), || async {
@@ -765,6 +768,7 @@ async fn a_connection_lost_during_commit_leaves_every_message_stored_once() {
                 batch_size: 50,
                 ..settings()
             },
+            Arc::default(),
             CancellationToken::new(),
         ),
     )

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{self, Proxy, TestEnv, eventually, free_port, get, login, sample, stderr};
-use pii_vault::telemetry;
+use pii_vault::telemetry::{self, latency};
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 
@@ -136,10 +136,13 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     assert_eq!(sample(&metrics, telemetry::STORED), Some(34.0));
     assert_eq!(env.count("user_logins").await, 34);
 
+    // Nothing is left to commit: this is the histogram the summary at exit is taken from.
+    let last_metrics = scrape().await;
     common::terminate_pid(child.pid());
     let ended = child.wait(Duration::from_secs(30));
     let logs = ended.stderr;
     assert!(ended.status.success(), "{logs}");
+    summary_quantiles_are_the_exposed_histograms(&ended.stdout, &last_metrics);
     assert!(logs.lines().count() > 3, "{logs}");
     for line in logs.lines() {
         let event: serde_json::Value = serde_json::from_str(line)
@@ -153,6 +156,66 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
         assert!(!logs.contains(personal), "personal data in the logs");
     }
     env.cleanup().await;
+}
+
+/// The p50/p99 that `ingest` prints at exit come from the histogram `/metrics` exposed: the
+/// same count, and each quantile inside the exported bucket holding its rank.
+fn summary_quantiles_are_the_exposed_histograms(stdout: &str, metrics: &str) {
+    let summary = stdout
+        .lines()
+        .find(|line| line.starts_with("received="))
+        .unwrap_or_else(|| panic!("no summary in\n{stdout}"));
+    let field = |name: &str| -> f64 {
+        summary
+            .split(' ')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {summary}"))
+            .parse()
+            .unwrap()
+    };
+    let series = |suffix: &str| {
+        let series = format!("{}{suffix}", telemetry::READ_TO_COMMIT);
+        sample(metrics, &series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+
+    let count = series("_count");
+    let committed = field("stored") + field("quarantined");
+    // A redelivery of a message already stored is committed (as nothing) and timed too.
+    if field("duplicates") == 0.0 {
+        assert_eq!(count, committed, "{summary}\n{metrics}");
+    } else {
+        assert!(
+            (committed..=committed + field("duplicates")).contains(&count),
+            "{summary}\n{metrics}"
+        );
+    }
+
+    let cumulative: Vec<(f64, f64)> = latency::EXPORTED_BOUNDS
+        .iter()
+        .map(|le| (*le, series(&format!("_bucket{{le=\"{le}\"}}"))))
+        .chain([(f64::INFINITY, series("_bucket{le=\"+Inf\"}"))])
+        .collect();
+    for (q, name) in [(0.5, "p50_ms"), (0.99, "p99_ms")] {
+        // The rank `LatencyHistogram::quantile` looks for.
+        let rank = (count * q).ceil().max(1.0);
+        let holding = cumulative
+            .iter()
+            .position(|(_, at_or_below)| *at_or_below >= rank)
+            .unwrap();
+        let above = if holding == 0 {
+            0.0
+        } else {
+            cumulative[holding - 1].0
+        };
+        let at_most = cumulative[holding].0;
+        // The summary prints milliseconds to one decimal.
+        let quantile = field(name) / 1e3;
+        let rounding = 0.05e-3;
+        assert!(
+            quantile + rounding > above && quantile - rounding <= at_most,
+            "{name} of {summary} is not in ({above}, {at_most}]\n{metrics}"
+        );
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
 use pii_vault::ingest::sqs::{self, PollSettings, SqsQueue, SqsSource};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource};
-use pii_vault::ingest::{self, Settings, Summary};
+use pii_vault::ingest::{self, Settings, Stats, Summary};
 use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
@@ -270,6 +270,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The endpoint outlives a shutdown request (the last counts stay visible while the
     // pipeline drains) and stops when the pipeline has ended.
     let endpoint_stop = CancellationToken::new();
+    let stats = Arc::new(Stats::default());
     if let Some((listener, metrics)) = endpoint {
         let checks = ingest::readiness::checks(
             pool.clone(),
@@ -281,7 +282,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             settings.sealing.clone(),
         );
         let readiness = Readiness::new(checks, shutdown.clone());
-        let endpoints = Arc::new(Endpoints { metrics, readiness });
+        let endpoints = Arc::new(Endpoints {
+            metrics,
+            read_to_commit: stats.read_to_commit().clone(),
+            readiness,
+        });
         tokio::spawn(telemetry::server::serve(
             listener,
             endpoints,
@@ -294,10 +299,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let from_file = matches!(input, Input::File(_));
     let summary = match input {
         Input::File(source) => {
-            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
+            run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await
         }
         Input::Queue(source) => {
-            run_pipeline(source, pool, keyring, settings, shutdown, deadline).await
+            run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await
         }
     };
     endpoint_stop.cancel();
@@ -342,10 +347,11 @@ async fn run_pipeline<S: MessageSource>(
     pool: sqlx::PgPool,
     keyring: Keyring<AwsKms>,
     settings: Settings,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
     deadline: Duration,
 ) -> anyhow::Result<Summary> {
-    let pipeline = ingest::run(source, pool, keyring, settings, shutdown.clone());
+    let pipeline = ingest::run(source, pool, keyring, settings, stats, shutdown.clone());
     tokio::pin!(pipeline);
     let summary = tokio::select! {
         summary = &mut pipeline => summary?,

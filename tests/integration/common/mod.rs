@@ -225,6 +225,7 @@ impl TestEnv {
                 self.pool.clone(),
                 self.keyring(),
                 settings,
+                Arc::default(),
                 CancellationToken::new(),
             ),
         )
