@@ -176,6 +176,21 @@ pub(crate) mod scratch {
             Self { pool, name, base }
         }
 
+        /// A pool logged in as `user`, one of the local users `scripts/services up` creates
+        /// (password = name), on this database.
+        pub async fn pool_as(&self, user: &str) -> PgPool {
+            let (prefix, _) = self
+                .base
+                .rsplit_once('/')
+                .expect("database URL ends in /name");
+            let (_, host) = prefix
+                .rsplit_once('@')
+                .expect("database URL has credentials");
+            connect(&format!("postgres://{user}:{user}@{host}/{}", self.name), 2)
+                .await
+                .unwrap_or_else(|e| panic!("connecting as {user} ({e}): run `scripts/services up`"))
+        }
+
         pub async fn drop(self) {
             self.pool.close().await;
             let admin = connect(&self.base, 1).await.unwrap();
