@@ -10,7 +10,7 @@
 //!    key that no row references is marked `retired` under its exclusive key-use lock (an
 //!    ingester holds that lock shared from before its inserts until it commits, and checks
 //!    the key's state once it holds it, so no row can land under a retired key; see
-//!    `vault::keyring::key_use_lock`);
+//!    `vault::key_use`);
 //! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
 //!
 //! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
