@@ -13,6 +13,7 @@ use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
+use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
 
@@ -281,7 +282,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::DataKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::data_keys(
+            let report = rotate::replace_keys(
+                Purpose::Data,
                 &pool,
                 &keyring().await,
                 &options,
@@ -292,7 +294,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::TokenKey(options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::token_key(
+            let report = rotate::replace_keys(
+                Purpose::Token,
                 &pool,
                 &keyring().await,
                 &options,
