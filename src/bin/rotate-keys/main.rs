@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
@@ -24,11 +24,7 @@ use progress::ProgressLine;
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    logging: LoggingArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    #[command(flatten)]
-    kms: KmsArgs,
+    vault: VaultArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -230,8 +226,8 @@ impl TryFrom<Args> for Config {
             }
         };
         Ok(Config {
-            database_url: args.database.database_url,
-            kms_key_id: args.kms.kms_key_id,
+            database_url: args.vault.database_url,
+            kms_key_id: args.vault.kms_key_id,
             task,
         })
     }
@@ -241,8 +237,7 @@ impl TryFrom<Args> for Config {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(&args.logging);
-    cli::main(args, run, |_| 1).await
+    cli::main(args.vault.logging, args, run, |_| 1).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
