@@ -148,8 +148,8 @@ enum Task {
     Status {
         data_key_max_records: u64,
     },
-    DataKey(Options),
-    TokenKey(Options),
+    /// `data-key` or `token-key`: the keys of that purpose replaced.
+    ReplaceKeys(Purpose, Options),
     Rewrap {
         new_kms_key_id: String,
     },
@@ -178,8 +178,8 @@ impl TryFrom<Args> for Config {
             } => Task::Status {
                 data_key_max_records,
             },
-            Command::DataKey(rotation) => Task::DataKey(rotation.options()),
-            Command::TokenKey(rotation) => Task::TokenKey(rotation.options()),
+            Command::DataKey(rotation) => Task::ReplaceKeys(Purpose::Data, rotation.options()),
+            Command::TokenKey(rotation) => Task::ReplaceKeys(Purpose::Token, rotation.options()),
             Command::Rewrap { new_kms_key_id } => Task::Rewrap { new_kms_key_id },
             Command::Erase {
                 user_id,
@@ -275,29 +275,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 data_key_max_records,
             );
         }
-        Task::DataKey(options) => {
+        Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::replace_keys(
-                Purpose::Data,
-                &pool,
-                &keyring().await,
-                &options,
-                &ProgressLine::new("re-encrypting"),
-            )
-            .await?;
-            print_report("data", "re-encrypted", &report);
-        }
-        Task::TokenKey(options) => {
-            db::check_schema(&pool).await?;
-            let report = rotate::replace_keys(
-                Purpose::Token,
-                &pool,
-                &keyring().await,
-                &options,
-                &ProgressLine::new("re-tokenizing"),
-            )
-            .await?;
-            print_report("token", "re-tokenized", &report);
+            // What is done to each row, as the progress line and the report say it.
+            let (doing, done) = match purpose {
+                Purpose::Data => ("re-encrypting", "re-encrypted"),
+                Purpose::Token => ("re-tokenizing", "re-tokenized"),
+            };
+            let keyring = keyring().await;
+            let progress = ProgressLine::new(doing);
+            let report =
+                rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
+            print_report(purpose, done, &report);
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
@@ -408,7 +397,7 @@ fn print_expiry(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) {
     }
 }
 
-fn print_report(purpose: &str, verb: &str, report: &Report) {
+fn print_report(purpose: Purpose, verb: &str, report: &Report) {
     if !report.started_or_resumed {
         println!("no active {purpose} key to rotate; nothing to do");
         return;
