@@ -13,17 +13,15 @@ use crate::db::LOCAL_DATABASE_URL;
 use crate::ingest::source::SourceError;
 use crate::ingest::sqs_query::{self, Protocol};
 
-/// `--database-url`, shared by every binary.
+/// The flags of every binary that opens the vault (`ingest`, `unmask`, `rotate-keys`): how it
+/// logs, its database, and the KMS key that wraps new keys.
 #[derive(Debug, Clone, clap::Args)]
-pub struct DatabaseArgs {
+pub struct VaultArgs {
+    #[command(flatten)]
+    pub logging: LoggingArgs,
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", default_value = LOCAL_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
-}
-
-/// `--kms-key-id`, shared by every binary that creates or unwraps keys.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KmsArgs {
     /// KMS key (id, ARN or alias) that wraps new keys. Existing keys unwrap under the KMS key
     /// recorded with them.
     #[arg(long, env = "KMS_KEY_ID", default_value = "alias/pii-vault")]
@@ -73,7 +71,7 @@ impl SqsArgs {
 }
 
 /// `--log-format`, shared by every binary.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct LoggingArgs {
     /// How log lines on stderr look: `text` for people, `json` (one object per line) for a log
     /// collector. Verbosity comes from RUST_LOG (default `info`).
@@ -160,10 +158,12 @@ pub fn print_error(error: &anyhow::Error) {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// A binary's life after parsing: its arguments checked into its configuration (a bad one
-/// is one line and exit code 2), then `run`; a failure is printed as one line and ends with
-/// the code the binary's own `exit_code` gives it.
+/// A binary's life after parsing: logging started as `logging` (from `args`) says, its
+/// arguments checked into its configuration (a bad one is one line and exit code 2), then
+/// `run`; a failure is printed as one line and ends with the code the binary's own
+/// `exit_code` gives it.
 pub async fn main<Args, Config, Run, Done>(
+    logging: LoggingArgs,
     args: Args,
     run: impl FnOnce(Config) -> Run,
     exit_code: impl FnOnce(&anyhow::Error) -> u8,
@@ -173,6 +173,7 @@ where
     Run: std::future::Future<Output = anyhow::Result<Done>>,
     Done: std::process::Termination,
 {
+    init_logging(&logging);
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(usage) => {

@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use super::batch::{Batch, LoginRow};
 use super::source::MessageKey;
 use crate::vault::erasure::erasure_lock;
-use crate::vault::keyring::key_use_lock;
+use crate::vault::key_use;
 
 /// What one committed batch changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -74,14 +74,14 @@ pub enum WriteError {
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
 pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
-    // First hold the batch's keys, then check them (see `key_use_lock`): a rotation cannot
+    // First hold the batch's keys, then check them (see `vault::key_use`): a rotation cannot
     // retire them before this commits, and if it already has, nothing is written.
     let keys = [batch.token_key_id.0, batch.data_key_id.0];
-    sqlx::query(key_use_lock::HOLD_KEYS_SHARED)
+    sqlx::query(key_use::HOLD_KEYS_SHARED)
         .bind(&keys[..])
         .execute(&mut *tx)
         .await?;
-    let usable: i64 = sqlx::query_scalar(key_use_lock::KEYS_USABLE)
+    let usable: i64 = sqlx::query_scalar(key_use::KEYS_USABLE)
         .bind(&keys[..])
         .fetch_one(&mut *tx)
         .await?;

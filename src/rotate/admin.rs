@@ -5,7 +5,8 @@ use sqlx::PgPool;
 
 use super::RotateError;
 use crate::vault::KeyId;
-use crate::vault::keyring::{Keyring, key_use_lock};
+use crate::vault::key_use;
+use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 
 /// The keys of `purpose` an unfinished rotation left `retiring`.
@@ -33,8 +34,8 @@ pub(super) async fn retire_unused(
 ) -> Result<Option<Vec<KeyId>>, RotateError> {
     let mut tx = pool.begin().await?;
     // Waits for the writers still using these keys, and holds off new ones until the keys
-    // are retired (see `key_use_lock`).
-    sqlx::query(key_use_lock::HOLD_KEYS_EXCLUSIVE)
+    // are retired (see `vault::key_use`).
+    sqlx::query(key_use::HOLD_KEYS_EXCLUSIVE)
         .bind(retiring)
         .execute(&mut *tx)
         .await?;

@@ -10,14 +10,14 @@
 //!    key that no row references is marked `retired` under its exclusive key-use lock (an
 //!    ingester holds that lock shared from before its inserts until it commits, and checks
 //!    the key's state once it holds it, so no row can land under a retired key; see
-//!    `vault::keyring::key_use_lock`);
+//!    `vault::key_use`);
 //! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
 //!
 //! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
 //!
 //! The module's parts:
-//! - this file: the entry points of the two rotations ([`data_keys`], [`token_key`]), their
-//!   options, report and errors;
+//! - this file: the entry point of the two rotations ([`replace_keys`]), their options, report
+//!   and errors;
 //! - `walk`: the walk over the rows under the retiring keys, page after page and pass after
 //!   pass until no row uses them, with its [`Progress`] told to the caller (the library prints
 //!   nothing); it needs no database, and its unit tests drive it with tables in memory;
@@ -39,18 +39,18 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use time::Date;
 
-use crate::vault::KeyId;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
+use crate::vault::{KeyId, Purpose};
 
 pub use admin::{KeyStatus, rewrap, status};
 pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
 
 use admin::{destroy_retired, retiring_keys};
 use reseal::{DataKeys, Scope, Targets, TokenKeys};
-use walk::{Tally, until_retired};
+use walk::{Rotation, Tally, until_retired};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
@@ -140,111 +140,137 @@ impl Progress for () {
     fn finish(&self, _done: u64, _total: u64) {}
 }
 
-/// Replaces every data key: all sealed values (logins and quarantined bodies) are re-sealed
-/// under a new one, and the old ones retired.
-pub async fn data_keys<W: KeyWrapper>(
+/// Replaces the keys of `purpose` under every stored row, and retires the old ones:
+/// - [`Purpose::Data`]: every data key; all sealed values (logins and quarantined bodies) are
+///   re-sealed under a new one;
+/// - [`Purpose::Token`]: the token key; every stored token is recomputed from the opened
+///   original under a new token key. Rows record their token key version throughout
+///   (`user_logins.token_key_id`), so a query can tell old tokens from new ones meanwhile.
+pub async fn replace_keys<W: KeyWrapper>(
+    purpose: Purpose,
     pool: &PgPool,
     keyring: &Keyring<W>,
     options: &Options,
     progress: &dyn Progress,
 ) -> Result<Report, RotateError> {
-    let mut retiring = retiring_keys(pool, "data").await?;
-    if retiring.is_empty() {
-        retiring = sqlx::query_scalar(
-            "UPDATE vault_keys SET state = 'retiring'
-             WHERE purpose = 'data' AND state = 'active' RETURNING id",
-        )
-        .fetch_all(pool)
-        .await?;
-    } else {
-        tracing::info!(keys = ?retiring, "resuming an unfinished data key rotation");
+    match purpose {
+        Purpose::Data => {
+            let start = async {
+                let marked = sqlx::query_scalar(
+                    "UPDATE vault_keys SET state = 'retiring'
+                     WHERE purpose = 'data' AND state = 'active' RETURNING id",
+                )
+                .fetch_all(pool)
+                .await?;
+                Ok(marked)
+            };
+            let retiring = Retiring::resume_or_start(pool, options, purpose, start).await?;
+            if retiring.keys.is_empty() {
+                // No data key was active: there is nothing to replace.
+                return Ok(Report::default());
+            }
+            let rotation = DataKeys {
+                scope: retiring.scope(keyring),
+                keys: KeyCache::default(),
+                targets: Targets::new(pool, options.data_key_max_records).await?,
+            };
+            let rows = "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
+                             + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))";
+            let new_keys = |rotation: DataKeys<W>| rotation.targets.made;
+            retiring.walk(rows, progress, rotation, new_keys).await
+        }
+        Purpose::Token => {
+            // Fails if no token key is active (`rotate-keys init` makes the first one).
+            let start = async {
+                keyring.rotate_token_key().await?;
+                Ok(retiring_keys(pool, "token").await?)
+            };
+            let retiring = Retiring::resume_or_start(pool, options, purpose, start).await?;
+            let target = keyring.active_tokenizer().await?;
+            let new_key = target.key_id();
+            let rotation = TokenKeys {
+                scope: retiring.scope(keyring),
+                keys: KeyCache::default(),
+                target,
+            };
+            let rows = "SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)";
+            let new_keys = |_| vec![new_key];
+            retiring.walk(rows, progress, rotation, new_keys).await
+        }
     }
-    if retiring.is_empty() {
-        return Ok(Report::default());
-    }
-    let grace_ends = Instant::now() + options.grace;
-    let targets = Targets::new(pool, options.data_key_max_records).await?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
-              + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))",
-    )
-    .bind(&retiring)
-    .fetch_one(pool)
-    .await?;
-    let mut tally = Tally::new(total as u64, progress);
-    let mut rotation = DataKeys {
-        scope: Scope {
-            pool,
-            keyring,
-            retiring: &retiring,
-            batch_size: options.batch_size,
-        },
-        keys: KeyCache::default(),
-        targets,
-    };
-    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
-    finish(pool, options, "data", tally, retired, rotation.targets.made).await
 }
 
-/// Replaces the token key: every stored token is recomputed from the opened original under a
-/// new token key, and the old key is retired. Rows record their token key version throughout
-/// (`user_logins.token_key_id`), so a query can tell old tokens from new ones meanwhile.
-pub async fn token_key<W: KeyWrapper>(
-    pool: &PgPool,
-    keyring: &Keyring<W>,
-    options: &Options,
-    progress: &dyn Progress,
-) -> Result<Report, RotateError> {
-    let mut retiring = retiring_keys(pool, "token").await?;
-    if retiring.is_empty() {
-        keyring.rotate_token_key().await?;
-        retiring = retiring_keys(pool, "token").await?;
-    } else {
-        tracing::info!(keys = ?retiring, "resuming an unfinished token key rotation");
+/// A rotation of `purpose` keys under way: the keys it retires, and until when running
+/// ingesters may still write under them.
+struct Retiring<'a> {
+    pool: &'a PgPool,
+    options: &'a Options,
+    purpose: Purpose,
+    keys: Vec<i64>,
+    grace_ends: Instant,
+}
+
+impl<'a> Retiring<'a> {
+    /// The keys of `purpose` an unfinished rotation left `retiring`, so that it is finished
+    /// first; or else those `start` marks `retiring` now.
+    async fn resume_or_start(
+        pool: &'a PgPool,
+        options: &'a Options,
+        purpose: Purpose,
+        start: impl Future<Output = Result<Vec<i64>, RotateError>>,
+    ) -> Result<Self, RotateError> {
+        let mut keys = retiring_keys(pool, purpose.as_str()).await?;
+        if keys.is_empty() {
+            keys = start.await?;
+        } else {
+            tracing::info!(keys = ?keys, "resuming an unfinished {purpose} key rotation");
+        }
+        Ok(Self {
+            pool,
+            options,
+            purpose,
+            keys,
+            grace_ends: Instant::now() + options.grace,
+        })
     }
-    let grace_ends = Instant::now() + options.grace;
-    let target = keyring.active_tokenizer().await?;
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)")
-            .bind(&retiring)
-            .fetch_one(pool)
+
+    fn scope<'s, W>(&'s self, keyring: &'s Keyring<W>) -> Scope<'s, W> {
+        Scope {
+            pool: self.pool,
+            keyring,
+            retiring: &self.keys,
+            batch_size: self.options.batch_size,
+        }
+    }
+
+    /// Walks `rotation` until the keys are retired, telling `progress` how far it is through
+    /// the rows under them (counted by `rows`, `$1` the keys), then drops the retired keys'
+    /// bytes if asked. The report names the keys rows were moved to (`new_keys`).
+    async fn walk<R: Rotation>(
+        &self,
+        rows: &str,
+        progress: &dyn Progress,
+        mut rotation: R,
+        new_keys: impl FnOnce(R) -> Vec<KeyId>,
+    ) -> Result<Report, RotateError> {
+        let total: i64 = sqlx::query_scalar(rows)
+            .bind(&self.keys)
+            .fetch_one(self.pool)
             .await?;
-    let mut tally = Tally::new(total as u64, progress);
-    let new_key = target.key_id();
-    let mut rotation = TokenKeys {
-        scope: Scope {
-            pool,
-            keyring,
-            retiring: &retiring,
-            batch_size: options.batch_size,
-        },
-        keys: KeyCache::default(),
-        target,
-    };
-    let retired = until_retired(&mut rotation, grace_ends, &mut tally).await?;
-    finish(pool, options, "token", tally, retired, vec![new_key]).await
-}
-
-/// The report of a finished rotation of `purpose` keys, once the retired keys' bytes are
-/// dropped if asked.
-async fn finish(
-    pool: &PgPool,
-    options: &Options,
-    purpose: &str,
-    tally: Tally<'_>,
-    retired: Vec<KeyId>,
-    new_keys: Vec<KeyId>,
-) -> Result<Report, RotateError> {
-    let (rows_rewritten, started) = tally.finish();
-    let destroyed = destroy_retired(pool, purpose, options.destroy_retired).await?;
-    Ok(Report {
-        started_or_resumed: true,
-        rows_rewritten,
-        seconds: started.elapsed().as_secs_f64(),
-        retired,
-        destroyed,
-        new_keys,
-    })
+        let mut tally = Tally::new(total as u64, progress);
+        let retired = until_retired(&mut rotation, self.grace_ends, &mut tally).await?;
+        let (rows_rewritten, started) = tally.finish();
+        let destroy = self.options.destroy_retired;
+        let destroyed = destroy_retired(self.pool, self.purpose.as_str(), destroy).await?;
+        Ok(Report {
+            started_or_resumed: true,
+            rows_rewritten,
+            seconds: started.elapsed().as_secs_f64(),
+            retired,
+            destroyed,
+            new_keys: new_keys(rotation),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -308,7 +334,7 @@ mod tests {
             destroy_retired: true,
             ..Options::default()
         };
-        let report = data_keys(&admin, &keyring(&admin), &options, &())
+        let report = replace_keys(Purpose::Data, &admin, &keyring(&admin), &options, &())
             .await
             .unwrap();
         assert_eq!(
@@ -317,7 +343,7 @@ mod tests {
             "logins and the quarantined body"
         );
         assert_eq!((report.retired, report.destroyed), (vec![old_data_key], 1));
-        let report = token_key(&admin, &keyring(&admin), &options, &())
+        let report = replace_keys(Purpose::Token, &admin, &keyring(&admin), &options, &())
             .await
             .unwrap();
         assert_eq!(report.rows_rewritten, 99);

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
@@ -36,22 +37,99 @@ pub(super) struct Scope<'a, W> {
 /// A page's open transaction: it holds the page's rows locked until the rewrite commits.
 type PageTx = Transaction<'static, Postgres>;
 
+/// The statement that puts a page's rows under the new key, its values bound.
+type Update = Query<'static, Postgres, PgArguments>;
+
 impl<W> Scope<'_, W> {
-    /// The page after `after` through a door, and the transaction it was read in. `select`
-    /// binds `$1` = after, `$2` = the page size, `$3` = the retiring keys
-    /// ([`rotation_page`], [`quarantine_page`]).
-    async fn page<R>(&self, select: &str, after: i64) -> Result<(PageTx, Vec<R>), RotateError>
-    where
-        R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
-    {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<R> = sqlx::query_as(select)
+    /// One table's pages through a door (`select`: [`rotation_page`], [`quarantine_page`]),
+    /// opened with `keys` and rewritten by `table`.
+    fn pages<'s, T>(
+        &'s self,
+        select: String,
+        keys: &'s mut KeyCache,
+        table: T,
+    ) -> DoorPages<'s, W, T> {
+        DoorPages {
+            scope: self,
+            select,
+            keys,
+            table,
+        }
+    }
+}
+
+/// One table's rows under the retiring keys as a rotation walks them: each page read through a
+/// door of the key admin's, and its update (the table's own) run in the transaction the page
+/// was read in, which then commits. The door binds `$1` = after, `$2` = the page size, `$3` =
+/// the retiring keys.
+struct DoorPages<'s, W, T> {
+    scope: &'s Scope<'s, W>,
+    select: String,
+    keys: &'s mut KeyCache,
+    table: T,
+}
+
+/// A row as a door of the key admin's hands it out; the door's pages follow its primary key.
+trait DoorRow: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin {
+    fn id(&self) -> i64;
+}
+
+impl DoorRow for SealedLogin {
+    fn id(&self) -> i64 {
+        self.login_id
+    }
+}
+
+impl DoorRow for SealedBody {
+    fn id(&self) -> i64 {
+        self.id
+    }
+}
+
+/// A page as a table's rewrite gets it: its rows, with the keyring and the keys unwrapped so far
+/// to open them.
+struct Page<'p, W, R> {
+    rows: &'p [R],
+    keyring: &'p Keyring<W>,
+    keys: &'p mut KeyCache,
+}
+
+/// What a rotation does to one of its tables.
+trait Rewrite<W> {
+    type Row: DoorRow;
+
+    /// The update that puts the page's rows under the new key.
+    async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, RotateError>;
+}
+
+impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
+    type Row = T::Row;
+    type Held = PageTx;
+
+    fn id(row: &T::Row) -> i64 {
+        row.id()
+    }
+
+    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), RotateError> {
+        let mut tx = self.scope.pool.begin().await?;
+        let rows: Vec<T::Row> = sqlx::query_as(&self.select)
             .bind(after)
-            .bind(self.batch_size)
-            .bind(self.retiring)
+            .bind(self.scope.batch_size)
+            .bind(self.scope.retiring)
             .fetch_all(&mut *tx)
             .await?;
         Ok((tx, rows))
+    }
+
+    async fn rewrite(&mut self, mut tx: PageTx, rows: &[T::Row]) -> Result<(), RotateError> {
+        let page = Page {
+            rows,
+            keyring: self.scope.keyring,
+            keys: self.keys,
+        };
+        self.table.update(page).await?.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 
@@ -65,27 +143,23 @@ pub(super) struct DataKeys<'a, W> {
 impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
     async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
         let scope = &self.scope;
-        let mut logins = LoginValues {
-            scope,
-            select: rotation_page("reseal"),
-            keys: &mut self.keys,
+        let logins = LoginValues {
             targets: &mut self.targets,
         };
-        pass_over(&mut logins, tally).await?;
+        let mut pages = scope.pages(rotation_page("reseal"), &mut self.keys, logins);
+        pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
         let windows: Vec<(KeyId, Option<Date>)> =
             sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
                 .bind(scope.retiring)
                 .fetch_all(scope.pool)
                 .await?;
-        let mut bodies = QuarantinedBodies {
-            scope,
-            select: quarantine_page("reseal"),
-            keys: &mut self.keys,
+        let bodies = QuarantinedBodies {
             targets: &mut self.targets,
             windows,
         };
-        pass_over(&mut bodies, tally).await
+        let mut pages = scope.pages(quarantine_page("reseal"), &mut self.keys, bodies);
+        pass_over(&mut pages, tally).await
     }
 
     async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
@@ -102,13 +176,13 @@ pub(super) struct TokenKeys<'a, W> {
 
 impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
     async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
-        let mut tokens = LoginTokens {
-            scope: &self.scope,
-            select: rotation_page("retokenize"),
-            keys: &mut self.keys,
+        let tokens = LoginTokens {
             target: &self.target,
         };
-        pass_over(&mut tokens, tally).await
+        let mut pages = self
+            .scope
+            .pages(rotation_page("retokenize"), &mut self.keys, tokens);
+        pass_over(&mut pages, tally).await
     }
 
     async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
@@ -117,36 +191,23 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
 }
 
 /// Logins' sealed values under the retiring data keys, re-sealed under new ones.
-struct LoginValues<'a, W> {
-    scope: &'a Scope<'a, W>,
-    select: String,
-    keys: &'a mut KeyCache,
+struct LoginValues<'a> {
     targets: &'a mut Targets,
 }
 
-impl<W: KeyWrapper> Pages for LoginValues<'_, W> {
+impl<W: KeyWrapper> Rewrite<W> for LoginValues<'_> {
     type Row = SealedLogin;
-    type Held = PageTx;
 
-    fn id(row: &SealedLogin) -> i64 {
-        row.login_id
-    }
-
-    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<SealedLogin>), RotateError> {
-        self.scope.page(&self.select, after).await
-    }
-
-    async fn rewrite(&mut self, mut tx: PageTx, rows: &[SealedLogin]) -> Result<(), RotateError> {
-        let keyring = self.scope.keyring;
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
         let (mut ids, mut key_ids, mut ips, mut devices) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for row in rows {
-            let Some([ip, device]) = row.open(keyring, self.keys).await? else {
+        for row in page.rows {
+            let Some([ip, device]) = row.open(page.keyring, page.keys).await? else {
                 continue; // erased since the page was read: nothing to re-seal
             };
             let target = self
                 .targets
-                .room_for(keyring, Some(row.create_date), 2)
+                .room_for(page.keyring, Some(row.create_date), 2)
                 .await?;
             let place = |field| login_place(field, &row.message_id, &row.user_id);
             ids.push(row.login_id);
@@ -154,36 +215,26 @@ impl<W: KeyWrapper> Pages for LoginValues<'_, W> {
             ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));
             devices.push(target.seal(&place(Field::DeviceId), device.as_bytes()));
         }
-        sqlx::query(
+        let update = sqlx::query(
             "UPDATE login_vault v
              SET data_key_id = u.data_key_id, sealed_ip = u.sealed_ip,
                  sealed_device_id = u.sealed_device_id
              FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::bytea[])
                   AS u(login_id, data_key_id, sealed_ip, sealed_device_id)
              WHERE v.login_id = u.login_id",
-        )
-        .bind(&ids)
-        .bind(&key_ids)
-        .bind(&ips)
-        .bind(&devices)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        );
+        Ok(update.bind(ids).bind(key_ids).bind(ips).bind(devices))
     }
 }
 
 /// Quarantined bodies under the retiring data keys, re-sealed under new ones.
-struct QuarantinedBodies<'a, W> {
-    scope: &'a Scope<'a, W>,
-    select: String,
-    keys: &'a mut KeyCache,
+struct QuarantinedBodies<'a> {
     targets: &'a mut Targets,
     /// The retention window (its first day) each retiring key served.
     windows: Vec<(KeyId, Option<Date>)>,
 }
 
-impl<W> QuarantinedBodies<'_, W> {
+impl QuarantinedBodies<'_> {
     fn window_of(&self, key: KeyId) -> Option<Date> {
         self.windows
             .iter()
@@ -192,72 +243,44 @@ impl<W> QuarantinedBodies<'_, W> {
     }
 }
 
-impl<W: KeyWrapper> Pages for QuarantinedBodies<'_, W> {
+impl<W: KeyWrapper> Rewrite<W> for QuarantinedBodies<'_> {
     type Row = SealedBody;
-    type Held = PageTx;
 
-    fn id(row: &SealedBody) -> i64 {
-        row.id
-    }
-
-    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<SealedBody>), RotateError> {
-        self.scope.page(&self.select, after).await
-    }
-
-    async fn rewrite(&mut self, mut tx: PageTx, rows: &[SealedBody]) -> Result<(), RotateError> {
-        let keyring = self.scope.keyring;
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
         let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
-        for row in rows {
-            let body = row.open(keyring, self.keys).await?;
+        for row in page.rows {
+            let body = row.open(page.keyring, page.keys).await?;
             let window = self.window_of(row.data_key_id);
-            let target = self.targets.room_for(keyring, window, 1).await?;
+            let target = self.targets.room_for(page.keyring, window, 1).await?;
             ids.push(row.id);
             key_ids.push(target.key_id());
             bodies.push(target.seal(&quarantine_place(&row.message_id), &body));
         }
-        sqlx::query(
+        let update = sqlx::query(
             "UPDATE quarantine q SET data_key_id = u.data_key_id, sealed_body = u.sealed_body
              FROM UNNEST($1::int8[], $2::int8[], $3::bytea[]) AS u(id, data_key_id, sealed_body)
              WHERE q.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&key_ids)
-        .bind(&bodies)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        );
+        Ok(update.bind(ids).bind(key_ids).bind(bodies))
     }
 }
 
 /// Logins' tokens under the retiring token key, recomputed from the opened values under
 /// `target`.
-struct LoginTokens<'a, W> {
-    scope: &'a Scope<'a, W>,
-    select: String,
-    keys: &'a mut KeyCache,
+struct LoginTokens<'a> {
     target: &'a Tokenizer,
 }
 
-impl<W: KeyWrapper> Pages for LoginTokens<'_, W> {
+impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
     type Row = SealedLogin;
-    type Held = PageTx;
 
-    fn id(row: &SealedLogin) -> i64 {
-        row.login_id
-    }
-
-    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<SealedLogin>), RotateError> {
-        self.scope.page(&self.select, after).await
-    }
-
-    async fn rewrite(&mut self, mut tx: PageTx, rows: &[SealedLogin]) -> Result<(), RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
         let target = self.target;
         // Erased logins have no sealed values: their tokens cannot be recomputed and are
         // dropped.
         let mut tokens: BTreeMap<i64, (String, String)> = BTreeMap::new();
-        for row in rows {
-            let Some([ip, device]) = row.open(self.scope.keyring, self.keys).await? else {
+        for row in page.rows {
+            let Some([ip, device]) = row.open(page.keyring, page.keys).await? else {
                 continue;
             };
             let ip_token =
@@ -273,29 +296,20 @@ impl<W: KeyWrapper> Pages for LoginTokens<'_, W> {
                 (ip_token.to_string(), device_token.to_string()),
             );
         }
-        let ids: Vec<i64> = rows.iter().map(|row| row.login_id).collect();
-        let ips: Vec<Option<&str>> = ids
-            .iter()
-            .map(|id| tokens.get(id).map(|t| t.0.as_str()))
-            .collect();
-        let devices: Vec<Option<&str>> = ids
-            .iter()
-            .map(|id| tokens.get(id).map(|t| t.1.as_str()))
-            .collect();
-        sqlx::query(
+        let ids: Vec<i64> = page.rows.iter().map(|row| row.login_id).collect();
+        let (ips, devices): (Vec<Option<String>>, Vec<Option<String>>) =
+            ids.iter().map(|id| tokens.get(id).cloned().unzip()).unzip();
+        let update = sqlx::query(
             "UPDATE user_logins l
              SET masked_ip = u.masked_ip, masked_device_id = u.masked_device_id, token_key_id = $1
              FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS u(id, masked_ip, masked_device_id)
              WHERE l.id = u.id",
-        )
-        .bind(target.key_id())
-        .bind(&ids)
-        .bind(&ips)
-        .bind(&devices)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        );
+        Ok(update
+            .bind(target.key_id())
+            .bind(ids)
+            .bind(ips)
+            .bind(devices))
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
+//! - [`key_use`]: the lock on a key id that writers hold shared while they write under the key
+//!   and a rotation takes exclusively to retire it; `ingest` and `rotate` both take it.
 //! - [`key_cache`]: keys opened once each, by id, for a reveal, a verification or a rotation.
 //! - [`retention`]: retention windows: the KMS key behind a login month's data keys.
 //! - [`token`]: deterministic per-field tokens.
@@ -21,6 +23,7 @@
 
 pub mod erasure;
 pub mod key_cache;
+pub mod key_use;
 pub mod keyring;
 pub mod kms;
 pub mod place;

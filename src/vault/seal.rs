@@ -228,28 +228,21 @@ mod tests {
 
     #[test]
     fn associated_data_is_unambiguous() {
-        let a = Place {
-            message_id: "a|b",
-            user_id: "c",
+        // (message_id, user_id) of two places each, whose fields would run together alike if
+        // they were joined with a separator or with nothing.
+        let look_alikes = [(("a|b", "c"), ("a", "b|c")), (("ab", ""), ("a", "b"))];
+        let place = |(message_id, user_id)| Place {
+            message_id,
+            user_id,
             ..PLACE
         };
-        let b = Place {
-            message_id: "a",
-            user_id: "b|c",
-            ..PLACE
-        };
-        assert_ne!(associated_data(&a, KeyId(1)), associated_data(&b, KeyId(1)));
-        let c = Place {
-            message_id: "ab",
-            user_id: "",
-            ..PLACE
-        };
-        let d = Place {
-            message_id: "a",
-            user_id: "b",
-            ..PLACE
-        };
-        assert_ne!(associated_data(&c, KeyId(1)), associated_data(&d, KeyId(1)));
+        for (a, b) in look_alikes {
+            assert_ne!(
+                associated_data(&place(a), KeyId(1)),
+                associated_data(&place(b), KeyId(1)),
+                "{a:?} and {b:?}"
+            );
+        }
     }
 
     /// RFC 8452 appendix C.2 (AEAD_AES_256_GCM_SIV): a selection covering empty input, AAD, and

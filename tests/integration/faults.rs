@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::QueueAttributeName;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +13,7 @@ use crate::common::{
     self, Proxy, Replica, TestEnv, eventually, get, sample_bodies, stderr, stdout, terminate_pid,
     within,
 };
+use pii_vault::ingest::source::MessageSource;
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
@@ -95,23 +97,24 @@ async fn kill_while_holding(env: &TestEnv, replica: Replica) -> u64 {
     held
 }
 
-#[tokio::test]
-async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged_meanwhile() {
-    let env = TestEnv::new(30).await;
-    env.init_token_key().await;
-    let proxy = Proxy::start(common::database_port()).await;
-    let proxied = env.database_url_through(proxy.port);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy(&proxied)
-        .unwrap();
-    let keyring = Keyring::new(pool.clone(), env.kms.clone(), &env.kms_key_id, "tests");
+/// Ingests the sample across a cut of `proxy`, through which the ingester (`source`, `pool`,
+/// `keyring`) reaches `server`: 10 messages stored before the cut; 30 more sent during it, and
+/// none of them stored while it lasts (and `while_cut` holds); all 39 valid ones of the 40
+/// stored once the link is restored. Returns the run's summary, after a shutdown.
+async fn ingest_across_a_cut<S: MessageSource>(
+    env: &TestEnv,
+    proxy: &Proxy,
+    server: &str,
+    source: Arc<S>,
+    pool: PgPool,
+    keyring: Keyring<AwsKms>,
+    while_cut: impl Future<Output = ()>,
+) -> Summary {
     let bodies = sample_bodies();
     env.send(&bodies[..10]).await;
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(ingest::run(
-        env.source(poll()),
+        source,
         pool,
         keyring,
         settings(),
@@ -131,9 +134,9 @@ async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged
     assert_eq!(
         env.count("user_logins").await,
         10,
-        "nothing can commit while the database is away"
+        "nothing is stored while {server} is away"
     );
-    assert_eq!(env.messages_on_queue().await, 30, "so nothing was deleted");
+    while_cut.await;
 
     proxy.restore();
     let restored = Instant::now();
@@ -144,11 +147,39 @@ async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged
         .await
     );
     println!(
-        "recovered {:?} after PostgreSQL came back",
+        "recovered {:?} after {server} came back",
         restored.elapsed()
     );
     shutdown.cancel();
-    let summary: Summary = run.await.unwrap().unwrap();
+    run.await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn postgres_unreachable_for_a_while_is_retried_and_nothing_is_acknowledged_meanwhile() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let proxy = Proxy::start(common::database_port()).await;
+    let proxied = env.database_url_through(proxy.port);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(&proxied)
+        .unwrap();
+    let keyring = Keyring::new(pool.clone(), env.kms.clone(), &env.kms_key_id, "tests");
+    let nothing_deleted = async {
+        assert_eq!(env.messages_on_queue().await, 30, "so nothing was deleted");
+    };
+    let source = env.source(poll());
+    let summary = ingest_across_a_cut(
+        &env,
+        &proxy,
+        "PostgreSQL",
+        source,
+        pool,
+        keyring,
+        nothing_deleted,
+    )
+    .await;
     assert!(summary.write_retries > 0, "{summary}");
     assert_eq!((summary.stored, summary.quarantined), (39, 1));
     assert_eq!(env.messages_on_queue().await, 0);
@@ -168,42 +199,18 @@ async fn the_emulator_unreachable_for_a_while_is_retried_and_catches_up() {
     ));
     let kms = Arc::new(AwsKms::from_conf(&config));
     let keyring = Keyring::new(env.pool.clone(), kms, &env.kms_key_id, "tests");
-    let bodies = sample_bodies();
-    env.send(&bodies[..10]).await;
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(ingest::run(
+    let pool = env.pool.clone();
+    let no_more_checks = std::future::ready(());
+    ingest_across_a_cut(
+        &env,
+        &proxy,
+        "the emulator",
         source,
-        env.pool.clone(),
+        pool,
         keyring,
-        settings(),
-        Arc::default(),
-        shutdown.clone(),
-    ));
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("user_logins").await == 10
-        })
-        .await
-    );
-
-    proxy.cut();
-    env.send(&bodies[10..40]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(env.count("user_logins").await, 10);
-    proxy.restore();
-    let restored = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(60), || async {
-            env.count("user_logins").await == 39
-        })
-        .await
-    );
-    println!(
-        "recovered {:?} after the emulator came back",
-        restored.elapsed()
-    );
-    shutdown.cancel();
-    run.await.unwrap().unwrap();
+        no_more_checks,
+    )
+    .await;
     // A delete lost during the cut brings its message back; it is recognized as stored.
     tokio::time::sleep(Duration::from_secs(6)).await;
     env.drain_until_empty(Duration::from_secs(60)).await;

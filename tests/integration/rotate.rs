@@ -11,7 +11,7 @@ use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;
 use pii_vault::unmask;
 use pii_vault::vault::erasure::ErasedUsers;
-use pii_vault::vault::keyring::key_use_lock;
+use pii_vault::vault::key_use;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
@@ -545,7 +545,7 @@ async fn a_writer_waits_for_a_retiring_rotation_and_then_writes_nothing() {
 
     // A rotation retiring the data key holds the key's use lock exclusively...
     let mut rotation = env.pool.begin().await.unwrap();
-    sqlx::query(key_use_lock::HOLD_KEYS_EXCLUSIVE)
+    sqlx::query(key_use::HOLD_KEYS_EXCLUSIVE)
         .bind(&[data_key][..])
         .execute(&mut *rotation)
         .await

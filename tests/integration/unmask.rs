@@ -44,11 +44,23 @@ fn pair(outcome: &str, values: i32) -> (String, i32) {
     (outcome.to_owned(), values)
 }
 
+/// `unmask` as database user `user`, for `purpose`, with `args` after it.
+fn unmask_as(env: &TestEnv, user: &str, purpose: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--purpose", purpose];
+    all.extend_from_slice(args);
+    env.run_binary_as(user, UNMASK, &all)
+}
+
 /// `unmask` as the compliance officer, for a purpose, with `args` after it.
 fn unmask_as_officer(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--purpose", "fraud-investigation"];
-    all.extend_from_slice(args);
-    env.run_binary_as("compliance", UNMASK, &all)
+    unmask_as(env, "compliance", "fraud-investigation", args)
+}
+
+/// What `unmask` prints to the compliance officer who asks `args`: the reveal must succeed.
+fn shown_to_officer(env: &TestEnv, args: &[&str]) -> String {
+    let output = unmask_as_officer(env, args);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    stdout(&output)
 }
 
 #[tokio::test]
@@ -135,19 +147,17 @@ async fn an_officer_recovers_a_users_values_and_the_reveal_is_audited() {
         "the door names what it handed out, then the outcome is recorded"
     );
 
-    let table = unmask_as_officer(&env, &["--user-id", "u-2", "--reason", "t"]);
-    assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
-    let text = stdout(&table);
+    let text = shown_to_officer(&env, &["--user-id", "u-2", "--reason", "t"]);
     assert!(text.starts_with("create_date"), "{text}");
     assert!(
         text.contains("10.0.0.3") && text.contains("111-11-1111"),
         "{text}"
     );
-    let csv = unmask_as_officer(
+    let csv = shown_to_officer(
         &env,
         &["--user-id", "u-2", "--reason", "t", "--format", "csv"],
     );
-    assert_eq!(stdout(&csv).lines().count(), 2, "header and one row");
+    assert_eq!(csv.lines().count(), 2, "header and one row");
     assert_eq!(audit_rows(&env).await.len(), 6);
     env.cleanup().await;
 }
@@ -189,9 +199,8 @@ async fn reverse_lookups_find_every_login_carrying_a_token() {
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    let output = unmask_as_officer(&env, &["--masked-ip", &ip_token, "--reason", "r"]);
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert!(stdout(&output).contains("10.0.0.3"));
+    let shown = shown_to_officer(&env, &["--masked-ip", &ip_token, "--reason", "r"]);
+    assert!(shown.contains("10.0.0.3"));
     assert!(audit_rows(&env).await[2].3.starts_with("masked_ip = "));
     env.cleanup().await;
 }
@@ -260,18 +269,8 @@ async fn bad_arguments_exit_2() {
 async fn users_without_the_compliance_role_are_refused_and_the_attempt_is_audited() {
     let env = three_logins().await;
     for user in ["analyst", "ingester", "keyadmin", "nobody"] {
-        let output = env.run_binary_as(
-            user,
-            UNMASK,
-            &[
-                "--user-id",
-                "u-1",
-                "--purpose",
-                "legal-request",
-                "--reason",
-                "curious",
-            ],
-        );
+        let args = ["--user-id", "u-1", "--reason", "curious"];
+        let output = unmask_as(&env, user, "legal-request", &args);
         assert_eq!(output.status.code(), Some(3), "{user}: {}", stderr(&output));
         assert!(stdout(&output).is_empty());
         let message = stderr(&output);
@@ -623,20 +622,15 @@ async fn psql_as_compliance_reads_sealed_values_only_through_the_audited_door() 
                 && key.is_some())
     );
     compliance.close().await;
-    let output = env.run_binary_as(
-        "compliance",
-        UNMASK,
-        &[
-            "--user-id",
-            "u-1",
-            "--purpose",
-            "legal-request",
-            "--reason",
-            "court order 5",
-            "--actor",
-            "alice",
-        ],
-    );
+    let args = [
+        "--user-id",
+        "u-1",
+        "--reason",
+        "court order 5",
+        "--actor",
+        "alice",
+    ];
+    let output = unmask_as(&env, "compliance", "legal-request", &args);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     type Audited = (
         String,
@@ -696,8 +690,7 @@ fn forged_row(id: i64, prev_of: &str) -> String {
 async fn the_owner_cannot_rewrite_the_audit_unseen() {
     let env = three_logins().await;
     let reveal = |reason: &str| {
-        let output = unmask_as_officer(&env, &["--user-id", "u-2", "--reason", reason]);
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        shown_to_officer(&env, &["--user-id", "u-2", "--reason", reason]);
     };
     let checkpoint = || {
         let output = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
@@ -967,12 +960,10 @@ async fn hostile_revealed_values_cannot_act_on_the_officer() {
         ])
         .await;
     assert_eq!(summary.stored, 3);
-    let csv = unmask_as_officer(
+    let text = shown_to_officer(
         &env,
         &["--user-id", "u-h", "--reason", "r", "--format", "csv"],
     );
-    assert_eq!(csv.status.code(), Some(0), "{}", stderr(&csv));
-    let text = stdout(&csv);
     assert!(text.contains("\"'=cmd|' /C calc'!A0\""), "{text}");
     assert!(text.contains("\"'@SUM(1+1)\""), "{text}");
     for cell in text.lines().flat_map(|line| line.split(',')) {
@@ -981,19 +972,17 @@ async fn hostile_revealed_values_cannot_act_on_the_officer() {
             "live formula cell {cell:?} in {text}"
         );
     }
-    let table = unmask_as_officer(&env, &["--user-id", "u-h", "--reason", "r"]);
-    assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
-    let text = stdout(&table);
+    let text = shown_to_officer(&env, &["--user-id", "u-h", "--reason", "r"]);
     assert!(text.contains("abc\\u{202e}fed"), "{text}");
     assert!(
         !text.contains('\u{202E}'),
         "the control character is not printed raw"
     );
-    let json = unmask_as_officer(
+    let json = shown_to_officer(
         &env,
         &["--user-id", "u-h", "--reason", "r", "--format", "json"],
     );
-    let values: Vec<String> = stdout(&json)
+    let values: Vec<String> = json
         .lines()
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["device_id"]

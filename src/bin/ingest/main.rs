@@ -11,7 +11,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, SqsArgs, UsageError};
+use pii_vault::cli::{self, SqsArgs, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
@@ -31,11 +31,7 @@ use pii_vault::vault::kms::AwsKms;
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    logging: LoggingArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    #[command(flatten)]
-    kms: KmsArgs,
+    vault: VaultArgs,
     /// Queue name or URL.
     #[arg(long, env = "QUEUE", default_value = "login-queue")]
     queue: String,
@@ -176,8 +172,8 @@ impl TryFrom<Args> for Config {
             sealing: Arc::default(),
         };
         Ok(Config {
-            database_url: args.database.database_url,
-            kms_key_id: args.kms.kms_key_id,
+            database_url: args.vault.database_url,
+            kms_key_id: args.vault.kms_key_id,
             input,
             settings,
             shutdown_deadline: Duration::from_secs(args.shutdown_deadline),
@@ -189,8 +185,7 @@ impl TryFrom<Args> for Config {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(&args.logging);
-    cli::main(args, run, exit_code).await
+    cli::main(args.vault.logging, args, run, exit_code).await
 }
 
 /// Exit codes: 2 bad arguments or configuration (a taken `--metrics-addr` included), 1 any

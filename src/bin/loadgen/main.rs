@@ -99,8 +99,7 @@ impl TryFrom<Args> for Config {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(&args.logging);
-    cli::main(args, run, |_| 1).await
+    cli::main(args.logging, args, run, |_| 1).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

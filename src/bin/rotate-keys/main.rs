@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
+use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
 
@@ -23,11 +24,7 @@ use progress::ProgressLine;
 #[command(version)]
 struct Args {
     #[command(flatten)]
-    logging: LoggingArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    #[command(flatten)]
-    kms: KmsArgs,
+    vault: VaultArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -151,8 +148,8 @@ enum Task {
     Status {
         data_key_max_records: u64,
     },
-    DataKey(Options),
-    TokenKey(Options),
+    /// `data-key` or `token-key`: the keys of that purpose replaced.
+    ReplaceKeys(Purpose, Options),
     Rewrap {
         new_kms_key_id: String,
     },
@@ -181,8 +178,8 @@ impl TryFrom<Args> for Config {
             } => Task::Status {
                 data_key_max_records,
             },
-            Command::DataKey(rotation) => Task::DataKey(rotation.options()),
-            Command::TokenKey(rotation) => Task::TokenKey(rotation.options()),
+            Command::DataKey(rotation) => Task::ReplaceKeys(Purpose::Data, rotation.options()),
+            Command::TokenKey(rotation) => Task::ReplaceKeys(Purpose::Token, rotation.options()),
             Command::Rewrap { new_kms_key_id } => Task::Rewrap { new_kms_key_id },
             Command::Erase {
                 user_id,
@@ -229,8 +226,8 @@ impl TryFrom<Args> for Config {
             }
         };
         Ok(Config {
-            database_url: args.database.database_url,
-            kms_key_id: args.kms.kms_key_id,
+            database_url: args.vault.database_url,
+            kms_key_id: args.vault.kms_key_id,
             task,
         })
     }
@@ -240,8 +237,7 @@ impl TryFrom<Args> for Config {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(&args.logging);
-    cli::main(args, run, |_| 1).await
+    cli::main(args.vault.logging, args, run, |_| 1).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -279,27 +275,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 data_key_max_records,
             );
         }
-        Task::DataKey(options) => {
+        Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;
-            let report = rotate::data_keys(
-                &pool,
-                &keyring().await,
-                &options,
-                &ProgressLine::new("re-encrypting"),
-            )
-            .await?;
-            print_report("data", "re-encrypted", &report);
-        }
-        Task::TokenKey(options) => {
-            db::check_schema(&pool).await?;
-            let report = rotate::token_key(
-                &pool,
-                &keyring().await,
-                &options,
-                &ProgressLine::new("re-tokenizing"),
-            )
-            .await?;
-            print_report("token", "re-tokenized", &report);
+            // What is done to each row, as the progress line and the report say it.
+            let (doing, done) = match purpose {
+                Purpose::Data => ("re-encrypting", "re-encrypted"),
+                Purpose::Token => ("re-tokenizing", "re-tokenized"),
+            };
+            let keyring = keyring().await;
+            let progress = ProgressLine::new(doing);
+            let report =
+                rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
+            print_report(purpose, done, &report);
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
@@ -410,7 +397,7 @@ fn print_expiry(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) {
     }
 }
 
-fn print_report(purpose: &str, verb: &str, report: &Report) {
+fn print_report(purpose: Purpose, verb: &str, report: &Report) {
     if !report.started_or_resumed {
         println!("no active {purpose} key to rotate; nothing to do");
         return;

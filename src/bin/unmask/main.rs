@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use pii_vault::audit::{self, CheckpointKey, VerifyError};
-use pii_vault::cli::{self, DatabaseArgs, KmsArgs, LoggingArgs, UsageError};
+use pii_vault::cli::{self, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
@@ -38,11 +38,7 @@ const USAGE: &str = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --maske
 )]
 struct Args {
     #[command(flatten)]
-    logging: LoggingArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    #[command(flatten)]
-    kms: KmsArgs,
+    vault: VaultArgs,
     #[command(subcommand)]
     command: Option<Command>,
     /// Every login of this user.
@@ -164,7 +160,7 @@ impl TryFrom<Args> for Config {
             },
             Some(Command::AuditCheckpoint { signing }) => Task::AuditCheckpoint { signing },
             None => Task::Unmask {
-                kms_key_id: args.kms.kms_key_id,
+                kms_key_id: args.vault.kms_key_id,
                 request: request(
                     args.user_id,
                     args.masked_ip,
@@ -177,7 +173,7 @@ impl TryFrom<Args> for Config {
             },
         };
         Ok(Config {
-            database_url: args.database.database_url,
+            database_url: args.vault.database_url,
             task,
         })
     }
@@ -231,8 +227,7 @@ fn request(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(&args.logging);
-    cli::main(args, run, exit_code).await
+    cli::main(args.vault.logging, args, run, exit_code).await
 }
 
 /// The exit code of a failed run (see the `--help`): the reveal's own (2 refused as asked, 3
