@@ -105,7 +105,7 @@ const CAPPED_CRATES: [&str; 11] = [
     "hyper",
 ];
 
-/// The cap on [`CAPPED_CRATES`] (everything else passes).
+/// The cap on `CAPPED_CRATES` (everything else passes).
 pub fn verbosity_cap() -> Targets {
     CAPPED_CRATES.iter().fold(
         Targets::new().with_default(LevelFilter::TRACE),

@@ -5,8 +5,9 @@
 //! wrapped key unwraps only under the purpose and id it was created for, and KMS key policies
 //! can grant each role exactly the purposes it needs (see `keys/`).
 //!
-//! Unit tests run the vault's logic on [`memory::MemoryKms`], which keeps the rules of KMS the
-//! vault relies on; every path over AWS's wire is tested against the emulator.
+//! Unit tests run the vault's logic on `memory::MemoryKms` (`src/vault/kms/memory.rs`), which
+//! keeps the rules of KMS the vault relies on; every path over AWS's wire is tested against
+//! the emulator.
 
 #[cfg(test)]
 pub mod memory;
