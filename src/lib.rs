@@ -7,7 +7,9 @@
 //!
 //! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
 //! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table,
-//!   erased users (by token) and retention windows (a KMS key per month).
+//!   erased users (by token) and retention windows (a KMS key per month). Unit tests run it on
+//!   an in-memory KMS (`vault/kms/memory.rs`); [`vault::key_use`] is the lock writers and
+//!   rotations share.
 //!   - [`vault::place`]: where values are sealed (the table and field names in the associated
 //!     data); [`vault::sealed`]: sealed values as the doors hand them out, opened and checked
 //!     against their token, with typed integrity errors; [`vault::key_cache`]: keys unwrapped
@@ -34,7 +36,9 @@
 //! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
 //!   them.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
-//!   readiness checks it is given and depends on nothing else in the crate.
+//!   readiness checks it is given and depends on nothing else in the crate;
+//!   [`telemetry::LatencyHistogram`] is the one read-to-commit histogram, read by a run's
+//!   [`ingest::Summary`] and rendered on `/metrics`.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
 //! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, one-line
 //!   errors.
