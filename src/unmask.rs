@@ -403,11 +403,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::vault::SecretKey;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
     use crate::vault::place::login_place;
     use crate::vault::seal::Sealer;
     use crate::vault::token::Tokenizer;
-    use crate::vault::{EncryptionContext, SecretKey};
 
     const TOKEN_KEY: KeyId = KeyId(1);
     const DATA_KEY: KeyId = KeyId(2);
@@ -424,20 +424,10 @@ mod tests {
     impl Door {
         async fn new() -> Self {
             let kms = Arc::new(MemoryKms::new());
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .connect_lazy("postgres://unused@127.0.0.1:1/unused")
-                .unwrap();
-            let make = |purpose, key_id| {
-                let kms = kms.clone();
-                async move {
-                    let context = EncryptionContext { purpose, key_id };
-                    kms.generate_key(TEST_KMS_KEY, context).await.unwrap()
-                }
-            };
             Self {
-                keyring: Keyring::new(pool, kms.clone(), TEST_KMS_KEY, "test"),
-                token_key: make(Purpose::Token, TOKEN_KEY).await,
-                data_key: make(Purpose::Data, DATA_KEY).await,
+                keyring: kms.keyring_without_database(),
+                token_key: kms.wrapped_key(Purpose::Token, TOKEN_KEY).await,
+                data_key: kms.wrapped_key(Purpose::Data, DATA_KEY).await,
                 kms,
             }
         }

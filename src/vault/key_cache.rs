@@ -81,27 +81,18 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
+    use crate::vault::kms::memory::MemoryKms;
     use crate::vault::place::login_place;
     use crate::vault::token::Field;
-    use crate::vault::{EncryptionContext, Purpose, SecretKey};
+    use crate::vault::{Purpose, SecretKey};
 
-    /// A keyring whose database is never reached: handed-out keys need only KMS.
     fn keyring() -> (Keyring<MemoryKms>, Arc<MemoryKms>) {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .connect_lazy("postgres://unused@127.0.0.1:1/unused")
-            .unwrap();
         let kms = Arc::new(MemoryKms::new());
-        (Keyring::new(pool, kms.clone(), TEST_KMS_KEY, "test"), kms)
+        (kms.keyring_without_database(), kms)
     }
 
-    /// A key as the key table would hold it: wrapped by KMS for `purpose` and `id`.
     async fn made(kms: &MemoryKms, purpose: Purpose, id: i64) -> (SecretKey, WrappedKey) {
-        let context = EncryptionContext {
-            purpose,
-            key_id: KeyId(id),
-        };
-        kms.generate_key(TEST_KMS_KEY, context).await.unwrap()
+        kms.wrapped_key(purpose, KeyId(id)).await
     }
 
     #[tokio::test]

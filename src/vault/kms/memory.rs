@@ -11,7 +11,7 @@
 //! key's own secret, with the encryption context as associated data.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce};
@@ -19,7 +19,8 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::{KeyWrapper, KmsError};
-use crate::vault::{EncryptionContext, KEY_LEN, SecretKey, WrappedKey};
+use crate::vault::keyring::Keyring;
+use crate::vault::{EncryptionContext, KEY_LEN, KeyId, Purpose, SecretKey, WrappedKey};
 
 const NONCE_LEN: usize = 12;
 
@@ -112,12 +113,26 @@ impl MemoryKms {
             .unwrap_or(0)
     }
 
+    /// A key made by KMS for `purpose` and `key_id`, in plaintext and wrapped, as the key table
+    /// would hold it (or a door hand it out).
+    pub async fn wrapped_key(&self, purpose: Purpose, key_id: KeyId) -> (SecretKey, WrappedKey) {
+        let context = EncryptionContext { purpose, key_id };
+        self.generate_key(TEST_KMS_KEY, context).await.unwrap()
+    }
+
+    /// A keyring on this KMS whose database is never reached: enough for keys handed out by a
+    /// door, which need only KMS.
+    pub fn keyring_without_database(self: &Arc<Self>) -> Keyring<MemoryKms> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://unused@127.0.0.1:1/unused")
+            .unwrap();
+        Keyring::new(pool, self.clone(), TEST_KMS_KEY, "test")
+    }
+
     fn set_state(&self, name_or_arn: &str, state: State) {
         let mut keys = self.keys.lock().unwrap();
-        let (_, key) = keys
-            .iter_mut()
-            .find(|(name, key)| name == name_or_arn || key.arn == name_or_arn)
-            .unwrap_or_else(|| panic!("no KMS key {name_or_arn}"));
+        let key =
+            find(&mut keys, name_or_arn).unwrap_or_else(|| panic!("no KMS key {name_or_arn}"));
         key.state = state;
     }
 
@@ -148,11 +163,8 @@ impl MemoryKms {
             code: code.to_owned(),
             message,
         };
-        let keys = self.keys.lock().unwrap();
-        let Some((_, key)) = keys
-            .iter()
-            .find(|(name, key)| name == name_or_arn || key.arn == name_or_arn)
-        else {
+        let mut keys = self.keys.lock().unwrap();
+        let Some(key) = find(&mut keys, name_or_arn) else {
             return Err(refused(
                 "NotFoundException",
                 format!("{name_or_arn} not found"),
@@ -227,6 +239,13 @@ impl MemoryKms {
     }
 }
 
+/// The KMS key called or identified by `name_or_arn`, as KMS accepts either.
+fn find<'k>(keys: &'k mut [(String, KmsKey)], name_or_arn: &str) -> Option<&'k mut KmsKey> {
+    keys.iter_mut()
+        .find(|(name, key)| name == name_or_arn || key.arn == name_or_arn)
+        .map(|(_, key)| key)
+}
+
 /// The encryption context as KMS binds it: every pair, in a fixed order.
 fn associated_data(context: EncryptionContext) -> Vec<u8> {
     let mut pairs: Vec<_> = context.to_map().into_iter().collect();
@@ -285,20 +304,13 @@ impl KeyWrapper for MemoryKms {
 
     async fn schedule_deletion(&self, kms_key_id: &str) -> Result<(), KmsError> {
         self.request("ScheduleKeyDeletion")?;
-        let exists = self
-            .keys
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(name, key)| name == kms_key_id || key.arn == kms_key_id);
-        if !exists {
-            return Err(KmsError::Refused {
-                operation: "ScheduleKeyDeletion",
-                code: "NotFoundException".to_owned(),
-                message: format!("{kms_key_id} not found"),
-            });
-        }
-        self.set_state(kms_key_id, State::PendingDeletion);
+        let mut keys = self.keys.lock().unwrap();
+        let key = find(&mut keys, kms_key_id).ok_or_else(|| KmsError::Refused {
+            operation: "ScheduleKeyDeletion",
+            code: "NotFoundException".to_owned(),
+            message: format!("{kms_key_id} not found"),
+        })?;
+        key.state = State::PendingDeletion;
         Ok(())
     }
 }
@@ -306,7 +318,6 @@ impl KeyWrapper for MemoryKms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::{KeyId, Purpose};
 
     fn context(purpose: Purpose, id: i64) -> EncryptionContext {
         EncryptionContext {
