@@ -145,19 +145,35 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::db::scratch::Scratch;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
     use file::FileSource;
 
-    const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
-
-    fn settings() -> Settings {
-        Settings {
+    /// `ingest --from-file` of the 100 sample messages (99 logins, 1 malformed), in-process,
+    /// with a file's `settings`, until the file is read.
+    pub(crate) async fn ingest_sample<W: KeyWrapper>(
+        pool: &PgPool,
+        keyring: Keyring<W>,
+        settings: Settings,
+    ) -> Summary {
+        const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
+        let source = Arc::new(FileSource::open(SAMPLE, Some("unit")).unwrap());
+        let settings = Settings {
             drain: true,
-            ..Settings::for_file()
-        }
+            ..settings
+        };
+        run(
+            source,
+            pool.clone(),
+            keyring,
+            settings,
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
     }
 
     /// The whole pipeline over PostgreSQL with KMS in memory. KMS throttles the token key's
@@ -170,21 +186,11 @@ mod tests {
         let kms = Arc::new(MemoryKms::new());
         let keyring = || Keyring::new(db.pool.clone(), kms.clone(), TEST_KMS_KEY, "test");
         keyring().init_token_key().await.unwrap();
-        let source = || Arc::new(FileSource::open(SAMPLE, Some("unit")).unwrap());
 
         kms.throttle_next("Decrypt", 3);
         kms.throttle_next("GenerateDataKey", 1);
-        let first = settings();
-        let summary = run(
-            source(),
-            db.pool.clone(),
-            keyring(),
-            first.clone(),
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let first = Settings::for_file();
+        let summary = ingest_sample(&db.pool, keyring(), first.clone()).await;
         assert_eq!(
             kms.calls("Decrypt"),
             3 + 1,
@@ -203,16 +209,7 @@ mod tests {
         let why = first.sealing.get().expect("readiness names the stop");
         assert!(why.contains("sealing stopped"), "{why}");
 
-        let summary = run(
-            source(),
-            db.pool.clone(),
-            keyring(),
-            settings(),
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let summary = ingest_sample(&db.pool, keyring(), Settings::for_file()).await;
         assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
         assert_eq!(
             kms.calls("GenerateDataKey"),

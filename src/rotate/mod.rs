@@ -279,12 +279,10 @@ mod tests {
 
     use super::*;
     use crate::db::scratch::Scratch;
-    use crate::ingest::{self, Settings, file::FileSource};
+    use crate::ingest::Settings;
+    use crate::ingest::tests::ingest_sample;
     use crate::unmask::{Verified, verify_all};
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
-    use tokio_util::sync::CancellationToken;
-
-    const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
 
     /// Both rotations over PostgreSQL with KMS in memory, as the key admin: every sealed value
     /// re-sealed and every token recomputed, the old keys retired and destroyed, and what is
@@ -295,19 +293,7 @@ mod tests {
         let kms = Arc::new(MemoryKms::new());
         let keyring = |pool: &PgPool| Keyring::new(pool.clone(), kms.clone(), TEST_KMS_KEY, "test");
         keyring(&db.pool).init_token_key().await.unwrap();
-        let summary = ingest::run(
-            Arc::new(FileSource::open(SAMPLE, Some("unit")).unwrap()),
-            db.pool.clone(),
-            keyring(&db.pool),
-            Settings {
-                drain: true,
-                ..Settings::for_file()
-            },
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let summary = ingest_sample(&db.pool, keyring(&db.pool), Settings::for_file()).await;
         assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
         let keys = |purpose: &'static str| {
             let pool = db.pool.clone();
