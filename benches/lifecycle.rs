@@ -66,7 +66,7 @@ async fn main() {
     let compliance = env.pool_as("compliance").await;
     sqlx::query(
         "SELECT count(*) FROM generate_series(1, $1::int8) AS i,
-             LATERAL vault_reveal('user_id', 'nobody-' || i, 'security-incident', 'bench', 'bench')",
+             LATERAL vault_reveal_request('user_id', 'nobody-' || i, 'security-incident', 'bench', 'bench')",
     )
     .bind(audit_rows)
     .execute(&compliance)

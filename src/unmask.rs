@@ -1,9 +1,11 @@
 //! Audited recovery of original values, for a compliance officer.
 //!
-//! 1. Knock on the database's door (`vault_reveal`): in one transaction it checks the caller's
-//!    role, the purpose and the reason, appends the audit row naming every login it hands out,
-//!    and only then returns their sealed values and the wrapped keys they need. A refusal or
-//!    an empty answer is audited too.
+//! 1. Knock on the database's door in two steps. `vault_reveal_request` checks the caller's
+//!    role, the purpose and the reason, appends the audit row naming every login it will hand
+//!    out, and commits, returning only a request id. `vault_reveal` then hands out, against
+//!    that committed request, their sealed values and the wrapped keys they need (or the
+//!    refusal, or that nothing was found). A hand-out thus never outlives a rolled-back audit
+//!    row.
 //! 2. Unwrap each distinct data key and token key once (KMS `Decrypt`, with the encryption
 //!    context the door names).
 //! 3. Open every value at its place, then recompute its token and compare it in constant time
@@ -23,8 +25,7 @@ use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::sealed::{
-    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, open_checked,
-    quarantine_page, rotation_page,
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
 };
 use crate::vault::token::Field;
 use crate::vault::{KeyId, Purpose, WrappedKey};
@@ -144,7 +145,8 @@ pub struct Request {
 /// values and the wrapped keys that open them.
 #[derive(sqlx::FromRow)]
 struct HandedOut {
-    audit_id: i64,
+    /// `None` for a knock by a caller without the compliance role: it is no audit row.
+    audit_id: Option<i64>,
     outcome: String,
     login_id: Option<i64>,
     message_id: Option<String>,
@@ -177,12 +179,18 @@ pub async fn unmask<W: KeyWrapper>(
     request: &Request,
 ) -> Result<Vec<Revealed>, UnmaskError> {
     let (question, value) = request.question.door_arguments();
-    let handed: Vec<HandedOut> = sqlx::query_as("SELECT * FROM vault_reveal($1, $2, $3, $4, $5)")
+    // Step one commits on its own (the pool's autocommit), so the audit row stands before
+    // step two hands anything out.
+    let request_id: i64 = sqlx::query_scalar("SELECT vault_reveal_request($1, $2, $3, $4, $5)")
         .bind(question)
         .bind(value)
         .bind(&request.purpose)
         .bind(&request.reason)
         .bind(&request.actor)
+        .fetch_one(pool)
+        .await?;
+    let handed: Vec<HandedOut> = sqlx::query_as("SELECT * FROM vault_reveal($1)")
+        .bind(request_id)
         .fetch_all(pool)
         .await?;
     let Some(first) = handed.first() else {
@@ -197,7 +205,7 @@ pub async fn unmask<W: KeyWrapper>(
                 .fetch_one(pool)
                 .await?;
             return Err(UnmaskError::NotAuthorized(format!(
-                "database user {user} does not hold the pii_vault_compliance role (the attempt was audited)"
+                "database user {user} does not hold the pii_vault_compliance role (the attempt was recorded)"
             )));
         }
         "refused-purpose" => {
@@ -353,50 +361,41 @@ pub async fn verify_all<W: KeyWrapper>(
         logins: 0,
         bodies: 0,
     };
+    let mut conn = pool.acquire().await.map_err(KeyringError::Database)?;
     let mut after = 0i64;
-    let page = rotation_page("verify");
-    loop {
-        let rows: Vec<SealedLogin> = sqlx::query_as(&page)
-            .bind(after)
-            .bind(5_000i64)
-            .bind(Vec::<i64>::new())
-            .fetch_all(pool)
-            .await
-            .map_err(KeyringError::Database)?;
-        let Some(last) = rows.last() else {
-            break;
-        };
-        after = last.login_id;
-        for row in &rows {
+    while let Some(page) = Walk::Logins
+        .page::<SealedLogin>(pool, &mut conn, "verify", after, VERIFY_PAGE, &[])
+        .await
+        .map_err(KeyringError::Database)?
+    {
+        for row in &page.rows {
             row.open(keyring, &mut keys).await?;
+            after = row.login_id;
         }
-        verified.logins += rows.len() as u64;
+        verified.logins += page.rows.len() as u64;
     }
-    let data_keys: Vec<KeyId> =
+    let data_keys: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
             .fetch_all(pool)
             .await
             .map_err(KeyringError::Database)?;
     let mut after = 0i64;
-    let page = quarantine_page("verify");
-    loop {
-        let bodies: Vec<SealedBody> = sqlx::query_as(&page)
-            .bind(after)
-            .bind(5_000i64)
-            .bind(&data_keys)
-            .fetch_all(pool)
-            .await
-            .map_err(KeyringError::Database)?;
-        let Some(last) = bodies.last() else {
-            return Ok(verified);
-        };
-        after = last.id;
-        for body in &bodies {
+    while let Some(page) = Walk::Quarantine
+        .page::<SealedBody>(pool, &mut conn, "verify", after, VERIFY_PAGE, &data_keys)
+        .await
+        .map_err(KeyringError::Database)?
+    {
+        for body in &page.rows {
             body.open(keyring, &mut keys).await?;
+            after = body.id;
         }
-        verified.bodies += bodies.len() as u64;
+        verified.bodies += page.rows.len() as u64;
     }
+    Ok(verified)
 }
+
+/// Rows per page of `verify_all`, each page one audit row.
+const VERIFY_PAGE: i64 = 5_000;
 
 #[cfg(test)]
 mod tests {
@@ -451,7 +450,7 @@ mod tests {
                 )
             };
             HandedOut {
-                audit_id: 1,
+                audit_id: Some(1),
                 outcome: "handed-out".into(),
                 login_id: Some(login_id),
                 sealed_ip: Some(seal(Field::Ip, ip)),

@@ -77,11 +77,7 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
     // First hold the batch's keys, then check them (see `vault::key_use`): a rotation cannot
     // retire them before this commits, and if it already has, nothing is written.
     let keys = [batch.token_key_id.0, batch.data_key_id.0];
-    sqlx::query(key_use::HOLD_KEYS_SHARED)
-        .bind(&keys[..])
-        .execute(&mut *tx)
-        .await?;
-    let usable: i64 = sqlx::query_scalar(key_use::KEYS_USABLE)
+    let usable: i64 = sqlx::query_scalar(key_use::HOLD_KEYS_SHARED)
         .bind(&keys[..])
         .fetch_one(&mut *tx)
         .await?;
@@ -89,10 +85,7 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
         return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }
     // Likewise for erasures: one cannot commit between this check and the commit below.
-    sqlx::query(erasure_lock::HOLD_SHARED)
-        .execute(&mut *tx)
-        .await?;
-    let newest: i64 = sqlx::query_scalar(erasure_lock::NEWEST)
+    let newest: i64 = sqlx::query_scalar(erasure_lock::HOLD_SHARED)
         .fetch_one(&mut *tx)
         .await?;
     if newest > batch.erasures_seen {

@@ -20,9 +20,7 @@ use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows};
 use crate::vault::seal::Sealer;
-use crate::vault::sealed::{
-    IntegrityError, SealedBody, SealedLogin, quarantine_page, rotation_page,
-};
+use crate::vault::sealed::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::token::{Field, Tokenizer};
 
 /// What a rotation works on: the database, the keys, the keys it retires, and its page size.
@@ -34,37 +32,40 @@ pub(super) struct Scope<'a, W> {
     pub(super) batch_size: i64,
 }
 
-/// A page's open transaction: it holds the page's rows locked until the rewrite commits.
-type PageTx = Transaction<'static, Postgres>;
+/// A page's open transaction, which holds the page's rows locked until the rewrite commits, and
+/// the request the page was handed out against.
+type PageTx = (Transaction<'static, Postgres>, i64);
 
 /// The statement that puts a page's rows under the new key, its values bound.
 type Update = Query<'static, Postgres, PgArguments>;
 
 impl<W> Scope<'_, W> {
-    /// One table's pages through a door (`select`: [`rotation_page`], [`quarantine_page`]),
-    /// opened with `keys` and rewritten by `table`.
+    /// One table's pages of `operation` through the doors of `walk`, opened with `keys` and
+    /// rewritten by `table`.
     fn pages<'s, T>(
         &'s self,
-        select: String,
+        walk: Walk,
+        operation: &'static str,
         keys: &'s mut KeyCache,
         table: T,
     ) -> DoorPages<'s, W, T> {
         DoorPages {
             scope: self,
-            select,
+            walk,
+            operation,
             keys,
             table,
         }
     }
 }
 
-/// One table's rows under the retiring keys as a rotation walks them: each page read through a
-/// door of the key admin's, and its update (the table's own) run in the transaction the page
-/// was read in, which then commits. The door binds `$1` = after, `$2` = the page size, `$3` =
-/// the retiring keys.
+/// One table's rows under the retiring keys as a rotation walks them: each page requested and
+/// handed out through the key admin's doors, and its write (the table's own door) run in the
+/// transaction the page was handed out in, which then commits.
 struct DoorPages<'s, W, T> {
     scope: &'s Scope<'s, W>,
-    select: String,
+    walk: Walk,
+    operation: &'static str,
     keys: &'s mut KeyCache,
     table: T,
 }
@@ -86,9 +87,10 @@ impl DoorRow for SealedBody {
     }
 }
 
-/// A page as a table's rewrite gets it: its rows, with the keyring and the keys unwrapped so far
-/// to open them.
+/// A page as a table's rewrite gets it: the request it was handed out against, its rows, with
+/// the keyring and the keys unwrapped so far to open them.
 struct Page<'p, W, R> {
+    request: i64,
     rows: &'p [R],
     keyring: &'p Keyring<W>,
     keys: &'p mut KeyCache,
@@ -98,7 +100,7 @@ struct Page<'p, W, R> {
 trait Rewrite<W> {
     type Row: DoorRow;
 
-    /// The update that puts the page's rows under the new key.
+    /// The write door's call that puts the page's rows under the new key.
     async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, RotateError>;
 }
 
@@ -111,18 +113,32 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
     }
 
     async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), RotateError> {
-        let mut tx = self.scope.pool.begin().await?;
-        let rows: Vec<T::Row> = sqlx::query_as(&self.select)
-            .bind(after)
-            .bind(self.scope.batch_size)
-            .bind(self.scope.retiring)
-            .fetch_all(&mut *tx)
+        let scope = self.scope;
+        let mut tx = scope.pool.begin().await?;
+        let page = self
+            .walk
+            .page(
+                scope.pool,
+                &mut tx,
+                self.operation,
+                after,
+                scope.batch_size,
+                scope.retiring,
+            )
             .await?;
-        Ok((tx, rows))
+        Ok(match page {
+            Some(page) => ((tx, page.request), page.rows),
+            None => ((tx, 0), Vec::new()),
+        })
     }
 
-    async fn rewrite(&mut self, mut tx: PageTx, rows: &[T::Row]) -> Result<(), RotateError> {
+    async fn rewrite(
+        &mut self,
+        (mut tx, request): PageTx,
+        rows: &[T::Row],
+    ) -> Result<(), RotateError> {
         let page = Page {
+            request,
             rows,
             keyring: self.scope.keyring,
             keys: self.keys,
@@ -146,7 +162,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
         let logins = LoginValues {
             targets: &mut self.targets,
         };
-        let mut pages = scope.pages(rotation_page("reseal"), &mut self.keys, logins);
+        let mut pages = scope.pages(Walk::Logins, "reseal", &mut self.keys, logins);
         pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
         let windows: Vec<(KeyId, Option<Date>)> =
@@ -158,7 +174,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
             targets: &mut self.targets,
             windows,
         };
-        let mut pages = scope.pages(quarantine_page("reseal"), &mut self.keys, bodies);
+        let mut pages = scope.pages(Walk::Quarantine, "reseal", &mut self.keys, bodies);
         pass_over(&mut pages, tally).await
     }
 
@@ -181,7 +197,7 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         };
         let mut pages = self
             .scope
-            .pages(rotation_page("retokenize"), &mut self.keys, tokens);
+            .pages(Walk::Logins, "retokenize", &mut self.keys, tokens);
         pass_over(&mut pages, tally).await
     }
 
@@ -215,15 +231,13 @@ impl<W: KeyWrapper> Rewrite<W> for LoginValues<'_> {
             ips.push(target.seal(&place(Field::Ip), ip.as_bytes()));
             devices.push(target.seal(&place(Field::DeviceId), device.as_bytes()));
         }
-        let update = sqlx::query(
-            "UPDATE login_vault v
-             SET data_key_id = u.data_key_id, sealed_ip = u.sealed_ip,
-                 sealed_device_id = u.sealed_device_id
-             FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::bytea[])
-                  AS u(login_id, data_key_id, sealed_ip, sealed_device_id)
-             WHERE v.login_id = u.login_id",
-        );
-        Ok(update.bind(ids).bind(key_ids).bind(ips).bind(devices))
+        let update = sqlx::query("SELECT vault_reseal_logins($1, $2, $3, $4, $5)");
+        Ok(update
+            .bind(page.request)
+            .bind(ids)
+            .bind(key_ids)
+            .bind(ips)
+            .bind(devices))
     }
 }
 
@@ -256,12 +270,12 @@ impl<W: KeyWrapper> Rewrite<W> for QuarantinedBodies<'_> {
             key_ids.push(target.key_id());
             bodies.push(target.seal(&quarantine_place(&row.message_id), &body));
         }
-        let update = sqlx::query(
-            "UPDATE quarantine q SET data_key_id = u.data_key_id, sealed_body = u.sealed_body
-             FROM UNNEST($1::int8[], $2::int8[], $3::bytea[]) AS u(id, data_key_id, sealed_body)
-             WHERE q.id = u.id",
-        );
-        Ok(update.bind(ids).bind(key_ids).bind(bodies))
+        let update = sqlx::query("SELECT vault_reseal_quarantine($1, $2, $3, $4)");
+        Ok(update
+            .bind(page.request)
+            .bind(ids)
+            .bind(key_ids)
+            .bind(bodies))
     }
 }
 
@@ -299,13 +313,9 @@ impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
         let ids: Vec<i64> = page.rows.iter().map(|row| row.login_id).collect();
         let (ips, devices): (Vec<Option<String>>, Vec<Option<String>>) =
             ids.iter().map(|id| tokens.get(id).cloned().unzip()).unzip();
-        let update = sqlx::query(
-            "UPDATE user_logins l
-             SET masked_ip = u.masked_ip, masked_device_id = u.masked_device_id, token_key_id = $1
-             FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS u(id, masked_ip, masked_device_id)
-             WHERE l.id = u.id",
-        );
+        let update = sqlx::query("SELECT vault_retokenize_logins($1, $2, $3, $4, $5)");
         Ok(update
+            .bind(page.request)
             .bind(target.key_id())
             .bind(ids)
             .bind(ips)

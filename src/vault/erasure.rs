@@ -15,11 +15,13 @@ use super::keyring::{Keyring, KeyringError};
 use super::kms::KeyWrapper;
 use super::token::Tokenizer;
 
-/// Taken shared by each ingester batch and exclusively by an erasure: an advisory lock
-/// (class, key), so that taking it needs no privilege.
+/// The erasure gate (`erasure_gate`, migration 0009): an erasure updates its one row, each
+/// ingester batch holds it shared. A row lock, which only the vault's roles can take (an
+/// advisory lock could be held by any login, stalling every batch).
 pub mod erasure_lock {
-    /// Held by a writer from before its inserts until it commits.
-    pub const HOLD_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(1886086522, 0)";
+    /// Held by a writer from before its inserts until it commits; returns the newest erasure
+    /// record, read under the gate.
+    pub const HOLD_SHARED: &str = "SELECT vault_hold_erasures()";
     /// The newest erasure record: a batch made before it must not commit.
     pub const NEWEST: &str = "SELECT coalesce(max(id), 0) FROM erasures";
 }

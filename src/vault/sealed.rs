@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, PgPool};
 use time::Date;
 use zeroize::Zeroizing;
 
@@ -139,16 +141,6 @@ pub struct SealedLogin {
     pub sealed_device_id: Option<Vec<u8>>,
 }
 
-/// The rotation door's page of [`SealedLogin`]s after login `$1`, of `$2` rows, under keys `$3`,
-/// for `operation` (`verify`, `reseal`, `retokenize`: the audit records it).
-pub fn rotation_page(operation: &str) -> String {
-    format!(
-        "SELECT login_id, message_id, user_id, create_date, masked_ip, masked_device_id,
-                token_key_id, data_key_id, sealed_ip, sealed_device_id
-         FROM vault_rotation_page('{operation}', $1, $2, $3)"
-    )
-}
-
 impl SealedLogin {
     pub fn row(&self) -> RowId {
         RowId::login(self.login_id, &self.message_id)
@@ -208,13 +200,71 @@ pub struct SealedBody {
     pub sealed_body: Vec<u8>,
 }
 
-/// The quarantine door's page of [`SealedBody`]s after id `$1`, of `$2` rows, under keys `$3`,
-/// for `operation`.
-pub fn quarantine_page(operation: &str) -> String {
-    format!(
-        "SELECT id, message_id, data_key_id, sealed_body
-         FROM vault_quarantine_page('{operation}', $1, $2, $3)"
-    )
+/// The key admin's walks over sealed rows, each through its pair of doors: a request, whose
+/// audit row commits on its own, then the hand-out against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Logins ([`SealedLogin`]): `verify`, `reseal`, `retokenize`.
+    Logins,
+    /// Quarantined bodies ([`SealedBody`]): `verify`, `reseal`.
+    Quarantine,
+}
+
+/// A page a door handed out, and the request it was handed out against (the write doors
+/// accept only rows of the request handed out in their own transaction).
+#[derive(Debug)]
+pub struct DoorPage<R> {
+    pub request: i64,
+    pub rows: Vec<R>,
+}
+
+impl Walk {
+    /// The next page of `operation` after row `after`, at most `limit` rows, under `keys` (the
+    /// operation says what they select). The request runs on `pool` and commits on its own;
+    /// the hand-out runs on `conn`, usually the transaction that will write the page. `None`
+    /// once no row is left to hand out.
+    pub async fn page<R>(
+        self,
+        pool: &PgPool,
+        conn: &mut PgConnection,
+        operation: &str,
+        after: i64,
+        limit: i64,
+        keys: &[i64],
+    ) -> Result<Option<DoorPage<R>>, sqlx::Error>
+    where
+        R: for<'r> FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let (request, hand_out) = match self {
+            Walk::Logins => (
+                "SELECT vault_rotation_request($1, $2, $3, $4)",
+                "SELECT login_id, message_id, user_id, create_date, masked_ip, masked_device_id,
+                        token_key_id, data_key_id, sealed_ip, sealed_device_id
+                 FROM vault_rotation_page($1)",
+            ),
+            Walk::Quarantine => (
+                "SELECT vault_quarantine_request($1, $2, $3, $4)",
+                "SELECT id, message_id, data_key_id, sealed_body FROM vault_quarantine_page($1)",
+            ),
+        };
+        let request: Option<i64> = sqlx::query_scalar(request)
+            .bind(operation)
+            .bind(after)
+            .bind(limit)
+            .bind(keys)
+            .fetch_one(pool)
+            .await?;
+        let Some(request) = request else {
+            return Ok(None);
+        };
+        let rows: Vec<R> = sqlx::query_as(hand_out)
+            .bind(request)
+            .fetch_all(&mut *conn)
+            .await?;
+        // Rows erased between the two steps are not handed out; a page left empty ends the
+        // walk like the end of the table (a rotation's next pass finds what remains).
+        Ok((!rows.is_empty()).then_some(DoorPage { request, rows }))
+    }
 }
 
 impl SealedBody {
