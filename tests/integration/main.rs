@@ -9,6 +9,7 @@
 mod common;
 
 mod cli;
+mod doors;
 mod faults;
 mod hostile;
 mod ingest;

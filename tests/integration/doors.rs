@@ -1,0 +1,657 @@
+//! The doors' seams, attacked from outside as psql would: the caller's own transaction around a
+//! door, every isolation level, the key admin's direct writes, locks any login can take, and
+//! inputs of any size. Each test performs the attack and shows what it gets now.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::common::{TestEnv, login, stderr, stdout};
+use pii_vault::rotate;
+
+const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
+
+/// Two logins of u-1 and one of u-2, stored by the ingester.
+async fn stored_logins() -> TestEnv {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let summary = env
+        .ingest_bodies(&[
+            login("u-1", "10.0.0.1", "111-11-1111"),
+            login("u-1", "10.0.0.2", "222-22-2222"),
+            login("u-2", "10.0.0.3", "333-33-3333"),
+        ])
+        .await;
+    assert_eq!(summary.stored, 3);
+    env
+}
+
+/// Step one of a reveal of u-1, on `conn`.
+async fn request_reveal<'c, E: sqlx::PgExecutor<'c>>(conn: E, reason: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT vault_reveal_request('user_id', 'u-1', 'legal-request', $1, 'mallory')",
+    )
+    .bind(reason)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Every (outcome, login ids) of the audit, in order.
+async fn audited(env: &TestEnv) -> Vec<(String, Vec<i64>)> {
+    sqlx::query_as("SELECT outcome, login_ids FROM unmask_audit ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+fn refused_with(error: sqlx::Error, expected: &str) {
+    let message = error.to_string();
+    assert!(
+        message.contains(expected),
+        "expected «{expected}»: {message}"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_out_in_the_transaction_of_its_request_is_refused_so_a_rollback_takes_nothing() {
+    let env = stored_logins().await;
+    let compliance = env.pool_as("compliance").await;
+    let keyadmin = env.pool_as("keyadmin").await;
+
+    // As compliance: BEGIN; request; hand-out; ROLLBACK. The hand-out is refused: its request
+    // has not committed. Nothing was handed out, and nothing stays.
+    let mut tx = compliance.begin().await.unwrap();
+    let request = request_reveal(&mut *tx, "rolled back").await;
+    let refused = sqlx::query("SELECT * FROM vault_reveal($1)")
+        .bind(request)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_err();
+    refused_with(refused, "has not committed");
+    tx.rollback().await.unwrap();
+    assert!(audited(&env).await.is_empty());
+
+    // As the key admin, the same with each walk: the page is refused inside the request's
+    // transaction.
+    for (request, page) in [
+        (
+            "SELECT vault_rotation_request('verify', 0, 1000, '{}')",
+            "SELECT * FROM vault_rotation_page($1)",
+        ),
+        (
+            "SELECT vault_quarantine_request('verify', 0, 1000, (SELECT array_agg(id) FROM vault_keys))",
+            "SELECT * FROM vault_quarantine_page($1)",
+        ),
+    ] {
+        let mut tx = keyadmin.begin().await.unwrap();
+        let id: Option<i64> = sqlx::query_scalar(request)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        if let Some(id) = id {
+            let refused = sqlx::query(page)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+                .unwrap_err();
+            refused_with(refused, "has not committed");
+        }
+        tx.rollback().await.unwrap();
+    }
+    assert!(audited(&env).await.is_empty());
+
+    // A committed request, then a hand-out rolled back: its audit row stands, naming both
+    // logins handed out.
+    let request = request_reveal(&compliance, "committed").await;
+    let mut tx = compliance.begin().await.unwrap();
+    let handed: Vec<(String, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT outcome, sealed_ip FROM vault_reveal($1)")
+            .bind(request)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(handed.len(), 2);
+    assert!(
+        handed
+            .iter()
+            .all(|(o, sealed)| o == "handed-out" && sealed.is_some())
+    );
+    let rows = audited(&env).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, "handed-out");
+    assert_eq!(
+        rows[0].1.len(),
+        2,
+        "both logins named before they were handed out"
+    );
+
+    // The request is the caller's alone, and serves one committed hand-out.
+    let other = env.pool_as("keyadmin").await;
+    let refused = sqlx::query("SELECT * FROM vault_reveal($1)")
+        .bind(request)
+        .fetch_all(&other)
+        .await
+        .unwrap_err();
+    refused_with(refused, "is not a reveal request of keyadmin");
+    other.close().await;
+    sqlx::query("SELECT * FROM vault_reveal($1)")
+        .bind(request)
+        .fetch_all(&compliance)
+        .await
+        .unwrap();
+    let refused = sqlx::query("SELECT * FROM vault_reveal($1)")
+        .bind(request)
+        .fetch_all(&compliance)
+        .await
+        .unwrap_err();
+    refused_with(refused, "was handed out already");
+
+    // An expired request hands out nothing (the owner moves its clock, past the trigger).
+    let request = request_reveal(&compliance, "expires").await;
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE door_requests DISABLE TRIGGER door_requests_only_through_doors;
+         UPDATE door_requests SET expires_at = now() - interval '1 second' WHERE id = {request};
+         ALTER TABLE door_requests ENABLE TRIGGER door_requests_only_through_doors;"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let refused = sqlx::query("SELECT * FROM vault_reveal($1)")
+        .bind(request)
+        .fetch_all(&compliance)
+        .await
+        .unwrap_err();
+    refused_with(refused, "has expired");
+    compliance.close().await;
+    keyadmin.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_refusal_a_caller_learns_of_was_recorded_before_it_was_told() {
+    let env = stored_logins().await;
+    let compliance = env.pool_as("compliance").await;
+    let nobody = env.pool_as("nobody").await;
+    // A request is answered only by step two, and only once it committed: rolled back, it was
+    // never answered.
+    for pool in [&compliance, &nobody] {
+        let mut tx = pool.begin().await.unwrap();
+        let request: i64 = sqlx::query_scalar(
+            "SELECT vault_reveal_request('user_id', 'u-1', 'curiosity', 'r', 'mallory')",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let refused = sqlx::query("SELECT * FROM vault_reveal($1)")
+            .bind(request)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap_err();
+        refused_with(refused, "has not committed");
+        tx.rollback().await.unwrap();
+    }
+    let requests: i64 = sqlx::query_scalar("SELECT count(*) FROM door_requests")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(requests, 0);
+
+    // Committed, each is answered with the refusal its record already holds.
+    for (pool, user, refusal) in [
+        (&compliance, "compliance", "refused-purpose"),
+        (&nobody, "nobody", "refused-role"),
+    ] {
+        let request: i64 = sqlx::query_scalar(
+            "SELECT vault_reveal_request('user_id', 'u-1', 'curiosity', 'r', 'mallory')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        let (outcome, sealed): (String, Option<Vec<u8>>) =
+            sqlx::query_as("SELECT outcome, sealed_ip FROM vault_reveal($1)")
+                .bind(request)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!((outcome.as_str(), sealed), (refusal, None));
+        let recorded: (String, String) =
+            sqlx::query_as("SELECT db_user, outcome FROM door_requests WHERE id = $1")
+                .bind(request)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert_eq!(recorded, (user.to_owned(), refusal.to_owned()));
+    }
+    // The officer's refusal is in the chain; the role-less knock is not (it takes no lock).
+    assert_eq!(
+        audited(&env).await,
+        [("refused-purpose".to_owned(), Vec::new())]
+    );
+    compliance.close().await;
+    nobody.close().await;
+    env.cleanup().await;
+}
+
+/// Appends one audit row from inside `tx` (a reveal request of compliance).
+async fn append_in(tx: &mut Transaction<'static, Postgres>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT vault_reveal_request('user_id', 'u-2', 'legal-request', 'r', 'a')")
+        .fetch_one(&mut **tx)
+        .await
+}
+
+async fn begin_at(pool: &PgPool, isolation: &str) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {isolation}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // The snapshot is taken here, before anyone else appends.
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tx
+}
+
+/// No row of the audit has two successors, and `verify-audit` finds the chain intact.
+async fn assert_one_chain(env: &TestEnv, rows: i64) {
+    let (count, heads): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT prev_hash) FROM unmask_audit")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((count, heads), (rows, rows), "one successor per row");
+    let verified = env.run_binary_as("compliance", UNMASK, &["verify-audit"]);
+    assert_eq!(verified.status.code(), Some(0), "{}", stderr(&verified));
+    assert!(
+        stdout(&verified).starts_with(&format!("audit intact: {rows} rows")),
+        "{}",
+        stdout(&verified)
+    );
+}
+
+#[tokio::test]
+async fn an_append_on_a_stale_head_is_refused_under_every_isolation_level() {
+    let env = stored_logins().await;
+    let officer = env.pool_as("compliance").await;
+    let mut appended = 0;
+    for isolation in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
+        // A caller whose snapshot predates an append that committed meanwhile...
+        let mut stale = begin_at(&officer, isolation).await;
+        request_reveal(&officer, "meanwhile").await;
+        appended += 1;
+        let result = append_in(&mut stale).await;
+        if isolation == "READ COMMITTED" {
+            // ...reads the newest head (each statement takes a new snapshot) and follows it;
+            result.unwrap();
+            stale.commit().await.unwrap();
+            appended += 1;
+        } else {
+            // ...or is refused with a serialization failure, never forking the chain.
+            let error = result.unwrap_err();
+            let code = error.as_database_error().and_then(|e| e.code());
+            assert_eq!(code.as_deref(), Some("40001"), "{isolation}: {error}");
+            stale.rollback().await.unwrap();
+        }
+        // Two callers appending at once at this level: the second waits for the first, then is
+        // serialized after it or refused.
+        let mut first = begin_at(&officer, isolation).await;
+        let mut second = begin_at(&officer, isolation).await;
+        append_in(&mut first).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            let result = append_in(&mut second).await;
+            (result.is_ok(), second)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "{isolation}: the second append waits for the head"
+        );
+        first.commit().await.unwrap();
+        appended += 1;
+        let (followed, second) = waiting.await.unwrap();
+        assert_eq!(followed, isolation == "READ COMMITTED", "{isolation}");
+        if followed {
+            second.commit().await.unwrap();
+            appended += 1;
+        } else {
+            second.rollback().await.unwrap();
+        }
+    }
+    assert_one_chain(&env, appended).await;
+    officer.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn eight_officers_at_once_under_repeatable_read_and_serializable_leave_one_chain() {
+    let env = stored_logins().await;
+    let officer = env.pool_as("compliance").await;
+    let mut officers = Vec::new();
+    for n in 0..8 {
+        let pool = officer.clone();
+        let isolation = if n % 2 == 0 {
+            "REPEATABLE READ"
+        } else {
+            "SERIALIZABLE"
+        };
+        officers.push(tokio::spawn(async move {
+            let (mut appended, mut refused) = (0, 0);
+            while appended < 5 {
+                let mut tx = begin_at(&pool, isolation).await;
+                match append_in(&mut tx).await {
+                    Ok(_) => match tx.commit().await {
+                        Ok(()) => appended += 1,
+                        Err(_) => refused += 1,
+                    },
+                    Err(error) => {
+                        let code = error.as_database_error().and_then(|e| e.code());
+                        assert_eq!(code.as_deref(), Some("40001"), "{error}");
+                        refused += 1;
+                    }
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for officer in officers {
+        refused += officer.await.unwrap();
+    }
+    // Retried appends are what the isolation levels cost; the chain holds all 40 once.
+    println!("{refused} appends refused on a stale head and retried");
+    assert_one_chain(&env, 40).await;
+    officer.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_key_admin_changes_logins_and_sealed_values_only_through_audited_doors() {
+    let env = stored_logins().await;
+    let keyadmin = env.pool_as("keyadmin").await;
+    // The attacks of before: rename a user's logins, overwrite a sealed ip, a body, a token.
+    for statement in [
+        "UPDATE user_logins SET user_id = 'someone-else' WHERE user_id = 'u-1'",
+        "UPDATE user_logins SET masked_ip = 'x'",
+        "UPDATE login_vault SET sealed_ip = '\\x00'",
+        "UPDATE login_vault SET data_key_id = data_key_id",
+        "UPDATE quarantine SET sealed_body = '\\x00'",
+        "DELETE FROM login_vault",
+    ] {
+        let refused = sqlx::query(statement).execute(&keyadmin).await.unwrap_err();
+        refused_with(refused, "permission denied");
+    }
+
+    // The write doors take only rows handed out to the writing transaction.
+    let data_key: i64 =
+        sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data' LIMIT 1")
+            .fetch_one(&keyadmin)
+            .await
+            .unwrap();
+    let request: i64 = sqlx::query_scalar("SELECT vault_rotation_request('reseal', 0, 2, $1)")
+        .bind(vec![data_key])
+        .fetch_one(&keyadmin)
+        .await
+        .unwrap();
+    let handed: Vec<i64> =
+        sqlx::query_scalar("SELECT login_id FROM vault_rotation_page($1) ORDER BY login_id")
+            .bind(request)
+            .fetch_all(&keyadmin)
+            .await
+            .unwrap();
+    assert_eq!(handed.len(), 2);
+    let write = "SELECT vault_reseal_logins($1, $2, $3, $4, $5)";
+    let overwrite = |ids: Vec<i64>| {
+        let n = ids.len();
+        sqlx::query(write)
+            .bind(request)
+            .bind(ids)
+            .bind(vec![data_key; n])
+            .bind(vec![vec![0u8; 40]; n])
+            .bind(vec![vec![0u8; 40]; n])
+    };
+    // Handed out in an earlier transaction: not in hand any more.
+    refused_with(
+        overwrite(handed.clone())
+            .execute(&keyadmin)
+            .await
+            .unwrap_err(),
+        "was not handed out to this transaction",
+    );
+    // In hand, but a login the page did not hand out.
+    let request2: i64 = sqlx::query_scalar("SELECT vault_rotation_request('reseal', 0, 1, $1)")
+        .bind(vec![data_key])
+        .fetch_one(&keyadmin)
+        .await
+        .unwrap();
+    let mut tx = keyadmin.begin().await.unwrap();
+    sqlx::query("SELECT * FROM vault_rotation_page($1)")
+        .bind(request2)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    let outside = handed[1];
+    let refused = sqlx::query(write)
+        .bind(request2)
+        .bind(vec![outside])
+        .bind(vec![data_key])
+        .bind(vec![vec![0u8; 40]])
+        .bind(vec![vec![0u8; 40]])
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    refused_with(refused, "only rows handed out by request");
+    tx.rollback().await.unwrap();
+    // Nothing was written: every value still opens and matches its token.
+    let verified = rotate_verify(&env, &keyadmin).await;
+    assert_eq!(verified, 3);
+    keyadmin.close().await;
+    env.cleanup().await;
+}
+
+async fn rotate_verify(env: &TestEnv, keyadmin: &PgPool) -> u64 {
+    let keyring = env.keyring_on(keyadmin);
+    pii_vault::unmask::verify_all(keyadmin, &keyring)
+        .await
+        .unwrap()
+        .logins
+}
+
+#[tokio::test]
+async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
+    let env = stored_logins().await;
+    let nobody = env.pool_as("nobody").await;
+    let mut attacker = nobody.acquire().await.unwrap();
+    // Everything it can hold: the advisory locks the vault once used (erasure, key use, audit),
+    // session-scoped so they outlive any statement, and an open transaction that knocked on
+    // the reveal door.
+    let key_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM vault_keys")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1886086522, 0), pg_advisory_lock(8100121361964690548)")
+        .execute(&mut *attacker)
+        .await
+        .unwrap();
+    for id in &key_ids {
+        sqlx::query("SELECT pg_advisory_lock(1886086521, $1::int4)")
+            .bind(*id as i32)
+            .execute(&mut *attacker)
+            .await
+            .unwrap();
+    }
+    // The row locks the vault uses now, and the tables behind them, are out of its reach.
+    for statement in [
+        "SELECT 1 FROM erasure_gate FOR SHARE",
+        "SELECT 1 FROM vault_keys FOR SHARE",
+        "SELECT 1 FROM audit_head FOR SHARE",
+        "SELECT 1 FROM door_requests FOR SHARE",
+        "LOCK TABLE erasure_gate IN ACCESS SHARE MODE",
+        "LOCK TABLE audit_head IN ACCESS SHARE MODE",
+        "LOCK TABLE vault_keys IN ACCESS SHARE MODE",
+        "SELECT vault_hold_erasures()",
+        "SELECT vault_hold_keys('{1}')",
+    ] {
+        // In a transaction, as LOCK TABLE needs; the advisory locks are session-scoped.
+        sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
+        let refused = sqlx::query(statement)
+            .execute(&mut *attacker)
+            .await
+            .unwrap_err();
+        refused_with(refused, "permission denied");
+        sqlx::query("ROLLBACK")
+            .execute(&mut *attacker)
+            .await
+            .unwrap();
+    }
+    sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
+    request_reveal(&mut *attacker, "knock and hold").await;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+         WHERE a.usename = 'nobody' AND l.locktype = 'advisory' AND l.granted",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        held as usize,
+        2 + key_ids.len(),
+        "the attacker holds its locks"
+    );
+
+    // Meanwhile an ingest batch, an erasure and a reveal each go through.
+    let limit = Duration::from_secs(30);
+    let ingested = tokio::time::timeout(
+        limit,
+        env.ingest_bodies(&[login("u-3", "10.0.0.4", "444-44-4444")]),
+    )
+    .await
+    .expect("an ingest batch finishes while the attacker holds its locks");
+    assert_eq!(ingested.stored, 1);
+    let keyadmin = env.pool_as("keyadmin").await;
+    let keyring = env.keyring_on(&keyadmin);
+    let erased = tokio::time::timeout(
+        limit,
+        rotate::erase(&keyadmin, &keyring, "u-2", "request 7", "tests", false),
+    )
+    .await
+    .expect("an erasure finishes while the attacker holds its locks")
+    .unwrap();
+    assert_eq!(erased.logins, 1);
+    // (The binary runs under the harness's time limit.)
+    let output = env.run_binary_as(
+        "compliance",
+        UNMASK,
+        &[
+            "--purpose",
+            "legal-request",
+            "--user-id",
+            "u-1",
+            "--reason",
+            "r",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stdout(&output).contains("10.0.0.1"));
+    sqlx::query("ROLLBACK")
+        .execute(&mut *attacker)
+        .await
+        .unwrap();
+    drop(attacker);
+    nobody.close().await;
+    keyadmin.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn inputs_are_bounded_and_a_question_must_name_a_column() {
+    let env = stored_logins().await;
+    let compliance = env.pool_as("compliance").await;
+    let nobody = env.pool_as("nobody").await;
+    let huge = "x".repeat(1 << 20);
+    let ask = |question: Option<&str>, value: Option<&str>, reason: &str, actor: &str| {
+        sqlx::query_scalar::<_, i64>("SELECT vault_reveal_request($1, $2, 'legal-request', $3, $4)")
+            .bind(question.map(str::to_owned))
+            .bind(value.map(str::to_owned))
+            .bind(reason.to_owned())
+            .bind(actor.to_owned())
+    };
+    let cases = [
+        (
+            Some("user_id"),
+            Some("u-1"),
+            huge.as_str(),
+            "a",
+            "refused-input",
+        ),
+        (
+            Some("user_id"),
+            Some("u-1"),
+            "r",
+            huge.as_str(),
+            "refused-input",
+        ),
+        (
+            Some("user_id"),
+            Some(huge.as_str()),
+            "r",
+            "a",
+            "refused-input",
+        ),
+        (None, Some("u-1"), "r", "a", "refused-question"),
+        (Some("sealed_ip"), Some("u-1"), "r", "a", "refused-question"),
+        (Some("user_id"), None, "r", "a", "refused-question"),
+    ];
+    for (question, value, reason, actor, refusal) in cases {
+        let request = ask(question, value, reason, actor)
+            .fetch_one(&compliance)
+            .await
+            .unwrap();
+        let (outcome, login): (String, Option<i64>) =
+            sqlx::query_as("SELECT outcome, login_id FROM vault_reveal($1)")
+                .bind(request)
+                .fetch_one(&compliance)
+                .await
+                .unwrap();
+        assert_eq!((outcome.as_str(), login), (refusal, None), "{question:?}");
+    }
+    // Audited, within the documented sizes.
+    let rows: Vec<(String, i32, i32, i32)> = sqlx::query_as(
+        "SELECT outcome, length(reason), length(actor), length(question)
+         FROM unmask_audit ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), cases.len());
+    for (outcome, reason, actor, question) in rows {
+        assert!(outcome.starts_with("refused-"));
+        assert!(
+            reason <= 1000 && actor <= 128 && question <= 300,
+            "{reason} {actor} {question}"
+        );
+    }
+    // A role-less knock is bounded too.
+    ask(Some("user_id"), Some("u-1"), &huge, &huge)
+        .fetch_one(&nobody)
+        .await
+        .unwrap();
+    let detail: i32 = sqlx::query_scalar("SELECT max(length(detail)) FROM door_requests")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(detail <= 2000, "{detail}");
+    // Every door that appends takes the same bounds: an erasure with a 1 MB reason is refused.
+    let keyadmin = env.pool_as("keyadmin").await;
+    let keyring = env.keyring_on(&keyadmin);
+    let refused = rotate::erase(&keyadmin, &keyring, "u-1", &huge, "tests", false)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("at most 1000 characters"),
+        "{refused}"
+    );
+    compliance.close().await;
+    nobody.close().await;
+    keyadmin.close().await;
+    env.cleanup().await;
+}
