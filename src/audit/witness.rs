@@ -4,11 +4,17 @@
 //!
 //! Layout: one object per checkpoint, `checkpoints/<seq, 20 digits>.json`, written once
 //! (`If-None-Match: *`) with its own retention (`x-amz-object-lock-mode: COMPLIANCE`,
-//! `x-amz-object-lock-retain-until-date`), so the newest is the last key ListObjectsV2
-//! returns. The object holds what the database row holds: seq, last audit id, head hash,
-//! signed_at, the KMS key id and the signature (docs/FORMAT.md §7). An object that is not a
-//! checkpoint signed by the audit key under its own number is named and skipped: only the
-//! signer can make one that counts.
+//! `x-amz-object-lock-retain-until-date`), so the newest sorts last. The object holds what
+//! the database row holds: seq, last audit id, head hash, signed_at, the KMS key id and the
+//! signature (docs/FORMAT.md §7).
+//!
+//! Object Lock keeps object *versions*; it does not stop anyone allowed `s3:PutObject` from
+//! stacking a newer version on a key, or anyone allowed `s3:DeleteObject` from adding a
+//! delete marker that hides a key from ListObjectsV2 and GetObject. So the newest checkpoint
+//! is looked for among all versions (ListObjectVersions, GetObject by version id), newest
+//! number first, and a version that is not a checkpoint signed by the audit key under its own
+//! number is named and skipped: only the signer can make one that counts, and nobody can
+//! remove one.
 //!
 //! Requests are path-style (`<endpoint>/<bucket>/<key>`) against `AWS_ENDPOINT_URL_S3` or
 //! `AWS_ENDPOINT_URL` when set (LocalStack), else `https://s3.<region>.amazonaws.com`, signed
@@ -277,51 +283,73 @@ impl WitnessBucket {
         self.ok(&operation, answer).map(drop)
     }
 
-    /// The newest checkpoint that verifies under `signer` (objects that do not are skipped).
+    /// The newest checkpoint that verifies under `signer`, among every version of every
+    /// checkpoint object (versions that do not verify are skipped and named).
     pub async fn newest(&self, signer: &VerifyingKey) -> Result<Newest, WitnessError> {
         let mut newest = Newest::default();
-        let mut keys = self.keys().await?;
-        keys.sort_by_key(|key| std::cmp::Reverse(seq_of(key)));
-        for key in keys {
-            let bytes = self.get(&key).await?;
+        let mut versions = self.versions().await?;
+        // Newest number first; within a key, S3 lists the newest version first.
+        versions.sort_by_key(|(key, _)| std::cmp::Reverse(seq_of(key)));
+        for (key, version) in versions {
+            let bytes = self.get_version(&key, &version).await?;
             match verified(&key, &bytes, signer) {
                 Some(checkpoint) => {
                     newest.checkpoint = Some(checkpoint);
                     break;
                 }
-                None => newest.skipped.push(Skipped::WitnessObject { key }),
+                None => newest.skipped.push(Skipped::WitnessObject {
+                    key: format!("{key} (version {version})"),
+                }),
             }
         }
         Ok(newest)
     }
 
-    /// Every object key under `checkpoints/` (ListObjectsV2, page by page).
-    pub async fn keys(&self) -> Result<Vec<String>, WitnessError> {
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
+    /// (key, version id) of every version under `checkpoints/`, delete markers left out
+    /// (ListObjectVersions, page by page).
+    pub async fn versions(&self) -> Result<Vec<(String, String)>, WitnessError> {
+        let mut versions = Vec::new();
+        let mut marker: Option<(String, String)> = None;
         loop {
-            let mut query = String::from("?list-type=2&prefix=");
+            let mut query = String::from("?versions&prefix=");
             aws_http::percent_encode_into(&mut query, PREFIX);
-            if let Some(token) = &token {
-                query.push_str("&continuation-token=");
-                aws_http::percent_encode_into(&mut query, token);
+            if let Some((key, version)) = &marker {
+                query.push_str("&key-marker=");
+                aws_http::percent_encode_into(&mut query, key);
+                query.push_str("&version-id-marker=");
+                aws_http::percent_encode_into(&mut query, version);
             }
             let answer = self
-                .send("ListObjectsV2", "GET", &query, &[], Vec::new())
+                .send("ListObjectVersions", "GET", &query, &[], Vec::new())
                 .await?;
-            let body = self.ok("ListObjectsV2", answer)?;
+            let body = self.ok("ListObjectVersions", answer)?;
             let root =
-                xml::parse(&body).map_err(|why| self.failure("ListObjectsV2", why, false))?;
-            keys.extend(
-                root.children("Contents")
-                    .map(|c| c.child_text("Key").to_owned()),
-            );
-            token = Some(root.child_text("NextContinuationToken").to_owned())
-                .filter(|t| root.child_text("IsTruncated") == "true" && !t.is_empty());
-            if token.is_none() {
-                return Ok(keys);
+                xml::parse(&body).map_err(|why| self.failure("ListObjectVersions", why, false))?;
+            versions.extend(root.children("Version").map(|v| {
+                (
+                    v.child_text("Key").to_owned(),
+                    v.child_text("VersionId").to_owned(),
+                )
+            }));
+            marker = (root.child_text("IsTruncated") == "true").then(|| {
+                (
+                    root.child_text("NextKeyMarker").to_owned(),
+                    root.child_text("NextVersionIdMarker").to_owned(),
+                )
+            });
+            if marker.is_none() {
+                return Ok(versions);
             }
         }
+    }
+
+    /// One version of object `key`.
+    pub async fn get_version(&self, key: &str, version: &str) -> Result<Bytes, WitnessError> {
+        let operation = format!("GetObject {key} version {version}");
+        let mut path = format!("/{key}?versionId=");
+        aws_http::percent_encode_into(&mut path, version);
+        let answer = self.send(&operation, "GET", &path, &[], Vec::new()).await?;
+        self.ok(&operation, answer)
     }
 
     /// The current version of object `key`.
