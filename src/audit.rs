@@ -1097,6 +1097,39 @@ mod tests {
         // Both sides sign deterministically (RFC 6979), so even the signature is the same.
         let signature: p256::ecdsa::Signature = private.sign(&message);
         assert_eq!(hex(signature.to_der().as_bytes()), text(c, "signature_der"));
+
+        // The witnessed checkpoint (format 2): its message, signature and witness object.
+        let w = &vectors["witnessed_checkpoint"];
+        let witnessed = Checkpoint {
+            id: 2,
+            seq: Some(int(w, "seq")),
+            last_audit_id: int(w, "last_audit_id"),
+            head_hash: bytes(w, "head_hash"),
+            signed_at: at_micros(int(w, "signed_at_micros")),
+            kms_key_id: text(w, "kms_key_id").into(),
+            signature: bytes(w, "signature_der"),
+            created_by: String::new(),
+        };
+        assert_eq!(hex(&witnessed.message()), text(w, "message"));
+        let signature: p256::ecdsa::Signature = private.sign(&witnessed.message());
+        assert_eq!(hex(signature.to_der().as_bytes()), text(w, "signature_der"));
+        assert_eq!(
+            witness::object_key(witnessed.seq.unwrap()),
+            text(w, "object_key")
+        );
+        assert_eq!(
+            String::from_utf8(witness::to_object(&witnessed)).unwrap(),
+            text(w, "object")
+        );
+        let from_witness = witness::from_object(text(w, "object").as_bytes()).unwrap();
+        assert!(from_witness.states_the_same_as(&witnessed));
+        assert_eq!(from_witness.kms_key_id, witnessed.kms_key_id);
+        assert!(from_witness.verifies(Some(&public)));
+        // Alone in the table, it lacks the 2^32 + 6 checkpoints numbered before it.
+        assert_eq!(
+            verify_witnessed(&rows, &[witnessed], &public, Some(&from_witness), None),
+            Err(Broken::CheckpointMissing { seq: 1 })
+        );
     }
 
     const FIXTURE_AUDIT: &str = "fixture-audit-0.1.0.json";
