@@ -689,7 +689,7 @@ mod tests {
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
 
-    fn chain(n: usize, format: i16) -> Vec<Row> {
+    pub(super) fn chain(n: usize, format: i16) -> Vec<Row> {
         let mut rows = Vec::new();
         let mut prev = GENESIS.to_vec();
         for i in 0..n {
@@ -730,7 +730,7 @@ mod tests {
         signed(id, Some(seq), row, key)
     }
 
-    fn signed(id: i64, seq: Option<i64>, row: &Row, key: &SigningKey) -> Checkpoint {
+    pub(super) fn signed(id: i64, seq: Option<i64>, row: &Row, key: &SigningKey) -> Checkpoint {
         let mut checkpoint = Checkpoint {
             id,
             seq,

@@ -18,7 +18,7 @@ use aws_sdk_kms::error::DisplayErrorContext;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -199,6 +199,67 @@ impl Signer {
     }
 }
 
+/// Why an exchange gave no answer; each is worth trying again.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("cannot reach {endpoint}: {why}")]
+    Unreachable { endpoint: String, why: String },
+    #[error("reading the answer: {0}")]
+    Reading(String),
+    #[error("no answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+/// Sends `request` and reads the whole answer (at most `max_bytes`) within `timeout`: its
+/// status and body, whatever the status. `endpoint` names the server in errors.
+pub async fn exchange(
+    http: &HttpClient,
+    request: hyper::Request<Full<Bytes>>,
+    endpoint: &str,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ExchangeError> {
+    let exchange = async {
+        let response = http
+            .request(request)
+            .await
+            .map_err(|e| ExchangeError::Unreachable {
+                endpoint: endpoint.to_owned(),
+                why: error_chain(&e),
+            })?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), max_bytes)
+            .collect()
+            .await
+            .map_err(|e| ExchangeError::Reading(error_chain(&*e)))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ExchangeError::Timeout(timeout))?
+}
+
+/// Base64, standard alphabet, padded (`Content-MD5` and the like).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// An error with its causes on one line (hyper's own message is only "client error (Connect)").
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = error.to_string();
@@ -375,6 +436,15 @@ mod tests {
             let why = xml::parse(document).unwrap_err();
             assert!(!why.contains("secret"), "{why}");
         }
+    }
+
+    #[test]
+    fn base64_matches_the_standard_alphabet() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
     }
 
     #[test]

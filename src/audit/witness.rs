@@ -25,7 +25,7 @@ use std::time::Duration;
 use aws_sigv4::http_request::{
     PayloadChecksumKind, PercentEncodingMode, SigningSettings, UriPathNormalizationMode,
 };
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use md5::{Digest, Md5};
 use p256::ecdsa::VerifyingKey;
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::{Checkpoint, Skipped};
-use crate::aws_http::{self, HttpClient, SignError, Signer, error_chain, xml};
+use crate::aws_http::{self, HttpClient, SignError, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
 
 const PREFIX: &str = "checkpoints/";
@@ -422,37 +422,16 @@ impl WitnessBucket {
             .sign(&mut request, &body, settings)
             .await
             .map_err(|e: SignError| self.failure(operation, e.to_string(), e.is_transient()))?;
-        let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| {
-                self.failure(
-                    operation,
-                    format!("cannot reach {}: {}", self.endpoint, error_chain(&e)),
-                    true,
-                )
-            })?;
-            let status = response.status().as_u16();
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    self.failure(
-                        operation,
-                        format!("reading the answer: {}", error_chain(&*e)),
-                        true,
-                    )
-                })?
-                .to_bytes();
-            Ok(Answer { status, body })
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| {
-                self.failure(
-                    operation,
-                    format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
-                    true,
-                )
-            })?
+        let (status, body) = aws_http::exchange(
+            &self.http,
+            request,
+            &self.endpoint,
+            MAX_ANSWER_BYTES,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map_err(|e| self.failure(operation, e.to_string(), true))?;
+        Ok(Answer { status, body })
     }
 
     /// The body of a 2xx answer, else S3's refusal in one line.
@@ -518,26 +497,7 @@ impl WitnessError {
 
 /// `Content-MD5`: the base64 of the body's MD5 (S3 requires it with Object Lock).
 fn content_md5(body: &[u8]) -> String {
-    base64(&Md5::digest(body))
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    aws_http::base64(&Md5::digest(body))
 }
 
 /// `2026-12-04T15:30:51Z` (S3's retain-until date), to the second.
@@ -558,22 +518,12 @@ fn rfc3339(at: OffsetDateTime) -> String {
 mod tests {
     use super::*;
     use p256::ecdsa::SigningKey;
-    use p256::ecdsa::signature::Signer as _;
 
+    /// Checkpoint `seq` of a chain's second row, signed by `key`.
     fn signed(seq: i64, key: &SigningKey) -> Checkpoint {
-        let mut checkpoint = Checkpoint {
-            id: 0,
-            seq: Some(seq),
-            last_audit_id: 42,
-            head_hash: vec![7; 32],
-            signed_at: OffsetDateTime::from_unix_timestamp_nanos(1_800_000_000_123_000_000)
-                .unwrap(),
-            kms_key_id: "arn:aws:kms:us-east-1:000000000000:key/k".into(),
-            signature: Vec::new(),
-            created_by: "the witness".into(),
-        };
-        let signature: p256::ecdsa::Signature = key.sign(&checkpoint.message());
-        checkpoint.signature = signature.to_der().as_bytes().to_vec();
+        let rows = super::super::tests::chain(2, 2);
+        let mut checkpoint = super::super::tests::signed(0, Some(seq), &rows[1], key);
+        checkpoint.created_by = "the witness".into();
         checkpoint
     }
 
@@ -610,10 +560,6 @@ mod tests {
 
     #[test]
     fn headers_are_encoded_as_s3_expects() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
         // RFC 1321's MD5 of "abc", in base64.
         assert_eq!(content_md5(b"abc"), "kAFQmDzST7DWlj99KOF/cg==");
         let at = OffsetDateTime::from_unix_timestamp(1_796_398_251).unwrap();

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sigv4::http_request::SigningSettings;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
-use crate::aws_http::{self, HttpClient, Signer, error_chain, xml};
+use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
 
 /// The one version of the SQS Query API.
@@ -232,37 +232,10 @@ impl QueryClient {
     ) -> Result<xml::Element, SourceError> {
         check_plain_http(url)?;
         let request = self.signed_request(operation, url, body).await?;
-        let exchange = async {
-            let response = self.inner.http.request(request).await.map_err(|e| {
-                failure(
-                    operation,
-                    format!("cannot reach {url}: {}", error_chain(&e)),
-                    true,
-                )
-            })?;
-            let status = response.status().as_u16();
-            let answer = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
+        let (status, answer) =
+            aws_http::exchange(&self.inner.http, request, url, MAX_ANSWER_BYTES, timeout)
                 .await
-                .map_err(|e| {
-                    failure(
-                        operation,
-                        format!("reading the answer: {}", error_chain(&*e)),
-                        true,
-                    )
-                })?
-                .to_bytes();
-            Ok::<_, SourceError>((status, answer))
-        };
-        let (status, answer) = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| {
-                failure(
-                    operation,
-                    format!("no answer within {}s", timeout.as_secs()),
-                    true,
-                )
-            })??;
+                .map_err(|e| failure(operation, e.to_string(), true))?;
         let success = (200..300).contains(&status);
         match xml::parse(&answer) {
             Ok(root) if success && root.name == expected => Ok(root),

@@ -686,6 +686,14 @@ fn forged_row(id: i64, prev_of: &str) -> String {
     )
 }
 
+/// The ids of the audit rows, in order.
+async fn audit_ids(env: &TestEnv) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM unmask_audit ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
 /// `unmask audit-checkpoint` as the compliance officer (who may sign here): what it printed.
 fn checkpoint_now(env: &TestEnv) -> String {
     let output = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
@@ -735,10 +743,7 @@ async fn the_owner_cannot_rewrite_the_audit_unseen() {
     reveal("three");
     checkpoint();
     reveal("four");
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM unmask_audit ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let ids = audit_ids(&env).await;
     assert_eq!(ids.len(), 8);
     let gap = ids[1] + 1;
     assert_eq!(ids[2], gap + 1, "one id skipped");
@@ -898,10 +903,7 @@ async fn the_witness_names_what_the_owner_hides_from_the_database() {
     reveal("two");
     assert!(checkpoint_now(&env).contains(": seq 2, "));
     reveal("three");
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM unmask_audit ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let ids = audit_ids(&env).await;
     assert_eq!(ids.len(), 6);
     let witnessed = verify_audit(&env, &["--witness"]);
     head_of(&witnessed);
