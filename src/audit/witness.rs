@@ -69,6 +69,10 @@ pub enum WitnessError {
         "witness bucket {bucket}: checkpoint seq {seq} is witnessed already with other content"
     )]
     Conflict { bucket: String, seq: i64 },
+    #[error(
+        "witness bucket {bucket} has no Object Lock: what it holds could be deleted, so it witnesses nothing"
+    )]
+    NotLocked { bucket: String },
 }
 
 impl WitnessError {
@@ -78,7 +82,7 @@ impl WitnessError {
             WitnessError::Refused { status, code, .. } => {
                 *status >= 500 || *status == 429 || code.contains("SlowDown")
             }
-            WitnessError::Conflict { .. } => false,
+            WitnessError::Conflict { .. } | WitnessError::NotLocked { .. } => false,
         }
     }
 }
@@ -285,7 +289,9 @@ impl WitnessBucket {
 
     /// The newest checkpoint that verifies under `signer`, among every version of every
     /// checkpoint object (versions that do not verify are skipped and named).
+    /// The bucket must have Object Lock on.
     pub async fn newest(&self, signer: &VerifyingKey) -> Result<Newest, WitnessError> {
+        self.check_locked().await?;
         let mut newest = Newest::default();
         let mut versions = self.versions().await?;
         // Newest number first; within a key, S3 lists the newest version first.
@@ -303,6 +309,30 @@ impl WitnessBucket {
             }
         }
         Ok(newest)
+    }
+
+    /// Refuses a bucket without Object Lock (GetObjectLockConfiguration): anyone allowed to
+    /// delete in it could remove a witnessed checkpoint.
+    pub async fn check_locked(&self) -> Result<(), WitnessError> {
+        let operation = "GetObjectLockConfiguration";
+        let answer = self
+            .send(operation, "GET", "?object-lock", &[], Vec::new())
+            .await?;
+        let not_locked = || WitnessError::NotLocked {
+            bucket: self.bucket.clone(),
+        };
+        if answer.status == 404
+            && self.refusal(operation, &answer).code()
+                == Some("ObjectLockConfigurationNotFoundError")
+        {
+            return Err(not_locked());
+        }
+        let body = self.ok(operation, answer)?;
+        let root = xml::parse(&body).map_err(|why| self.failure(operation, why, false))?;
+        match root.find("ObjectLockEnabled") {
+            Some(enabled) if enabled.text.trim() == "Enabled" => Ok(()),
+            _ => Err(not_locked()),
+        }
     }
 
     /// (key, version id) of every version under `checkpoints/`, delete markers left out

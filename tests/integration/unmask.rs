@@ -1172,6 +1172,31 @@ async fn object_lock_keeps_the_witnessed_checkpoints() {
         "the stacked version is named: {}",
         stderr(&intact)
     );
+
+    // A bucket without Object Lock witnesses nothing: refused, for signing and verifying.
+    let unlocked = format!("{}-unlocked", env.audit_witness_bucket);
+    let made =
+        pii_vault::audit::witness::WitnessBucket::new(&common::aws_config().await, &unlocked, 1)
+            .send("CreateBucket", "PUT", "", &[], Vec::new())
+            .await
+            .unwrap();
+    assert_eq!(made.status, 200);
+    for args in [&["verify-audit", "--witness"][..], &["audit-checkpoint"]] {
+        let mut all = args.to_vec();
+        all.extend(["--audit-witness-bucket", &unlocked]);
+        let refused = env.run_binary_as("compliance", UNMASK, &all);
+        assert_eq!(
+            refused.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            stderr(&refused)
+        );
+        assert!(
+            stderr(&refused).contains(&format!("witness bucket {unlocked} has no Object Lock")),
+            "{args:?}: {}",
+            stderr(&refused)
+        );
+    }
     env.cleanup().await;
 }
 
