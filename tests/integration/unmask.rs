@@ -1098,6 +1098,85 @@ async fn a_checkpoint_planted_by_compliance_or_the_key_admin_is_named_and_skippe
     env.cleanup().await;
 }
 
+/// audit-checkpoint writes the database first: a run that ends before witnessing leaves a
+/// signed checkpoint ahead of the witness, which verifies, and which the next run witnesses
+/// before signing the next number.
+#[tokio::test]
+async fn a_checkpoint_stored_but_not_witnessed_verifies_and_the_next_run_witnesses_it() {
+    let env = three_logins().await;
+    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
+    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    shown_to_officer(&env, &["--user-id", "u-2", "--reason", "two"]);
+    // What a signer killed between its COMMIT and its PutObject leaves: checkpoint 2, signed
+    // by the key and stored, not witnessed.
+    let (last, head, signed_at): (i64, Vec<u8>, time::OffsetDateTime) = sqlx::query_as(
+        "SELECT id, hash, date_trunc('milliseconds', clock_timestamp())
+         FROM unmask_audit ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let message = pii_vault::audit::checkpoint_message_v2(2, last, &head, signed_at);
+    let signature = env
+        .kms
+        .client()
+        .sign()
+        .key_id(&env.audit_signing_key_id)
+        .message(aws_sdk_kms::primitives::Blob::new(message))
+        .message_type(aws_sdk_kms::types::MessageType::Raw)
+        .signing_algorithm(aws_sdk_kms::types::SigningAlgorithmSpec::EcdsaSha256)
+        .send()
+        .await
+        .unwrap()
+        .signature
+        .unwrap()
+        .into_inner();
+    let compliance = env.pool_as("compliance").await;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, last_audit_id, head_hash, signed_at, kms_key_id, signature)
+         VALUES (2, $1, $2, $3, $4, $5)",
+    )
+    .bind(last)
+    .bind(&head)
+    .bind(signed_at)
+    .bind(&env.audit_signing_key_id)
+    .bind(&signature)
+    .execute(&compliance)
+    .await
+    .unwrap();
+    compliance.close().await;
+
+    let ahead = verify_audit(&env, &["--witness"]);
+    head_of(&ahead);
+    assert!(
+        stdout(&ahead).contains("witness: checkpoint seq 1 "),
+        "{}",
+        stdout(&ahead)
+    );
+    let next = checkpoint_now(&env);
+    assert!(
+        next.contains("checkpoint seq 2 (stored earlier, not yet witnessed) witnessed in"),
+        "{next}"
+    );
+    assert!(next.contains(": seq 3, "), "{next}");
+    let witnessed = env.witness().await.versions().await.unwrap();
+    let mut keys: Vec<String> = witnessed.into_iter().map(|(key, _)| key).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        (1..=3)
+            .map(pii_vault::audit::witness::object_key)
+            .collect::<Vec<_>>()
+    );
+    let after = verify_audit(&env, &["--witness"]);
+    assert!(
+        stdout(&after).contains("witness: checkpoint seq 3 "),
+        "{}",
+        stdout(&after)
+    );
+    env.cleanup().await;
+}
+
 /// The witness holds: Object Lock refuses to delete a witnessed checkpoint's version, and a
 /// delete marker (which Object Lock allows) or a newer version stacked on the key hides
 /// nothing from verify-audit --witness.
