@@ -702,6 +702,14 @@ fn checkpoint_now(env: &TestEnv) -> String {
     stdout(&output)
 }
 
+/// Three logins, one reveal, and checkpoint 1 signed and witnessed.
+async fn witnessed_once() -> TestEnv {
+    let env = three_logins().await;
+    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
+    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    env
+}
+
 /// `unmask verify-audit` as the compliance officer, with `extra` arguments.
 fn verify_audit(env: &TestEnv, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["verify-audit"];
@@ -1041,9 +1049,7 @@ async fn the_witness_names_what_the_owner_hides_from_the_database() {
 /// checkpointing carries on past it.
 #[tokio::test]
 async fn a_checkpoint_planted_by_compliance_or_the_key_admin_is_named_and_skipped() {
-    let env = three_logins().await;
-    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
-    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    let env = witnessed_once().await;
     for (user, seq, next) in [("compliance", "2", 2), ("keyadmin", "NULL", 3)] {
         let pool = env.pool_as(user).await;
         let planted: i64 = sqlx::query_scalar(&format!(
@@ -1103,9 +1109,7 @@ async fn a_checkpoint_planted_by_compliance_or_the_key_admin_is_named_and_skippe
 /// before signing the next number.
 #[tokio::test]
 async fn a_checkpoint_stored_but_not_witnessed_verifies_and_the_next_run_witnesses_it() {
-    let env = three_logins().await;
-    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
-    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    let env = witnessed_once().await;
     shown_to_officer(&env, &["--user-id", "u-2", "--reason", "two"]);
     // What a signer killed between its COMMIT and its PutObject leaves: checkpoint 2, signed
     // by the key and stored, not witnessed.
@@ -1182,9 +1186,7 @@ async fn a_checkpoint_stored_but_not_witnessed_verifies_and_the_next_run_witness
 /// nothing from verify-audit --witness.
 #[tokio::test]
 async fn object_lock_keeps_the_witnessed_checkpoints() {
-    let env = three_logins().await;
-    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
-    checkpoint_now(&env);
+    let env = witnessed_once().await;
     let witness = env.witness().await;
     let key = pii_vault::audit::witness::object_key(1);
     let versions = witness.versions().await.unwrap();
