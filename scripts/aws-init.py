@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Create the SQS queues and KMS keys pii-vault needs, in an AWS emulator.
+"""Create the SQS queues, KMS keys and S3 witness bucket pii-vault needs, in an AWS emulator.
 
 Meant for scripts/services (LocalStack on the host, or moto) and the compose
 LocalStack init hook: it only needs boto3, and every run converges to the same
@@ -36,6 +36,15 @@ def parse_args():
     p.add_argument("--alias", default="alias/pii-vault", help="KMS key alias (default: %(default)s)")
     p.add_argument("--signing-alias", default="alias/pii-vault-audit-signer",
                    help="alias of the asymmetric key that signs audit checkpoints (default: %(default)s)")
+    p.add_argument("--witness-bucket",
+                   default=os.environ.get("AUDIT_WITNESS_BUCKET", "pii-vault-audit-witness"),
+                   help="S3 bucket (Object Lock, COMPLIANCE) that witnesses audit checkpoints "
+                        "(default: $AUDIT_WITNESS_BUCKET or %(default)s)")
+    p.add_argument("--witness-retain-days", type=int,
+                   default=int(os.environ.get("AUDIT_WITNESS_RETAIN_DAYS", "1")),
+                   help="default COMPLIANCE retention of the witness bucket, in days "
+                        "(default: $AUDIT_WITNESS_RETAIN_DAYS or %(default)s; in production the "
+                        "audit's retention period, e.g. 2557)")
     args = p.parse_args()
     if args.dlq is None:
         args.dlq = args.queue + "-dlq"
@@ -94,6 +103,31 @@ def ensure_key(kms, alias, key_spec="SYMMETRIC_DEFAULT", key_usage="ENCRYPT_DECR
     return key["Arn"]
 
 
+def ensure_witness_bucket(s3, name, region, days):
+    """Create bucket `name` with Object Lock on and a default COMPLIANCE retention of `days`.
+
+    Object Lock can only be turned on when a bucket is made (it turns versioning on too), so
+    an existing bucket without it is an error to fix by hand, not something to paper over.
+    Locked object versions cannot be deleted by anyone until their retention ends, which is
+    what makes the bucket a witness the database owner cannot rewrite.
+    """
+    try:
+        extra = {} if region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True, **extra)
+    except ClientError as e:
+        if e.response["Error"]["Code"] != "BucketAlreadyOwnedByYou":
+            raise
+    lock = s3.get_object_lock_configuration(Bucket=name)["ObjectLockConfiguration"]
+    if lock.get("ObjectLockEnabled") != "Enabled":
+        raise RuntimeError(f"bucket {name} exists without Object Lock; it cannot witness")
+    s3.put_object_lock_configuration(Bucket=name, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled",
+        "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": days}},
+    })
+    return name
+
+
 def main():
     args = parse_args()
     # Emulators accept any credentials, but boto3 refuses to sign without some.
@@ -102,6 +136,7 @@ def main():
     session = boto3.session.Session(region_name=args.region)
     sqs = session.client("sqs", endpoint_url=args.endpoint_url)
     kms = session.client("kms", endpoint_url=args.endpoint_url)
+    s3 = session.client("s3", endpoint_url=args.endpoint_url)
 
     dlq_url = ensure_queue(sqs, args.dlq, {})
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
@@ -121,12 +156,15 @@ def main():
                              key_usage="SIGN_VERIFY",
                              description="pii-vault audit checkpoint signing (local emulator)")
 
+    witness = ensure_witness_bucket(s3, args.witness_bucket, args.region, args.witness_retain_days)
+
     print(f"QUEUE_URL={queue_url}")
     print(f"DLQ_URL={dlq_url}")
     print(f"KMS_KEY_ARN={key_arn}")
     print(f"KMS_KEY_ALIAS={args.alias}")
     print(f"AUDIT_SIGNING_KEY_ARN={signing_arn}")
     print(f"AUDIT_SIGNING_KEY_ALIAS={args.signing_alias}")
+    print(f"AUDIT_WITNESS_BUCKET={witness}")
 
 
 if __name__ == "__main__":

@@ -14,5 +14,10 @@
 : "${KMS_KEY_ID:=alias/pii-vault}"
 # The asymmetric (ECC_NIST_P256, SIGN_VERIFY) key that signs audit checkpoints.
 : "${AUDIT_SIGNING_KEY_ID:=alias/pii-vault-audit-signer}"
+# The S3 bucket (Object Lock, COMPLIANCE mode) that witnesses audit checkpoints, and how long
+# each witnessed checkpoint stays locked: a day locally (scripts/aws-init.py makes the bucket);
+# in production the audit's retention period, e.g. 2557 days (7 years).
+: "${AUDIT_WITNESS_BUCKET:=pii-vault-audit-witness}"
+: "${AUDIT_WITNESS_RETAIN_DAYS:=1}"
 export DATABASE_URL AWS_ENDPOINT_URL AWS_REGION AWS_DEFAULT_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY KMS_KEY_ID \
-    AUDIT_SIGNING_KEY_ID
+    AUDIT_SIGNING_KEY_ID AUDIT_WITNESS_BUCKET AUDIT_WITNESS_RETAIN_DAYS

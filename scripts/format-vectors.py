@@ -239,6 +239,28 @@ def checkpoint_message(last_id, head_hash, signed_at_micros):
     )
 
 
+def checkpoint_message_v2(seq, last_id, head_hash, signed_at_micros):
+    return b"".join(
+        part(p)
+        for p in (b"pii-vault/audit-checkpoint/v2", i64(seq), i64(last_id), head_hash,
+                  i64(signed_at_micros))
+    )
+
+
+def witness_object(seq, last_id, head_hash, signed_at_micros, kms_key_id, signature):
+    """The witness bucket's object for a format-2 checkpoint: JSON, two-space indent, fields
+    in this order, binary fields in lowercase hex, a final newline."""
+    return json.dumps({
+        "format": "pii-vault/audit-checkpoint/v2",
+        "seq": seq,
+        "last_audit_id": last_id,
+        "head_hash": head_hash.hex(),
+        "signed_at_micros": signed_at_micros,
+        "kms_key_id": kms_key_id,
+        "signature_der": signature.hex(),
+    }, indent=2) + "\n"
+
+
 def checkpoint_key():
     return ec.derive_private_key(int.from_bytes(CHECKPOINT_SCALAR, "big"), ec.SECP256R1())
 
@@ -533,8 +555,16 @@ def audit_vectors():
     key = checkpoint_key()
     signature = key.sign(message, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     key.public_key().verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    # A witnessed checkpoint (format 2) of the same head, numbered 2^32 + 7 so that the
+    # number's i64 shows in more than its last byte.
+    seq, signed_at_2 = 4_294_967_303, signed_at + 60_000
+    message_2 = checkpoint_message_v2(seq, rows[-1]["id"], prev, signed_at_2)
+    signature_2 = key.sign(message_2, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+    key.public_key().verify(signature_2, message_2, ec.ECDSA(hashes.SHA256()))
+    kms_key_id = "arn:aws:kms:us-east-1:111122223333:key/0b9e8f3c-2d4a-4c1e-9f00-7a6b5c4d3e2f"
     return {
-        **header("the audit chain (formats 1 and 2) and a signed checkpoint", "§7 Audit"),
+        **header("the audit chain (formats 1 and 2), a signed checkpoint and a witnessed one",
+                 "§7 Audit"),
         "genesis": GENESIS.hex(),
         "rows": rows,
         "checkpoint": {
@@ -547,6 +577,19 @@ def audit_vectors():
             "public_key_spki_der": spki_der(key.public_key()).hex(),
             "signature_der": signature.hex(),
             "signature_note": "ECDSA P-256 over SHA-256 of the message, DER; deterministic (RFC 6979) here, random k in production (KMS)",
+        },
+        "witnessed_checkpoint": {
+            "seq": seq,
+            "last_audit_id": rows[-1]["id"],
+            "head_hash": prev.hex(),
+            "signed_at_micros": signed_at_2,
+            "signed_at": rfc3339(signed_at_2),
+            "kms_key_id": kms_key_id,
+            "message": message_2.hex(),
+            "signature_der": signature_2.hex(),
+            "object_key": f"checkpoints/{seq:020d}.json",
+            "object": witness_object(seq, rows[-1]["id"], prev, signed_at_2, kms_key_id,
+                                     signature_2),
         },
     }
 

@@ -15,6 +15,16 @@
 //! checkpoint does not verify. Rows after the newest checkpoint are covered by a head hash
 //! kept elsewhere (`--expect-head`).
 //!
+//! The owner can also delete checkpoint rows, and whoever holds INSERT on the table
+//! (compliance, the key admin) can add rows that do not verify. So each checkpoint is numbered
+//! (`seq`, signed with it: format 2) and also written to a [`witness`] the database owner
+//! cannot rewrite, an S3 bucket under Object Lock. [`verify_witnessed`] holds the chain to the
+//! newest witnessed checkpoint: the chain must reach it (its row still carries the head it
+//! signed), every signed checkpoint up to it must still be in the table (no gap in `seq`), and
+//! an empty chain must have an empty witness. Checkpoint rows whose signatures do not verify
+//! are named ([`Skipped`]) and skipped there: the witness decides, so a planted row cannot
+//! stop verification (or checkpointing) for good.
+//!
 //! Encodings (both SHA-256 over length-prefixed parts, a part being a u32 big-endian length
 //! then its bytes; integers big-endian; times as i64 microseconds since the Unix epoch):
 //! - format 1 (rows written by pii-vault before 0.2, hashed by the client):
@@ -24,10 +34,16 @@
 //!   actor, db_user, purpose, reason, question, values_revealed (i32), outcome, login_ids,
 //!   key_ids` (each id list one part: its ids as consecutive i64);
 //! - a checkpoint signs `"pii-vault/audit-checkpoint/v1", last_id (i64), head_hash,
-//!   signed_at` with ECDSA P-256 over SHA-256 (KMS `ECDSA_SHA_256`, message type RAW).
+//!   signed_at` (format 1, before witnessing) or `"pii-vault/audit-checkpoint/v2", seq (i64),
+//!   last_id (i64), head_hash, signed_at` (format 2) with ECDSA P-256 over SHA-256 (KMS
+//!   `ECDSA_SHA_256`, message type RAW).
 //!
 //! docs/FORMAT.md §7 says the same byte for byte; `tests/data/vectors/audit.json` and a chain
 //! written by an earlier version (`fixture-audit-*.json`) pin it.
+
+pub mod witness;
+
+use std::collections::BTreeSet;
 
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};
@@ -35,7 +51,7 @@ use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{DerSignature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
 /// `prev_hash` of the first row.
@@ -53,6 +69,9 @@ pub const REVEAL_PURPOSES: [&str; 5] = [
 const FORMAT_1: &[u8] = b"pii-vault/audit/v1";
 const FORMAT_2: &[u8] = b"pii-vault/audit/v2";
 const CHECKPOINT_FORMAT: &[u8] = b"pii-vault/audit-checkpoint/v1";
+const CHECKPOINT_FORMAT_2: &[u8] = b"pii-vault/audit-checkpoint/v2";
+/// Serializes `audit-checkpoint` runs (transaction-scoped advisory lock): "piiwitns".
+const CHECKPOINT_LOCK: i64 = 0x7069_6977_6974_6e73;
 
 /// A stored row.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -131,30 +150,96 @@ impl Row {
     }
 }
 
-/// A signed statement that the chain ended at `last_audit_id` with `head_hash`.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A signed statement that the chain ended at `last_audit_id` with `head_hash`: a row of
+/// `audit_checkpoints`, or an object of the [`witness`] (whose `id` is 0).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Checkpoint {
     pub id: i64,
+    /// The witnessed checkpoint's number, signed with it (format 2); `None` for checkpoints
+    /// signed before witnessing (format 1).
+    pub seq: Option<i64>,
     pub last_audit_id: i64,
     pub head_hash: Vec<u8>,
     pub signed_at: OffsetDateTime,
+    /// The KMS key that signed it, as KMS named it.
+    pub kms_key_id: String,
     pub signature: Vec<u8>,
+    /// The database user who inserted the row (named when it does not verify).
+    pub created_by: String,
 }
 
-/// The bytes a checkpoint's signature covers.
+impl Checkpoint {
+    /// The bytes its signature covers, in its format.
+    pub fn message(&self) -> Vec<u8> {
+        match self.seq {
+            None => checkpoint_message(self.last_audit_id, &self.head_hash, self.signed_at),
+            Some(seq) => {
+                checkpoint_message_v2(seq, self.last_audit_id, &self.head_hash, self.signed_at)
+            }
+        }
+    }
+
+    /// Whether `signer` signed it (never, without a key).
+    pub fn verifies(&self, signer: Option<&VerifyingKey>) -> bool {
+        signer.is_some_and(|key| {
+            DerSignature::from_bytes(&self.signature)
+                .is_ok_and(|signature| key.verify(&self.message(), &signature).is_ok())
+        })
+    }
+
+    /// Whether `other` states the same signed content (wherever each is stored).
+    pub fn states_the_same_as(&self, other: &Checkpoint) -> bool {
+        (
+            self.seq,
+            self.last_audit_id,
+            &self.head_hash,
+            self.signed_at,
+        ) == (
+            other.seq,
+            other.last_audit_id,
+            &other.head_hash,
+            other.signed_at,
+        )
+    }
+}
+
+fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut message = Vec::new();
+    for part in parts {
+        message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        message.extend_from_slice(part);
+    }
+    message
+}
+
+/// The bytes a format-1 checkpoint's signature covers.
 pub fn checkpoint_message(
     last_audit_id: i64,
     head_hash: &[u8],
     signed_at: OffsetDateTime,
 ) -> Vec<u8> {
-    let mut message = Vec::new();
-    let last = last_audit_id.to_be_bytes();
-    let at = micros(signed_at);
-    for part in [CHECKPOINT_FORMAT, &last, head_hash, &at] {
-        message.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        message.extend_from_slice(part);
-    }
-    message
+    length_prefixed(&[
+        CHECKPOINT_FORMAT,
+        &last_audit_id.to_be_bytes(),
+        head_hash,
+        &micros(signed_at),
+    ])
+}
+
+/// The bytes a format-2 (witnessed, numbered) checkpoint's signature covers.
+pub fn checkpoint_message_v2(
+    seq: i64,
+    last_audit_id: i64,
+    head_hash: &[u8],
+    signed_at: OffsetDateTime,
+) -> Vec<u8> {
+    length_prefixed(&[
+        CHECKPOINT_FORMAT_2,
+        &seq.to_be_bytes(),
+        &last_audit_id.to_be_bytes(),
+        head_hash,
+        &micros(signed_at),
+    ])
 }
 
 /// The state of an intact chain.
@@ -167,6 +252,23 @@ pub struct Intact {
     pub last_id: i64,
     /// Checkpoints whose signatures verified and whose rows still match.
     pub checkpoints: u64,
+    /// The newest witnessed checkpoint, which the chain reaches (with a witness only).
+    pub witnessed: Option<Checkpoint>,
+    /// What did not verify and was skipped (with a witness only; without one it fails).
+    pub skipped: Vec<Skipped>,
+}
+
+/// A checkpoint that does not verify, skipped when a witness decides.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Skipped {
+    #[error(
+        "checkpoint row {id} (inserted by {created_by}) does not verify under the audit signing key: skipped"
+    )]
+    Checkpoint { id: i64, created_by: String },
+    #[error(
+        "witness object {key} does not hold a checkpoint signed by the audit signing key under its number: skipped"
+    )]
+    WitnessObject { key: String },
 }
 
 /// Where history was changed.
@@ -194,6 +296,28 @@ pub enum Broken {
         "the expected head is not in the audit: rows at or before it were removed or rewritten"
     )]
     ExpectedHeadMissing,
+    #[error(
+        "the audit chain is empty but the witness is not: witnessed checkpoint seq {seq} signed it up to row {row}"
+    )]
+    EmptyButWitnessed { seq: i64, row: i64 },
+    #[error(
+        "audit row {row} is gone but witnessed checkpoint seq {seq} signed the chain up to it: the chain does not reach the witness (rows at the head were deleted or replaced)"
+    )]
+    WitnessedRowMissing { seq: i64, row: i64 },
+    #[error(
+        "audit row {row} is not the row witnessed checkpoint seq {seq} signed: the chain does not reach the witness (rows up to it were rewritten or forged)"
+    )]
+    WitnessedRowChanged { seq: i64, row: i64 },
+    #[error(
+        "checkpoints were removed from the database: the newest that verifies there is seq {newest} but the witness holds seq {witnessed}"
+    )]
+    CheckpointsRemoved { newest: i64, witnessed: i64 },
+    #[error(
+        "checkpoint seq {seq} was removed from the database: the signed checkpoints' numbers have a gap"
+    )]
+    CheckpointMissing { seq: i64 },
+    #[error("checkpoint seq {seq} in the database is not the one the witness holds")]
+    WitnessDisagrees { seq: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +328,15 @@ pub enum VerifyError {
     Database(#[from] sqlx::Error),
     #[error("the audit signing key: {0}")]
     SigningKey(String),
+    #[error(transparent)]
+    Witness(#[from] witness::WitnessError),
+    #[error(
+        "checkpoint seq {seq} is stored in the database but not witnessed ({error}); the next audit-checkpoint witnesses it"
+    )]
+    NotWitnessed {
+        seq: i64,
+        error: witness::WitnessError,
+    },
 }
 
 /// Walks the chain in id order: every hash, every link.
@@ -224,11 +357,13 @@ pub fn verify_rows(rows: &[Row]) -> Result<Intact, Broken> {
         head,
         last_id: rows.last().map_or(0, |row| row.id),
         checkpoints: 0,
+        witnessed: None,
+        skipped: Vec::new(),
     })
 }
 
 /// Holds an intact chain to its checkpoints (in the order of the rows they cover) and, if
-/// given, to a head hash kept elsewhere.
+/// given, to a head hash kept elsewhere. Every checkpoint must verify under `signer`.
 pub fn verify_against(
     rows: &[Row],
     checkpoints: &[Checkpoint],
@@ -236,22 +371,95 @@ pub fn verify_against(
     expect_head: Option<&[u8]>,
 ) -> Result<Intact, Broken> {
     let mut intact = verify_rows(rows)?;
-    let mut checkpoints = checkpoints.to_vec();
-    checkpoints.sort_by_key(|c| (c.last_audit_id, c.id));
-    let mut verified_up_to = 0;
-    for checkpoint in &checkpoints {
-        let message = checkpoint_message(
-            checkpoint.last_audit_id,
-            &checkpoint.head_hash,
-            checkpoint.signed_at,
-        );
-        let signed = signer.is_some_and(|key| {
-            DerSignature::from_bytes(&checkpoint.signature)
-                .is_ok_and(|signature| key.verify(&message, &signature).is_ok())
-        });
-        if !signed {
-            return Err(Broken::ForgedCheckpoint(checkpoint.id));
+    if let Some(forged) = checkpoints.iter().find(|c| !c.verifies(signer)) {
+        return Err(Broken::ForgedCheckpoint(forged.id));
+    }
+    match_checkpoints(rows, checkpoints.iter().collect(), &mut intact)?;
+    has_expected_head(rows, expect_head)?;
+    Ok(intact)
+}
+
+/// Like [`verify_against`], with the newest checkpoint the witness holds (already checked
+/// against `signer`; `None` when the witness is empty) deciding: the chain must reach it, and
+/// every signed checkpoint up to it must still be in `checkpoints`. Checkpoint rows that do
+/// not verify are skipped and named in [`Intact::skipped`].
+pub fn verify_witnessed(
+    rows: &[Row],
+    checkpoints: &[Checkpoint],
+    signer: &VerifyingKey,
+    witnessed: Option<&Checkpoint>,
+    expect_head: Option<&[u8]>,
+) -> Result<Intact, Broken> {
+    let mut intact = verify_rows(rows)?;
+    let (signed, unsigned): (Vec<&Checkpoint>, Vec<&Checkpoint>) = checkpoints
+        .iter()
+        .partition(|checkpoint| checkpoint.verifies(Some(signer)));
+    intact.skipped = unsigned
+        .into_iter()
+        .map(|checkpoint| Skipped::Checkpoint {
+            id: checkpoint.id,
+            created_by: checkpoint.created_by.clone(),
+        })
+        .collect();
+    if let Some(witnessed) = witnessed {
+        reaches_witness(rows, &signed, witnessed)?;
+        intact.witnessed = Some(witnessed.clone());
+    }
+    match_checkpoints(rows, signed, &mut intact)?;
+    has_expected_head(rows, expect_head)?;
+    Ok(intact)
+}
+
+/// The chain reaches the witnessed checkpoint (its row still carries the head it signed, so
+/// every row before it is unchanged), and the signed checkpoints in the database number
+/// 1, 2, ... without a gap up to at least the witnessed one, which is among them.
+fn reaches_witness(
+    rows: &[Row],
+    signed: &[&Checkpoint],
+    witnessed: &Checkpoint,
+) -> Result<(), Broken> {
+    let (seq, row) = (witnessed.seq.unwrap_or(0), witnessed.last_audit_id);
+    if rows.is_empty() {
+        return Err(Broken::EmptyButWitnessed { seq, row });
+    }
+    match rows.binary_search_by_key(&row, |r| r.id) {
+        Err(_) => return Err(Broken::WitnessedRowMissing { seq, row }),
+        Ok(at) if rows[at].hash != witnessed.head_hash => {
+            return Err(Broken::WitnessedRowChanged { seq, row });
         }
+        Ok(_) => {}
+    }
+    let numbers: BTreeSet<i64> = signed.iter().filter_map(|c| c.seq).collect();
+    let newest = numbers.last().copied().unwrap_or(0);
+    if newest < seq {
+        return Err(Broken::CheckpointsRemoved {
+            newest,
+            witnessed: seq,
+        });
+    }
+    // Numbers are consecutive, so a gap shows within `numbers.len()` steps.
+    if let Some(missing) = (1..=newest).find(|n| !numbers.contains(n)) {
+        return Err(Broken::CheckpointMissing { seq: missing });
+    }
+    if !signed
+        .iter()
+        .any(|c| c.seq == Some(seq) && c.states_the_same_as(witnessed))
+    {
+        return Err(Broken::WitnessDisagrees { seq });
+    }
+    Ok(())
+}
+
+/// Each signed checkpoint, in the order of the rows it covers, still names a row carrying
+/// the head it signed.
+fn match_checkpoints(
+    rows: &[Row],
+    mut signed: Vec<&Checkpoint>,
+    intact: &mut Intact,
+) -> Result<(), Broken> {
+    signed.sort_by_key(|c| (c.last_audit_id, c.id));
+    let mut verified_up_to = 0;
+    for checkpoint in signed {
         match rows.binary_search_by_key(&checkpoint.last_audit_id, |row| row.id) {
             Ok(at) if rows[at].hash == checkpoint.head_hash => {
                 verified_up_to = checkpoint.last_audit_id;
@@ -272,12 +480,30 @@ pub fn verify_against(
         }
         intact.checkpoints += 1;
     }
+    Ok(())
+}
+
+fn has_expected_head(rows: &[Row], expect_head: Option<&[u8]>) -> Result<(), Broken> {
     if let Some(expected) = expect_head {
         if expected != GENESIS && !rows.iter().any(|row| row.hash == expected) {
             return Err(Broken::ExpectedHeadMissing);
         }
     }
-    Ok(intact)
+    Ok(())
+}
+
+const SELECT_CHECKPOINTS: &str = "SELECT id, seq, last_audit_id, head_hash, signed_at, kms_key_id,
+       signature, created_by FROM audit_checkpoints";
+
+/// The whole audit in id order, and every checkpoint row.
+async fn read(conn: &mut PgConnection) -> Result<(Vec<Row>, Vec<Checkpoint>), sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT_ROWS} ORDER BY id"))
+        .fetch_all(&mut *conn)
+        .await?;
+    let checkpoints: Vec<Checkpoint> = sqlx::query_as(&format!("{SELECT_CHECKPOINTS} ORDER BY id"))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok((rows, checkpoints))
 }
 
 /// Reads the whole audit and its checkpoints and verifies them (see [`verify_against`]).
@@ -287,15 +513,41 @@ pub async fn verify(
     signer: Option<&VerifyingKey>,
     expect_head: Option<&[u8]>,
 ) -> Result<Intact, VerifyError> {
-    let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT_ROWS} ORDER BY id"))
-        .fetch_all(pool)
-        .await?;
-    let checkpoints: Vec<Checkpoint> = sqlx::query_as(
-        "SELECT id, last_audit_id, head_hash, signed_at, signature FROM audit_checkpoints",
-    )
-    .fetch_all(pool)
-    .await?;
+    let (rows, checkpoints) = read(&mut *pool.acquire().await?).await?;
     Ok(verify_against(&rows, &checkpoints, signer, expect_head)?)
+}
+
+/// Reads the newest checkpoint the witness holds, then the audit and its checkpoints, and
+/// verifies them against it (see [`verify_witnessed`]). The witness is read first: a
+/// checkpoint made meanwhile is then in the database, never only in the witness.
+pub async fn verify_with_witness(
+    pool: &PgPool,
+    signer: &VerifyingKey,
+    witness: &witness::WitnessBucket,
+    expect_head: Option<&[u8]>,
+) -> Result<Intact, VerifyError> {
+    let newest = witness.newest(signer).await?;
+    let (rows, checkpoints) = read(&mut *pool.acquire().await?).await?;
+    let mut intact = verify_witnessed(
+        &rows,
+        &checkpoints,
+        signer,
+        newest.checkpoint.as_ref(),
+        expect_head,
+    )?;
+    intact.skipped.extend(newest.skipped);
+    Ok(intact)
+}
+
+/// What `audit-checkpoint` did.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The new checkpoint, or `None` when the audit is empty.
+    pub checkpoint: Option<Checkpoint>,
+    /// Numbers of checkpoints an earlier run stored but did not witness, witnessed now.
+    pub completed: Vec<i64>,
+    /// Checkpoint rows and witness objects that did not verify and were skipped.
+    pub skipped: Vec<Skipped>,
 }
 
 /// The KMS asymmetric key that signs checkpoints.
@@ -323,21 +575,66 @@ impl CheckpointKey {
             .map_err(|_| VerifyError::SigningKey("not an ECC_NIST_P256 public key".into()))
     }
 
-    /// Verifies the chain, then signs its head (KMS Sign) and stores the checkpoint. Returns
-    /// the stored checkpoint, or `None` when the audit is empty.
-    pub async fn checkpoint(&self, pool: &PgPool) -> Result<Option<Checkpoint>, VerifyError> {
+    /// Verifies the chain against the witness, then signs its head with the next number (KMS
+    /// Sign), stores the checkpoint, and only then writes it to the witness.
+    ///
+    /// Database first: a run that ends between the two leaves a signed checkpoint the
+    /// witness lacks, which verifies (a number ahead of the witness is what a crash leaves,
+    /// and only the signer can sign one), and the next run witnesses it before signing
+    /// anew. Witness first would leave the witness ahead of the database, which is exactly
+    /// what a removed checkpoint looks like: a false alarm until repaired. Runs are
+    /// serialized by an advisory lock, so two signers never take one number.
+    pub async fn checkpoint(
+        &self,
+        pool: &PgPool,
+        witness: &witness::WitnessBucket,
+    ) -> Result<Signed, VerifyError> {
         let key = self.verifying_key().await?;
+        let newest = witness.newest(&key).await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CHECKPOINT_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let (rows, checkpoints) = read(&mut tx).await?;
         // Only a chain that verifies is signed; rows appended meanwhile wait for the next one.
-        let intact = verify(pool, Some(&key), None).await?;
-        if intact.rows == 0 {
-            return Ok(None);
+        let mut intact =
+            verify_witnessed(&rows, &checkpoints, &key, newest.checkpoint.as_ref(), None)?;
+        intact.skipped.extend(newest.skipped);
+        let mut signed = Signed {
+            checkpoint: None,
+            completed: Vec::new(),
+            skipped: intact.skipped,
+        };
+        let witnessed = intact.witnessed.and_then(|c| c.seq).unwrap_or(0);
+        let mut pending: Vec<&Checkpoint> = checkpoints
+            .iter()
+            .filter(|c| c.seq.is_some_and(|seq| seq > witnessed) && c.verifies(Some(&key)))
+            .collect();
+        pending.sort_by_key(|c| (c.seq, c.id));
+        pending.dedup_by_key(|c| c.seq);
+        for checkpoint in pending {
+            witness.put(checkpoint).await?;
+            signed.completed.extend(checkpoint.seq);
         }
+        if intact.rows == 0 {
+            tx.commit().await?;
+            return Ok(signed);
+        }
+        let seq = checkpoints
+            .iter()
+            .filter(|c| c.verifies(Some(&key)))
+            .filter_map(|c| c.seq)
+            .max()
+            .unwrap_or(0)
+            .max(witnessed)
+            + 1;
         let (last_id, head) = (intact.last_id, intact.head.to_vec());
         let signed_at: OffsetDateTime =
             sqlx::query_scalar("SELECT date_trunc('milliseconds', clock_timestamp())")
-                .fetch_one(pool)
+                .fetch_one(&mut *tx)
                 .await?;
-        let message = checkpoint_message(last_id, &head, signed_at);
+        let message = checkpoint_message_v2(seq, last_id, &head, signed_at);
         let signature = self
             .client
             .sign()
@@ -348,29 +645,40 @@ impl CheckpointKey {
             .send()
             .await
             .map_err(|e| VerifyError::SigningKey(crate::vault::kms::short_sdk_error(&e)))?;
-        let kms_key = signature.key_id.unwrap_or_else(|| self.key_id.clone());
+        let kms_key_id = signature.key_id.unwrap_or_else(|| self.key_id.clone());
         let signature = signature
             .signature
             .ok_or_else(|| VerifyError::SigningKey("KMS returned no signature".into()))?
             .into_inner();
-        let id = sqlx::query_scalar(
-            "INSERT INTO audit_checkpoints (last_audit_id, head_hash, signed_at, kms_key_id, signature)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        let (id, created_by): (i64, String) = sqlx::query_as(
+            "INSERT INTO audit_checkpoints (seq, last_audit_id, head_hash, signed_at, kms_key_id, signature)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, created_by",
         )
+        .bind(seq)
         .bind(last_id)
         .bind(&head)
         .bind(signed_at)
-        .bind(&kms_key)
+        .bind(&kms_key_id)
         .bind(&signature)
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(Some(Checkpoint {
+        tx.commit().await?;
+        let checkpoint = Checkpoint {
             id,
+            seq: Some(seq),
             last_audit_id: last_id,
             head_hash: head,
             signed_at,
+            kms_key_id,
             signature,
-        }))
+            created_by,
+        };
+        witness
+            .put(&checkpoint)
+            .await
+            .map_err(|error| VerifyError::NotWitnessed { seq, error })?;
+        signed.checkpoint = Some(checkpoint);
+        Ok(signed)
     }
 }
 
@@ -381,7 +689,7 @@ mod tests {
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
 
-    fn chain(n: usize, format: i16) -> Vec<Row> {
+    pub(super) fn chain(n: usize, format: i16) -> Vec<Row> {
         let mut rows = Vec::new();
         let mut prev = GENESIS.to_vec();
         for i in 0..n {
@@ -412,17 +720,178 @@ mod tests {
         SigningKey::from_slice(&[7u8; 32]).unwrap()
     }
 
+    /// A format-1 checkpoint (no number) of `row`, signed by `key`.
     fn checkpoint(id: i64, row: &Row, key: &SigningKey) -> Checkpoint {
-        let signed_at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let message = checkpoint_message(row.id, &row.hash, signed_at);
-        let signature: p256::ecdsa::Signature = key.sign(&message);
-        Checkpoint {
+        signed(id, None, row, key)
+    }
+
+    /// A witnessed (format 2) checkpoint number `seq` of `row`, signed by `key`.
+    fn numbered(id: i64, seq: i64, row: &Row, key: &SigningKey) -> Checkpoint {
+        signed(id, Some(seq), row, key)
+    }
+
+    pub(super) fn signed(id: i64, seq: Option<i64>, row: &Row, key: &SigningKey) -> Checkpoint {
+        let mut checkpoint = Checkpoint {
             id,
+            seq,
             last_audit_id: row.id,
             head_hash: row.hash.clone(),
-            signed_at,
-            signature: signature.to_der().as_bytes().to_vec(),
-        }
+            signed_at: OffsetDateTime::from_unix_timestamp(1_800_000_000 + row.id).unwrap(),
+            kms_key_id: "signer".into(),
+            signature: Vec::new(),
+            created_by: "signer".into(),
+        };
+        let signature: p256::ecdsa::Signature = key.sign(&checkpoint.message());
+        checkpoint.signature = signature.to_der().as_bytes().to_vec();
+        checkpoint
+    }
+
+    /// A row planted by someone with INSERT on the table: it claims a number and a head,
+    /// with a signature the key never made.
+    fn planted(id: i64, seq: Option<i64>, row: &Row, by: &str) -> Checkpoint {
+        let mut checkpoint = signed(id, seq, row, &SigningKey::from_slice(&[9u8; 32]).unwrap());
+        checkpoint.created_by = by.into();
+        checkpoint
+    }
+
+    #[test]
+    fn a_numbered_checkpoint_signs_its_number() {
+        let key = signing_key();
+        let rows = chain(2, 2);
+        let second = numbered(2, 2, &rows[1], &key);
+        assert!(second.verifies(Some(key.verifying_key())));
+        let mut renumbered = second.clone();
+        renumbered.seq = Some(3);
+        assert!(!renumbered.verifies(Some(key.verifying_key())));
+        let mut unnumbered = second.clone();
+        unnumbered.seq = None;
+        assert!(
+            !unnumbered.verifies(Some(key.verifying_key())),
+            "a format-2 signature is no format-1 signature"
+        );
+        assert_ne!(second.message(), checkpoint(2, &rows[1], &key).message());
+    }
+
+    #[test]
+    fn the_witness_catches_a_replaced_head_removed_checkpoints_and_an_emptied_chain() {
+        let key = signing_key();
+        let verifying = *key.verifying_key();
+        let rows = chain(6, 2);
+        let checkpoints = vec![
+            checkpoint(1, &rows[0], &key),
+            numbered(2, 1, &rows[1], &key),
+            numbered(3, 2, &rows[3], &key),
+        ];
+        let witnessed = numbered(0, 2, &rows[3], &key);
+        let verify = |rows: &[Row], checkpoints: &[Checkpoint]| {
+            verify_witnessed(rows, checkpoints, &verifying, Some(&witnessed), None)
+        };
+        let intact = verify(&rows, &checkpoints).unwrap();
+        assert_eq!((intact.rows, intact.checkpoints), (6, 3));
+        assert_eq!(intact.witnessed.and_then(|w| w.seq), Some(2));
+        assert!(intact.skipped.is_empty());
+        let unwitnessed = verify_witnessed(&rows, &checkpoints, &verifying, None, None);
+        assert!(unwitnessed.is_ok(), "an empty witness holds nothing to");
+
+        // The newest checkpoint deleted, then its row and the rest rewritten: the chain and
+        // the remaining checkpoints verify; the witness does not.
+        let mut rewritten = rows.clone();
+        rewritten[2].reason = "nothing to see".into();
+        rehash_from(&mut rewritten, 2);
+        assert!(verify_against(&rewritten, &checkpoints[..2], Some(&verifying), None).is_ok());
+        assert_eq!(
+            verify(&rewritten, &checkpoints[..2]),
+            Err(Broken::WitnessedRowChanged { seq: 2, row: 4 })
+        );
+        // The head replaced by a forged row under another id.
+        let mut forged = rows[..3].to_vec();
+        let mut row = rows[3].clone();
+        (row.id, row.actor) = (7, "mallory".into());
+        row.hash = row.expected_hash().to_vec();
+        forged.push(row);
+        assert!(verify_against(&forged, &checkpoints[..2], Some(&verifying), None).is_ok());
+        assert_eq!(
+            verify(&forged, &checkpoints[..2]),
+            Err(Broken::WitnessedRowMissing { seq: 2, row: 4 })
+        );
+        // Checkpoints removed: the newest, or one before it.
+        assert_eq!(
+            verify(&rows, &checkpoints[..2]),
+            Err(Broken::CheckpointsRemoved {
+                newest: 1,
+                witnessed: 2
+            })
+        );
+        assert_eq!(
+            verify(&rows, &[checkpoints[0].clone(), checkpoints[2].clone()]),
+            Err(Broken::CheckpointMissing { seq: 1 })
+        );
+        // Everything deleted.
+        assert!(verify_against(&[], &[], Some(&verifying), None).is_ok());
+        assert_eq!(
+            verify(&[], &[]),
+            Err(Broken::EmptyButWitnessed { seq: 2, row: 4 })
+        );
+        // A checkpoint ahead of the witness (a run that ended before witnessing) is fine.
+        let mut ahead = checkpoints.clone();
+        ahead.push(numbered(4, 3, &rows[5], &key));
+        assert_eq!(verify(&rows, &ahead).unwrap().checkpoints, 4);
+        // Another checkpoint signed under the witnessed number is not the witnessed one.
+        let mut other = checkpoints.clone();
+        other[2] = numbered(9, 2, &rows[2], &key);
+        assert_eq!(
+            verify(&rows, &other),
+            Err(Broken::WitnessDisagrees { seq: 2 })
+        );
+    }
+
+    #[test]
+    fn checkpoints_that_do_not_verify_are_skipped_only_when_a_witness_decides() {
+        let key = signing_key();
+        let verifying = *key.verifying_key();
+        let rows = chain(4, 2);
+        let witnessed = numbered(0, 1, &rows[1], &key);
+        let mut checkpoints = vec![numbered(1, 1, &rows[1], &key)];
+        checkpoints.push(planted(2, Some(2), &rows[3], "compliance"));
+        checkpoints.push(planted(3, None, &rows[2], "keyadmin"));
+        assert_eq!(
+            verify_against(&rows, &checkpoints, Some(&verifying), None),
+            Err(Broken::ForgedCheckpoint(2)),
+            "without a witness a planted row still fails verification"
+        );
+        let intact =
+            verify_witnessed(&rows, &checkpoints, &verifying, Some(&witnessed), None).unwrap();
+        assert_eq!(intact.checkpoints, 1);
+        assert_eq!(
+            intact.skipped,
+            [
+                Skipped::Checkpoint {
+                    id: 2,
+                    created_by: "compliance".into()
+                },
+                Skipped::Checkpoint {
+                    id: 3,
+                    created_by: "keyadmin".into()
+                }
+            ]
+        );
+        assert!(
+            intact.skipped[0].to_string().starts_with(
+                "checkpoint row 2 (inserted by compliance) does not verify under the audit signing key"
+            ),
+            "{}",
+            intact.skipped[0]
+        );
+        // A planted row cannot stand in for the witnessed checkpoint it copies.
+        let mut copy = planted(4, Some(1), &rows[1], "compliance");
+        copy.signed_at = witnessed.signed_at;
+        assert_eq!(
+            verify_witnessed(&rows, &[copy], &verifying, Some(&witnessed), None),
+            Err(Broken::CheckpointsRemoved {
+                newest: 0,
+                witnessed: 1
+            })
+        );
     }
 
     /// Recomputes every hash from `from` on, as an owner rewriting history would.
@@ -615,16 +1084,52 @@ mod tests {
         assert_eq!(*private.verifying_key(), public);
         let checkpoint = Checkpoint {
             id: 1,
+            seq: None,
             last_audit_id: intact.last_id,
             head_hash: intact.head.to_vec(),
             signed_at,
+            kms_key_id: String::new(),
             signature: bytes(c, "signature_der"),
+            created_by: String::new(),
         };
         let verified = verify_against(&rows, &[checkpoint], Some(&public), None).unwrap();
         assert_eq!((verified.rows, verified.checkpoints), (5, 1));
         // Both sides sign deterministically (RFC 6979), so even the signature is the same.
         let signature: p256::ecdsa::Signature = private.sign(&message);
         assert_eq!(hex(signature.to_der().as_bytes()), text(c, "signature_der"));
+
+        // The witnessed checkpoint (format 2): its message, signature and witness object.
+        let w = &vectors["witnessed_checkpoint"];
+        let witnessed = Checkpoint {
+            id: 2,
+            seq: Some(int(w, "seq")),
+            last_audit_id: int(w, "last_audit_id"),
+            head_hash: bytes(w, "head_hash"),
+            signed_at: at_micros(int(w, "signed_at_micros")),
+            kms_key_id: text(w, "kms_key_id").into(),
+            signature: bytes(w, "signature_der"),
+            created_by: String::new(),
+        };
+        assert_eq!(hex(&witnessed.message()), text(w, "message"));
+        let signature: p256::ecdsa::Signature = private.sign(&witnessed.message());
+        assert_eq!(hex(signature.to_der().as_bytes()), text(w, "signature_der"));
+        assert_eq!(
+            witness::object_key(witnessed.seq.unwrap()),
+            text(w, "object_key")
+        );
+        assert_eq!(
+            String::from_utf8(witness::to_object(&witnessed)).unwrap(),
+            text(w, "object")
+        );
+        let from_witness = witness::from_object(text(w, "object").as_bytes()).unwrap();
+        assert!(from_witness.states_the_same_as(&witnessed));
+        assert_eq!(from_witness.kms_key_id, witnessed.kms_key_id);
+        assert!(from_witness.verifies(Some(&public)));
+        // Alone in the table, it lacks the 2^32 + 6 checkpoints numbered before it.
+        assert_eq!(
+            verify_witnessed(&rows, &[witnessed], &public, Some(&from_witness), None),
+            Err(Broken::CheckpointMissing { seq: 1 })
+        );
     }
 
     const FIXTURE_AUDIT: &str = "fixture-audit-0.1.0.json";
@@ -651,10 +1156,13 @@ mod tests {
             .iter()
             .map(|c| Checkpoint {
                 id: int(c, "id"),
+                seq: None,
                 last_audit_id: int(c, "last_audit_id"),
                 head_hash: bytes(c, "head_hash"),
                 signed_at: at_micros(int(c, "signed_at_micros")),
+                kms_key_id: String::new(),
                 signature: bytes(c, "signature_der"),
+                created_by: String::new(),
             })
             .collect();
         let public =

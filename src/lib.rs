@@ -26,7 +26,8 @@
 //!     sealing).
 //! - [`unmask`]: audited recovery of original values through the database's door functions,
 //!   and `verify_all` (every stored value opened and checked, revealing nothing);
-//!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints.
+//!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints, and
+//!   [`audit::witness`], the checkpoints' copy in an S3 bucket under Object Lock.
 //! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`): the
 //!   rotations' paged walk (`rotate/walk.rs`, no database: unit-tested in memory), their pages
 //!   through the key admin's doors (`reseal.rs`), key states, re-wrapping and status
@@ -40,6 +41,9 @@
 //!   [`telemetry::LatencyHistogram`] is the one read-to-commit histogram, read by a run's
 //!   [`ingest::Summary`] and rendered on `/metrics`.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
+//! - [`aws_http`]: SigV4-signed HTTP for what the crate speaks without an SDK client (SQS
+//!   Query, the audit witness bucket on S3), and the XML of their answers; used by
+//!   [`ingest::sqs_query`] and [`audit::witness`], built on nothing else in the crate.
 //! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, one-line
 //!   errors.
 //!
@@ -51,6 +55,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod aws_http;
 pub mod cli;
 pub mod db;
 pub mod event;

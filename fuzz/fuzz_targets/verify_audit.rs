@@ -1,5 +1,6 @@
-//! `audit::verify_rows` / `verify_against` on arbitrary rows and checkpoints: never panics; a
-//! chain built by the rules verifies, and one whose content changed after hashing does not.
+//! `audit::verify_rows` / `verify_against` / `verify_witnessed` on arbitrary rows, checkpoints
+//! (numbered or not) and a witnessed checkpoint: never panics; a chain built by the rules
+//! verifies, and one whose content changed after hashing does not.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -29,6 +30,7 @@ struct ArbRow {
 #[derive(Arbitrary, Debug)]
 struct ArbCheckpoint {
     id: i64,
+    seq: Option<i64>,
     last_audit_id: i64,
     head_hash: Vec<u8>,
     signed_at_micros: i64,
@@ -45,6 +47,8 @@ struct Input {
     tamper: Option<(u8, u8)>,
     expect_head: Option<Vec<u8>>,
     with_key: bool,
+    /// Which checkpoint (by position) the witness holds, if any.
+    witnessed: Option<u8>,
 }
 
 fn at(micros: i64) -> OffsetDateTime {
@@ -107,22 +111,34 @@ fuzz_target!(|input: Input| {
         .take(8)
         .map(|c| {
             let signed_at = at(c.signed_at_micros);
-            let signature = if c.sign_it {
-                let message = audit::checkpoint_message(c.last_audit_id, &c.head_hash, signed_at);
-                let signature: DerSignature = key.sign(&message);
-                signature.as_bytes().to_vec()
-            } else {
-                c.signature
-            };
-            Checkpoint {
+            let mut checkpoint = Checkpoint {
                 id: c.id,
+                seq: c.seq,
                 last_audit_id: c.last_audit_id,
                 head_hash: c.head_hash,
                 signed_at,
-                signature,
+                kms_key_id: String::new(),
+                signature: c.signature,
+                created_by: String::new(),
+            };
+            if c.sign_it {
+                let signature: DerSignature = key.sign(&checkpoint.message());
+                checkpoint.signature = signature.as_bytes().to_vec();
             }
+            checkpoint
         })
         .collect();
     let signer = input.with_key.then_some(&verifying);
     let _ = audit::verify_against(&rows, &checkpoints, signer, input.expect_head.as_deref());
+    let witnessed = input
+        .witnessed
+        .and_then(|at| checkpoints.get(usize::from(at)))
+        .filter(|c| c.seq.is_some());
+    let _ = audit::verify_witnessed(
+        &rows,
+        &checkpoints,
+        &verifying,
+        witnessed,
+        input.expect_head.as_deref(),
+    );
 });

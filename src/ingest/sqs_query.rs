@@ -18,23 +18,18 @@
 //! message body.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::config::{Credentials, ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
-use aws_sigv4::sign::v4;
-use aws_smithy_runtime_api::client::identity::Identity;
-use http_body_util::{BodyExt, Full, Limited};
+use aws_sigv4::http_request::SigningSettings;
+use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use time::OffsetDateTime;
 
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
+use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
 
 /// The one version of the SQS Query API.
@@ -47,8 +42,6 @@ const REQUEST_MARGIN: Duration = Duration::from_secs(10);
 const ATTEMPTS: u32 = 5;
 /// Ten messages of 256 KiB each, every byte of them escaped: an answer past this is no SQS's.
 const MAX_ANSWER_BYTES: usize = 32 << 20;
-/// Credentials this close to expiry are fetched again.
-const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
 
 /// Which protocol an SQS endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,15 +69,13 @@ pub struct QueryClient {
 }
 
 struct Inner {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpClient,
     /// Where GetQueueUrl and CreateQueue go: `AWS_ENDPOINT_URL_SQS`, else `AWS_ENDPOINT_URL`,
     /// else AWS's own endpoint for the region (which this client refuses: it is HTTPS).
     endpoint: String,
     /// Whether `endpoint` was configured rather than AWS's own.
     configured: bool,
-    region: Option<String>,
-    credentials: Option<SharedCredentialsProvider>,
-    cached: Mutex<Option<Credentials>>,
+    signer: Signer,
 }
 
 // Credentials stay out of Debug output.
@@ -92,7 +83,7 @@ impl fmt::Debug for QueryClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueryClient")
             .field("endpoint", &self.inner.endpoint)
-            .field("region", &self.inner.region)
+            .field("region", &self.inner.signer.region())
             .finish_non_exhaustive()
     }
 }
@@ -100,44 +91,20 @@ impl fmt::Debug for QueryClient {
 impl QueryClient {
     /// A client with the endpoint, region and credentials of `aws` (see `cli::aws_config`).
     pub fn new(aws: &aws_config::SdkConfig) -> Self {
-        let region = aws.region().map(|r| r.to_string());
-        // As the SDK's own clients do: an endpoint set in code wins over the environment.
-        let configured = if aws.get_origin("endpoint_url").is_client_config() {
-            aws.endpoint_url().map(str::to_owned)
-        } else {
-            aws.service_config()
-                .and_then(|config| {
-                    config.load_config(
-                        aws_types::service_config::ServiceConfigKey::builder()
-                            .service_id("SQS")
-                            .env("AWS_ENDPOINT_URL")
-                            .profile("endpoint_url")
-                            .build()
-                            .expect("every field is set"),
-                    )
-                })
-                .or_else(|| aws.endpoint_url().map(str::to_owned))
-        };
+        let signer = Signer::new(aws, "sqs");
+        let configured = aws_http::configured_endpoint(aws, "SQS");
         let endpoint = configured.clone().unwrap_or_else(|| {
             format!(
                 "https://sqs.{}.amazonaws.com",
-                region.as_deref().unwrap_or("us-east-1")
+                signer.region().unwrap_or("us-east-1")
             )
         });
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Self {
             inner: Arc::new(Inner {
-                http,
+                http: aws_http::http_client(CONNECT_TIMEOUT),
                 endpoint,
                 configured: configured.is_some(),
-                region,
-                credentials: aws.credentials_provider(),
-                cached: Mutex::new(None),
+                signer,
             }),
         }
     }
@@ -265,37 +232,10 @@ impl QueryClient {
     ) -> Result<xml::Element, SourceError> {
         check_plain_http(url)?;
         let request = self.signed_request(operation, url, body).await?;
-        let exchange = async {
-            let response = self.inner.http.request(request).await.map_err(|e| {
-                failure(
-                    operation,
-                    format!("cannot reach {url}: {}", error_chain(&e)),
-                    true,
-                )
-            })?;
-            let status = response.status().as_u16();
-            let answer = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
+        let (status, answer) =
+            aws_http::exchange(&self.inner.http, request, url, MAX_ANSWER_BYTES, timeout)
                 .await
-                .map_err(|e| {
-                    failure(
-                        operation,
-                        format!("reading the answer: {}", error_chain(&*e)),
-                        true,
-                    )
-                })?
-                .to_bytes();
-            Ok::<_, SourceError>((status, answer))
-        };
-        let (status, answer) = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| {
-                failure(
-                    operation,
-                    format!("no answer within {}s", timeout.as_secs()),
-                    true,
-                )
-            })??;
+                .map_err(|e| failure(operation, e.to_string(), true))?;
         let success = (200..300).contains(&status);
         match xml::parse(&answer) {
             Ok(root) if success && root.name == expected => Ok(root),
@@ -323,68 +263,16 @@ impl QueryClient {
         url: &str,
         body: Bytes,
     ) -> Result<hyper::Request<Full<Bytes>>, SourceError> {
-        let Some(region) = self.inner.region.as_deref() else {
-            return Err(failure(
-                operation,
-                "no AWS region: set AWS_REGION".into(),
-                false,
-            ));
-        };
-        let identity: Identity = self.credentials(operation).await?.into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(region)
-            .name("sqs")
-            .time(SystemTime::now())
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| failure(operation, format!("signing: {e}"), false))?
-            .into();
-        let signable = SignableRequest::new(
-            "POST",
-            url,
-            [("content-type", FORM)].into_iter(),
-            SignableBody::Bytes(&body),
-        )
-        .map_err(|e| failure(operation, format!("signing: {e}"), false))?;
-        let (instructions, _signature) = sign(signable, &params)
-            .map_err(|e| failure(operation, format!("signing: {e}"), false))?
-            .into_parts();
         let mut request = hyper::Request::post(url)
             .header(hyper::header::CONTENT_TYPE, FORM)
-            .body(Full::new(body))
+            .body(Full::new(body.clone()))
             .map_err(|e| failure(operation, format!("{url}: {e}"), false))?;
-        instructions.apply_to_request_http1x(&mut request);
+        self.inner
+            .signer
+            .sign(&mut request, &body, SigningSettings::default())
+            .await
+            .map_err(|e| failure(operation, e.to_string(), e.is_transient()))?;
         Ok(request)
-    }
-
-    /// The chain's credentials, fetched again only when they near their expiry.
-    async fn credentials(&self, operation: &str) -> Result<Credentials, SourceError> {
-        let fresh = |c: &Credentials| {
-            c.expiry()
-                .is_none_or(|expiry| expiry > SystemTime::now() + CREDENTIALS_MARGIN)
-        };
-        if let Some(cached) = self.inner.cached.lock().expect("not poisoned").as_ref() {
-            if fresh(cached) {
-                return Ok(cached.clone());
-            }
-        }
-        let Some(provider) = &self.inner.credentials else {
-            return Err(failure(
-                operation,
-                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any values for an emulator)".into(),
-                false,
-            ));
-        };
-        let credentials = provider.provide_credentials().await.map_err(|e| {
-            failure(
-                operation,
-                format!("loading AWS credentials: {}", DisplayErrorContext(&e)),
-                true,
-            )
-        })?;
-        *self.inner.cached.lock().expect("not poisoned") = Some(credentials.clone());
-        Ok(credentials)
     }
 }
 
@@ -604,18 +492,6 @@ fn failure(operation: &str, why: String, transient: bool) -> SourceError {
     }
 }
 
-/// An error with its causes on one line (hyper's own message is only "client error (Connect)").
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        line.push_str(": ");
-        line.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    line
-}
-
 /// `<ErrorResponse><Error><Code>` (AWS, LocalStack, moto, ElasticMQ) or
 /// `<Response><Errors><Error>` (some older emulators), whatever the HTTP status said.
 fn is_error(root: &xml::Element) -> bool {
@@ -698,143 +574,9 @@ impl Form {
         if !self.body.is_empty() {
             self.body.push('&');
         }
-        encode_into(&mut self.body, key);
+        aws_http::percent_encode_into(&mut self.body, key);
         self.body.push('=');
-        encode_into(&mut self.body, value);
-    }
-}
-
-/// Percent-encodes all but RFC 3986's unreserved characters.
-fn encode_into(out: &mut String, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &byte in value.as_bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push('%');
-            out.push(HEX[(byte >> 4) as usize] as char);
-            out.push(HEX[(byte & 0xf) as usize] as char);
-        }
-    }
-}
-
-/// The XML of SQS answers as a small tree: names without namespace prefixes, and each
-/// element's text with references resolved. Answers are at most a few MiB, so a tree is the
-/// simplest thing to query; quick-xml's streaming reader builds it.
-mod xml {
-    use quick_xml::events::Event;
-    use quick_xml::reader::Reader;
-
-    #[derive(Debug, Default)]
-    pub struct Element {
-        pub name: String,
-        /// The element's own text, untrimmed (a message body keeps its whitespace).
-        pub text: String,
-        pub children: Vec<Element>,
-    }
-
-    impl Element {
-        pub fn child(&self, name: &str) -> Option<&Element> {
-            self.children.iter().find(|c| c.name == name)
-        }
-
-        pub fn children<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> {
-            self.children.iter().filter(move |c| c.name == name)
-        }
-
-        /// The trimmed text of child `name`, empty if there is none.
-        pub fn child_text(&self, name: &str) -> &str {
-            self.child(name).map_or("", |c| c.text.trim())
-        }
-
-        /// The first element called `name` at any depth, this one included.
-        pub fn find(&self, name: &str) -> Option<&Element> {
-            if self.name == name {
-                return Some(self);
-            }
-            self.children.iter().find_map(|c| c.find(name))
-        }
-    }
-
-    /// The root element of `document`. The reason for a failure names a position only, never
-    /// the content there (which may be a message body).
-    pub fn parse(document: &[u8]) -> Result<Element, String> {
-        let text = std::str::from_utf8(document)
-            .map_err(|e| format!("the answer is not UTF-8 (byte {})", e.valid_up_to()))?;
-        let mut reader = Reader::from_str(text);
-        let malformed = |reader: &Reader<&[u8]>| {
-            format!(
-                "the answer is not well-formed XML (byte {})",
-                reader.error_position()
-            )
-        };
-        let mut open: Vec<Element> = Vec::new();
-        let mut root = None;
-        loop {
-            let event = reader.read_event().map_err(|_| malformed(&reader))?;
-            let text = match event {
-                Event::Start(start) => {
-                    open.push(Element {
-                        name: String::from_utf8_lossy(start.local_name().as_ref()).into_owned(),
-                        ..Element::default()
-                    });
-                    continue;
-                }
-                Event::Empty(empty) => {
-                    let element = Element {
-                        name: String::from_utf8_lossy(empty.local_name().as_ref()).into_owned(),
-                        ..Element::default()
-                    };
-                    close(&mut open, &mut root, element);
-                    continue;
-                }
-                Event::End(_) => {
-                    let element = open.pop().ok_or_else(|| malformed(&reader))?;
-                    close(&mut open, &mut root, element);
-                    continue;
-                }
-                Event::Text(text) => text
-                    .xml10_content()
-                    .map_err(|_| malformed(&reader))?
-                    .into_owned(),
-                Event::CData(data) => data
-                    .xml10_content()
-                    .map_err(|_| malformed(&reader))?
-                    .into_owned(),
-                Event::GeneralRef(reference) => {
-                    if let Some(c) = reference
-                        .resolve_char_ref()
-                        .map_err(|_| malformed(&reader))?
-                    {
-                        c.to_string()
-                    } else {
-                        let name = reference.decode().map_err(|_| malformed(&reader))?;
-                        quick_xml::escape::resolve_xml_entity(&name)
-                            .ok_or_else(|| malformed(&reader))?
-                            .to_owned()
-                    }
-                }
-                Event::Eof => break,
-                _ => continue,
-            };
-            // Text outside the root element is whitespace between declaration and root.
-            if let Some(element) = open.last_mut() {
-                element.text.push_str(&text);
-            }
-        }
-        if !open.is_empty() {
-            return Err("the answer ends before its XML does".into());
-        }
-        root.ok_or_else(|| "the answer holds no XML element".into())
-    }
-
-    fn close(open: &mut [Element], root: &mut Option<Element>, element: Element) {
-        match open.last_mut() {
-            Some(parent) => parent.children.push(element),
-            None => {
-                root.get_or_insert(element);
-            }
-        }
+        aws_http::percent_encode_into(&mut self.body, value);
     }
 }
 
@@ -854,34 +596,6 @@ mod tests {
             "Action=SendMessageBatch&Version=2012-11-05&SendMessageBatchRequestEntry.1.MessageBody=\
              %7B%22a%22%3A%20%22%C3%A9%20%26%3D%2B%22%7D%0D%0A"
         );
-    }
-
-    #[test]
-    fn xml_text_resolves_references_and_keeps_whitespace() {
-        let root = xml::parse(
-            b"<?xml version='1.0'?>\n<a:R xmlns:a='x'><M><Body> {&quot;k&quot;: &#x3C;1&#62;}&#xD;\nx </Body>\
-              <Id>\n  7 \n</Id><E/><C><![CDATA[<raw&>]]></C></M></a:R>",
-        )
-        .unwrap();
-        assert_eq!(root.name, "R");
-        let message = root.child("M").unwrap();
-        assert_eq!(message.child("Body").unwrap().text, " {\"k\": <1>}\r\nx ");
-        assert_eq!(message.child_text("Id"), "7");
-        assert_eq!(message.child_text("E"), "");
-        assert_eq!(message.child_text("C"), "<raw&>");
-    }
-
-    #[test]
-    fn malformed_xml_is_reported_by_position_only() {
-        for document in [
-            &b"<R><Body>secret-body</Wrong></R>"[..],
-            b"<R><Body>secret &bogus; body</Body></R>",
-            b"<R><Body>secret-body",
-            b"not xml: secret-body",
-        ] {
-            let why = xml::parse(document).unwrap_err();
-            assert!(!why.contains("secret"), "{why}");
-        }
     }
 
     #[test]

@@ -761,6 +761,46 @@ fn forged_row(id: i64, prev_of: &str) -> String {
     )
 }
 
+/// The ids of the audit rows, in order.
+async fn audit_ids(env: &TestEnv) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM unmask_audit ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// `unmask audit-checkpoint` as the compliance officer (who may sign here): what it printed.
+fn checkpoint_now(env: &TestEnv) -> String {
+    let output = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stdout(&output).contains("signed"), "{}", stdout(&output));
+    stdout(&output)
+}
+
+/// Three logins, one reveal, and checkpoint 1 signed and witnessed.
+async fn witnessed_once() -> TestEnv {
+    let env = three_logins().await;
+    shown_to_officer(&env, &["--user-id", "u-1", "--reason", "one"]);
+    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    env
+}
+
+/// `unmask verify-audit` as the compliance officer, with `extra` arguments.
+fn verify_audit(env: &TestEnv, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["verify-audit"];
+    args.extend_from_slice(extra);
+    env.run_binary_as("compliance", UNMASK, &args)
+}
+
+/// The head hash an intact verify-audit printed (the last word of its first line).
+fn head_of(output: &std::process::Output) -> String {
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(output));
+    let text = stdout(output);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.starts_with("audit intact: "), "{text}");
+    first.rsplit(' ').next().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn the_owner_cannot_rewrite_the_audit_unseen() {
     let env = three_logins().await;
@@ -768,9 +808,7 @@ async fn the_owner_cannot_rewrite_the_audit_unseen() {
         shown_to_officer(&env, &["--user-id", "u-2", "--reason", reason]);
     };
     let checkpoint = || {
-        let output = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-        assert!(stdout(&output).contains("signed"), "{}", stdout(&output));
+        checkpoint_now(&env);
     };
     reveal("one");
     // A reveal rolled back after the door ran leaves a gap in the ids, as a failed
@@ -788,18 +826,11 @@ async fn the_owner_cannot_rewrite_the_audit_unseen() {
     reveal("three");
     checkpoint();
     reveal("four");
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM unmask_audit ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let ids = audit_ids(&env).await;
     assert_eq!(ids.len(), 8);
     let gap = ids[1] + 1;
     assert_eq!(ids[2], gap + 1, "one id skipped");
-    let verify = |extra: &[&str]| {
-        let mut args = vec!["verify-audit"];
-        args.extend_from_slice(extra);
-        env.run_binary_as("compliance", UNMASK, &args)
-    };
+    let verify = |extra: &[&str]| verify_audit(&env, extra);
     let intact = verify(&[]);
     assert_eq!(intact.status.code(), Some(0), "{}", stderr(&intact));
     let text = stdout(&intact);
@@ -807,7 +838,7 @@ async fn the_owner_cannot_rewrite_the_audit_unseen() {
         text.starts_with("audit intact: 8 rows, 2 signed checkpoints, head "),
         "{text}"
     );
-    let head = text.trim().rsplit(' ').next().unwrap().to_owned();
+    let head = head_of(&intact);
 
     // Even the owner may not change or remove a row while the triggers stand.
     for statement in [
@@ -939,6 +970,403 @@ async fn the_owner_cannot_rewrite_the_audit_unseen() {
             Some(0),
             "{what}: {}",
             stderr(&restored)
+        );
+    }
+    env.cleanup().await;
+}
+
+/// Saves the audit and its checkpoints beside them, as they are (the triggers are disabled,
+/// so an owner's rewrites can be undone for the next case).
+const SAVE_AUDIT: &str = "ALTER TABLE unmask_audit DISABLE TRIGGER USER;
+     ALTER TABLE audit_checkpoints DISABLE TRIGGER USER;
+     CREATE TABLE audit_copy AS SELECT * FROM unmask_audit;
+     CREATE TABLE checkpoint_copy AS SELECT * FROM audit_checkpoints;";
+
+const RESTORE_AUDIT: &str = "DELETE FROM unmask_audit;
+     INSERT INTO unmask_audit OVERRIDING SYSTEM VALUE SELECT * FROM audit_copy;
+     DELETE FROM audit_checkpoints;
+     INSERT INTO audit_checkpoints OVERRIDING SYSTEM VALUE SELECT * FROM checkpoint_copy;";
+
+/// Issue cases (a) to (c): what an owner with the triggers disabled hides from the database
+/// alone (verify-audit exits 0, even with a head kept elsewhere) is named with the witness.
+#[tokio::test]
+async fn the_witness_names_what_the_owner_hides_from_the_database() {
+    let env = three_logins().await;
+    let reveal = |reason: &str| {
+        shown_to_officer(&env, &["--user-id", "u-2", "--reason", reason]);
+    };
+    reveal("one");
+    assert!(checkpoint_now(&env).contains(": seq 1, "));
+    // A head kept elsewhere after the first checkpoint.
+    let early = head_of(&verify_audit(&env, &[]));
+    reveal("two");
+    assert!(checkpoint_now(&env).contains(": seq 2, "));
+    reveal("three");
+    let ids = audit_ids(&env).await;
+    assert_eq!(ids.len(), 6);
+    let witnessed = verify_audit(&env, &["--witness"]);
+    head_of(&witnessed);
+    assert!(
+        stdout(&witnessed).contains(&format!("witness: checkpoint seq 2 (audit row {})", ids[3])),
+        "{}",
+        stdout(&witnessed)
+    );
+    assert!(stderr(&witnessed).is_empty(), "{}", stderr(&witnessed));
+
+    sqlx::raw_sql(SAVE_AUDIT).execute(&env.pool).await.unwrap();
+    let drop_newest_checkpoint = "DELETE FROM audit_checkpoints WHERE seq = 2";
+    let expect_early: &[&str] = &["--expect-head", &early];
+    let cases: Vec<(&str, String, &[&str], String)> = vec![
+        (
+            "(a) the witnessed head replaced by a forged row with a correct hash",
+            format!(
+                "{drop_newest_checkpoint}; DELETE FROM unmask_audit WHERE id >= {}; {}",
+                ids[3],
+                forged_row(ids[3], &ids[2].to_string())
+            ),
+            expect_early,
+            format!(
+                "audit row {} is not the row witnessed checkpoint seq 2 signed: the chain does not reach the witness",
+                ids[3]
+            ),
+        ),
+        (
+            "(a) the witnessed head deleted and a forged row appended after it",
+            format!(
+                "{drop_newest_checkpoint}; DELETE FROM unmask_audit WHERE id >= {}; {}",
+                ids[3],
+                forged_row(ids[5] + 1, &ids[2].to_string())
+            ),
+            expect_early,
+            format!(
+                "audit row {} is gone but witnessed checkpoint seq 2 signed the chain up to it",
+                ids[3]
+            ),
+        ),
+        (
+            "(b) the newest checkpoint deleted, then a reveal row rewritten",
+            format!(
+                "{drop_newest_checkpoint}; UPDATE unmask_audit SET reason = 'nothing to see' WHERE id = {}; {}",
+                ids[2],
+                rehash_from(ids[2])
+            ),
+            expect_early,
+            format!(
+                "audit row {} is not the row witnessed checkpoint seq 2 signed",
+                ids[3]
+            ),
+        ),
+        (
+            "(b) the newest checkpoint deleted",
+            drop_newest_checkpoint.to_owned(),
+            expect_early,
+            "checkpoints were removed from the database: the newest that verifies there is seq 1 but the witness holds seq 2".to_owned(),
+        ),
+        (
+            "(b) an older checkpoint deleted",
+            "DELETE FROM audit_checkpoints WHERE seq = 1".to_owned(),
+            expect_early,
+            "checkpoint seq 1 was removed from the database".to_owned(),
+        ),
+        (
+            "(c) every row and checkpoint deleted",
+            "DELETE FROM unmask_audit; DELETE FROM audit_checkpoints".to_owned(),
+            &[],
+            format!(
+                "the audit chain is empty but the witness is not: witnessed checkpoint seq 2 signed it up to row {}",
+                ids[3]
+            ),
+        ),
+    ];
+    for (what, tamper, unseen_with, named) in cases {
+        sqlx::raw_sql(&tamper).execute(&env.pool).await.unwrap();
+        let unseen = verify_audit(&env, unseen_with);
+        assert_eq!(
+            unseen.status.code(),
+            Some(0),
+            "{what}: the database alone cannot tell: {}",
+            stderr(&unseen)
+        );
+        let mut args = vec!["--witness"];
+        args.extend_from_slice(unseen_with);
+        let found = verify_audit(&env, &args);
+        assert_eq!(found.status.code(), Some(4), "{what}: {}", stderr(&found));
+        let said = stderr(&found);
+        assert!(said.contains(&named), "{what}: {said}");
+        assert_eq!(said.trim().lines().count(), 1, "{what}: one line: {said}");
+        assert!(stdout(&found).is_empty(), "{what}");
+        sqlx::raw_sql(RESTORE_AUDIT)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        let restored = verify_audit(&env, &["--witness", "--expect-head", &early]);
+        assert_eq!(
+            restored.status.code(),
+            Some(0),
+            "{what}: {}",
+            stderr(&restored)
+        );
+    }
+    // The empty audit of (c) without the witness, as it was before witnessing.
+    sqlx::raw_sql("DELETE FROM unmask_audit; DELETE FROM audit_checkpoints")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(stdout(&verify_audit(&env, &[])).starts_with("audit intact: 0 rows"));
+    sqlx::raw_sql(RESTORE_AUDIT)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // The signer refuses to sign a head the witness does not reach...
+    sqlx::raw_sql(drop_newest_checkpoint)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let refused = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("checkpoints were removed from the database"));
+    // ...and signs the true history on.
+    sqlx::raw_sql(RESTORE_AUDIT)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(checkpoint_now(&env).contains(": seq 3, "));
+    env.cleanup().await;
+}
+
+/// Issue case (d): whoever holds INSERT on audit_checkpoints (compliance, the key admin) can
+/// plant a row that does not verify. Without a witness it still fails verification (it could
+/// be a forgery hiding a rewrite); with the witness deciding, it is named and skipped, and
+/// checkpointing carries on past it.
+#[tokio::test]
+async fn a_checkpoint_planted_by_compliance_or_the_key_admin_is_named_and_skipped() {
+    let env = witnessed_once().await;
+    for (user, seq, next) in [("compliance", "2", 2), ("keyadmin", "NULL", 3)] {
+        let pool = env.pool_as(user).await;
+        let planted: i64 = sqlx::query_scalar(&format!(
+            "INSERT INTO audit_checkpoints (seq, last_audit_id, head_hash, signed_at, kms_key_id, signature)
+             SELECT {seq}, id, hash, now(), 'planted', '\\x3006020101020101'
+             FROM unmask_audit ORDER BY id DESC LIMIT 1 RETURNING id"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{user} may insert checkpoints: {e}"));
+        pool.close().await;
+
+        let strict = verify_audit(&env, &[]);
+        assert_eq!(strict.status.code(), Some(4), "{user}: {}", stderr(&strict));
+        assert!(
+            stderr(&strict).contains("does not verify under the audit signing key"),
+            "{user}: {}",
+            stderr(&strict)
+        );
+
+        let witnessed = verify_audit(&env, &["--witness"]);
+        assert_eq!(
+            witnessed.status.code(),
+            Some(0),
+            "{user}: {}",
+            stderr(&witnessed)
+        );
+        assert!(
+            stderr(&witnessed).contains(&format!(
+                "warning: checkpoint row {planted} (inserted by {user}) does not verify under the audit signing key: skipped"
+            )),
+            "{user}: {}",
+            stderr(&witnessed)
+        );
+        // The signer is not stopped either, even by a row claiming the next number.
+        let signed = env.run_binary_as("compliance", UNMASK, &["audit-checkpoint"]);
+        assert_eq!(signed.status.code(), Some(0), "{user}: {}", stderr(&signed));
+        assert!(
+            stdout(&signed).contains(&format!(": seq {next}, ")),
+            "{user}: {}",
+            stdout(&signed)
+        );
+        assert!(stderr(&signed).contains(&format!("checkpoint row {planted}")));
+        let after = verify_audit(&env, &["--witness"]);
+        assert!(
+            stdout(&after).contains(&format!("witness: checkpoint seq {next} ")),
+            "{user}: {}{}",
+            stdout(&after),
+            stderr(&after)
+        );
+    }
+    env.cleanup().await;
+}
+
+/// audit-checkpoint writes the database first: a run that ends before witnessing leaves a
+/// signed checkpoint ahead of the witness, which verifies, and which the next run witnesses
+/// before signing the next number.
+#[tokio::test]
+async fn a_checkpoint_stored_but_not_witnessed_verifies_and_the_next_run_witnesses_it() {
+    let env = witnessed_once().await;
+    shown_to_officer(&env, &["--user-id", "u-2", "--reason", "two"]);
+    // What a signer killed between its COMMIT and its PutObject leaves: checkpoint 2, signed
+    // by the key and stored, not witnessed.
+    let (last, head, signed_at): (i64, Vec<u8>, time::OffsetDateTime) = sqlx::query_as(
+        "SELECT id, hash, date_trunc('milliseconds', clock_timestamp())
+         FROM unmask_audit ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let message = pii_vault::audit::checkpoint_message_v2(2, last, &head, signed_at);
+    let signature = env
+        .kms
+        .client()
+        .sign()
+        .key_id(&env.audit_signing_key_id)
+        .message(aws_sdk_kms::primitives::Blob::new(message))
+        .message_type(aws_sdk_kms::types::MessageType::Raw)
+        .signing_algorithm(aws_sdk_kms::types::SigningAlgorithmSpec::EcdsaSha256)
+        .send()
+        .await
+        .unwrap()
+        .signature
+        .unwrap()
+        .into_inner();
+    let compliance = env.pool_as("compliance").await;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, last_audit_id, head_hash, signed_at, kms_key_id, signature)
+         VALUES (2, $1, $2, $3, $4, $5)",
+    )
+    .bind(last)
+    .bind(&head)
+    .bind(signed_at)
+    .bind(&env.audit_signing_key_id)
+    .bind(&signature)
+    .execute(&compliance)
+    .await
+    .unwrap();
+    compliance.close().await;
+
+    let ahead = verify_audit(&env, &["--witness"]);
+    head_of(&ahead);
+    assert!(
+        stdout(&ahead).contains("witness: checkpoint seq 1 "),
+        "{}",
+        stdout(&ahead)
+    );
+    let next = checkpoint_now(&env);
+    assert!(
+        next.contains("checkpoint seq 2 (stored earlier, not yet witnessed) witnessed in"),
+        "{next}"
+    );
+    assert!(next.contains(": seq 3, "), "{next}");
+    let witnessed = env.witness().await.versions().await.unwrap();
+    let mut keys: Vec<String> = witnessed.into_iter().map(|(key, _)| key).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        (1..=3)
+            .map(pii_vault::audit::witness::object_key)
+            .collect::<Vec<_>>()
+    );
+    let after = verify_audit(&env, &["--witness"]);
+    assert!(
+        stdout(&after).contains("witness: checkpoint seq 3 "),
+        "{}",
+        stdout(&after)
+    );
+    env.cleanup().await;
+}
+
+/// The witness holds: Object Lock refuses to delete a witnessed checkpoint's version, and a
+/// delete marker (which Object Lock allows) or a newer version stacked on the key hides
+/// nothing from verify-audit --witness.
+#[tokio::test]
+async fn object_lock_keeps_the_witnessed_checkpoints() {
+    let env = witnessed_once().await;
+    let witness = env.witness().await;
+    let key = pii_vault::audit::witness::object_key(1);
+    let versions = witness.versions().await.unwrap();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let (listed, version) = &versions[0];
+    assert_eq!(listed, &key);
+    let original = witness.get_version(&key, version).await.unwrap();
+
+    let path = format!("/{key}?versionId={version}");
+    let deleted = witness
+        .send("DeleteObject", "DELETE", &path, &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 403, "{:?}", deleted.body);
+    assert_eq!(
+        witness.refusal("DeleteObject", &deleted).code(),
+        Some("AccessDenied")
+    );
+    assert_eq!(witness.get_version(&key, version).await.unwrap(), original);
+
+    // What Object Lock does allow: a delete marker, and a newer version over the key.
+    let marker = witness
+        .send(
+            "DeleteObject",
+            "DELETE",
+            &format!("/{key}"),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert!((200..300).contains(&marker.status), "{}", marker.status);
+    let stacked = witness
+        .send(
+            "PutObject",
+            "PUT",
+            &format!("/{key}"),
+            &[("content-md5", "CY9rzUYh03PK3k6DJie09g==".to_owned())],
+            b"test".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!((200..300).contains(&stacked.status), "{}", stacked.status);
+    sqlx::raw_sql(SAVE_AUDIT).execute(&env.pool).await.unwrap();
+    sqlx::raw_sql("DELETE FROM unmask_audit; DELETE FROM audit_checkpoints")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let found = verify_audit(&env, &["--witness"]);
+    assert_eq!(found.status.code(), Some(4), "{}", stderr(&found));
+    assert!(
+        stderr(&found).contains("the audit chain is empty but the witness is not"),
+        "{}",
+        stderr(&found)
+    );
+    sqlx::raw_sql(RESTORE_AUDIT)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let intact = verify_audit(&env, &["--witness"]);
+    assert_eq!(intact.status.code(), Some(0), "{}", stderr(&intact));
+    assert!(
+        stderr(&intact).contains(&format!("warning: witness object {key} (version ")),
+        "the stacked version is named: {}",
+        stderr(&intact)
+    );
+
+    // A bucket without Object Lock witnesses nothing: refused, for signing and verifying.
+    let unlocked = format!("{}-unlocked", env.audit_witness_bucket);
+    let made =
+        pii_vault::audit::witness::WitnessBucket::new(&common::aws_config().await, &unlocked, 1)
+            .send("CreateBucket", "PUT", "", &[], Vec::new())
+            .await
+            .unwrap();
+    assert_eq!(made.status, 200);
+    for args in [&["verify-audit", "--witness"][..], &["audit-checkpoint"]] {
+        let mut all = args.to_vec();
+        all.extend(["--audit-witness-bucket", &unlocked]);
+        let refused = env.run_binary_as("compliance", UNMASK, &all);
+        assert_eq!(
+            refused.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            stderr(&refused)
+        );
+        assert!(
+            stderr(&refused).contains(&format!("witness bucket {unlocked} has no Object Lock")),
+            "{args:?}: {}",
+            stderr(&refused)
         );
     }
     env.cleanup().await;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
-use pii_vault::audit::{self, CheckpointKey, VerifyError};
+use pii_vault::audit::witness::WitnessBucket;
+use pii_vault::audit::{self, CheckpointKey, Intact, VerifyError};
 use pii_vault::cli::{self, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
@@ -76,13 +77,60 @@ enum Command {
         /// in the chain, which catches the removal of rows after the last checkpoint.
         #[arg(long, value_name = "HASH")]
         expect_head: Option<String>,
+        /// Also hold the audit to the newest checkpoint in the witness bucket (Object Lock):
+        /// the chain must reach it, no signed checkpoint up to it may be missing, and an empty
+        /// audit must have an empty witness. Checkpoint rows that do not verify are then
+        /// named as warnings and skipped.
+        #[arg(long)]
+        witness: bool,
+        #[command(flatten)]
+        bucket: WitnessArgs,
     },
-    /// Sign the audit's current head with the KMS checkpoint key and store the checkpoint
-    /// (after verifying the chain). Run it on a schedule, as the checkpoint signer.
+    /// Sign the audit's current head with the KMS checkpoint key, store the checkpoint and
+    /// write it to the witness bucket (after verifying the chain against the witness). Run it
+    /// on a schedule, as the checkpoint signer.
     AuditCheckpoint {
         #[command(flatten)]
         signing: SigningArgs,
+        #[command(flatten)]
+        bucket: WitnessArgs,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct WitnessArgs {
+    /// The S3 bucket (Object Lock on, COMPLIANCE mode) that witnesses audit checkpoints.
+    #[arg(long, env = "AUDIT_WITNESS_BUCKET", value_name = "BUCKET")]
+    audit_witness_bucket: Option<String>,
+    /// Days each witnessed checkpoint is locked (COMPLIANCE mode: nobody can shorten it).
+    /// Use the audit's retention period.
+    #[arg(
+        long,
+        env = "AUDIT_WITNESS_RETAIN_DAYS",
+        default_value_t = 2557,
+        value_name = "DAYS"
+    )]
+    audit_witness_retain_days: u32,
+}
+
+/// The witness bucket, resolved: its name and retention.
+struct Witness {
+    bucket: String,
+    retain_days: u32,
+}
+
+impl WitnessArgs {
+    fn required(self, why: &str) -> Result<Witness, UsageError> {
+        match self.audit_witness_bucket {
+            Some(bucket) if !bucket.trim().is_empty() => Ok(Witness {
+                bucket,
+                retain_days: self.audit_witness_retain_days,
+            }),
+            _ => Err(UsageError(format!(
+                "{why} needs the witness bucket: set AUDIT_WITNESS_BUCKET or --audit-witness-bucket"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,9 +181,12 @@ enum Task {
         signing: SigningArgs,
         /// The 32 bytes of `--expect-head`.
         expect_head: Option<Vec<u8>>,
+        /// With `--witness`.
+        witness: Option<Witness>,
     },
     AuditCheckpoint {
         signing: SigningArgs,
+        witness: Witness,
     },
 }
 
@@ -147,7 +198,10 @@ impl TryFrom<Args> for Config {
             Some(Command::VerifyAudit {
                 signing,
                 expect_head,
+                witness,
+                bucket,
             }) => Task::VerifyAudit {
+                witness: witness.then(|| bucket.required("--witness")).transpose()?,
                 signing,
                 expect_head: expect_head
                     .map(|text| {
@@ -158,7 +212,10 @@ impl TryFrom<Args> for Config {
                     })
                     .transpose()?,
             },
-            Some(Command::AuditCheckpoint { signing }) => Task::AuditCheckpoint { signing },
+            Some(Command::AuditCheckpoint { signing, bucket }) => Task::AuditCheckpoint {
+                signing,
+                witness: bucket.required("audit-checkpoint")?,
+            },
             None => Task::Unmask {
                 kms_key_id: args.vault.kms_key_id,
                 request: request(
@@ -253,18 +310,38 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         Task::VerifyAudit {
             signing,
             expect_head,
+            witness,
         } => {
-            return verify_audit(&config.database_url, &signing, expect_head.as_deref()).await;
+            return verify_audit(
+                &config.database_url,
+                &signing,
+                expect_head.as_deref(),
+                witness.as_ref(),
+            )
+            .await;
         }
-        Task::AuditCheckpoint { signing } => {
+        Task::AuditCheckpoint { signing, witness } => {
             let pool = db::connect(&config.database_url, 1).await?;
             let key = checkpoint_key(&signing).await;
-            match key.checkpoint(&pool).await? {
+            let bucket = witness_bucket(&witness).await;
+            let signed = key.checkpoint(&pool, &bucket).await?;
+            for skipped in &signed.skipped {
+                eprintln!("warning: {skipped}");
+            }
+            for seq in &signed.completed {
+                println!(
+                    "checkpoint seq {seq} (stored earlier, not yet witnessed) witnessed in {}",
+                    bucket.bucket()
+                );
+            }
+            match signed.checkpoint {
                 Some(checkpoint) => println!(
-                    "checkpoint {} signed: audit row {}, head {}",
+                    "checkpoint {} signed: seq {}, audit row {}, head {}, witnessed in {}",
                     checkpoint.id,
+                    checkpoint.seq.unwrap_or_default(),
                     checkpoint.last_audit_id,
-                    hex::encode(&checkpoint.head_hash)
+                    hex::encode(&checkpoint.head_hash),
+                    bucket.bucket()
                 ),
                 None => println!("the audit is empty; nothing to sign"),
             }
@@ -317,12 +394,40 @@ async fn checkpoint_key(signing: &SigningArgs) -> CheckpointKey {
     }
 }
 
+async fn witness_bucket(witness: &Witness) -> WitnessBucket {
+    WitnessBucket::new(
+        &cli::aws_config().await,
+        &witness.bucket,
+        witness.retain_days,
+    )
+}
+
 async fn verify_audit(
     database_url: &str,
     signing: &SigningArgs,
     expect_head: Option<&[u8]>,
+    witness: Option<&Witness>,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(database_url, 1).await?;
+    if let Some(witness) = witness {
+        let key = checkpoint_key(signing).await.verifying_key().await?;
+        let bucket = witness_bucket(witness).await;
+        let intact = audit::verify_with_witness(&pool, &key, &bucket, expect_head).await?;
+        for skipped in &intact.skipped {
+            eprintln!("warning: {skipped}");
+        }
+        print_intact(&intact);
+        match &intact.witnessed {
+            Some(witnessed) => println!(
+                "witness: checkpoint seq {} (audit row {}) in {} reached",
+                witnessed.seq.unwrap_or_default(),
+                witnessed.last_audit_id,
+                bucket.bucket()
+            ),
+            None => println!("witness: {} holds no checkpoint yet", bucket.bucket()),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_checkpoints")
         .fetch_one(&pool)
         .await?;
@@ -334,11 +439,15 @@ async fn verify_audit(
         None
     };
     let intact = audit::verify(&pool, key.as_ref(), expect_head).await?;
+    print_intact(&intact);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_intact(intact: &Intact) {
     println!(
         "audit intact: {} rows, {} signed checkpoints, head {}",
         intact.rows,
         intact.checkpoints,
         hex::encode(intact.head)
     );
-    Ok(ExitCode::SUCCESS)
 }

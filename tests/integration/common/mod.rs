@@ -1,6 +1,6 @@
 //! Shared set-up of the integration tests: each test gets its own freshly migrated database,
-//! its own queue and its own KMS key, on the real PostgreSQL server and the AWS emulator, so
-//! tests run in parallel without seeing each other.
+//! its own queue, its own KMS keys and its own audit witness bucket, on the real PostgreSQL
+//! server and the AWS emulator, so tests run in parallel without seeing each other.
 //!
 //! A missing service is a loud failure naming the command that starts it: `scripts/services up`
 //! (which `make test` runs first).
@@ -17,6 +17,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use pii_vault::audit::witness::WitnessBucket;
 use pii_vault::db;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
@@ -71,7 +72,13 @@ pub struct TestEnv {
     pub kms_key_id: String,
     /// The KMS asymmetric key (ECC_NIST_P256) that signs audit checkpoints.
     pub audit_signing_key_id: String,
+    /// The S3 bucket (Object Lock, COMPLIANCE) that witnesses audit checkpoints. Its objects
+    /// stay locked for a day, so it outlives the test (the emulator keeps it in memory).
+    pub audit_witness_bucket: String,
 }
+
+/// Days a test's witnessed checkpoints stay locked.
+pub const WITNESS_RETAIN_DAYS: u32 = 1;
 
 impl TestEnv {
     /// A fresh migrated database, a queue whose messages become visible again after
@@ -135,6 +142,11 @@ impl TestEnv {
                 .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify),
         )
         .await;
+        let audit_witness_bucket = format!("pii-vault-test-{suffix}");
+        WitnessBucket::new(&config, &audit_witness_bucket, WITNESS_RETAIN_DAYS)
+            .create()
+            .await
+            .unwrap_or_else(|e| panic!("creating the audit witness bucket: {e}"));
         Self {
             database_url,
             database_name,
@@ -144,7 +156,17 @@ impl TestEnv {
             queue_url,
             kms_key_id,
             audit_signing_key_id,
+            audit_witness_bucket,
         }
+    }
+
+    /// This test's audit witness bucket.
+    pub async fn witness(&self) -> WitnessBucket {
+        WitnessBucket::new(
+            &aws_config().await,
+            &self.audit_witness_bucket,
+            WITNESS_RETAIN_DAYS,
+        )
     }
 
     /// A pool logged in as one of the local users that `scripts/services up` creates (see
@@ -315,6 +337,8 @@ impl TestEnv {
             ("DATABASE_URL", self.database_url.clone()),
             ("KMS_KEY_ID", self.kms_key_id.clone()),
             ("AUDIT_SIGNING_KEY_ID", self.audit_signing_key_id.clone()),
+            ("AUDIT_WITNESS_BUCKET", self.audit_witness_bucket.clone()),
+            ("AUDIT_WITNESS_RETAIN_DAYS", WITNESS_RETAIN_DAYS.to_string()),
             ("QUEUE", self.queue_url.clone()),
             ("AWS_ENDPOINT_URL", aws_endpoint()),
             ("AWS_REGION", "us-east-1".to_owned()),
