@@ -1,7 +1,8 @@
 //! The vault's lifecycle operations at size, against the local services
 //! (`scripts/services up`): `verify-audit` over 100,000 audit rows, without and with the
 //! witness (after an `audit-checkpoint`: KMS signs, S3 witnesses), `erase` of a user with
-//! 10,000 logins, and `expire` of a retention window holding 1,000,000 logins.
+//! 10,000 logins, `expire` of a retention window holding 1,000,000 logins, and an ingest
+//! batch's locks while a login without roles holds all it can.
 //!
 //! Rows are seeded in SQL (the operations measured never open a value, so synthetic sealed
 //! bytes serve), audit rows through the reveal door itself.
@@ -53,6 +54,64 @@ async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, win
     .execute(&env.pool)
     .await
     .unwrap();
+}
+
+/// Median microseconds of a batch's lock transaction as the ingester, without and with an
+/// attacker.
+async fn batch_lock_waits(env: &common::TestEnv) -> (f64, f64) {
+    let ingester = env.pool_as("ingester").await;
+    let keys: Vec<i64> = sqlx::query_scalar("SELECT id FROM vault_keys ORDER BY id LIMIT 2")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let median = || async {
+        let mut micros = Vec::new();
+        for _ in 0..1_000 {
+            let started = Instant::now();
+            let mut tx = ingester.begin().await.unwrap();
+            sqlx::query("SELECT vault_hold_keys($1)")
+                .bind(&keys)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("SELECT vault_hold_erasures()")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            micros.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        micros.sort_by(f64::total_cmp);
+        micros[micros.len() / 2]
+    };
+    let alone = median().await;
+    let nobody = env.pool_as("nobody").await;
+    let mut attacker = nobody.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1886086522, 0), pg_advisory_lock(8100121361964690548)")
+        .execute(&mut *attacker)
+        .await
+        .unwrap();
+    for key in &keys {
+        sqlx::query("SELECT pg_advisory_lock(1886086521, $1::int4)")
+            .bind(*key as i32)
+            .execute(&mut *attacker)
+            .await
+            .unwrap();
+    }
+    sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
+    sqlx::query("SELECT vault_reveal_request('user_id', 'x', 'legal-request', 'hold', 'bench')")
+        .execute(&mut *attacker)
+        .await
+        .unwrap();
+    let attacked = median().await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *attacker)
+        .await
+        .unwrap();
+    drop(attacker);
+    nobody.close().await;
+    ingester.close().await;
+    (alone, attacked)
 }
 
 #[tokio::main]
@@ -144,6 +203,13 @@ async fn main() {
     assert_eq!(left, 0);
     keyadmin.close().await;
 
+    // An ingest batch's locks (the key-use rows and the erasure gate), taken as the ingester
+    // does, alone and while a login without roles holds everything it can.
+    let (alone, attacked) = batch_lock_waits(&env).await;
+
+    println!(
+        "ingest batch locks (key use + erasure gate): median {alone:.0} us alone, {attacked:.0} us while a login without roles holds every advisory lock the vault once used and an open transaction that knocked on the reveal door"
+    );
     println!(
         "verify-audit --witness over {audit_rows} rows: {witness_seconds:.2} s ({:.0} audit rows verified per second with the witness)",
         audit_rows as f64 / witness_seconds
