@@ -663,4 +663,6 @@ GRANT EXECUTE ON FUNCTION
     vault_retokenize_logins(bigint, bigint, bigint[], text[], text[]),
     vault_reseal_quarantine(bigint, bigint[], bigint[], bytea[])
     TO pii_vault_keyadmin;
-GRANT EXECUTE ON FUNCTION vault_hold_erasures(), vault_hold_keys(bigint[]) TO pii_vault_ingester;
+-- The owner may ingest too (the demo and the tests do): it owns the tables the locks are on.
+GRANT EXECUTE ON FUNCTION vault_hold_erasures(), vault_hold_keys(bigint[])
+    TO pii_vault_ingester, CURRENT_USER;

@@ -1199,7 +1199,8 @@ mod tests {
         let pool = crate::db::connect(&format!("{prefix}/{name}"), 1)
             .await
             .unwrap();
-        crate::db::migrate(&pool).await.unwrap();
+        let role_admin = crate::db::scratch::role_admin().await;
+        crate::db::migrate(&pool, Some(&role_admin)).await.unwrap();
 
         let vectors = testing::vectors("audit.json");
         for vector in vectors["rows"].as_array().unwrap() {

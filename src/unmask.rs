@@ -114,7 +114,7 @@ impl UnmaskError {
     /// The database refused this login the door or a table (SQLSTATE 42501): a role that
     /// is not the compliance officer's.
     pub fn is_permission_denied(&self) -> bool {
-        matches!(self, UnmaskError::Database(e) if is_permission_denied(e))
+        matches!(self, UnmaskError::Database(e) if crate::db::is_permission_denied(e))
     }
 
     /// What the audit records as the outcome of a hand-out that ended in this error.
@@ -125,10 +125,6 @@ impl UnmaskError {
             _ => "keys-unavailable",
         }
     }
-}
-
-fn is_permission_denied(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42501"))
 }
 
 /// Who asks, and why: all of it goes into the audit.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::common::{TestEnv, login, stderr, stdout};
-use pii_vault::rotate;
+use crate::common::{self, TestEnv, login, stderr, stdout};
+use pii_vault::{db, rotate};
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
 
@@ -653,5 +653,146 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
     compliance.close().await;
     nobody.close().await;
     keyadmin.close().await;
+    env.cleanup().await;
+}
+
+/// The PostgreSQL server's log, where pgaudit writes: `PII_VAULT_PG_LOG`, or Debian's file for
+/// the server's major version.
+async fn server_log(env: &TestEnv) -> String {
+    let path = match std::env::var("PII_VAULT_PG_LOG") {
+        Ok(path) => path,
+        Err(_) => {
+            let version: String = sqlx::query_scalar("SHOW server_version_num")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+            format!("/var/log/postgresql/postgresql-{}-main.log", &version[..2])
+        }
+    };
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("cannot read the PostgreSQL server log at {path} ({e}): set PII_VAULT_PG_LOG")
+    })
+}
+
+#[tokio::test]
+async fn the_owner_is_not_the_door_and_what_it_does_past_the_doors_is_in_the_server_log() {
+    let env = stored_logins().await;
+    // No migration window may open meanwhile: a window lends the owner the door role.
+    let role_admin = common::role_admin().await;
+    let mut window = role_admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(db::MIGRATION_WINDOW_LOCK)
+        .execute(&mut *window)
+        .await
+        .unwrap();
+    let tag = format!("owner-attack-{}", common::unique_suffix());
+    let owner: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+
+    // The attacks of before: become the door, grant itself the door, rewrite a trigger
+    // function so that the audit takes an UPDATE.
+    for (statement, refused) in [
+        (
+            format!("SET ROLE pii_vault_door /* {tag} */"),
+            "permission denied to set role",
+        ),
+        (
+            format!("GRANT pii_vault_door TO {owner}"),
+            "must have admin option",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION audit_refuse_change() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RETURN NEW; END $$"
+                .to_owned(),
+            "must be owner of function",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION vault_reveal(p_request bigint) RETURNS SETOF record
+             LANGUAGE sql AS $$ SELECT NULL::record $$"
+                .to_owned(),
+            "must be owner of function",
+        ),
+    ] {
+        let error = sqlx::raw_sql(&statement)
+            .execute(&env.pool)
+            .await
+            .unwrap_err();
+        refused_with(error, refused);
+    }
+
+    // What the owner can still do (it owns the tables) happens in view of the server log.
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE unmask_audit DISABLE TRIGGER USER /* {tag} */;
+         ALTER TABLE unmask_audit ENABLE TRIGGER USER;"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let compliance = env.pool_as("compliance").await;
+    sqlx::raw_sql(&format!(
+        "SET ROLE pii_vault_compliance /* {tag} */; RESET ROLE;"
+    ))
+    .execute(&compliance)
+    .await
+    .unwrap();
+    compliance.close().await;
+    let seen = |log: &str, needles: &[&str]| {
+        log.lines()
+            .any(|line| needles.iter().all(|needle| line.contains(needle)))
+    };
+    let disabled = [
+        "AUDIT: SESSION",
+        "DDL,ALTER TABLE",
+        "DISABLE TRIGGER",
+        tag.as_str(),
+    ];
+    // The server writes its log as it goes; allow it a moment.
+    let mut log = server_log(&env).await;
+    for _ in 0..50 {
+        if seen(&log, &disabled) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = server_log(&env).await;
+    }
+    let logged = seen(&log, &disabled);
+    assert!(
+        logged,
+        "pgaudit logged the owner's DISABLE TRIGGER (tag {tag})"
+    );
+    assert!(
+        seen(
+            &log,
+            &[
+                "AUDIT: SESSION",
+                "MISC,SET",
+                "SET ROLE pii_vault_compliance",
+                &tag
+            ]
+        ),
+        "pgaudit logged a SET ROLE"
+    );
+    assert!(
+        seen(&log, &["STATEMENT:", "SET ROLE pii_vault_door", &tag]),
+        "the refused SET ROLE to the door is in the log"
+    );
+
+    // rotate-keys status tells the operator the owner is watched, and not the door.
+    let status = env.run_binary_as("keyadmin", env!("CARGO_BIN_EXE_rotate-keys"), &["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let text = stdout(&status);
+    assert!(
+        text.contains(&format!("database owner {owner}: watched by pgaudit (ddl, role, misc_set); not a member of the door role")),
+        "{text}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(db::MIGRATION_WINDOW_LOCK)
+        .execute(&mut *window)
+        .await
+        .unwrap();
+    drop(window);
+    role_admin.close().await;
     env.cleanup().await;
 }

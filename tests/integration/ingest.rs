@@ -849,7 +849,10 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
         locking: true,
         no_tx: false,
     };
-    before_0008.run(&env.pool).await.unwrap();
+    let role_admin = common::role_admin().await;
+    pii_vault::db::migrate_with(&before_0008, &env.pool, Some(&role_admin))
+        .await
+        .unwrap();
     env.init_token_key().await;
     let keyring = env.keyring();
     let tokenizer = keyring.active_tokenizer().await.unwrap();
@@ -895,7 +898,9 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
             .unwrap();
     }
 
-    pii_vault::db::migrate(&env.pool).await.unwrap();
+    pii_vault::db::migrate(&env.pool, Some(&role_admin))
+        .await
+        .unwrap();
     let (kept_text, keyed_by_hash): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE message_id_text LIKE 'legacy:%'),
                 count(*) FILTER (WHERE message_id = message_key(message_id_text))

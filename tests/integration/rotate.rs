@@ -852,8 +852,13 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
         .await
         .unwrap();
     let restored_url = env.database_url.replace(&env.database_name, &restored_name);
-    // The door functions are owned by pii_vault_door, which needs CREATE on the schema while
-    // they are restored (as while they were migrated).
+    // The door functions are owned by pii_vault_door: the restore runs in a window in which
+    // the role administrator lends the owner that role, and pii_vault_door needs CREATE on
+    // the schema (as while they were migrated). README, "Migrating a deployment".
+    let role_admin = common::role_admin().await;
+    let window = pii_vault::db::MigrationWindow::open(&role_admin, &env.pool)
+        .await
+        .unwrap();
     let psql = |args: &[&str]| {
         let output = common::output_of(
             std::process::Command::new("psql")
@@ -866,6 +871,8 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     psql(&["-c", "GRANT CREATE ON SCHEMA public TO pii_vault_door"]);
     psql(&["-f", dump.to_str().unwrap()]);
     psql(&["-c", "REVOKE CREATE ON SCHEMA public FROM pii_vault_door"]);
+    window.close().await.unwrap();
+    role_admin.close().await;
     let restored_admin = db_as(&env, "keyadmin", &restored_name).await;
     let keyring = env.keyring_on(&restored_admin);
     let key_of = |month: &'static str| {

@@ -33,7 +33,13 @@ struct Args {
 enum Command {
     /// Apply the database migrations and create the first token key. Safe to run again: an
     /// existing token key is never replaced.
-    Init,
+    Init {
+        /// A login with CREATEROLE (RDS's master user) that opens the migration window: it
+        /// lends the owner the door role for the migrations and takes it back after. Needed
+        /// only when migrations are pending.
+        #[arg(long, env = "ROLE_ADMIN_DATABASE_URL", hide_env_values = true)]
+        role_admin_url: Option<String>,
+    },
     /// Every key: purpose, state, KMS key, age, the rows and values it protects and, for a
     /// data key, the login dates they come from; the data key limit and the retention.
     Status {
@@ -144,7 +150,9 @@ struct Config {
 
 /// A [`Command`], checked.
 enum Task {
-    Init,
+    Init {
+        role_admin_url: Option<String>,
+    },
     Status {
         data_key_max_records: u64,
     },
@@ -172,7 +180,7 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Config, UsageError> {
         let task = match args.command {
-            Command::Init => Task::Init,
+            Command::Init { role_admin_url } => Task::Init { role_admin_url },
             Command::Status {
                 data_key_max_records,
             } => Task::Status {
@@ -252,8 +260,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
     };
     match config.task {
-        Task::Init => {
-            db::migrate(&pool).await?;
+        Task::Init { role_admin_url } => {
+            let role_admin = match &role_admin_url {
+                Some(url) => Some(db::connect(url, 1).await?),
+                None => None,
+            };
+            db::migrate(&pool, role_admin.as_ref()).await?;
             match keyring().await.init_token_key().await? {
                 TokenKeyInit::Created(id) => println!("schema current; token key {id} created"),
                 TokenKeyInit::AlreadyActive(id) => {
@@ -274,6 +286,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 &windows,
                 data_key_max_records,
             );
+            println!("{}", db::OwnerWatch::read(&pool).await?.describe());
         }
         Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;

@@ -31,6 +31,17 @@ pub fn base_database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| db::LOCAL_DATABASE_URL.to_owned())
 }
 
+pub fn role_admin_url() -> String {
+    std::env::var("ROLE_ADMIN_DATABASE_URL").unwrap_or_else(|_| db::LOCAL_ROLE_ADMIN_URL.to_owned())
+}
+
+/// The role administrator (CREATEROLE) that opens migration windows (`db::migrate_with`).
+pub async fn role_admin() -> PgPool {
+    db::connect(&role_admin_url(), 1).await.unwrap_or_else(|e| {
+        panic!("the role administrator cannot log in ({e}); run `scripts/services up`")
+    })
+}
+
 pub fn aws_endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
 }
@@ -110,9 +121,11 @@ impl TestEnv {
             .await
             .expect("connecting to the test database");
         if migrate {
-            db::migrate(&pool)
+            let role_admin = role_admin().await;
+            db::migrate(&pool, Some(&role_admin))
                 .await
                 .expect("migrating the test database");
+            role_admin.close().await;
         }
 
         let config = aws_config().await;
@@ -335,6 +348,7 @@ impl TestEnv {
     pub fn binary_env(&self) -> HashMap<&'static str, String> {
         HashMap::from([
             ("DATABASE_URL", self.database_url.clone()),
+            ("ROLE_ADMIN_DATABASE_URL", role_admin_url()),
             ("KMS_KEY_ID", self.kms_key_id.clone()),
             ("AUDIT_SIGNING_KEY_ID", self.audit_signing_key_id.clone()),
             ("AUDIT_WITNESS_BUCKET", self.audit_witness_bucket.clone()),
@@ -397,7 +411,18 @@ impl TestEnv {
         let mut tries = 0;
         while let Err(error) = sqlx::query(&drop).execute(&admin).await {
             tries += 1;
-            assert!(tries < 100, "dropping the test database: {error}");
+            if tries == 300 {
+                let sessions: Vec<(Option<String>, Option<String>, Option<String>)> =
+                    sqlx::query_as(
+                        "SELECT usename::text, state, left(query, 200) FROM pg_stat_activity
+                         WHERE datname = $1",
+                    )
+                    .bind(&self.database_name)
+                    .fetch_all(&admin)
+                    .await
+                    .unwrap_or_default();
+                panic!("dropping the test database: {error}; sessions left: {sessions:?}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = self
