@@ -14,7 +14,8 @@
 --   under the same committed audit row.
 -- * Knocks. A caller who holds no compliance role appends nothing to the chain (so cannot hold
 --   its lock): its request is recorded in `door_requests` (bounded in size), and step two
---   answers `refused-role` only once that record committed.
+--   answers `refused-role` only once that record committed. Every reveal request, knock or
+--   not, also goes to the server log (RAISE LOG), which a rollback does not take back.
 -- * One chain. `audit_append` takes the single row of `audit_head` FOR UPDATE: under READ
 --   COMMITTED appends queue behind each other; under REPEATABLE READ or SERIALIZABLE a caller
 --   whose snapshot predates the newest append gets a serialization failure instead of forking
@@ -206,13 +207,14 @@ DECLARE
     request bigint;
 BEGIN
     IF NOT pg_has_role(session_user, 'pii_vault_compliance', 'MEMBER') THEN
-        RAISE LOG 'pii-vault: reveal requested by %, who holds no compliance role', session_user;
         INSERT INTO door_requests (door, operation, outcome, detail)
         VALUES ('reveal', 'reveal', 'refused-role',
                 left(format('%s; purpose %s; reason %s; actor %s', question,
                             left(p_purpose, 64), left(p_reason, lim.reason),
                             left(p_actor, lim.actor)), 2000))
         RETURNING id INTO request;
+        -- The server log keeps it even if the caller rolls back.
+        RAISE LOG 'pii-vault: reveal request % by %: refused-role', request, session_user;
         RETURN request;
     END IF;
 
@@ -247,6 +249,8 @@ BEGIN
     INSERT INTO door_requests (door, operation, audit_id, outcome, ids, keys)
     VALUES ('reveal', 'reveal', audit, outcome, ids, keys)
     RETURNING id INTO request;
+    RAISE LOG 'pii-vault: reveal request % by %: %, audit row %', request, session_user, outcome,
+        audit;
     RETURN request;
 END
 $$;

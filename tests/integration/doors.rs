@@ -174,9 +174,14 @@ async fn every_refusal_a_caller_learns_of_was_recorded_before_it_was_told() {
     let env = stored_logins().await;
     let compliance = env.pool_as("compliance").await;
     let nobody = env.pool_as("nobody").await;
+    let server_log = ServerLog::from_now(&env).await;
     // A request is answered only by step two, and only once it committed: rolled back, it was
-    // never answered.
-    for pool in [&compliance, &nobody] {
+    // never answered, and the server log still has it.
+    let mut rolled_back = Vec::new();
+    for (pool, user, refusal) in [
+        (&compliance, "compliance", "refused-purpose"),
+        (&nobody, "nobody", "refused-role"),
+    ] {
         let mut tx = pool.begin().await.unwrap();
         let request: i64 = sqlx::query_scalar(
             "SELECT vault_reveal_request('user_id', 'u-1', 'curiosity', 'r', 'mallory')",
@@ -191,6 +196,13 @@ async fn every_refusal_a_caller_learns_of_was_recorded_before_it_was_told() {
             .unwrap_err();
         refused_with(refused, "has not committed");
         tx.rollback().await.unwrap();
+        rolled_back.push(format!(
+            "pii-vault: reveal request {request} by {user}: {refusal}"
+        ));
+    }
+    let log = server_log.read();
+    for line in &rolled_back {
+        assert!(log.contains(line.as_str()), "the server log keeps «{line}»");
     }
     let requests: i64 = sqlx::query_scalar("SELECT count(*) FROM door_requests")
         .fetch_one(&env.pool)
@@ -656,22 +668,45 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
     env.cleanup().await;
 }
 
-/// The PostgreSQL server's log, where pgaudit writes: `PII_VAULT_PG_LOG`, or Debian's file for
-/// the server's major version.
-async fn server_log(env: &TestEnv) -> String {
-    let path = match std::env::var("PII_VAULT_PG_LOG") {
-        Ok(path) => path,
-        Err(_) => {
-            let version: String = sqlx::query_scalar("SHOW server_version_num")
-                .fetch_one(&env.pool)
-                .await
-                .unwrap();
-            format!("/var/log/postgresql/postgresql-{}-main.log", &version[..2])
-        }
-    };
-    std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("cannot read the PostgreSQL server log at {path} ({e}): set PII_VAULT_PG_LOG")
-    })
+/// The PostgreSQL server's log, where pgaudit and the doors' RAISE LOG write, from where it
+/// ended when this was made: `PII_VAULT_PG_LOG`, or Debian's file for the server's major
+/// version.
+struct ServerLog {
+    path: String,
+    from: u64,
+}
+
+impl ServerLog {
+    async fn from_now(env: &TestEnv) -> Self {
+        let path = match std::env::var("PII_VAULT_PG_LOG") {
+            Ok(path) => path,
+            Err(_) => {
+                let version: String = sqlx::query_scalar("SHOW server_version_num")
+                    .fetch_one(&env.pool)
+                    .await
+                    .unwrap();
+                format!("/var/log/postgresql/postgresql-{}-main.log", &version[..2])
+            }
+        };
+        let from = std::fs::metadata(&path)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot read the PostgreSQL server log at {path} ({e}): set PII_VAULT_PG_LOG"
+                )
+            })
+            .len();
+        Self { path, from }
+    }
+
+    /// What the server logged since.
+    fn read(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(&self.path).unwrap();
+        file.seek(SeekFrom::Start(self.from)).unwrap();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
 }
 
 #[tokio::test]
@@ -686,6 +721,7 @@ async fn the_owner_is_not_the_door_and_what_it_does_past_the_doors_is_in_the_ser
         .await
         .unwrap();
     let tag = format!("owner-attack-{}", common::unique_suffix());
+    let server_log = ServerLog::from_now(&env).await;
     let owner: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&env.pool)
         .await
@@ -749,13 +785,13 @@ async fn the_owner_is_not_the_door_and_what_it_does_past_the_doors_is_in_the_ser
         tag.as_str(),
     ];
     // The server writes its log as it goes; allow it a moment.
-    let mut log = server_log(&env).await;
+    let mut log = server_log.read();
     for _ in 0..50 {
         if seen(&log, &disabled) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        log = server_log(&env).await;
+        log = server_log.read();
     }
     let logged = seen(&log, &disabled);
     assert!(
