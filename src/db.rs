@@ -299,6 +299,127 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Databases made migrated, for tests and benches: each makes databases by the dozen, and
+/// migrating each would cost time, a migration window each (serialized), and pgaudit's log
+/// of every DDL statement with its whole migration file. They clone one migrated template
+/// instead, made once per set of migrations (its name carries their checksums) and kept.
+pub mod template {
+    use sha2::{Digest, Sha256};
+    use tokio::sync::OnceCell;
+
+    use super::*;
+
+    /// Serializes making the template across processes.
+    const TEMPLATE_LOCK: i64 = 8_100_121_361_964_690_550;
+
+    /// Creates database `name` as `base_url`'s user (CREATEDB), migrated as by [`migrate`].
+    pub async fn create_migrated(
+        base_url: &str,
+        name: &str,
+        role_admin: &PgPool,
+    ) -> Result<(), DbError> {
+        static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+        let template = TEMPLATE
+            .get_or_try_init(|| make_template(base_url, role_admin))
+            .await?;
+        let admin = connect(base_url, 1).await?;
+        // Cloning fails while another session is connected to the template (another process
+        // checking it): wait for it.
+        let mut tries = 0;
+        let created = loop {
+            match sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .execute(&admin)
+                .await
+            {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("55006") && tries < 100 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other,
+            }
+        };
+        admin.close().await;
+        created?;
+        Ok(())
+    }
+
+    async fn make_template(base_url: &str, role_admin: &PgPool) -> Result<String, DbError> {
+        let mut digest = Sha256::new();
+        for migration in MIGRATOR.iter() {
+            digest.update(migration.version.to_be_bytes());
+            digest.update(&migration.checksum);
+        }
+        let name = format!(
+            "pii_vault_template_{}",
+            &hex::encode(digest.finalize())[..16]
+        );
+        let admin = connect(base_url, 1).await?;
+        let mut lock = admin.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(TEMPLATE_LOCK)
+            .execute(&mut *lock)
+            .await?;
+        let made = make_unless_current(&mut lock, base_url, &name, role_admin).await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(TEMPLATE_LOCK)
+            .execute(&mut *lock)
+            .await?;
+        drop(lock);
+        admin.close().await;
+        made.map(|()| name)
+    }
+
+    async fn make_unless_current(
+        conn: &mut PgConnection,
+        base_url: &str,
+        name: &str,
+        role_admin: &PgPool,
+    ) -> Result<(), DbError> {
+        let (prefix, _) = base_url.rsplit_once('/').unwrap_or((base_url, ""));
+        let url = format!("{prefix}/{name}");
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await?;
+        if exists {
+            let pool = connect(&url, 1).await?;
+            let current = check_schema(&pool).await;
+            pool.close().await;
+            if current.is_ok() {
+                return Ok(());
+            }
+            // Left half-made by a process that died while migrating it.
+            sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut *conn)
+            .await?;
+        let pool = connect(&url, 2).await?;
+        let migrated = migrate(&pool, Some(role_admin)).await;
+        pool.close().await;
+        migrated?;
+        // Templates of older migrations are of no more use.
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database
+             WHERE datname LIKE 'pii\\_vault\\_template\\_%' AND datname <> $1",
+        )
+        .bind(name)
+        .fetch_all(&mut *conn)
+        .await?;
+        for old in stale {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {old}"))
+                .execute(&mut *conn)
+                .await;
+        }
+        Ok(())
+    }
+}
+
 /// A database of its own for a unit test that needs PostgreSQL: created and migrated on the
 /// server at `DATABASE_URL` (as `scripts/services up` sets it up), dropped by [`Scratch::drop`]
 /// (left in place when the test fails, for inspection).
@@ -335,18 +456,16 @@ pub(crate) mod scratch {
                 .execute(&admin)
                 .await
                 .unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&admin)
+            admin.close().await;
+            let role_admin = role_admin().await;
+            template::create_migrated(&base, &name, &role_admin)
                 .await
                 .expect(
                     "creating a scratch database (the role needs CREATEDB; see scripts/services)",
                 );
-            admin.close().await;
+            role_admin.close().await;
             let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
             let pool = connect(&format!("{prefix}/{name}"), 4).await.unwrap();
-            let role_admin = role_admin().await;
-            migrate(&pool, Some(&role_admin)).await.unwrap();
-            role_admin.close().await;
             Self { pool, name, base }
         }
 

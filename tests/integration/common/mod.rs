@@ -110,23 +110,28 @@ impl TestEnv {
             panic!("PostgreSQL is not reachable ({e}); start it with `scripts/services up`")
         });
         let database_name = format!("pii_vault_test_{suffix}");
-        sqlx::query(&format!("CREATE DATABASE {database_name}"))
-            .execute(&admin)
-            .await
-            .expect("creating the test database (the role needs CREATEDB; see scripts/services)");
+        if migrate {
+            let role_admin = role_admin().await;
+            db::template::create_migrated(&base, &database_name, &role_admin)
+                .await
+                .expect(
+                    "creating the test database (the role needs CREATEDB; see scripts/services)",
+                );
+            role_admin.close().await;
+        } else {
+            sqlx::query(&format!("CREATE DATABASE {database_name}"))
+                .execute(&admin)
+                .await
+                .expect(
+                    "creating the test database (the role needs CREATEDB; see scripts/services)",
+                );
+        }
         admin.close().await;
         let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
         let database_url = format!("{prefix}/{database_name}");
         let pool = db::connect(&database_url, 8)
             .await
             .expect("connecting to the test database");
-        if migrate {
-            let role_admin = role_admin().await;
-            db::migrate(&pool, Some(&role_admin))
-                .await
-                .expect("migrating the test database");
-            role_admin.close().await;
-        }
 
         let config = aws_config().await;
         let sqs = aws_sdk_sqs::Client::new(&config);
