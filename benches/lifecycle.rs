@@ -87,22 +87,7 @@ async fn batch_lock_waits(env: &common::TestEnv) -> (f64, f64) {
     let alone = median().await;
     let nobody = env.pool_as("nobody").await;
     let mut attacker = nobody.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(1886086522, 0), pg_advisory_lock(8100121361964690548)")
-        .execute(&mut *attacker)
-        .await
-        .unwrap();
-    for key in &keys {
-        sqlx::query("SELECT pg_advisory_lock(1886086521, $1::int4)")
-            .bind(*key as i32)
-            .execute(&mut *attacker)
-            .await
-            .unwrap();
-    }
-    sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
-    sqlx::query("SELECT vault_reveal_request('user_id', 'x', 'legal-request', 'hold', 'bench')")
-        .execute(&mut *attacker)
-        .await
-        .unwrap();
+    common::hold_what_a_login_can(&mut attacker, &keys).await;
     let attacked = median().await;
     sqlx::query("ROLLBACK")
         .execute(&mut *attacker)

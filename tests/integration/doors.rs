@@ -6,25 +6,10 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::common::{self, TestEnv, login, stderr, stdout};
+use crate::common::{self, TestEnv, hold_what_a_login_can, login, stderr, stdout, three_logins};
 use pii_vault::{db, rotate};
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
-
-/// Two logins of u-1 and one of u-2, stored by the ingester.
-async fn stored_logins() -> TestEnv {
-    let env = TestEnv::new(30).await;
-    env.init_token_key().await;
-    let summary = env
-        .ingest_bodies(&[
-            login("u-1", "10.0.0.1", "111-11-1111"),
-            login("u-1", "10.0.0.2", "222-22-2222"),
-            login("u-2", "10.0.0.3", "333-33-3333"),
-        ])
-        .await;
-    assert_eq!(summary.stored, 3);
-    env
-}
 
 /// Step one of a reveal of u-1, on `conn`.
 async fn request_reveal<'c, E: sqlx::PgExecutor<'c>>(conn: E, reason: &str) -> i64 {
@@ -55,7 +40,7 @@ fn refused_with(error: sqlx::Error, expected: &str) {
 
 #[tokio::test]
 async fn a_hand_out_in_the_transaction_of_its_request_is_refused_so_a_rollback_takes_nothing() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let compliance = env.pool_as("compliance").await;
     let keyadmin = env.pool_as("keyadmin").await;
 
@@ -171,7 +156,7 @@ async fn a_hand_out_in_the_transaction_of_its_request_is_refused_so_a_rollback_t
 
 #[tokio::test]
 async fn every_refusal_a_caller_learns_of_was_recorded_before_it_was_told() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let compliance = env.pool_as("compliance").await;
     let nobody = env.pool_as("nobody").await;
     let server_log = ServerLog::from_now(&env).await;
@@ -283,7 +268,7 @@ async fn assert_one_chain(env: &TestEnv, rows: i64) {
 
 #[tokio::test]
 async fn an_append_on_a_stale_head_is_refused_under_every_isolation_level() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let officer = env.pool_as("compliance").await;
     let mut appended = 0;
     for isolation in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
@@ -336,7 +321,7 @@ async fn an_append_on_a_stale_head_is_refused_under_every_isolation_level() {
 
 #[tokio::test]
 async fn eight_officers_at_once_under_repeatable_read_and_serializable_leave_one_chain() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let officer = env.pool_as("compliance").await;
     let mut officers = Vec::new();
     for n in 0..8 {
@@ -378,7 +363,7 @@ async fn eight_officers_at_once_under_repeatable_read_and_serializable_leave_one
 
 #[tokio::test]
 async fn the_key_admin_changes_logins_and_sealed_values_only_through_audited_doors() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let keyadmin = env.pool_as("keyadmin").await;
     // The attacks of before: rename a user's logins, overwrite a sealed ip, a body, a token.
     for statement in [
@@ -470,27 +455,9 @@ async fn rotate_verify(env: &TestEnv, keyadmin: &PgPool) -> u64 {
 
 #[tokio::test]
 async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let nobody = env.pool_as("nobody").await;
     let mut attacker = nobody.acquire().await.unwrap();
-    // Everything it can hold: the advisory locks the vault once used (erasure, key use, audit),
-    // session-scoped so they outlive any statement, and an open transaction that knocked on
-    // the reveal door.
-    let key_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM vault_keys")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_advisory_lock(1886086522, 0), pg_advisory_lock(8100121361964690548)")
-        .execute(&mut *attacker)
-        .await
-        .unwrap();
-    for id in &key_ids {
-        sqlx::query("SELECT pg_advisory_lock(1886086521, $1::int4)")
-            .bind(*id as i32)
-            .execute(&mut *attacker)
-            .await
-            .unwrap();
-    }
     // The row locks the vault uses now, and the tables behind them, are out of its reach.
     for statement in [
         "SELECT 1 FROM erasure_gate FOR SHARE",
@@ -503,7 +470,7 @@ async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
         "SELECT vault_hold_erasures()",
         "SELECT vault_hold_keys('{1}')",
     ] {
-        // In a transaction, as LOCK TABLE needs; the advisory locks are session-scoped.
+        // In a transaction, as LOCK TABLE needs.
         sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
         let refused = sqlx::query(statement)
             .execute(&mut *attacker)
@@ -515,8 +482,13 @@ async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
             .await
             .unwrap();
     }
-    sqlx::query("BEGIN").execute(&mut *attacker).await.unwrap();
-    request_reveal(&mut *attacker, "knock and hold").await;
+    // What it can hold: every advisory lock the vault once used, and an open transaction
+    // that knocked on the reveal door.
+    let key_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM vault_keys")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    hold_what_a_login_can(&mut attacker, &key_ids).await;
     let held: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
          WHERE a.usename = 'nobody' AND l.locktype = 'advisory' AND l.granted",
@@ -576,7 +548,7 @@ async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
 
 #[tokio::test]
 async fn inputs_are_bounded_and_a_question_must_name_a_column() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     let compliance = env.pool_as("compliance").await;
     let nobody = env.pool_as("nobody").await;
     let huge = "x".repeat(1 << 20);
@@ -711,7 +683,7 @@ impl ServerLog {
 
 #[tokio::test]
 async fn the_owner_is_not_the_door_and_what_it_does_past_the_doors_is_in_the_server_log() {
-    let env = stored_logins().await;
+    let env = three_logins().await;
     // No migration window may open meanwhile: a window lends the owner the door role.
     let role_admin = common::role_admin().await;
     let mut window = role_admin.acquire().await.unwrap();

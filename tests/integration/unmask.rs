@@ -1,26 +1,11 @@
 //! unmask over the wire: real PostgreSQL roles, KMS in the emulator, the binary as an officer
 //! runs it.
 
-use crate::common::{self, TestEnv, login, stderr, stdout};
+use crate::common::{self, TestEnv, login, stderr, stdout, three_logins};
 use pii_vault::unmask::{self, Question, Request};
 use pii_vault::vault::keyring::Keyring;
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
-
-/// Three logins: u-1 twice (two devices), u-2 once sharing u-1's first device.
-async fn three_logins() -> TestEnv {
-    let env = TestEnv::new(30).await;
-    env.init_token_key().await;
-    let summary = env
-        .ingest_bodies(&[
-            login("u-1", "10.0.0.1", "111-11-1111"),
-            login("u-1", "10.0.0.2", "222-22-2222"),
-            login("u-2", "10.0.0.3", "111-11-1111"),
-        ])
-        .await;
-    assert_eq!(summary.stored, 3);
-    env
-}
 
 /// (db_user, outcome, values_revealed, question) of every audit row, in order.
 async fn audit_rows(env: &TestEnv) -> Vec<(String, String, i32, String)> {

@@ -518,6 +518,45 @@ impl MessageSource for VecSource {
     }
 }
 
+/// Three logins: u-1 twice (two devices), u-2 once sharing u-1's first device; stored by the
+/// ingest pipeline in a world of their own.
+pub async fn three_logins() -> TestEnv {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let summary = env
+        .ingest_bodies(&[
+            login("u-1", "10.0.0.1", "111-11-1111"),
+            login("u-1", "10.0.0.2", "222-22-2222"),
+            login("u-2", "10.0.0.3", "111-11-1111"),
+        ])
+        .await;
+    assert_eq!(summary.stored, 3);
+    env
+}
+
+/// As a login without roles (`conn`), takes everything it can that the vault once waited on:
+/// every advisory lock the vault used (erasure, audit, one per key in `key_ids`), held for
+/// the session, then an open transaction that knocked on the reveal door; held until
+/// `ROLLBACK` on `conn`.
+pub async fn hold_what_a_login_can(conn: &mut sqlx::PgConnection, key_ids: &[i64]) {
+    sqlx::query("SELECT pg_advisory_lock(1886086522, 0), pg_advisory_lock(8100121361964690548)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for id in key_ids {
+        sqlx::query("SELECT pg_advisory_lock(1886086521, $1::int4)")
+            .bind(*id as i32)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query("SELECT vault_reveal_request('user_id', 'u-1', 'legal-request', 'hold', 'x')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 /// A login body.
 pub fn login(user: &str, ip: &str, device_id: &str) -> String {
     format!(
