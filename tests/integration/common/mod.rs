@@ -430,7 +430,10 @@ impl TestEnv {
                 .await
                 .unwrap_or(0);
                 role_admin.close().await;
-                eprintln!("cleanup: ended {ended} session(s) left in {}", self.database_name);
+                eprintln!(
+                    "cleanup: ended {ended} session(s) left in {}",
+                    self.database_name
+                );
             }
             if tries == 300 {
                 let sessions: Vec<(Option<String>, Option<String>, Option<String>)> =
