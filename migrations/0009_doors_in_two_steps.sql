@@ -172,13 +172,16 @@ DECLARE
     r door_requests;
 BEGIN
     SELECT * INTO r FROM door_requests WHERE id = p_request;
+    -- A request never handed out has no used_xact, and a transaction that has written nothing
+    -- yet has no id: both NULL, which must not count as a match.
     IF NOT FOUND OR r.door <> p_door OR r.operation <> p_operation OR r.db_user <> session_user
-       OR r.used_xact IS DISTINCT FROM pg_current_xact_id_if_assigned() THEN
+       OR NOT coalesce(r.used_xact = pg_current_xact_id_if_assigned(), false)
+       OR clock_timestamp() > r.expires_at THEN
         RAISE EXCEPTION 'request % was not handed out to this transaction for %', p_request,
             p_operation USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF p_ids IS NULL OR NOT p_ids <@ r.ids THEN
-        RAISE EXCEPTION 'only rows handed out by request % may be written', p_request
+    IF p_ids IS NULL OR NOT p_ids <@ r.ids OR cardinality(p_ids) > cardinality(r.ids) THEN
+        RAISE EXCEPTION 'only rows handed out by request % may be written, each once', p_request
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN r;
@@ -197,7 +200,7 @@ CREATE FUNCTION vault_reveal_request(p_question text, p_value text, p_purpose te
 AS $$
 DECLARE
     lim record := audit_limits();
-    question text := format('%s = %s', coalesce(p_question, '(none)'),
+    question text := format('%s = %s', coalesce(left(p_question, 64), '(none)'),
                             coalesce(left(p_value, lim.value), '(none)'));
     refusal text;
     ids bigint[] := '{}';
@@ -384,6 +387,7 @@ CREATE FUNCTION vault_quarantine_request(p_operation text, p_after bigint, p_lim
 AS $$
 DECLARE
     ids bigint[];
+    keys bigint[];
     audit bigint;
     request bigint;
 BEGIN
@@ -401,11 +405,14 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN NULL;
     END IF;
+    -- The keys the page's bodies are under (not the caller's list, which is unbounded).
+    SELECT array_agg(DISTINCT q.data_key_id ORDER BY q.data_key_id) INTO keys
+    FROM quarantine q WHERE q.id = ANY (ids);
     audit := audit_append(session_user, 'key-administration', 'rotate-keys ' || p_operation,
                           format('%s quarantine %s..%s', p_operation, ids[1], ids[cardinality(ids)]),
-                          cardinality(ids), p_operation || '-quarantine', '{}', p_keys);
+                          cardinality(ids), p_operation || '-quarantine', '{}', keys);
     INSERT INTO door_requests (door, operation, audit_id, outcome, ids, keys)
-    VALUES ('quarantine', p_operation, audit, p_operation, ids, p_keys)
+    VALUES ('quarantine', p_operation, audit, p_operation, ids, keys)
     RETURNING id INTO request;
     RETURN request;
 END
@@ -574,8 +581,12 @@ BEGIN
     IF p_reason IS NULL OR btrim(p_reason) = '' THEN
         RAISE EXCEPTION 'an erasure needs a reason';
     END IF;
+    IF length(p_user_id) > (audit_limits()).value THEN
+        RAISE EXCEPTION 'a user id takes at most % characters', (audit_limits()).value
+            USING ERRCODE = 'string_data_right_truncation';
+    END IF;
     IF cardinality(p_token_keys) IS DISTINCT FROM cardinality(p_user_tokens)
-       OR cardinality(p_token_keys) = 0 THEN
+       OR cardinality(p_token_keys) = 0 OR cardinality(p_token_keys) > 1000 THEN
         RAISE EXCEPTION 'an erasure needs the user''s token under each token key';
     END IF;
     -- Waits for every ingester batch in progress; later ones see this erasure.

@@ -414,7 +414,37 @@ async fn the_key_admin_changes_logins_and_sealed_values_only_through_audited_doo
             .unwrap_err(),
         "was not handed out to this transaction",
     );
-    // In hand, but a login the page did not hand out.
+    // Requested but never handed out, written in a fresh transaction (which has no id yet, as
+    // the request has no receiving transaction): refused, in autocommit and in a transaction.
+    let never: i64 = sqlx::query_scalar("SELECT vault_rotation_request('verify', 0, 2, '{}')")
+        .fetch_one(&keyadmin)
+        .await
+        .unwrap();
+    let never_handed = |ids: Vec<i64>| {
+        sqlx::query("SELECT vault_retokenize_logins($1, $2, $3, $4, $5)")
+            .bind(never)
+            .bind(1i64)
+            .bind(ids.clone())
+            .bind(vec![Some("x".repeat(64)); ids.len()])
+            .bind(vec![Some("y".repeat(64)); ids.len()])
+    };
+    refused_with(
+        never_handed(handed.clone())
+            .execute(&keyadmin)
+            .await
+            .unwrap_err(),
+        "was not handed out to this transaction",
+    );
+    let mut tx = keyadmin.begin().await.unwrap();
+    refused_with(
+        never_handed(handed.clone())
+            .execute(&mut *tx)
+            .await
+            .unwrap_err(),
+        "was not handed out to this transaction",
+    );
+    tx.rollback().await.unwrap();
+    // In hand, but a login the page did not hand out, or one it did, many times over.
     let request2: i64 = sqlx::query_scalar("SELECT vault_rotation_request('reseal', 0, 1, $1)")
         .bind(vec![data_key])
         .fetch_one(&keyadmin)
@@ -437,6 +467,26 @@ async fn the_key_admin_changes_logins_and_sealed_values_only_through_audited_doo
         .await
         .unwrap_err();
     refused_with(refused, "only rows handed out by request");
+    tx.rollback().await.unwrap();
+    let mut tx = keyadmin.begin().await.unwrap();
+    let page: Vec<i64> = sqlx::query_scalar("SELECT login_id FROM vault_rotation_page($1)")
+        .bind(request2)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_or_default();
+    let [inside] = page[..] else {
+        panic!("the page hands out its one login again: {page:?}");
+    };
+    let refused = sqlx::query(write)
+        .bind(request2)
+        .bind(vec![inside; 1000])
+        .bind(vec![data_key; 1000])
+        .bind(vec![vec![0u8; 40]; 1000])
+        .bind(vec![vec![0u8; 40]; 1000])
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    refused_with(refused, "each once");
     tx.rollback().await.unwrap();
     // Nothing was written: every value still opens and matches its token.
     let verified = rotate_verify(&env, &keyadmin).await;
@@ -568,6 +618,13 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
             "refused-input",
         ),
         (
+            Some(huge.as_str()),
+            Some("u-1"),
+            "r",
+            "a",
+            "refused-question",
+        ),
+        (
             Some("user_id"),
             Some("u-1"),
             "r",
@@ -634,6 +691,13 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
         refused.to_string().contains("at most 1000 characters"),
         "{refused}"
     );
+    // And the user id an erasure names (it goes into the audit's question).
+    let refused = sqlx::query("SELECT * FROM vault_erase_user($1, 'r', 'a', false, '{1}', '{t}')")
+        .bind(&huge)
+        .fetch_all(&keyadmin)
+        .await
+        .unwrap_err();
+    refused_with(refused, "a user id takes at most 256 characters");
     compliance.close().await;
     nobody.close().await;
     keyadmin.close().await;
