@@ -22,7 +22,8 @@ pub mod erasure_lock {
     /// Held by a writer from before its inserts until it commits; returns the newest erasure
     /// record, read under the gate.
     pub const HOLD_SHARED: &str = "SELECT vault_hold_erasures()";
-    /// The newest erasure record: a batch made before it must not commit.
+    /// The newest erasure record, as loaded with the records; `vault_hold_erasures` reads the
+    /// same under the gate, and a batch made before it must not commit.
     pub const NEWEST: &str = "SELECT coalesce(max(id), 0) FROM erasures";
 }
 
