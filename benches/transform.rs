@@ -15,7 +15,7 @@ use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::synth::Generator;
 use pii_vault::vault::erasure::ErasedUsers;
 use pii_vault::vault::place::login_place;
-use pii_vault::vault::seal::Sealer;
+use pii_vault::vault::seal::{SealFormat, Sealer};
 use pii_vault::vault::token::{Field, Tokenizer};
 use pii_vault::vault::{KeyId, SecretKey};
 
@@ -29,7 +29,7 @@ fn keys() -> (Tokenizer, Sealer) {
     let key = |byte| SecretKey::take_from(&mut [byte; 32]).unwrap();
     (
         Tokenizer::new(KeyId(1), &key(1)),
-        Sealer::new(KeyId(2), &key(2)),
+        Sealer::new(KeyId(2), &key(2), SealFormat::CURRENT),
     )
 }
 

@@ -174,6 +174,43 @@ def open_sealed(data_key, ad, sealed):
     return AESGCMSIV(data_key).decrypt(sealed[:12], sealed[12:], ad)
 
 
+# Format 2 (FORMAT.md §4, "Format 2"): the data key is not used as is; HKDF-SHA256 derives from
+# it the key that seals and the key commitment every value carries.
+AD_VERSION_V2 = b"pii-vault/seal/v2"
+SEAL_KEY_INFO_V2 = b"pii-vault/seal/v2/key"
+COMMITMENT_INFO_V2 = b"pii-vault/seal/v2/commitment"
+
+
+def seal_v2_keys(data_key):
+    """(PRK, seal key, commitment): HKDF-Extract without salt, then one Expand per label."""
+    prk = hmac.new(bytes(32), data_key, hashlib.sha256).digest()
+    seal_key = hmac.new(prk, SEAL_KEY_INFO_V2 + b"\x01", hashlib.sha256).digest()
+    commitment = hmac.new(prk, COMMITMENT_INFO_V2 + b"\x01", hashlib.sha256).digest()
+    # The same through the library, as a guard on the hand-written HKDF.
+    for info, expected in ((SEAL_KEY_INFO_V2, seal_key), (COMMITMENT_INFO_V2, commitment)):
+        assert HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(data_key) == expected
+    return prk, seal_key, commitment
+
+
+def associated_data_v2(table, field, message_id, user_id, key_id):
+    return part(AD_VERSION_V2) + associated_data(table, field, message_id, user_id, key_id)[len(part(AD_VERSION)):]
+
+
+def seal_v2(data_key, nonce_bytes, ad, plaintext):
+    """commitment (32) || nonce (12) || ciphertext || tag (16), under the derived seal key."""
+    _, seal_key, commitment = seal_v2_keys(data_key)
+    return commitment + seal(seal_key, nonce_bytes, ad, plaintext)
+
+
+def open_sealed_v2(data_key, ad, sealed):
+    _, seal_key, commitment = seal_v2_keys(data_key)
+    if len(sealed) < 60:
+        raise ValueError("shorter than commitment, nonce and tag")
+    if not hmac.compare_digest(sealed[:32], commitment):
+        raise ValueError("the key commitment is not this key's")
+    return open_sealed(seal_key, ad, sealed[32:])
+
+
 LOGINS_TABLE, QUARANTINE_TABLE = "user_logins", "quarantine"
 
 
@@ -431,6 +468,35 @@ def seal_vectors():
     }
 
 
+def seal_v2_vectors():
+    prk, seal_key, commitment = seal_v2_keys(DATA_KEY)
+    cases = []
+    for n, (table, field, message_id, user_id, key_id, plaintext) in enumerate(SEAL_CASES):
+        ad = associated_data_v2(table, field, message_id, user_id, key_id)
+        sealed = seal_v2(DATA_KEY, nonce(n), ad, plaintext)
+        assert open_sealed_v2(DATA_KEY, ad, sealed) == plaintext
+        cases.append({
+            "place": {"table": table, "field": field, "message_id": message_id, "user_id": user_id},
+            "key_id": key_id,
+            "nonce": nonce(n).hex(),
+            "plaintext_hex": plaintext.hex(),
+            "associated_data": ad.hex(),
+            "sealed": sealed.hex(),
+        })
+    # Another key commits to another value: a value of one key is refused by every other.
+    other_key = bytes(range(0x81, 0xA1))
+    return {
+        **header("sealed values, format 2: key commitment || nonce || ciphertext || tag", "§4 Sealed values"),
+        "data_key": DATA_KEY.hex(),
+        "prk": prk.hex(),
+        "seal_key": seal_key.hex(),
+        "commitment": commitment.hex(),
+        "other_key": other_key.hex(),
+        "other_key_commitment": seal_v2_keys(other_key)[2].hex(),
+        "cases": cases,
+    }
+
+
 # Message bodies as a queue delivers them, with what ingest makes of each (validation is not
 # re-implemented here: the outcome is stated). JSON escapes are decoded before anything is
 # sealed or tokenized: the sealed plaintext is the decoded string, not its JSON source text.
@@ -598,6 +664,7 @@ GENERATED = {
     "kms.json": kms_vectors,
     "tokens.json": token_vectors,
     "seal.json": seal_vectors,
+    "seal-v2.json": seal_v2_vectors,
     "ingest.json": ingest_vectors,
     "audit.json": audit_vectors,
 }

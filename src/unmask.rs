@@ -3,14 +3,16 @@
 //! 1. Knock on the database's door in two steps. `vault_reveal_request` checks the caller's
 //!    role, the purpose and the reason, appends the audit row naming every login it will hand
 //!    out, and commits, returning only a request id. `vault_reveal` then hands out, against
-//!    that committed request, their sealed values and the wrapped keys they need (or the
+//!    that committed request, their sealed values and the wrapped data keys they need (or the
 //!    refusal, or that nothing was found). A hand-out thus never outlives a rolled-back audit
-//!    row.
-//! 2. Unwrap each distinct data key and token key once (KMS `Decrypt`, with the encryption
-//!    context the door names).
-//! 3. Open every value at its place, then recompute its token and compare it in constant time
-//!    with the stored one: AES-GCM-SIV is not key-committing, and the token is the commitment.
-//!    Any failure stops everything and names the row; no value is returned.
+//!    row. No token key is handed out: with it an officer could test guesses against the
+//!    analysts' tokens offline.
+//! 2. Unwrap each distinct data key once (KMS `Decrypt`, with the encryption context the door
+//!    names).
+//! 3. Open every value at its place. A format 2 value opens only under the key it commits to;
+//!    a format 1 value (sealed before format 2) is authenticated but not key-committed, which
+//!    [`Revealed::key_committed`] says. Any failure stops everything and names the row; no
+//!    value is returned.
 //! 4. Record the outcome (`vault_reveal_outcome`: revealed, integrity failure, KMS refusal) and
 //!    commit it. Only then are the values handed back to be shown; if that record cannot be
 //!    written, nothing is shown.
@@ -24,6 +26,7 @@ use zeroize::Zeroizing;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
+use crate::vault::seal::SealFormat;
 use crate::vault::sealed::{
     IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
 };
@@ -72,6 +75,10 @@ pub struct Revealed {
     /// `None` once the user's sealed values were erased.
     pub ip: Option<Zeroizing<String>>,
     pub device_id: Option<Zeroizing<String>>,
+    /// Whether the values carried their own key commitment (format 2). Format 1 values were
+    /// authenticated at their place but not checked against a commitment: only the token key
+    /// could, which no officer holds. `rotate-keys data-key` moves them to format 2.
+    pub key_committed: bool,
 }
 
 impl fmt::Debug for Revealed {
@@ -151,10 +158,8 @@ struct HandedOut {
     create_date: Option<Date>,
     masked_ip: Option<String>,
     masked_device_id: Option<String>,
-    token_key_id: Option<KeyId>,
-    token_key_kms: Option<String>,
-    token_key_wrapped: Option<Vec<u8>>,
     data_key_id: Option<KeyId>,
+    data_key_format: Option<i16>,
     data_key_kms: Option<String>,
     data_key_wrapped: Option<Vec<u8>>,
     sealed_ip: Option<Vec<u8>>,
@@ -232,7 +237,7 @@ pub async fn unmask<W: KeyWrapper>(
     result
 }
 
-/// Unwraps each handed-out key once, then opens and checks every value.
+/// Unwraps each handed-out data key once, then opens every value.
 async fn open_handed_out<W: KeyWrapper>(
     keyring: &Keyring<W>,
     handed: &[HandedOut],
@@ -242,33 +247,27 @@ async fn open_handed_out<W: KeyWrapper>(
         let (Some(login_id), Some(message_id)) = (row.login_id, &row.message_id) else {
             continue;
         };
-        let failure = |error| key_failure(RowId::login(login_id, message_id), error);
-        if let (Some(id), Some(key)) = (
-            row.token_key_id,
-            wrapped(&row.token_key_kms, &row.token_key_wrapped),
-        ) {
-            keys.tokenizer(keyring, id, Some(&key))
-                .await
-                .map_err(failure)?;
-        }
-        if let (Some(id), Some(key)) = (
+        let row_id = || RowId::login(login_id, message_id);
+        if let (Some(id), Some(key), Some(format)) = (
             row.data_key_id,
             wrapped(&row.data_key_kms, &row.data_key_wrapped),
+            row.data_key_format,
         ) {
-            keys.sealer(keyring, id, Some(&key))
+            let format = SealFormat::from_stored(format)
+                .map_err(|source| key_failure(row_id(), KeyringError::Format { id, source }))?;
+            keys.sealer(keyring, id, Some((&key, format)))
                 .await
-                .map_err(failure)?;
+                .map_err(|error| key_failure(row_id(), error))?;
         }
     }
     handed.iter().map(|row| reveal(row, &keys)).collect()
 }
 
 fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
-    let (Some(login_id), Some(message_id), Some(user_id), Some(token_key_id)) = (
+    let (Some(login_id), Some(message_id), Some(user_id)) = (
         row.login_id,
         row.message_id.as_deref(),
         row.user_id.as_deref(),
-        row.token_key_id,
     ) else {
         return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
     };
@@ -276,15 +275,13 @@ fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
         row: RowId::login(login_id, message_id),
         error,
     };
-    let not_handed_out = |purpose, id| integrity(IntegrityError::KeyNotHandedOut { purpose, id });
-    let tokenizer = keys
-        .opened_tokenizer(token_key_id)
-        .ok_or_else(|| not_handed_out(Purpose::Token, token_key_id))?;
     let sealer = match row.data_key_id {
-        Some(id) => Some(
-            keys.opened_sealer(id)
-                .ok_or_else(|| not_handed_out(Purpose::Data, id))?,
-        ),
+        Some(id) => Some(keys.opened_sealer(id).ok_or_else(|| {
+            integrity(IntegrityError::KeyNotHandedOut {
+                purpose: Purpose::Data,
+                id,
+            })
+        })?),
         None => None,
     };
     let open = |field, sealed: &Option<Vec<u8>>, stored_token: &Option<String>| {
@@ -298,7 +295,7 @@ fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
             sealed,
             stored_token: stored_token.as_deref(),
         };
-        open_checked(&value, sealer, tokenizer)
+        open_checked(&value, sealer, None)
             .map(Some)
             .map_err(integrity)
     };
@@ -316,6 +313,7 @@ fn reveal(row: &HandedOut, keys: &KeyCache) -> Result<Revealed, UnmaskError> {
             &row.sealed_device_id,
             &row.masked_device_id,
         )?,
+        key_committed: sealer.is_none_or(|s| s.format().is_key_committing()),
     })
 }
 
@@ -414,6 +412,7 @@ mod tests {
         keyring: Keyring<MemoryKms>,
         token_key: (SecretKey, WrappedKey),
         data_key: (SecretKey, WrappedKey),
+        format: SealFormat,
     }
 
     impl Door {
@@ -423,6 +422,7 @@ mod tests {
                 keyring: kms.keyring_without_database(),
                 token_key: kms.wrapped_key(Purpose::Token, TOKEN_KEY).await,
                 data_key: kms.wrapped_key(Purpose::Data, DATA_KEY).await,
+                format: SealFormat::CURRENT,
                 kms,
             }
         }
@@ -431,7 +431,7 @@ mod tests {
         /// ingester does, and the wrapped keys beside it as the door returns them.
         fn login(&self, login_id: i64, user: &str, ip: &str, device_id: &str) -> HandedOut {
             let message_id = format!("m-{login_id}");
-            let sealer = Sealer::new(DATA_KEY, &self.data_key.0);
+            let sealer = Sealer::new(DATA_KEY, &self.data_key.0, self.format);
             let tokenizer = Tokenizer::new(TOKEN_KEY, &self.token_key.0);
             let seal = |field, value: &str| {
                 sealer.seal(&login_place(field, &message_id, user), value.as_bytes())
@@ -457,10 +457,8 @@ mod tests {
                 create_date: None,
                 masked_ip: token(Field::Ip, ip),
                 masked_device_id: token(Field::DeviceId, device_id),
-                token_key_id: Some(TOKEN_KEY),
-                token_key_kms: Some(self.token_key.1.kms_key_id.clone()),
-                token_key_wrapped: Some(self.token_key.1.ciphertext.clone()),
                 data_key_id: Some(DATA_KEY),
+                data_key_format: Some(self.format.stored()),
                 data_key_kms: Some(self.data_key.1.kms_key_id.clone()),
                 data_key_wrapped: Some(self.data_key.1.ciphertext.clone()),
             }
@@ -490,29 +488,46 @@ mod tests {
                 (2, Some("2001:db8::7"), Some("d-2"))
             ]
         );
-        assert_eq!(door.kms.calls("Decrypt"), 2, "one per key, not per row");
+        assert_eq!(
+            door.kms.calls("Decrypt"),
+            1,
+            "the data key, once; no token key"
+        );
+        assert!(revealed.iter().all(|r| r.key_committed));
     }
 
     #[tokio::test]
-    async fn a_value_that_does_not_match_its_token_reveals_nothing() {
+    async fn a_value_sealed_under_another_key_reveals_nothing() {
         let door = Door::new().await;
-        let mut swapped = door.login(1, "u-1", "10.0.0.1", "d-1");
-        let other = door.login(1, "u-1", "10.0.0.2", "d-1");
-        swapped.sealed_ip = other.sealed_ip;
-        let error = open_handed_out(&door.keyring, &[swapped])
-            .await
-            .unwrap_err();
+        let mut moved = door.login(1, "u-1", "10.0.0.1", "d-1");
+        // Another data key handed out under the same id: the value commits to the first.
+        let other = Door::new().await;
+        moved.data_key_wrapped = Some(other.data_key.1.ciphertext.clone());
+        let other_keyring = &other.keyring;
+        let error = open_handed_out(other_keyring, &[moved]).await.unwrap_err();
         assert!(
             matches!(
                 error,
                 UnmaskError::Integrity {
-                    error: IntegrityError::TokenMismatch { .. },
+                    error: IntegrityError::NotOpened { .. },
                     ..
                 }
             ),
             "{error:?}"
         );
         assert_eq!(error.audit_outcome(), "integrity-failure");
+    }
+
+    #[tokio::test]
+    async fn format_1_values_open_without_the_token_key_and_say_so() {
+        let mut door = Door::new().await;
+        door.format = SealFormat::V1;
+        let revealed = open_handed_out(&door.keyring, &[door.login(1, "u-1", "10.0.0.1", "d-1")])
+            .await
+            .unwrap();
+        assert_eq!(plain(&revealed[0].ip), Some("10.0.0.1"));
+        assert!(!revealed[0].key_committed);
+        assert_eq!(door.kms.calls("Decrypt"), 1);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pii_vault::vault::seal::{OVERHEAD, Place, Sealer};
+use pii_vault::vault::seal::{OVERHEAD, Place, SealFormat, Sealer};
 use pii_vault::vault::{KeyId, SecretKey};
 
 #[derive(Arbitrary, Debug)]
@@ -25,7 +25,11 @@ fn place<'a>(parts: &[&'a str; 4]) -> Place<'a> {
 }
 
 fuzz_target!(|input: Input<'_>| {
-    let sealer = Sealer::new(KeyId(7), &SecretKey::take_from(&mut [0x42; 32]).unwrap());
+    let sealer = Sealer::new(
+        KeyId(7),
+        &SecretKey::take_from(&mut [0x42; 32]).unwrap(),
+        SealFormat::CURRENT,
+    );
     let here = place(&input.place);
     let there = place(&input.other);
 
@@ -41,7 +45,11 @@ fuzz_target!(|input: Input<'_>| {
         input.plaintext
     );
     assert_eq!(sealer.open(&there, &sealed).is_ok(), here == there);
-    let other_key = Sealer::new(KeyId(8), &SecretKey::take_from(&mut [0x42; 32]).unwrap());
+    let other_key = Sealer::new(
+        KeyId(8),
+        &SecretKey::take_from(&mut [0x42; 32]).unwrap(),
+        SealFormat::CURRENT,
+    );
     assert!(
         other_key.open(&here, &sealed).is_err(),
         "the key id is bound"

@@ -235,7 +235,7 @@ fn login_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::seal::{Place, associated_data};
+    use crate::vault::seal::{Place, SealFormat, associated_data};
     use crate::vault::testing::{self, bytes, hex, int, key, key_from_hex, text};
 
     fn message(id: &str, body: &str, receipt: &str) -> Message {
@@ -262,7 +262,7 @@ mod tests {
     fn keys() -> (Tokenizer, Sealer) {
         (
             Tokenizer::new(KeyId(1), &key(1)),
-            Sealer::new(KeyId(2), &key(2)),
+            Sealer::new(KeyId(2), &key(2), SealFormat::CURRENT),
         )
     }
 
@@ -493,7 +493,7 @@ mod tests {
                         let place = login_place(field, message_id, &row.user_id);
                         assert_eq!(place, place_of(&v["place"]));
                         assert_eq!(
-                            hex(&associated_data(&place, sealer.key_id())),
+                            hex(&associated_data(sealer.format(), &place, sealer.key_id())),
                             text(v, "associated_data")
                         );
                         let plaintext = text(v, "plaintext").as_bytes();
@@ -515,7 +515,7 @@ mod tests {
                     let place = quarantine_place(message_id);
                     assert_eq!(place, place_of(&m["body_place"]));
                     assert_eq!(
-                        hex(&associated_data(&place, sealer.key_id())),
+                        hex(&associated_data(sealer.format(), &place, sealer.key_id())),
                         text(m, "body_associated_data")
                     );
                     assert_eq!(
@@ -541,14 +541,15 @@ mod tests {
         assert_eq!(versions.len(), 26);
     }
 
-    /// The token key and data key a vector or fixture file names.
+    /// The token key and data key a vector or fixture file names (format 1, as `ingest.json`
+    /// and the 0.1.0 fixture were sealed).
     fn keys_in(file: &serde_json::Value) -> (Tokenizer, Sealer) {
         let key = |id: &str, bytes: &str| (KeyId(int(file, id)), key_from_hex(text(file, bytes)));
         let (token_id, token_key) = key("token_key_id", "token_key");
         let (data_id, data_key) = key("data_key_id", "data_key");
         (
             Tokenizer::new(token_id, &token_key),
-            Sealer::new(data_id, &data_key),
+            Sealer::new(data_id, &data_key, SealFormat::V1),
         )
     }
 
@@ -602,7 +603,11 @@ mod tests {
         let data_key: Vec<u8> = (0xc0..0xe0).collect();
         let (token_key_id, data_key_id) = (3, 4);
         let tokenizer = Tokenizer::new(KeyId(token_key_id), &key_from_hex(&hex(&token_key)));
-        let sealer = Sealer::new(KeyId(data_key_id), &key_from_hex(&hex(&data_key)));
+        let sealer = Sealer::new(
+            KeyId(data_key_id),
+            &key_from_hex(&hex(&data_key)),
+            SealFormat::V1,
+        );
         let bodies: [(&str, &[u8]); 4] = [
             (
                 "0f6b1e0a-0001-4c55-9f31-0e8d2a7b9c10",

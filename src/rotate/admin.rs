@@ -83,7 +83,7 @@ pub async fn rewrap<W: KeyWrapper>(
     new_kms_key_id: &str,
 ) -> Result<u64, RotateError> {
     let keys: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, kms_key_id FROM vault_keys WHERE wrapped_key IS NOT NULL ORDER BY id",
+        "SELECT id, kms_key_id FROM vault_keys WHERE state <> 'destroyed' ORDER BY id",
     )
     .fetch_all(pool)
     .await?;

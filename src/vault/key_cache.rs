@@ -7,7 +7,7 @@ use std::collections::btree_map::Entry;
 
 use super::keyring::{Keyring, KeyringError};
 use super::kms::KeyWrapper;
-use super::seal::Sealer;
+use super::seal::{SealFormat, Sealer};
 use super::token::Tokenizer;
 use super::{KeyId, WrappedKey};
 
@@ -20,18 +20,18 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
-    /// Data key `id`, unwrapped once: from the bytes a door handed out, or else read from the
-    /// key table (the key admin may read it).
+    /// Data key `id`, unwrapped once: from the bytes (and format) a door handed out with the
+    /// rows, or else through the key door.
     pub async fn sealer<W: KeyWrapper>(
         &mut self,
         keyring: &Keyring<W>,
         id: KeyId,
-        handed_out: Option<&WrappedKey>,
+        handed_out: Option<(&WrappedKey, SealFormat)>,
     ) -> Result<&Sealer, KeyringError> {
         Ok(match self.sealers.entry(id) {
             Entry::Occupied(slot) => slot.into_mut(),
             Entry::Vacant(slot) => slot.insert(match handed_out {
-                Some(wrapped) => keyring.sealer_from(id, wrapped).await?,
+                Some((wrapped, format)) => keyring.sealer_from(id, wrapped, format).await?,
                 None => keyring.sealer(id).await?,
             }),
         })
@@ -53,7 +53,7 @@ impl KeyCache {
         })
     }
 
-    /// A login's token key and data key, each read from the key table and unwrapped once.
+    /// A login's token key and data key, each through the key door and unwrapped once.
     pub async fn login_keys<W: KeyWrapper>(
         &mut self,
         keyring: &Keyring<W>,
@@ -103,9 +103,13 @@ mod tests {
         let mut keys = KeyCache::default();
         assert!(keys.opened_sealer(KeyId(2)).is_none());
         for _ in 0..3 {
-            keys.sealer(&keyring, KeyId(2), Some(&wrapped_data_key))
-                .await
-                .unwrap();
+            keys.sealer(
+                &keyring,
+                KeyId(2),
+                Some((&wrapped_data_key, SealFormat::V2)),
+            )
+            .await
+            .unwrap();
             keys.tokenizer(&keyring, KeyId(1), Some(&wrapped_token_key))
                 .await
                 .unwrap();
@@ -114,7 +118,7 @@ mod tests {
 
         // What the cache holds is the key KMS unwrapped, under its id.
         let place = login_place(Field::Ip, "m-1", "u-1");
-        let sealed = Sealer::new(KeyId(2), &data_key).seal(&place, b"10.0.0.1");
+        let sealed = Sealer::new(KeyId(2), &data_key, SealFormat::V2).seal(&place, b"10.0.0.1");
         let sealer = keys.opened_sealer(KeyId(2)).unwrap();
         assert_eq!(sealer.key_id(), KeyId(2));
         assert_eq!(
@@ -137,7 +141,7 @@ mod tests {
         let mut keys = KeyCache::default();
         for _ in 0..2 {
             let error = keys
-                .sealer(&keyring, KeyId(3), Some(&wrapped_for_4))
+                .sealer(&keyring, KeyId(3), Some((&wrapped_for_4, SealFormat::V2)))
                 .await
                 .unwrap_err();
             assert!(
@@ -151,7 +155,11 @@ mod tests {
         // A token key handed out as a data key: refused the same way.
         let (_, wrapped_token_key) = made(&kms, Purpose::Token, 3).await;
         let error = keys
-            .sealer(&keyring, KeyId(3), Some(&wrapped_token_key))
+            .sealer(
+                &keyring,
+                KeyId(3),
+                Some((&wrapped_token_key, SealFormat::V2)),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -167,12 +175,12 @@ mod tests {
         let mut keys = KeyCache::default();
         kms.throttle_next("Decrypt", 1);
         let error = keys
-            .sealer(&keyring, KeyId(5), Some(&wrapped))
+            .sealer(&keyring, KeyId(5), Some((&wrapped, SealFormat::V2)))
             .await
             .unwrap_err();
         assert!(error.is_transient(), "{error:?}");
         assert!(keys.opened_sealer(KeyId(5)).is_none());
-        keys.sealer(&keyring, KeyId(5), Some(&wrapped))
+        keys.sealer(&keyring, KeyId(5), Some((&wrapped, SealFormat::V2)))
             .await
             .unwrap();
         assert!(keys.opened_sealer(KeyId(5)).is_some());

@@ -4,6 +4,10 @@
 //! part of the encryption context KMS binds into the wrapped key. The wrapped key is committed
 //! before the plaintext key is first used, so nothing is ever sealed under a key that could be
 //! lost.
+//!
+//! No login reads the wrapped bytes from the table: a stored key comes out through the audited
+//! door `vault_key_request` / `vault_key_hand_out` (migration 0011), which allows the ingester
+//! token keys only and the key admin any key, and appends an audit row naming the keys first.
 
 use std::sync::Arc;
 
@@ -11,7 +15,7 @@ use sqlx::PgPool;
 
 use super::kms::{KeyWrapper, KmsError};
 use super::retention::Window;
-use super::seal::Sealer;
+use super::seal::{SealFormat, Sealer, UnknownFormat};
 use super::token::Tokenizer;
 use super::{EncryptionContext, KeyId, Purpose, WrappedKey};
 
@@ -37,6 +41,12 @@ pub enum KeyringError {
     },
     #[error("the KMS key that wraps new keys: {0}")]
     WrappingKey(#[source] KmsError),
+    #[error("key {id}: {source}")]
+    Format {
+        id: KeyId,
+        #[source]
+        source: UnknownFormat,
+    },
     #[error("key table: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -151,13 +161,14 @@ impl<W: KeyWrapper> Keyring<W> {
         let starts = window.map(|w| w.starts);
         self.insert(&mut connection, id, Purpose::Data, &wrapped, starts)
             .await?;
-        Ok(Sealer::new(id, &key))
+        Ok(Sealer::new(id, &key, SealFormat::CURRENT))
     }
 
-    /// An existing data key (one KMS Decrypt), to open what it sealed.
+    /// An existing data key (one audited hand-out, one KMS Decrypt), to open what it sealed.
     pub async fn sealer(&self, id: KeyId) -> Result<Sealer, KeyringError> {
-        let key = self.unwrap(id, Purpose::Data).await?;
-        Ok(Sealer::new(id, &key))
+        let stored = self.stored(id).await?;
+        let key = self.unwrap_stored(id, Purpose::Data, &stored).await?;
+        Ok(Sealer::new(id, &key, stored.format(id)?))
     }
 
     /// The tokenizer of a token key handed out by a door function (one KMS Decrypt).
@@ -170,14 +181,15 @@ impl<W: KeyWrapper> Keyring<W> {
         Ok(Tokenizer::new(id, &key))
     }
 
-    /// The sealer of a data key handed out by a door function (one KMS Decrypt).
+    /// The sealer of a data key of `format` handed out by a door function (one KMS Decrypt).
     pub async fn sealer_from(
         &self,
         id: KeyId,
         wrapped: &WrappedKey,
+        format: SealFormat,
     ) -> Result<Sealer, KeyringError> {
         let key = self.unwrap_handed_out(id, Purpose::Data, wrapped).await?;
-        Ok(Sealer::new(id, &key))
+        Ok(Sealer::new(id, &key, format))
     }
 
     /// Starts a token key rotation: a new token key becomes the active one and the current one
@@ -227,9 +239,10 @@ impl<W: KeyWrapper> Keyring<W> {
 
     /// Re-wraps key `id` under `new_kms_key_id` (KMS ReEncrypt); returns the new KMS key ARN.
     pub async fn rewrap(&self, id: KeyId, new_kms_key_id: &str) -> Result<String, KeyringError> {
-        let (purpose, wrapped) = self.wrapped(id).await?;
+        let stored = self.stored(id).await?;
+        let wrapped = stored.wrapped(id)?;
         let context = EncryptionContext {
-            purpose,
+            purpose: stored.purpose(id)?,
             key_id: id,
         };
         let rewrapped = self
@@ -278,8 +291,9 @@ impl<W: KeyWrapper> Keyring<W> {
         window_starts: Option<time::Date>,
     ) -> Result<(), KeyringError> {
         sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by, window_starts)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by, window_starts,
+                                     format)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(purpose.as_str())
@@ -287,6 +301,10 @@ impl<W: KeyWrapper> Keyring<W> {
         .bind(&wrapped.ciphertext)
         .bind(&self.created_by)
         .bind(window_starts)
+        .bind(match purpose {
+            Purpose::Data => SealFormat::CURRENT.stored(),
+            Purpose::Token => 1,
+        })
         .execute(connection)
         .await?;
         tracing::info!(key_id = %id, %purpose, kms_key = %wrapped.kms_key_id, "created key");
@@ -304,30 +322,36 @@ impl<W: KeyWrapper> Keyring<W> {
         Ok((id, key))
     }
 
-    /// A stored key's purpose and wrapped bytes.
-    async fn wrapped(&self, id: KeyId) -> Result<(Purpose, WrappedKey), KeyringError> {
-        let row: Option<(String, String, Option<Vec<u8>>)> =
-            sqlx::query_as("SELECT purpose, kms_key_id, wrapped_key FROM vault_keys WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let (found, kms_key_id, ciphertext) = row.ok_or(KeyringError::NotFound(id))?;
-        let purpose = match found.as_str() {
-            "token" => Purpose::Token,
-            _ => Purpose::Data,
-        };
-        let ciphertext = ciphertext.ok_or(KeyringError::Destroyed(id))?;
-        Ok((
-            purpose,
-            WrappedKey {
-                ciphertext,
-                kms_key_id,
-            },
-        ))
+    /// A stored key as the key door hands it out: one audit row, then the key.
+    async fn stored(&self, id: KeyId) -> Result<StoredKey, KeyringError> {
+        // Step one commits on its own (the pool's autocommit) before step two hands out.
+        let request: i64 = sqlx::query_scalar("SELECT vault_key_request($1, $2)")
+            .bind([id.0])
+            .bind(&self.created_by)
+            .fetch_one(&self.pool)
+            .await?;
+        sqlx::query_as(
+            "SELECT purpose, format, kms_key_id, wrapped_key FROM vault_key_hand_out($1)",
+        )
+        .bind(request)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(KeyringError::NotFound(id))
     }
 
     async fn unwrap(&self, id: KeyId, purpose: Purpose) -> Result<super::SecretKey, KeyringError> {
-        let (found, wrapped) = self.wrapped(id).await?;
+        let stored = self.stored(id).await?;
+        self.unwrap_stored(id, purpose, &stored).await
+    }
+
+    /// Unwraps a stored key, refusing (before KMS is asked) one made for another purpose.
+    async fn unwrap_stored(
+        &self,
+        id: KeyId,
+        purpose: Purpose,
+        stored: &StoredKey,
+    ) -> Result<super::SecretKey, KeyringError> {
+        let found = stored.purpose(id)?;
         if found != purpose {
             return Err(KeyringError::WrongPurpose {
                 id,
@@ -335,7 +359,8 @@ impl<W: KeyWrapper> Keyring<W> {
                 found: found.as_str().to_owned(),
             });
         }
-        self.unwrap_handed_out(id, purpose, &wrapped).await
+        self.unwrap_handed_out(id, purpose, &stored.wrapped(id)?)
+            .await
     }
 
     async fn unwrap_handed_out(
@@ -354,6 +379,43 @@ impl<W: KeyWrapper> Keyring<W> {
             )
             .await
             .map_err(|source| KeyringError::Kms { id, source })
+    }
+}
+
+/// A row of `vault_keys` as the key door hands it out.
+#[derive(sqlx::FromRow)]
+struct StoredKey {
+    purpose: String,
+    format: i16,
+    kms_key_id: String,
+    wrapped_key: Option<Vec<u8>>,
+}
+
+impl StoredKey {
+    fn purpose(&self, id: KeyId) -> Result<Purpose, KeyringError> {
+        match self.purpose.as_str() {
+            "token" => Ok(Purpose::Token),
+            "data" => Ok(Purpose::Data),
+            other => Err(KeyringError::WrongPurpose {
+                id,
+                expected: Purpose::Data,
+                found: other.to_owned(),
+            }),
+        }
+    }
+
+    fn format(&self, id: KeyId) -> Result<SealFormat, KeyringError> {
+        SealFormat::from_stored(self.format).map_err(|source| KeyringError::Format { id, source })
+    }
+
+    fn wrapped(&self, id: KeyId) -> Result<WrappedKey, KeyringError> {
+        Ok(WrappedKey {
+            ciphertext: self
+                .wrapped_key
+                .clone()
+                .ok_or(KeyringError::Destroyed(id))?,
+            kms_key_id: self.kms_key_id.clone(),
+        })
     }
 }
 

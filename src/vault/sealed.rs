@@ -1,10 +1,12 @@
-//! Sealed values as the key admin's doors hand them out, opened at their place and checked
-//! against their token.
+//! Sealed values as the doors hand them out, opened at their place and checked against their
+//! key commitment.
 //!
-//! AES-GCM-SIV is not key-committing: a value that opens proves only that *some* key and place
-//! fit. The stored token is the commitment: after opening, the token of the opened text is
-//! recomputed and compared in constant time with the stored one. Every failure is an
-//! [`IntegrityError`] that says what failed and never the value.
+//! A format 2 value carries its key commitment ([`super::seal`]), checked by the sealer: it
+//! opens under no other key. A format 1 value does not: AES-GCM-SIV is not key-committing, and
+//! its stored token is its commitment, which only a holder of the token key can check (the key
+//! admin's rotations and verification; never a compliance officer, who holds no token key).
+//! Whoever holds the token key checks every value against its token, whatever its format.
+//! Every failure is an [`IntegrityError`] that says what failed and never the value.
 
 use std::fmt;
 
@@ -91,11 +93,14 @@ pub struct SealedValue<'a> {
     pub stored_token: Option<&'a str>,
 }
 
-/// Opens a value at its place and checks it against its token (the key commitment).
+/// Opens a value at its place (a format 2 value only under the key it commits to) and, given
+/// the token key, checks it against its token: the key commitment of a format 1 value, and the
+/// analysts' token of any value. Without the token key a format 1 value is authenticated but
+/// not key-committed; the caller sees which by [`Sealer::format`].
 pub fn open_checked(
     value: &SealedValue<'_>,
     sealer: &Sealer,
-    tokenizer: &Tokenizer,
+    tokenizer: Option<&Tokenizer>,
 ) -> Result<Zeroizing<String>, IntegrityError> {
     let field = value.field.name();
     let place = login_place(value.field, value.message_id, value.user_id);
@@ -103,6 +108,9 @@ pub fn open_checked(
         .open(&place, value.sealed)
         .map_err(|error| IntegrityError::NotOpened { field, error })?;
     let text = std::str::from_utf8(&opened).map_err(|_| IntegrityError::NotText { field })?;
+    let Some(tokenizer) = tokenizer else {
+        return Ok(Zeroizing::new(text.to_owned()));
+    };
     let token = tokenizer
         .token_of(value.field, text)
         .ok_or(IntegrityError::NotAnAddress)?;
@@ -176,7 +184,7 @@ impl SealedLogin {
             .await?;
         let open = |field: Field| {
             let opened = match self.value(field) {
-                Some(value) => open_checked(&value, sealer, tokenizer),
+                Some(value) => open_checked(&value, sealer, Some(tokenizer)),
                 None => Err(IntegrityError::Missing {
                     field: field.name(),
                 }),
@@ -297,6 +305,7 @@ impl SealedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vault::seal::SealFormat;
     use crate::vault::testing::key;
 
     const MESSAGE: &str = "m-1";
@@ -304,7 +313,7 @@ mod tests {
 
     fn keys() -> (Sealer, Tokenizer) {
         (
-            Sealer::new(KeyId(2), &key(2)),
+            Sealer::new(KeyId(2), &key(2), SealFormat::CURRENT),
             Tokenizer::new(KeyId(1), &key(1)),
         )
     }
@@ -336,7 +345,11 @@ mod tests {
         let (sealer, tokenizer) = keys();
         for (field, text) in [(Field::Ip, "10.0.0.1"), (Field::DeviceId, "593-47-5928")] {
             let (bytes, token) = sealed(field, text, &sealer, &tokenizer);
-            let opened = open_checked(&value(field, &bytes, Some(&token)), &sealer, &tokenizer);
+            let opened = open_checked(
+                &value(field, &bytes, Some(&token)),
+                &sealer,
+                Some(&tokenizer),
+            );
             assert_eq!(opened.unwrap().as_str(), text);
         }
     }
@@ -347,8 +360,8 @@ mod tests {
         let (bytes, _) = sealed(Field::Ip, "10.0.0.1", &sealer, &tokenizer);
         let (_, other) = sealed(Field::Ip, "10.0.0.9", &sealer, &tokenizer);
         for stored in [Some(other.as_str()), Some(""), None] {
-            let error =
-                open_checked(&value(Field::Ip, &bytes, stored), &sealer, &tokenizer).unwrap_err();
+            let error = open_checked(&value(Field::Ip, &bytes, stored), &sealer, Some(&tokenizer))
+                .unwrap_err();
             assert!(
                 matches!(error, IntegrityError::TokenMismatch { field: "ip" }),
                 "{error:?}"
@@ -360,23 +373,44 @@ mod tests {
         }
     }
 
-    /// The key commitment: a value sealed under the right data key but tokenized under another
-    /// token key (or a token key swapped for another) does not pass.
+    /// The key commitment of format 1, and the analysts' token of any format: a value sealed
+    /// under the right data key but tokenized under another token key (or a token key swapped
+    /// for another) does not pass.
     #[test]
     fn a_token_under_another_token_key_is_a_token_mismatch() {
-        let (sealer, tokenizer) = keys();
+        let (_, tokenizer) = keys();
+        let sealer = Sealer::new(KeyId(2), &key(2), SealFormat::V1);
         let other_tokenizer = Tokenizer::new(KeyId(3), &key(3));
         let (bytes, token) = sealed(Field::DeviceId, "d-1", &sealer, &other_tokenizer);
         let error = open_checked(
             &value(Field::DeviceId, &bytes, Some(&token)),
             &sealer,
-            &tokenizer,
+            Some(&tokenizer),
         )
         .unwrap_err();
         assert!(
             matches!(error, IntegrityError::TokenMismatch { field: "device_id" }),
             "{error:?}"
         );
+    }
+
+    /// Without the token key (a compliance officer's case) a format 2 value is still bound to
+    /// its key by its commitment, and a format 1 value opens authenticated but uncommitted.
+    #[test]
+    fn without_the_token_key_values_open_by_their_own_commitment() {
+        let (sealer, tokenizer) = keys();
+        let (bytes, _) = sealed(Field::Ip, "10.0.0.1", &sealer, &tokenizer);
+        let opened = open_checked(&value(Field::Ip, &bytes, None), &sealer, None).unwrap();
+        assert_eq!(opened.as_str(), "10.0.0.1");
+        let under_another_key = Sealer::new(KeyId(2), &key(9), SealFormat::V2);
+        let error = open_checked(&value(Field::Ip, &bytes, None), &under_another_key, None);
+        assert!(matches!(error, Err(IntegrityError::NotOpened { .. })));
+
+        let old = Sealer::new(KeyId(2), &key(2), SealFormat::V1);
+        let (bytes, _) = sealed(Field::Ip, "10.0.0.1", &old, &tokenizer);
+        let opened = open_checked(&value(Field::Ip, &bytes, None), &old, None).unwrap();
+        assert_eq!(opened.as_str(), "10.0.0.1");
+        assert!(!old.format().is_key_committing());
     }
 
     #[test]
@@ -390,7 +424,7 @@ mod tests {
             ..value(Field::Ip, &bytes, Some(&token))
         };
         let other_field = value(Field::DeviceId, &bytes, Some(&token));
-        let other_key = Sealer::new(KeyId(2), &key(9));
+        let other_key = Sealer::new(KeyId(2), &key(9), SealFormat::CURRENT);
         let cases = [
             (value(Field::Ip, &tampered, Some(&token)), &sealer, "ip"),
             (value(Field::Ip, &bytes[..10], Some(&token)), &sealer, "ip"),
@@ -399,7 +433,7 @@ mod tests {
             (value(Field::Ip, &bytes, Some(&token)), &other_key, "ip"),
         ];
         for (value, sealer, name) in cases {
-            let error = open_checked(&value, sealer, &tokenizer).unwrap_err();
+            let error = open_checked(&value, sealer, Some(&tokenizer)).unwrap_err();
             assert!(
                 matches!(error, IntegrityError::NotOpened { field, error: OpenError } if field == name),
                 "{error:?}"
@@ -421,7 +455,7 @@ mod tests {
         let error = open_checked(
             &value(Field::DeviceId, &binary, Some("t")),
             &sealer,
-            &tokenizer,
+            Some(&tokenizer),
         )
         .unwrap_err();
         assert!(matches!(
@@ -431,8 +465,12 @@ mod tests {
         assert_eq!(error.to_string(), "device_id: opened value is not text");
 
         let not_ip = sealer.seal(&login_place(Field::Ip, MESSAGE, USER), b"not an ip");
-        let error =
-            open_checked(&value(Field::Ip, &not_ip, Some("t")), &sealer, &tokenizer).unwrap_err();
+        let error = open_checked(
+            &value(Field::Ip, &not_ip, Some("t")),
+            &sealer,
+            Some(&tokenizer),
+        )
+        .unwrap_err();
         assert!(matches!(error, IntegrityError::NotAnAddress));
     }
 
@@ -440,8 +478,12 @@ mod tests {
     fn errors_name_the_row_and_never_the_value() {
         let (sealer, tokenizer) = keys();
         let (bytes, _) = sealed(Field::Ip, "10.0.0.1", &sealer, &tokenizer);
-        let error =
-            open_checked(&value(Field::Ip, &bytes, Some("x")), &sealer, &tokenizer).unwrap_err();
+        let error = open_checked(
+            &value(Field::Ip, &bytes, Some("x")),
+            &sealer,
+            Some(&tokenizer),
+        )
+        .unwrap_err();
         let error = OpenRowError::Integrity {
             row: RowId::login(7, MESSAGE),
             error,
@@ -478,7 +520,9 @@ mod tests {
         };
         let ip = login.value(Field::Ip).unwrap();
         assert_eq!(
-            open_checked(&ip, &sealer, &tokenizer).unwrap().as_str(),
+            open_checked(&ip, &sealer, Some(&tokenizer))
+                .unwrap()
+                .as_str(),
             "10.0.0.1"
         );
         assert!(login.value(Field::DeviceId).is_none());

@@ -853,10 +853,7 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
     pii_vault::db::migrate_with(&before_0008, &env.pool, Some(&role_admin))
         .await
         .unwrap();
-    env.init_token_key().await;
-    let keyring = env.keyring();
-    let tokenizer = keyring.active_tokenizer().await.unwrap();
-    let sealer = keyring.new_sealer().await.unwrap();
+    let (tokenizer, sealer) = common::keys_before_0011(&env).await;
 
     // The sample file's logins as the writer before 0008 stored them: text message ids.
     let lines: Vec<String> = std::fs::read_to_string(common::SAMPLE_JSONL)

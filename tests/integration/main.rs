@@ -11,6 +11,7 @@ mod common;
 mod cli;
 mod doors;
 mod faults;
+mod formats;
 mod hostile;
 mod ingest;
 mod keys;

@@ -377,6 +377,13 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
+    let uncommitted = revealed.iter().filter(|r| !r.key_committed).count();
+    if uncommitted > 0 {
+        eprintln!(
+            "note: {uncommitted} login(s) are sealed in format 1, authenticated but not \
+             key-committed without the token key; `rotate-keys data-key` re-seals them in format 2"
+        );
+    }
     let mut out = std::io::stdout().lock();
     match format {
         Format::Table => output::table(&mut out, &revealed)?,

@@ -137,6 +137,7 @@ pub fn json(out: &mut impl Write, revealed: &[Revealed]) -> std::io::Result<()> 
         device_id: Option<&'a str>,
         masked_ip: Option<&'a str>,
         masked_device_id: Option<&'a str>,
+        key_committed: bool,
     }
     for r in revealed {
         let line = Line {
@@ -149,6 +150,7 @@ pub fn json(out: &mut impl Write, revealed: &[Revealed]) -> std::io::Result<()> 
             device_id: r.device_id.as_deref().map(String::as_str),
             masked_ip: r.masked_ip.as_deref(),
             masked_device_id: r.masked_device_id.as_deref(),
+            key_committed: r.key_committed,
         };
         serde_json::to_writer(&mut *out, &line)?;
         writeln!(out)?;

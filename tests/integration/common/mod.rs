@@ -576,6 +576,54 @@ pub async fn hold_what_a_login_can(conn: &mut sqlx::PgConnection, key_ids: &[i64
         .unwrap();
 }
 
+/// A token key and a data key as versions before migration 0011 made them: read straight from
+/// the key table, and the data key sealing format 1.
+pub async fn keys_before_0011(
+    env: &TestEnv,
+) -> (
+    pii_vault::vault::token::Tokenizer,
+    pii_vault::vault::seal::Sealer,
+) {
+    use pii_vault::vault::kms::KeyWrapper;
+    use pii_vault::vault::seal::{SealFormat, Sealer};
+    use pii_vault::vault::token::Tokenizer;
+    use pii_vault::vault::{EncryptionContext, KeyId, Purpose};
+    let mut keys = Vec::new();
+    for purpose in [Purpose::Token, Purpose::Data] {
+        let id = KeyId(
+            sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('vault_keys', 'id'))")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap(),
+        );
+        let context = EncryptionContext {
+            purpose,
+            key_id: id,
+        };
+        let (key, wrapped) = env
+            .kms
+            .generate_key(&env.kms_key_id, context)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by)
+             VALUES ($1, $2, $3, $4, 'tests')",
+        )
+        .bind(id)
+        .bind(purpose.as_str())
+        .bind(&wrapped.kms_key_id)
+        .bind(&wrapped.ciphertext)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        keys.push((id, key));
+    }
+    (
+        Tokenizer::new(keys[0].0, &keys[0].1),
+        Sealer::new(keys[1].0, &keys[1].1, SealFormat::V1),
+    )
+}
+
 /// A login body.
 pub fn login(user: &str, ip: &str, device_id: &str) -> String {
     format!(
