@@ -14,6 +14,7 @@ mod faults;
 mod hostile;
 mod ingest;
 mod keys;
+mod late;
 mod rotate;
 mod telemetry;
 mod unmask;
