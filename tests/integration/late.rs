@@ -1,15 +1,24 @@
 //! Late messages of an erased person, over real SQS and PostgreSQL: an invalid message sent
-//! before the erasure and delivered after it keeps no body.
+//! before the erasure and delivered after it keeps no body; a dead letter replayed after the
+//! erasure (`ingest replay-dead-letters`) carries its first send time and id, so ingest stores
+//! it without its user's personal fields, dates it as first sent, and does not store it twice.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, TestEnv, login, stderr};
-use pii_vault::ingest::source::{Message, Receipt};
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
+
+use crate::common::{self, TestEnv, login, stderr, stdout};
+use pii_vault::ingest::original::{ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
+use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use pii_vault::ingest::sqs::{PollSettings, SqsSource};
+use pii_vault::ingest::sqs_query::{QueryClient, QuerySqsSource};
 use pii_vault::ingest::{batch, writer};
 use pii_vault::unmask;
 use pii_vault::vault::erasure::ErasedUsers;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 
 /// A rejected body naming `user`, `ip` and `device_id` (an unexpected field `extra`).
 fn rejected(user: &str, ip: &str, device_id: &str) -> String {
@@ -262,5 +271,401 @@ async fn a_quarantined_body_sealed_before_an_erasure_is_refused_and_withheld_whe
     let written = writer::write(&env.pool, &made_after).await.unwrap();
     assert_eq!(written.quarantined, 1);
     assert_eq!(quarantined(&env).await[0].6.as_deref(), Some("user-erased"));
+    env.cleanup().await;
+}
+
+// Dead letters and their replay.
+
+/// A dead-letter queue for the test's queue.
+struct DeadLetters {
+    url: String,
+    arn: String,
+}
+
+impl DeadLetters {
+    /// A new queue, named by the test queue's redrive policy after `max_receive_count`.
+    async fn attach(env: &TestEnv, max_receive_count: u32) -> Self {
+        let url = env
+            .sqs
+            .create_queue()
+            .queue_name(format!("test-dlq-{}", common::unique_suffix()))
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        let arn = queue_attribute(env, &url, QueueAttributeName::QueueArn).await;
+        let letters = Self { url, arn };
+        letters.redrive(env, max_receive_count).await;
+        letters
+    }
+
+    async fn redrive(&self, env: &TestEnv, max_receive_count: u32) {
+        let policy = serde_json::json!({
+            "deadLetterTargetArn": self.arn,
+            "maxReceiveCount": max_receive_count.to_string(),
+        });
+        env.sqs
+            .set_queue_attributes()
+            .queue_url(&env.queue_url)
+            .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Sends `body` straight to the dead-letter queue with `attributes` (name, type, value);
+    /// its message id.
+    async fn send(&self, env: &TestEnv, body: &str, attributes: &[(&str, &str, &str)]) -> String {
+        let mut request = env
+            .sqs
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body);
+        for (name, data_type, value) in attributes {
+            request = request.message_attributes(*name, attribute(data_type, value));
+        }
+        request.send().await.unwrap().message_id.unwrap()
+    }
+
+    /// Messages in the dead-letter queue (visible, in flight).
+    async fn counts(&self, env: &TestEnv) -> (u64, u64) {
+        let count = |name| queue_attribute(env, &self.url, name);
+        (
+            count(QueueAttributeName::ApproximateNumberOfMessages)
+                .await
+                .parse()
+                .unwrap(),
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .await
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    /// Receives from the test's queue without deleting, until every message on it has been
+    /// moved here by the redrive policy; each message's id by body.
+    async fn park(&self, env: &TestEnv, messages: usize) -> HashMap<String, String> {
+        let mut ids = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.counts(env).await.0 < messages as u64 || env.messages_on_queue().await > 0 {
+            assert!(Instant::now() < deadline, "messages did not reach the DLQ");
+            let received = env
+                .sqs
+                .receive_message()
+                .queue_url(&env.queue_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(1)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            for message in received.messages.unwrap_or_default() {
+                ids.insert(message.body.unwrap(), message.message_id.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        ids
+    }
+
+    async fn replay(&self, env: &TestEnv, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["replay-dead-letters", "--dead-letter-queue-url", &self.url];
+        all.extend_from_slice(args);
+        run(env, INGEST, "", &all).await
+    }
+
+    async fn cleanup(self, env: &TestEnv) {
+        let _ = env.sqs.delete_queue().queue_url(&self.url).send().await;
+    }
+}
+
+fn attribute(data_type: &str, value: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type(data_type)
+        .string_value(value)
+        .build()
+        .unwrap()
+}
+
+async fn queue_attribute(env: &TestEnv, url: &str, name: QueueAttributeName) -> String {
+    env.sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(name.clone())
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()
+        .remove(&name)
+        .unwrap()
+}
+
+/// (message id, create_date, has tokens) of every login, by message id.
+async fn logins_by_id(env: &TestEnv) -> HashMap<String, (time::Date, bool)> {
+    let rows: Vec<(String, time::Date, bool)> = sqlx::query_as(
+        "SELECT message_id::text, create_date, masked_ip IS NOT NULL FROM user_logins",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, date, tokens)| (id, (date, tokens)))
+        .collect()
+}
+
+fn query_source(client: QueryClient, env: &TestEnv) -> std::sync::Arc<QuerySqsSource> {
+    std::sync::Arc::new(QuerySqsSource::new(
+        client,
+        env.queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: None,
+        },
+    ))
+}
+
+#[tokio::test]
+async fn a_dead_letter_replayed_after_an_erasure_brings_back_nothing_of_its_user() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    env.ingest_bodies(&[login("u-1", "10.1.1.0", "dev-u1")])
+        .await;
+    let letters = DeadLetters::attach(&env, 1).await;
+    let bodies = [
+        login("u-1", "10.1.1.1", "dev-u1"),
+        login("u-2", "10.1.1.2", "dev-u2"),
+        rejected("u-1", "10.1.1.3", "dev-u1-again"),
+    ];
+    env.send(&bodies).await;
+    let first_ids = letters.park(&env, 3).await;
+    assert_eq!(first_ids.len(), 3);
+    erase(&env, "u-1").await;
+    // The pipeline would now fail them again: give the replay's copies room.
+    letters.redrive(&env, 5).await;
+
+    let replayed = letters.replay(&env, &[]).await;
+    assert!(replayed.status.success(), "{}", stderr(&replayed));
+    assert_eq!(
+        stdout(&replayed).trim(),
+        "received=3 moved=3 sent_not_deleted=0 released=0"
+    );
+    assert_eq!(letters.counts(&env).await, (0, 0));
+    assert_eq!(env.messages_on_queue().await, 3);
+
+    // Their SentTimestamp on the login queue is after the erasure; their first one is not.
+    env.drain_until_empty(Duration::from_secs(60)).await;
+    assert_eq!(what_remains_of(&env, "u-1").await, (2, 0, 0));
+    assert_eq!(what_remains_of(&env, "u-2").await, (1, 2, 1));
+    assert_eq!(quarantined(&env).await[0].6.as_deref(), Some("user-erased"));
+    // Keyed by their first ids, dated by their first sending.
+    let stored = logins_by_id(&env).await;
+    for body in &bodies[..2] {
+        assert!(stored.contains_key(&first_ids[body]), "{stored:?}");
+    }
+    let quarantined_id: String = sqlx::query_scalar("SELECT message_id FROM quarantine")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(quarantined_id, first_ids[&bodies[2]]);
+    letters.cleanup(&env).await;
+    env.cleanup().await;
+}
+
+/// A source that never deletes: the row commits, the message stays (its delete "lost").
+struct NeverDeletes(SqsSource);
+
+impl MessageSource for NeverDeletes {
+    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
+        self.0.receive().await
+    }
+    async fn acknowledge(&self, _: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
+        Ok(Acknowledged::default())
+    }
+}
+
+#[tokio::test]
+async fn a_message_stored_before_it_became_a_dead_letter_is_not_stored_again_by_a_replay() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let letters = DeadLetters::attach(&env, 1).await;
+    env.send(&[login("u-5", "10.5.5.5", "dev-5")]).await;
+    let source = SqsSource::new(
+        env.sqs.clone(),
+        env.queue_url.clone(),
+        PollSettings {
+            wait_time_seconds: 1,
+            visibility_timeout_seconds: Some(1),
+        },
+    );
+    let summary = env
+        .drain_from(std::sync::Arc::new(NeverDeletes(source)))
+        .await;
+    assert_eq!(summary.stored, 1, "{summary}");
+    letters.park(&env, 1).await;
+    letters.redrive(&env, 5).await;
+
+    let replayed = letters.replay(&env, &["--max-messages", "5"]).await;
+    assert!(replayed.status.success(), "{}", stderr(&replayed));
+    let summary = env.drain().await;
+    assert_eq!((summary.stored, summary.duplicates), (0, 1), "{summary}");
+    assert_eq!(env.count("user_logins").await, 1);
+    assert_eq!(env.messages_on_queue().await, 0);
+    letters.cleanup(&env).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replay_keeps_the_first_send_date_over_both_protocols_and_a_forged_one_only_ages() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let letters = DeadLetters::attach(&env, 5).await;
+    let first_sent = time::OffsetDateTime::from_unix_timestamp(1_709_294_400).unwrap();
+    assert_eq!(first_sent.date().to_string(), "2024-03-01");
+    let millis = (first_sent.unix_timestamp() * 1000).to_string();
+    let today = time::OffsetDateTime::now_utc().date();
+
+    // Replayed once before and dead again: the earlier time and the first id stay with it.
+    // Read by the JSON adapter, then by the Query one.
+    let query = QueryClient::new(&common::aws_config().await);
+    let mut first_ids = Vec::new();
+    for (n, json) in [(1, true), (2, false)] {
+        let first_id = format!("0f6b1e0a-000{n}-4c55-9f31-0e8d2a7b9c10");
+        letters
+            .send(
+                &env,
+                &login(&format!("u-{n}"), "10.2.2.2", "dev"),
+                &[
+                    (ORIGINAL_SENT_TIMESTAMP, "Number", &millis),
+                    (ORIGINAL_MESSAGE_ID, "String", &first_id),
+                ],
+            )
+            .await;
+        let replayed = letters.replay(&env, &[]).await;
+        assert!(replayed.status.success(), "{}", stderr(&replayed));
+        assert_eq!(
+            stdout(&replayed).trim(),
+            "received=1 moved=1 sent_not_deleted=0 released=0"
+        );
+        let summary = if json {
+            env.drain().await
+        } else {
+            env.drain_from(query_source(query.clone(), &env)).await
+        };
+        assert_eq!(summary.stored, 1, "{summary}");
+        first_ids.push(first_id);
+    }
+    let stored = logins_by_id(&env).await;
+    for first_id in &first_ids {
+        assert_eq!(stored[first_id], (first_sent.date(), true), "{stored:?}");
+    }
+
+    // A forged time on the login queue: later than SentTimestamp changes nothing, earlier
+    // ages the message (here: before an erasure), unreadable is before every erasure.
+    env.ingest_bodies(&[login("u-9", "10.9.0.1", "dev")]).await;
+    erase(&env, "u-9").await;
+    let send = |value: Option<(&'static str, String)>| {
+        let mut request = env
+            .sqs
+            .send_message()
+            .queue_url(&env.queue_url)
+            .message_body(login("u-9", "10.9.0.2", "dev"));
+        if let Some((data_type, value)) = value {
+            request =
+                request.message_attributes(ORIGINAL_SENT_TIMESTAMP, attribute(data_type, &value));
+        }
+        async move { request.send().await.unwrap().message_id.unwrap() }
+    };
+    let later = send(Some(("Number", "4102444800000".to_owned()))).await;
+    let earlier = send(Some(("Number", millis.clone()))).await;
+    let unreadable = send(Some(("String", "10.9.0.2".to_owned()))).await;
+    let plain = send(None).await;
+    let summary = env.drain_from(query_source(query, &env)).await;
+    assert_eq!(summary.stored, 4, "{summary}");
+    let stored = logins_by_id(&env).await;
+    assert_eq!(
+        stored[&later],
+        (today, true),
+        "never younger than SentTimestamp"
+    );
+    assert_eq!(
+        stored[&earlier],
+        (first_sent.date(), false),
+        "older: erased"
+    );
+    assert_eq!(stored[&unreadable], (today, false), "unknown: erased");
+    assert_eq!(stored[&plain], (today, true));
+    letters.cleanup(&env).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replay_moves_only_what_the_queue_accepted_and_only_back_to_its_source() {
+    let env = TestEnv::new(30).await;
+    let letters = DeadLetters::attach(&env, 5).await;
+    env.sqs
+        .set_queue_attributes()
+        .queue_url(&env.queue_url)
+        .attributes(QueueAttributeName::MaximumMessageSize, "1024")
+        .send()
+        .await
+        .unwrap();
+    let small = login("u-1", "10.3.3.3", "dev-small");
+    let big = format!(
+        r#"{{"user_id": "u-1", "ip": "10.3.3.4", "pad": "{}"}}"#,
+        "x".repeat(2000)
+    );
+    letters.send(&env, &small, &[]).await;
+    letters.send(&env, &big, &[]).await;
+
+    // A queue that is not the dead-letter queue's source, or the pair swapped: nothing moves.
+    let swapped = run(
+        &env,
+        INGEST,
+        "",
+        &[
+            "replay-dead-letters",
+            "--dead-letter-queue-url",
+            &env.queue_url,
+            "--queue-url",
+            &letters.url,
+        ],
+    )
+    .await;
+    assert_eq!(swapped.status.code(), Some(1), "{}", stderr(&swapped));
+    assert!(
+        stderr(&swapped).contains("nothing was moved"),
+        "{}",
+        stderr(&swapped)
+    );
+    assert_eq!(letters.counts(&env).await, (2, 0));
+
+    let replayed = letters.replay(&env, &[]).await;
+    assert_eq!(replayed.status.code(), Some(1), "{}", stderr(&replayed));
+    let said = stderr(&replayed);
+    assert!(said.contains("the queue refused a message"), "{said}");
+    assert!(!said.contains("10.3.3") && !said.contains("xxxx"), "{said}");
+    // The refused one, and whatever was not sent after it, are back in the dead-letter queue
+    // at once; nothing is in two places or in none.
+    let on_queue = env.messages_on_queue().await;
+    let (visible, in_flight) = letters.counts(&env).await;
+    assert_eq!((on_queue + visible, in_flight), (2, 0));
+    assert!(visible >= 1);
+    let received = env
+        .sqs
+        .receive_message()
+        .queue_url(&env.queue_url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert!(
+        received
+            .iter()
+            .all(|m| m.body.as_deref() == Some(small.as_str()))
+    );
+    letters.cleanup(&env).await;
     env.cleanup().await;
 }
