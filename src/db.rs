@@ -305,7 +305,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 /// instead, made once per set of migrations (its name carries their checksums) and kept.
 pub mod template {
     use sha2::{Digest, Sha256};
-    use tokio::sync::OnceCell;
+    use tokio::sync::Mutex;
 
     use super::*;
 
@@ -318,17 +318,42 @@ pub mod template {
         name: &str,
         role_admin: &PgPool,
     ) -> Result<(), DbError> {
-        static TEMPLATE: OnceCell<String> = OnceCell::const_new();
-        let template = TEMPLATE
-            .get_or_try_init(|| make_template(base_url, role_admin))
-            .await?;
-        let admin = connect(base_url, 1).await?;
+        // The template this process made; made again if a process working on other migrations
+        // (another branch's tests on the same server) dropped it as stale meanwhile.
+        static TEMPLATE: Mutex<Option<String>> = Mutex::const_new(None);
+        let mut attempts = 0;
+        loop {
+            let template = {
+                let mut made = TEMPLATE.lock().await;
+                match made.as_ref() {
+                    Some(template) => template.clone(),
+                    None => made
+                        .insert(make_template(base_url, role_admin).await?)
+                        .clone(),
+                }
+            };
+            let admin = connect(base_url, 1).await?;
+            let cloned = clone(&admin, name, &template).await;
+            admin.close().await;
+            match cloned {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("3D000") && attempts < 5 =>
+                {
+                    attempts += 1;
+                    TEMPLATE.lock().await.take_if(|made| *made == template);
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    async fn clone(admin: &PgPool, name: &str, template: &str) -> Result<(), sqlx::Error> {
         // Cloning fails while another session is connected to the template (another process
         // checking it): wait for it.
         let mut tries = 0;
         let created = loop {
             match sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
-                .execute(&admin)
+                .execute(admin)
                 .await
             {
                 Err(sqlx::Error::Database(e))
@@ -340,9 +365,7 @@ pub mod template {
                 other => break other,
             }
         };
-        admin.close().await;
-        created?;
-        Ok(())
+        created.map(drop)
     }
 
     async fn make_template(base_url: &str, role_admin: &PgPool) -> Result<String, DbError> {

@@ -46,12 +46,64 @@ pub struct QuarantineRow {
     pub message_id: String,
     pub reason: String,
     pub body_bytes: i32,
-    pub sealed_body: Vec<u8>,
+    pub body: QuarantinedBody,
     pub sent_at: Option<OffsetDateTime>,
-    /// The token of the user id the body names, if it is JSON with a string `user_id`: how
-    /// an erasure finds it without opening it.
-    pub user_token: Option<Token>,
     pub deliveries: Deliveries,
+}
+
+/// What a quarantine row keeps of the body.
+#[derive(Debug)]
+pub enum QuarantinedBody {
+    Sealed {
+        sealed: Vec<u8>,
+        /// The token of the user id the body names, if it is JSON with a string `user_id`:
+        /// how an erasure finds it without opening it.
+        user_token: Option<Token>,
+    },
+    /// Nothing: the body's person is gone (migration 0013's `body_withheld`).
+    Withheld(Withheld),
+}
+
+/// Why a quarantined body is not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withheld {
+    /// It names a user erased after it was sent.
+    UserErased,
+    /// It was sent in a retention window that has expired.
+    WindowExpired,
+}
+
+impl Withheld {
+    /// `quarantine.body_withheld`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Withheld::UserErased => "user-erased",
+            Withheld::WindowExpired => "window-expired",
+        }
+    }
+}
+
+impl QuarantinedBody {
+    pub fn sealed(&self) -> Option<&[u8]> {
+        match self {
+            QuarantinedBody::Sealed { sealed, .. } => Some(sealed),
+            QuarantinedBody::Withheld(_) => None,
+        }
+    }
+
+    pub fn user_token(&self) -> Option<&Token> {
+        match self {
+            QuarantinedBody::Sealed { user_token, .. } => user_token.as_ref(),
+            QuarantinedBody::Withheld(_) => None,
+        }
+    }
+
+    pub fn withheld(&self) -> Option<Withheld> {
+        match self {
+            QuarantinedBody::Sealed { .. } => None,
+            QuarantinedBody::Withheld(why) => Some(*why),
+        }
+    }
 }
 
 /// The deliveries of one message in a batch (more than one when SQS redelivered it while the
@@ -126,7 +178,9 @@ impl Batch {
 /// A message delivered twice becomes one row carrying both receipts; a message that fails
 /// validation becomes a quarantine row with its body sealed; a login of a user erased after
 /// it was sent, or of a retention window that has expired (`window_expired`), keeps no
-/// personal field.
+/// personal field, and a rejected body that names such a user, or was sent in such a window,
+/// is withheld. The batch carries the newest erasure record `erased` knows: the writer commits
+/// it only while no newer one exists.
 pub fn build(
     messages: Vec<Message>,
     tokenizer: &Tokenizer,
@@ -168,12 +222,29 @@ pub fn build(
                 Ok(batch.logins.len() - 1)
             }
             Err(rejection) => {
+                let named = user_id_in(&message.body);
+                let withheld = if named
+                    .as_deref()
+                    .is_some_and(|user| erased.erased(user, message.sent_at))
+                {
+                    Some(Withheld::UserErased)
+                } else if window_expired {
+                    Some(Withheld::WindowExpired)
+                } else {
+                    None
+                };
+                let body = match withheld {
+                    Some(why) => QuarantinedBody::Withheld(why),
+                    None => QuarantinedBody::Sealed {
+                        sealed: sealer.seal(&quarantine_place(&message.id), &message.body),
+                        user_token: named.map(|user| tokenizer.user_id(&user)),
+                    },
+                };
                 batch.quarantined.push(QuarantineRow {
-                    sealed_body: sealer.seal(&quarantine_place(&message.id), &message.body),
+                    body,
                     body_bytes: i32::try_from(message.body.len()).unwrap_or(i32::MAX),
                     reason: rejection.to_string(),
                     sent_at: message.sent_at,
-                    user_token: user_id_in(&message.body).map(|user| tokenizer.user_id(&user)),
                     message_id: message.id.clone(),
                     deliveries,
                 });
@@ -344,17 +415,16 @@ mod tests {
         let row = &batch.quarantined[0];
         assert_eq!(row.reason, "unexpected field `foo`");
         assert_eq!(row.body_bytes, bad.len() as i32);
-        assert!(!row.sealed_body.windows(4).any(|w| w == b"oops"));
-        let body = sealer
-            .open(&quarantine_place("m-1"), &row.sealed_body)
-            .unwrap();
+        let sealed = row.body.sealed().expect("a sealed body");
+        assert!(!sealed.windows(4).any(|w| w == b"oops"));
+        let body = sealer.open(&quarantine_place("m-1"), sealed).unwrap();
         assert_eq!(body.as_slice(), bad.as_bytes());
-        assert_eq!(row.user_token, None, "the body names no user");
+        assert_eq!(row.body.user_token(), None, "the body names no user");
         let named = r#"{"user_id": "u-9", "ip": 1}"#;
         let batch = build_plain(vec![message("m-2", named, "r-2")], &tokenizer, &sealer);
         assert_eq!(
-            batch.quarantined[0].user_token,
-            Some(tokenizer.user_id("u-9"))
+            batch.quarantined[0].body.user_token(),
+            Some(&tokenizer.user_id("u-9"))
         );
     }
 
@@ -398,6 +468,69 @@ mod tests {
             expired.logins[0].personal.is_none(),
             "its window has expired"
         );
+    }
+
+    #[test]
+    fn a_rejected_body_of_an_erased_user_or_an_expired_window_is_withheld_and_names_no_one() {
+        let (tokenizer, sealer) = keys();
+        let sent = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let erased = ErasedUsers::with(tokenizer.clone(), "u-1", sent + time::Duration::seconds(1));
+        let bodies = [
+            r#"{"user_id": "u-1", "ip": "10.0.0.1", "x": 5}"#,
+            r#"{"user_id": "u-2", "ip": "10.0.0.2", "x": 5}"#,
+            r#"{"ip": "10.0.0.3", "x": 5}"#,
+        ];
+        let messages = |ids: &str| {
+            bodies
+                .iter()
+                .enumerate()
+                .map(|(i, body)| message(&format!("{ids}-{i}"), body, "r"))
+                .collect()
+        };
+        let batch = build(messages("m"), &tokenizer, &sealer, &erased, false);
+        let [of_erased, of_other, of_nobody] = &batch.quarantined[..] else {
+            panic!("three quarantine rows");
+        };
+        assert_eq!(of_erased.body.withheld(), Some(Withheld::UserErased));
+        assert_eq!(of_erased.body.sealed(), None);
+        assert_eq!(of_erased.body.user_token(), None);
+        assert_eq!(of_erased.reason, "unexpected field `x`");
+        assert_eq!(of_erased.body_bytes as usize, bodies[0].len());
+        assert_eq!(of_erased.sent_at, Some(sent));
+        assert_eq!(
+            of_other.body.user_token(),
+            Some(&tokenizer.user_id("u-2")),
+            "another user's body is kept"
+        );
+        assert!(of_nobody.body.sealed().is_some());
+        assert_eq!(
+            batch.erasures_seen, 1,
+            "the writer commits it only while no newer"
+        );
+
+        // Sent after the erasure: new data, kept.
+        let before = ErasedUsers::with(tokenizer.clone(), "u-1", sent - time::Duration::seconds(1));
+        let batch = build(messages("m"), &tokenizer, &sealer, &before, false);
+        assert_eq!(
+            batch.quarantined[0].body.user_token(),
+            Some(&tokenizer.user_id("u-1"))
+        );
+        // Its window has expired: nothing kept, whoever it names.
+        let expired = build(
+            messages("m"),
+            &tokenizer,
+            &sealer,
+            &ErasedUsers::default(),
+            true,
+        );
+        assert!(
+            expired
+                .quarantined
+                .iter()
+                .all(|row| row.body.withheld() == Some(Withheld::WindowExpired))
+        );
+        let printed = format!("{:?}", batch.quarantined);
+        assert!(!printed.contains("10.0.0.1"), "{printed}");
     }
 
     #[test]
@@ -518,10 +651,8 @@ mod tests {
                         hex(&associated_data(sealer.format(), &place, sealer.key_id())),
                         text(m, "body_associated_data")
                     );
-                    assert_eq!(
-                        sealer.open(&place, &row.sealed_body).unwrap().as_slice(),
-                        body
-                    );
+                    let sealed = row.body.sealed().expect("a sealed body");
+                    assert_eq!(sealer.open(&place, sealed).unwrap().as_slice(), body);
                     let python_made = bytes(m, "sealed_body");
                     assert_eq!(sealer.open(&place, &python_made).unwrap().as_slice(), body);
                 }
@@ -660,7 +791,7 @@ mod tests {
                     "message_id": row.message_id,
                     "body_hex": hex(by_id[row.message_id.as_str()]),
                     "reason": row.reason,
-                    "sealed_body": hex(&row.sealed_body),
+                    "sealed_body": hex(row.body.sealed().unwrap()),
                 })
             })
             .collect();

@@ -25,7 +25,9 @@
 
 pub mod batch;
 pub mod file;
+pub mod original;
 pub mod readiness;
+pub mod replay;
 pub mod source;
 pub mod sqs;
 pub mod sqs_query;

@@ -11,10 +11,13 @@ use time::OffsetDateTime;
 
 /// One received message.
 pub struct Message {
-    /// Stable across redeliveries (the SQS MessageId): the idempotency key of the row.
+    /// Stable across redeliveries (the SQS MessageId, or the first one a replay out of the
+    /// dead-letter queue carried: [`super::original`]): the idempotency key of the row.
     pub id: String,
     pub body: Vec<u8>,
-    /// When the producer sent it (SQS SentTimestamp); gives the row's `create_date`.
+    /// When the producer sent it (SQS SentTimestamp, or the earlier first send time a replay
+    /// carried); gives the row's `create_date` and decides which erasures apply. `None`:
+    /// unknown, which counts as sent before every erasure.
     pub sent_at: Option<OffsetDateTime>,
     /// What acknowledging this delivery takes (the SQS receipt handle).
     pub receipt: Receipt,

@@ -4,14 +4,13 @@
 
 use std::time::Instant;
 
+use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
+use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::sqs_query::QuerySqsSource;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
 };
-use time::OffsetDateTime;
-
-use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::sqs_query::QuerySqsSource;
 
 /// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
 pub const SQS_BATCH_LIMIT: usize = 10;
@@ -83,7 +82,7 @@ pub async fn resolve_queue_url(
     })
 }
 
-fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
+pub(crate) fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
@@ -158,14 +157,26 @@ pub async fn send_batch(
     Ok(output.successful.len())
 }
 
-fn sent_at(message: &aws_sdk_sqs::types::Message) -> Option<OffsetDateTime> {
-    let millis: i128 = message
+/// A message attribute's string value (`String` and `Number` attributes carry one).
+pub(crate) fn attribute<'a>(
+    message: &'a aws_sdk_sqs::types::Message,
+    name: &str,
+) -> Option<&'a str> {
+    message
+        .message_attributes
+        .as_ref()?
+        .get(name)?
+        .string_value
+        .as_deref()
+}
+
+/// SQS's `SentTimestamp` of a message, as received.
+pub(crate) fn sent_timestamp(message: &aws_sdk_sqs::types::Message) -> Option<&str> {
+    message
         .attributes
         .as_ref()?
-        .get(&MessageSystemAttributeName::SentTimestamp)?
-        .parse()
-        .ok()?;
-    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+        .get(&MessageSystemAttributeName::SentTimestamp)
+        .map(String::as_str)
 }
 
 impl MessageSource for SqsSource {
@@ -178,23 +189,30 @@ impl MessageSource for SqsSource {
             .wait_time_seconds(self.settings.wait_time_seconds)
             .set_visibility_timeout(self.settings.visibility_timeout_seconds)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names(ORIGINAL_SENT_TIMESTAMP)
+            .message_attribute_names(ORIGINAL_MESSAGE_ID)
             .send()
             .await
             .map_err(|e| source_error("ReceiveMessage", e))?;
         let read_at = Instant::now();
         let mut messages = Vec::new();
         for mut message in output.messages.unwrap_or_default() {
-            let sent_at = sent_at(&message);
-            let (Some(id), Some(receipt)) =
-                (message.message_id.take(), message.receipt_handle.take())
+            let (Some(id), Some(receipt)) = (&message.message_id, message.receipt_handle.take())
             else {
                 tracing::warn!("SQS returned a message without id or receipt handle; skipped");
                 continue;
             };
+            let origin = Claimed {
+                message_id: id,
+                sent_timestamp: sent_timestamp(&message),
+                original_sent_timestamp: attribute(&message, ORIGINAL_SENT_TIMESTAMP),
+                original_message_id: attribute(&message, ORIGINAL_MESSAGE_ID),
+            }
+            .origin();
             messages.push(Message {
-                id,
+                id: origin.message_id,
                 body: message.body.take().unwrap_or_default().into_bytes(),
-                sent_at,
+                sent_at: origin.sent_at,
                 receipt: Receipt(receipt),
                 read_at,
             });

@@ -21,16 +21,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sigv4::http_request::SigningSettings;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use time::OffsetDateTime;
-
+use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
 use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sigv4::http_request::SigningSettings;
+use http_body_util::Full;
+use hyper::body::Bytes;
 
 /// The one version of the SQS Query API.
 const API_VERSION: &str = "2012-11-05";
@@ -318,6 +317,9 @@ impl MessageSource for QuerySqsSource {
         }
         // The name every version of the Query API knows (MessageSystemAttributeName came later).
         form.add("AttributeName.1", "SentTimestamp");
+        // What a replay out of the dead-letter queue carries (`super::original`).
+        form.add("MessageAttributeName.1", ORIGINAL_SENT_TIMESTAMP);
+        form.add("MessageAttributeName.2", ORIGINAL_MESSAGE_ID);
         let wait = Duration::from_secs(self.settings.wait_time_seconds.max(0) as u64);
         let answer = self
             .client
@@ -340,14 +342,21 @@ impl MessageSource for QuerySqsSource {
                 tracing::warn!("SQS returned a message without id or receipt handle; skipped");
                 continue;
             }
+            let origin = Claimed {
+                message_id: id,
+                sent_timestamp: system_attribute(message, "SentTimestamp"),
+                original_sent_timestamp: message_attribute(message, ORIGINAL_SENT_TIMESTAMP),
+                original_message_id: message_attribute(message, ORIGINAL_MESSAGE_ID),
+            }
+            .origin();
             messages.push(Message {
-                id: id.to_owned(),
+                id: origin.message_id,
                 // Exactly as sent: whitespace is part of the body.
                 body: message
                     .child("Body")
                     .map(|b| b.text.clone().into_bytes())
                     .unwrap_or_default(),
-                sent_at: sent_at(message),
+                sent_at: origin.sent_at,
                 receipt: Receipt(receipt.to_owned()),
                 read_at,
             });
@@ -536,14 +545,23 @@ fn queue_url_in(operation: &str, answer: &xml::Element) -> Result<String, Source
     }
 }
 
-fn sent_at(message: &xml::Element) -> Option<OffsetDateTime> {
-    let millis: i128 = message
+/// `<Attribute><Name>name</Name><Value>...</Value></Attribute>`: a system attribute's value.
+fn system_attribute<'a>(message: &'a xml::Element, name: &str) -> Option<&'a str> {
+    message
         .children("Attribute")
-        .find(|a| a.child_text("Name") == "SentTimestamp")?
-        .child_text("Value")
-        .parse()
-        .ok()?;
-    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+        .find(|a| a.child_text("Name") == name)
+        .map(|a| a.child_text("Value"))
+}
+
+/// `<MessageAttribute><Name>name</Name><Value><StringValue>...</StringValue>...`: a message
+/// attribute's string value (`String` and `Number` attributes carry one).
+fn message_attribute<'a>(message: &'a xml::Element, name: &str) -> Option<&'a str> {
+    message
+        .children("MessageAttribute")
+        .find(|a| a.child_text("Name") == name)?
+        .child("Value")?
+        .child("StringValue")
+        .map(|value| value.text.as_str())
 }
 
 /// An `application/x-www-form-urlencoded` request body, built parameter by parameter.

@@ -9,13 +9,14 @@
 //! first delivery), the unique index refuses the copy and the batch is written again
 //! ([`WriteError::Raced`]), when the look-up sees it. A login never exists without its sealed
 //! values (unless its user was erased after it was sent: then it has neither tokens nor
-//! sealed values). Quarantined messages, rare, go in by `INSERT ... ON CONFLICT`.
+//! sealed values). Quarantined messages, rare, go in by `INSERT ... ON CONFLICT`, with their
+//! bodies sealed, or withheld when their person is gone.
 
 use std::collections::HashSet;
 
 use sqlx::PgPool;
 
-use super::batch::{Batch, LoginRow};
+use super::batch::{Batch, LoginRow, Withheld};
 use super::source::MessageKey;
 use crate::vault::erasure::erasure_lock;
 use crate::vault::key_use;
@@ -45,13 +46,16 @@ const COPY_VAULT: &str = "COPY login_vault (login_id, data_key_id, sealed_ip, se
 /// The unique index whose refusal means another writer stored one of the batch's messages.
 const MESSAGE_KEY_INDEX: &str = "user_logins_message_id_key";
 
+/// A withheld body (migration 0013) has neither a data key nor a user token.
 const INSERT_QUARANTINE: &str = "
 INSERT INTO quarantine (message_id, reason, body_bytes, sealed_body, sent_at, user_token,
-                        data_key_id, token_key_id)
-SELECT message_id, reason, body_bytes, sealed_body, sent_at, user_token, $7,
-       CASE WHEN user_token IS NOT NULL THEN $8 END
-FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[], $6::text[])
-    AS t(message_id, reason, body_bytes, sealed_body, sent_at, user_token)
+                        data_key_id, token_key_id, body_withheld)
+SELECT message_id, reason, body_bytes, sealed_body, sent_at, user_token,
+       CASE WHEN sealed_body IS NOT NULL THEN $7 END,
+       CASE WHEN user_token IS NOT NULL THEN $8 END, body_withheld
+FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[], $6::text[],
+            $9::text[])
+    AS t(message_id, reason, body_bytes, sealed_body, sent_at, user_token, body_withheld)
 ON CONFLICT (message_id) DO NOTHING";
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +88,9 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
     if usable < 2 {
         return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }
-    // Likewise for erasures: one cannot commit between this check and the commit below.
+    // Likewise for erasures: one cannot commit between this check and the commit below. The
+    // batch decided with the erasures it knew which logins keep personal fields and which
+    // quarantined bodies are withheld; a newer one means it must be made again.
     let newest: i64 = sqlx::query_scalar(erasure_lock::HOLD_SHARED)
         .fetch_one(&mut *tx)
         .await?;
@@ -106,19 +112,20 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
             )
             .bind(rows.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.body_bytes).collect::<Vec<_>>())
-            .bind(
-                rows.iter()
-                    .map(|r| r.sealed_body.as_slice())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(rows.iter().map(|r| r.body.sealed()).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.sent_at).collect::<Vec<_>>())
             .bind(
                 rows.iter()
-                    .map(|r| r.user_token.as_ref().map(|t| t.as_str()))
+                    .map(|r| r.body.user_token().map(|t| t.as_str()))
                     .collect::<Vec<_>>(),
             )
             .bind(batch.data_key_id)
             .bind(batch.token_key_id)
+            .bind(
+                rows.iter()
+                    .map(|r| r.body.withheld().map(Withheld::as_str))
+                    .collect::<Vec<_>>(),
+            )
             .execute(&mut *tx)
             .await?
             .rows_affected();

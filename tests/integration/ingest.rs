@@ -750,6 +750,9 @@ async fn a_pre_3_0_emulator_is_read_through_the_query_source() {
                 ("WaitTimeSeconds", "2"),
                 ("VisibilityTimeout", "45"),
                 ("AttributeName.1", "SentTimestamp"),
+                // What a replay out of the dead-letter queue carries.
+                ("MessageAttributeName.1", "PiiVaultOriginalSentTimestamp"),
+                ("MessageAttributeName.2", "PiiVaultOriginalMessageId"),
             ],
         );
     }

@@ -15,6 +15,7 @@ mod formats;
 mod hostile;
 mod ingest;
 mod keys;
+mod late;
 mod rotate;
 mod telemetry;
 mod unmask;

@@ -1,5 +1,8 @@
 //! `ingest`: the daemon. Long-polls SQS, validates, tokenizes and seals, writes in batches, and
-//! deletes each message only after its row has committed.
+//! deletes each message only after its row has committed. `ingest replay-dead-letters` moves
+//! the dead-letter queue back to the login queue.
+
+mod replay;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -28,8 +31,10 @@ use pii_vault::vault::kms::AwsKms;
 /// AWS region, credentials and endpoint come from the standard AWS chain (AWS_REGION,
 /// AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles; AWS_ENDPOINT_URL for an emulator).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     vault: VaultArgs,
     /// Queue name or URL.
@@ -94,6 +99,11 @@ struct Args {
     /// On SIGTERM or Ctrl-C, seconds allowed to commit and acknowledge what was received.
     #[arg(long, env = "INGEST_SHUTDOWN_DEADLINE", default_value_t = 30)]
     shutdown_deadline: u64,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    ReplayDeadLetters(replay::ReplayArgs),
 }
 
 /// `Args`, checked and resolved: what a run needs.
@@ -184,8 +194,13 @@ impl TryFrom<Args> for Config {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    cli::main(args.vault.logging, args, run, exit_code).await
+    let mut args = Args::parse();
+    match args.command.take() {
+        Some(Command::ReplayDeadLetters(replay)) => {
+            cli::main(replay.logging, replay, replay::run, exit_code).await
+        }
+        None => cli::main(args.vault.logging, args, run, exit_code).await,
+    }
 }
 
 /// Exit codes: 2 bad arguments or configuration (a taken `--metrics-addr` included), 1 any
