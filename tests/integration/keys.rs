@@ -1,43 +1,27 @@
 //! keys/README.md, proved: one test per numbered claim (K1, K2, ...). Each reads the policies in
-//! keys/ and asks a small model of KMS authorization what a principal may do, over every KMS
-//! action on a key and a set of well- and ill-formed requests, and compares both ways with the
-//! claim: what it lists is allowed, everything else is refused.
-//!
-//! The model (as KMS decides for principals of the key's own account): a request is allowed when
-//! the key policy allows the principal by name, or when the key policy's account statement
-//! allows it and so does the principal's IAM policy. Where it simplifies, it errs towards
-//! allowing (actions and context key names match case-insensitively, `*` matches anywhere); a
-//! statement element, condition operator or condition key it does not know makes it panic.
+//! keys/ and asks the model of AWS authorization in `common::aws_policy` what a principal may
+//! do, over every KMS action on a key and a set of well- and ill-formed requests, and compares
+//! both ways with the claim: what it lists is allowed, everything else is refused.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-const ACCOUNT: &str = "arn:aws:iam::111122223333:root";
-
-#[derive(Clone, Copy)]
-struct Key {
-    policy: &'static str,
-    arn: &'static str,
-}
-
-/// alias/pii-vault: symmetric, wraps the token and data keys.
-const ENVELOPE: Key = Key {
-    policy: "kms-key-policy.json",
-    arn: "arn:aws:kms:us-east-1:111122223333:key/REPLACE-WITH-KEY-ID",
-};
-/// alias/pii-vault-audit-signer: ECC_NIST_P256, SIGN_VERIFY, signs audit checkpoints.
-const SIGNING: Key = Key {
-    policy: "kms-audit-signer-key-policy.json",
-    arn: "arn:aws:kms:us-east-1:111122223333:key/REPLACE-WITH-SIGNING-KEY-ID",
+use crate::common::aws_policy::{
+    ACCOUNT, ANYONE, Ask, BREAK_GLASS, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN,
+    POLICY_ADMIN, SIGNER, SIGNING, WINDOW, action_matches, all_policies, allows, decider, glob,
+    iam, in_context, kms_allows, plain, policy, role, statements, strings,
 };
 
-const INGESTER: &str = "pii-vault-ingester";
-const COMPLIANCE: &str = "pii-vault-compliance";
-const KEYADMIN: &str = "pii-vault-keyadmin";
-const POLICY_ADMIN: &str = "pii-vault-key-policy-admin";
-const SIGNER: &str = "pii-vault-audit-signer";
-/// Any other principal of the account, whose IAM policy allows every action on every resource.
-const ANYONE: &str = "anyone-else";
-const PRINCIPALS: [&str; 6] = [INGESTER, COMPLIANCE, KEYADMIN, POLICY_ADMIN, SIGNER, ANYONE];
+const PRINCIPALS: [&str; 8] = [
+    INGESTER,
+    COMPLIANCE,
+    KEYADMIN,
+    POLICY_ADMIN,
+    SIGNER,
+    BREAK_GLASS,
+    LOADGEN,
+    ANYONE,
+];
+const KEYS: [Key; 3] = [ENVELOPE, WINDOW, SIGNING];
 
 /// Every KMS action authorized on a key (account-wide ones such as CreateKey are not).
 #[rustfmt::skip]
@@ -89,28 +73,11 @@ const ALGORITHMS: [Option<&str>; 4] = [
     Some("RSASSA_PSS_SHA_256"),
 ];
 
-/// One request: an action, with the encryption context or signing algorithm it carries.
-#[derive(Debug, Clone, Copy)]
-struct Ask {
-    action: &'static str,
-    context: Context,
-    algorithm: Option<&'static str>,
-}
-
-fn plain(action: &'static str) -> Ask {
-    in_context(action, &[])
-}
-
-fn in_context(action: &'static str, context: Context) -> Ask {
-    Ask {
-        action,
-        context,
-        algorithm: None,
-    }
-}
+/// A request the claims try: every one is made of constants.
+type Request = Ask<'static>;
 
 /// The requests to try for `action`.
-fn asks(action: &'static str) -> Vec<Ask> {
+fn asks(action: &'static str) -> Vec<Request> {
     if CONTEXT_ACTIONS.contains(&action) {
         CONTEXTS.map(|context| in_context(action, context)).to_vec()
     } else if SIGNING_ACTIONS.contains(&action) {
@@ -127,7 +94,7 @@ fn asks(action: &'static str) -> Vec<Ask> {
 }
 
 /// The purpose of a context shaped as the door hands it out: keys exactly `purpose`, `key_id`.
-fn purpose(context: Context) -> Option<&'static str> {
+fn purpose<'a>(context: &[(&'a str, &'a str)]) -> Option<&'a str> {
     let mut keys: Vec<&str> = context.iter().map(|(k, _)| *k).collect();
     keys.sort();
     let purpose = context.iter().find(|(k, _)| *k == "purpose");
@@ -148,173 +115,12 @@ fn covers(only: &[&str], ask: &Ask) -> bool {
     }
 }
 
-// ------------------------------------------------------------------------------ the model
-
-fn policy(name: &str) -> Value {
-    let path = format!("{}/keys/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let doc: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} is not JSON: {e}"));
-    assert_eq!(doc["Version"], "2012-10-17", "{name}");
-    doc
-}
-
-/// Every policy in keys/, by file name.
-fn all_policies() -> Vec<(String, Value)> {
-    let dir = format!("{}/keys", env!("CARGO_MANIFEST_DIR"));
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-        .filter(|name| name.ends_with(".json"))
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|name| (name.clone(), policy(&name)))
-        .collect()
-}
-
-/// A policy's statements, each checked to be of the form this model knows.
-fn statements(doc: &Value) -> &[Value] {
-    let statements = doc["Statement"].as_array().expect("Statement is a list");
-    for s in statements {
-        for element in s.as_object().expect("a statement is an object").keys() {
-            let known = [
-                "Sid",
-                "Effect",
-                "Principal",
-                "Action",
-                "Resource",
-                "Condition",
-            ];
-            assert!(
-                known.contains(&element.as_str()),
-                "{element} is not modelled"
-            );
-        }
-        assert_eq!(s["Effect"], "Allow", "only Allow statements are modelled");
-    }
-    statements
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    match value {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items.iter().flat_map(strings).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn role(name: &str) -> String {
-    format!("arn:aws:iam::111122223333:role/{name}")
-}
-
-/// The IAM policy of a principal: its file in keys/, or everything for ANYONE.
-fn iam(who: &str) -> Value {
-    if who == ANYONE {
-        return json!({ "Statement": [{ "Effect": "Allow", "Action": "*", "Resource": "*" }] });
-    }
-    policy(&format!(
-        "iam-{}.json",
-        who.trim_start_matches("pii-vault-")
-    ))
-}
-
-/// Action names match without regard to case.
-fn action_matches(pattern: &str, action: &str) -> bool {
-    glob(&pattern.to_ascii_lowercase(), &action.to_ascii_lowercase())
-}
-
-/// `*` matches any run of characters, anywhere in the pattern.
-fn glob(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, rest)) => {
-            text.starts_with(head) && (head.len()..=text.len()).any(|i| glob(rest, &text[i..]))
-        }
-    }
-}
-
-/// The request's values for a condition key, and whether the key is multivalued.
-fn request_values(key: &str, ask: &Ask) -> (Vec<&'static str>, bool) {
-    if key == "kms:EncryptionContextKeys" {
-        (ask.context.iter().map(|(k, _)| *k).collect(), true)
-    } else if let Some(name) = key.strip_prefix("kms:EncryptionContext:") {
-        // KMS matches the key named here without regard to case; only the values are exact.
-        let values = ask
-            .context
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name));
-        (values.map(|(_, v)| *v).collect(), false)
-    } else if key == "kms:SigningAlgorithm" {
-        (ask.algorithm.into_iter().collect(), false)
-    } else {
-        panic!("condition key {key} is not modelled")
-    }
-}
-
-fn conditions_hold(conditions: &Value, ask: &Ask) -> bool {
-    let Some(conditions) = conditions.as_object() else {
-        assert!(conditions.is_null(), "Condition is not an object");
-        return true;
-    };
-    conditions.iter().all(|(operator, tests)| {
-        let tests = tests
-            .as_object()
-            .expect("a condition operator maps keys to values");
-        tests.iter().all(|(key, wanted)| {
-            let wanted = strings(wanted);
-            let (values, multivalued) = request_values(key, ask);
-            match operator.as_str() {
-                "StringEquals" if !multivalued => {
-                    values.len() == 1 && wanted.iter().any(|w| w == values[0])
-                }
-                "ForAllValues:StringEquals" if multivalued => {
-                    values.iter().all(|v| wanted.iter().any(|w| w == v))
-                }
-                "Null" => wanted == [values.is_empty().to_string()],
-                _ => panic!("{operator} on {key} is not modelled"),
-            }
-        })
-    })
-}
-
-/// Whether one of `doc`'s statements allows `ask` on `resource`: for `principal` in a key
-/// policy, or for whoever holds the policy (principal None) in an IAM policy.
-fn allows(doc: &Value, principal: Option<&str>, resource: &str, ask: &Ask) -> bool {
-    statements(doc).iter().any(|s| {
-        let named = match principal {
-            None => s.get("Principal").is_none(),
-            Some(p) => {
-                s["Principal"] == "*"
-                    || strings(&s["Principal"]["AWS"])
-                        .iter()
-                        .any(|a| a == p || a == "*")
-            }
-        };
-        named
-            && strings(&s["Action"])
-                .iter()
-                .any(|a| action_matches(a, ask.action))
-            && strings(&s["Resource"]).iter().any(|r| glob(r, resource))
-            && conditions_hold(&s["Condition"], ask)
-    })
-}
-
-/// KMS's decision for `who` on `key`: the key policy names it, or the account statement and
-/// its IAM policy both allow the request.
-fn decider(who: &str, key: Key) -> impl Fn(&Ask) -> bool {
-    let (key_policy, iam, principal) = (policy(key.policy), iam(who), role(who));
-    move |ask| {
-        allows(&key_policy, Some(&principal), key.arn, ask)
-            || (allows(&key_policy, Some(ACCOUNT), key.arn, ask)
-                && allows(&iam, None, key.arn, ask))
-    }
-}
+/// What a principal may do on one key: each action, limited as `covers` reads it.
+type Rights<'a> = &'a [(&'a str, &'a [&'a str])];
 
 /// `decide` allows exactly `expected`, each action limited as `covers` reads it, and no other
 /// request for any action on a key.
-fn assert_exactly(what: &str, decide: impl Fn(&Ask) -> bool, expected: &[(&str, &[&str])]) {
+fn assert_exactly(what: &str, decide: impl Fn(&Ask) -> bool, expected: Rights) {
     for (action, _) in expected {
         assert!(
             KEY_ACTIONS.contains(action),
@@ -333,19 +139,15 @@ fn assert_exactly(what: &str, decide: impl Fn(&Ask) -> bool, expected: &[(&str, 
     }
 }
 
-/// A role's effective rights on both keys are exactly these, and its IAM policy alone allows
-/// the same key use and signing as the key policies give it by name.
-fn assert_role(who: &str, envelope: &[(&str, &[&str])], signing: &[(&str, &[&str])]) {
-    assert_exactly(
-        &format!("{who} on the envelope key"),
-        decider(who, ENVELOPE),
-        envelope,
-    );
-    assert_exactly(
-        &format!("{who} on the signing key"),
-        decider(who, SIGNING),
-        signing,
-    );
+/// A role's effective rights on the three keys are exactly these, and its IAM policy alone
+/// allows the same key use and signing on the envelope and signing keys as their key policies
+/// give it by name. (IAM policies do not repeat the window key policy: a window key's ARN is
+/// not known when the role is made, and a `key/*` grant would reach other applications' keys.)
+fn assert_role(who: &str, envelope: Rights, window: Rights, signing: Rights) {
+    for (key, rights) in [(ENVELOPE, envelope), (WINDOW, window), (SIGNING, signing)] {
+        let what = format!("{who} on {}", key.policy);
+        assert_exactly(&what, decider(who, key), rights);
+    }
     let iam = iam(who);
     let checked = [
         (ENVELOPE, &CONTEXT_ACTIONS[..]),
@@ -364,6 +166,10 @@ fn assert_role(who: &str, envelope: &[(&str, &[&str])], signing: &[(&str, &[&str
     }
 }
 
+/// No right at all.
+const NOTHING: Rights = &[];
+const NO_LIMIT: &[&str] = &[];
+
 // ------------------------------------------------------------------------------ the claims
 
 #[test]
@@ -375,8 +181,7 @@ fn k1_the_account_administers_the_keys_but_cannot_use_them_nor_change_their_poli
         "kms:ListKeyPolicies", "kms:ListKeyRotations", "kms:ListResourceTags", "kms:UpdateAlias",
         "kms:UpdateKeyDescription", "kms:UpdatePrimaryRegion", "kms:EnableKey",
         "kms:EnableKeyRotation", "kms:DisableKey", "kms:DisableKeyRotation", "kms:TagResource",
-        "kms:UntagResource", "kms:ScheduleKeyDeletion", "kms:CancelKeyDeletion",
-        "kms:CreateAlias", "kms:DeleteAlias",
+        "kms:UntagResource", "kms:ScheduleKeyDeletion", "kms:CreateAlias", "kms:DeleteAlias",
     ];
     // On the signing key the account reads the key policy but not the public key (K10).
     let not_on_signing = [
@@ -384,28 +189,23 @@ fn k1_the_account_administers_the_keys_but_cannot_use_them_nor_change_their_poli
         "kms:GetParametersForImport",
         "kms:GetPublicKey",
     ];
+    let envelope: Vec<(&str, &[&str])> = envelope.iter().map(|a| (*a, NO_LIMIT)).collect();
     let signing: Vec<(&str, &[&str])> = envelope
         .iter()
-        .filter(|a| !not_on_signing.contains(*a))
-        .map(|a| (*a, &[][..]))
+        .filter(|(a, _)| !not_on_signing.contains(a))
+        .copied()
         .collect();
     // ANYONE's IAM policy allows everything, so what it gets is exactly what the account
-    // statement lets IAM hand out.
-    assert_exactly(
-        "any account principal on the envelope key",
-        decider(ANYONE, ENVELOPE),
-        &envelope.map(|a| (a, &[][..])),
-    );
-    assert_exactly(
-        "any account principal on the signing key",
-        decider(ANYONE, SIGNING),
-        &signing,
-    );
+    // statement lets IAM hand out. A window key is administered as the envelope key is.
+    for (key, rights) in [(ENVELOPE, &envelope), (WINDOW, &envelope), (SIGNING, &signing)] {
+        let what = format!("any account principal on {}", key.policy);
+        assert_exactly(&what, decider(ANYONE, key), rights);
+    }
 }
 
 #[test]
 fn k2_only_the_key_policy_admin_changes_key_policies() {
-    for key in [ENVELOPE, SIGNING] {
+    for key in KEYS {
         for who in PRINCIPALS {
             let put = decider(who, key)(&plain("kms:PutKeyPolicy"));
             assert_eq!(
@@ -415,7 +215,7 @@ fn k2_only_the_key_policy_admin_changes_key_policies() {
                 key.policy
             );
         }
-        let admin = [("kms:PutKeyPolicy", &[][..]), ("kms:GetKeyPolicy", &[][..])];
+        let admin = [("kms:PutKeyPolicy", NO_LIMIT), ("kms:GetKeyPolicy", NO_LIMIT)];
         assert_exactly(key.policy, decider(POLICY_ADMIN, key), &admin);
     }
     // Its IAM policy also lets it create keys (KMS only accepts a key policy from a caller that
@@ -431,7 +231,7 @@ fn k2_only_the_key_policy_admin_changes_key_policies() {
 #[test]
 fn k3_no_statement_grants_create_grant_nor_a_wildcard_reaching_key_policies() {
     let all = all_policies();
-    assert!(all.len() >= 7, "{} policies", all.len());
+    assert!(all.len() >= 10, "{} policies", all.len());
     for (file, doc) in &all {
         for s in statements(doc) {
             let principals = strings(&s["Principal"]["AWS"]);
@@ -455,7 +255,7 @@ fn k3_no_statement_grants_create_grant_nor_a_wildcard_reaching_key_policies() {
             }
         }
     }
-    for key in [ENVELOPE, SIGNING] {
+    for key in KEYS {
         for who in PRINCIPALS {
             assert!(
                 !decider(who, key)(&plain("kms:CreateGrant")),
@@ -498,8 +298,9 @@ fn k4_every_key_use_grant_requires_a_purpose_and_exactly_purpose_and_key_id() {
         }
     }
     assert_eq!(
-        grants, 8,
-        "four key-use statements in the key policy, four in the IAM policies"
+        grants, 11,
+        "four key-use statements in the envelope key policy, three in the window key policy, \
+         four in the IAM policies"
     );
 }
 
@@ -508,9 +309,10 @@ fn k5_the_ingester_seals_and_tokenizes_but_opens_nothing() {
     let envelope = [
         ("kms:GenerateDataKey", &["data"][..]),
         ("kms:Decrypt", &["token"][..]),
-        ("kms:DescribeKey", &[][..]),
+        ("kms:DescribeKey", NO_LIMIT),
     ];
-    assert_role(INGESTER, &envelope, &[]);
+    let window = [("kms:GenerateDataKey", &["data"][..])];
+    assert_role(INGESTER, &envelope, &window, NOTHING);
     let queue = "arn:aws:sqs:us-east-1:111122223333:login-queue";
     let sqs = [
         "sqs:ReceiveMessage",
@@ -533,23 +335,30 @@ fn k5_the_ingester_seals_and_tokenizes_but_opens_nothing() {
 }
 
 #[test]
-fn k6_compliance_unwraps_data_and_token_keys_and_fetches_the_public_key() {
-    let envelope = [("kms:Decrypt", &["data", "token"][..])];
-    assert_role(COMPLIANCE, &envelope, &[("kms:GetPublicKey", &[])]);
+fn k6_compliance_unwraps_data_keys_only_and_fetches_the_public_key() {
+    let data = [("kms:Decrypt", &["data"][..])];
+    let signing = [("kms:GetPublicKey", NO_LIMIT)];
+    assert_role(COMPLIANCE, &data, &data, &signing);
 }
 
 #[test]
-fn k7_the_key_admin_creates_unwraps_and_rewraps_and_fetches_the_public_key() {
+fn k7_the_key_admin_creates_unwraps_and_rewraps_and_shreds_windows() {
     let use_both: &[&str] = &["data", "token"];
     let envelope = [
         ("kms:GenerateDataKey", use_both),
         ("kms:Decrypt", use_both),
         ("kms:ReEncryptFrom", use_both),
         ("kms:ReEncryptTo", use_both),
-        ("kms:DescribeKey", &[][..]),
+        ("kms:DescribeKey", NO_LIMIT),
     ];
-    let signing = [("kms:GetPublicKey", &[][..]), ("kms:DescribeKey", &[][..])];
-    assert_role(KEYADMIN, &envelope, &signing);
+    let window = [
+        ("kms:GenerateDataKey", &["data"][..]),
+        ("kms:Decrypt", &["data"][..]),
+        ("kms:DescribeKey", NO_LIMIT),
+        ("kms:ScheduleKeyDeletion", NO_LIMIT),
+    ];
+    let signing = [("kms:GetPublicKey", NO_LIMIT), ("kms:DescribeKey", NO_LIMIT)];
+    assert_role(KEYADMIN, &envelope, &window, &signing);
     assert!(allows(&iam(KEYADMIN), None, "*", &plain("kms:ListAliases")));
 }
 
@@ -557,14 +366,17 @@ fn k7_the_key_admin_creates_unwraps_and_rewraps_and_fetches_the_public_key() {
 fn k8_only_compliance_and_the_key_admin_unwrap_data_keys_and_nobody_encrypts() {
     let unwrap_data = in_context("kms:Decrypt", DATA_KEY);
     for who in PRINCIPALS {
-        let decide = decider(who, ENVELOPE);
-        assert_eq!(
-            decide(&unwrap_data),
-            [COMPLIANCE, KEYADMIN].contains(&who),
-            "{who}"
-        );
-        for ask in asks("kms:Encrypt") {
-            assert!(!decide(&ask), "{who}: {ask:?}");
+        for key in [ENVELOPE, WINDOW] {
+            let decide = decider(who, key);
+            assert_eq!(
+                decide(&unwrap_data),
+                [COMPLIANCE, KEYADMIN].contains(&who),
+                "{who} on {}",
+                key.policy
+            );
+            for ask in asks("kms:Encrypt") {
+                assert!(!decide(&ask), "{who} on {}: {ask:?}", key.policy);
+            }
         }
     }
 }
@@ -573,18 +385,18 @@ fn k8_only_compliance_and_the_key_admin_unwrap_data_keys_and_nobody_encrypts() {
 fn k9_the_signer_signs_checkpoints_and_uses_nothing_else() {
     let signing = [
         ("kms:Sign", &["ECDSA_SHA_256"][..]),
-        ("kms:GetPublicKey", &[][..]),
+        ("kms:GetPublicKey", NO_LIMIT),
     ];
-    assert_role(SIGNER, &[], &signing);
+    assert_role(SIGNER, NOTHING, NOTHING, &signing);
 }
 
 #[test]
 fn k10_only_the_signer_signs_nobody_verifies_in_kms_and_only_verifiers_get_the_public_key() {
     for who in PRINCIPALS {
-        for key in [ENVELOPE, SIGNING] {
+        for key in KEYS {
             let decide = decider(who, key);
             for ask in asks("kms:Sign") {
-                let signs = who == SIGNER && key.arn == SIGNING.arn;
+                let signs = who == SIGNER && key == SIGNING;
                 let want = signs && ask.algorithm == Some("ECDSA_SHA_256");
                 assert_eq!(decide(&ask), want, "{who} on {}: {ask:?}", key.policy);
             }
@@ -601,6 +413,128 @@ fn k10_only_the_signer_signs_nobody_verifies_in_kms_and_only_verifiers_get_the_p
     }
 }
 
+#[test]
+fn k11_only_the_ingester_and_the_key_admin_unwrap_a_token_key() {
+    let token_key: Context = &[("purpose", "token"), ("key_id", "7")];
+    let unwrap_token = in_context("kms:Decrypt", token_key);
+    for who in PRINCIPALS {
+        for key in KEYS {
+            let want = key == ENVELOPE && [INGESTER, KEYADMIN].contains(&who);
+            assert_eq!(
+                decider(who, key)(&unwrap_token),
+                want,
+                "{who} on {}",
+                key.policy
+            );
+        }
+    }
+    // Compliance's IAM policy alone would not let it either, were a key policy to delegate.
+    assert!(!allows(&iam(COMPLIANCE), None, ENVELOPE.arn, &unwrap_token));
+}
+
+#[test]
+fn k12_the_key_admin_schedules_the_deletion_of_window_keys_and_of_no_other_key() {
+    let schedule = plain("kms:ScheduleKeyDeletion");
+    assert!(decider(KEYADMIN, WINDOW)(&schedule));
+    for key in [ENVELOPE, SIGNING] {
+        assert!(!decider(KEYADMIN, key)(&schedule), "{}", key.policy);
+    }
+    // The window key policy grants it by name; the key admin's IAM policy grants it nowhere,
+    // so a key whose policy hands everything to IAM (AWS's default key policy, as another
+    // application's key may have) is out of its reach too.
+    let aws_default = json!({ "Statement": [{
+        "Effect": "Allow", "Principal": { "AWS": ACCOUNT }, "Action": "kms:*", "Resource": "*"
+    }] });
+    let other = "arn:aws:kms:us-east-1:111122223333:key/another-application";
+    let keyadmin_iam = iam(KEYADMIN);
+    assert!(!kms_allows(
+        &aws_default,
+        other,
+        KEYADMIN,
+        &keyadmin_iam,
+        &schedule
+    ));
+    // ... while the same key would be deleted by whoever's IAM policy allows it: the model
+    // sees the delegation.
+    assert!(kms_allows(
+        &aws_default,
+        other,
+        ANYONE,
+        &iam(ANYONE),
+        &schedule
+    ));
+}
+
+#[test]
+fn k13_only_break_glass_cancels_a_key_deletion() {
+    for key in KEYS {
+        for who in PRINCIPALS {
+            assert_eq!(
+                decider(who, key)(&plain("kms:CancelKeyDeletion")),
+                who == BREAK_GLASS,
+                "{who} on {}",
+                key.policy
+            );
+        }
+        // It cancels, enables the key again (a cancelled deletion leaves it disabled) and looks
+        // at it; it uses no key.
+        let rights = [
+            ("kms:CancelKeyDeletion", NO_LIMIT),
+            ("kms:EnableKey", NO_LIMIT),
+            ("kms:DescribeKey", NO_LIMIT),
+        ];
+        assert_exactly(key.policy, decider(BREAK_GLASS, key), &rights);
+    }
+}
+
+#[test]
+fn k14_a_window_keys_data_keys_never_leave_it_and_nothing_else_goes_under_it() {
+    let decide_all: Vec<_> = PRINCIPALS.iter().map(|w| decider(w, WINDOW)).collect();
+    // Nothing is moved out (ReEncryptFrom) or in (ReEncryptTo), nor wrapped from plaintext
+    // (Encrypt); only data keys are made under it.
+    for action in [
+        "kms:ReEncryptFrom",
+        "kms:ReEncryptTo",
+        "kms:Encrypt",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:GenerateDataKeyPair",
+        "kms:GenerateDataKeyPairWithoutPlaintext",
+    ] {
+        for ask in asks(action) {
+            for (who, decide) in PRINCIPALS.iter().zip(&decide_all) {
+                assert!(!decide(&ask), "{who} on the window key: {ask:?}");
+            }
+        }
+    }
+    for ask in asks("kms:GenerateDataKey") {
+        for (who, decide) in PRINCIPALS.iter().zip(&decide_all) {
+            if decide(&ask) {
+                assert_eq!(purpose(ask.context), Some("data"), "{who}: {ask:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn k15_the_load_generator_sends_login_events_and_touches_no_key() {
+    for key in KEYS {
+        assert_exactly(key.policy, decider(LOADGEN, key), NOTHING);
+    }
+    let iam = iam(LOADGEN);
+    let queue = "arn:aws:sqs:us-east-1:111122223333:login-queue";
+    assert!(allows(&iam, None, queue, &plain("sqs:SendMessage")));
+    for action in [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:PurgeQueue",
+        "sqs:CreateQueue",
+    ] {
+        assert!(!allows(&iam, None, queue, &plain(action)), "{action}");
+    }
+    let dlq = "arn:aws:sqs:us-east-1:111122223333:login-queue-dlq";
+    assert!(!allows(&iam, None, dlq, &plain("sqs:SendMessage")));
+}
+
 /// The model can say yes: a policy as loose as the ones K2 to K4 rule out is allowed through.
 #[test]
 fn the_model_allows_what_a_looser_policy_would() {
@@ -614,7 +548,7 @@ fn the_model_allows_what_a_looser_policy_would() {
             "Condition": { "StringEquals": { "kms:EncryptionContext:purpose": "data" } }
         }
     ] });
-    let allowed = |who: &str, ask: Ask| allows(&loose, Some(who), ENVELOPE.arn, &ask);
+    let allowed = |who: &str, ask: Request| allows(&loose, Some(who), ENVELOPE.arn, &ask);
     assert!(allowed(ACCOUNT, plain("kms:PutKeyPolicy")));
     assert!(!allowed(ACCOUNT, plain("kms:CreateGrant")));
     assert!(!allowed(&role(INGESTER), plain("kms:PutKeyPolicy")));

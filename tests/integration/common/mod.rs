@@ -5,6 +5,8 @@
 //! A missing service is a loud failure naming the command that starts it: `scripts/services up`
 //! (which `make test` runs first).
 
+pub mod aws_policy;
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::process::{Command, Output};
