@@ -61,7 +61,7 @@ impl KeyWrapper for TimedKms {
             .await
     }
 
-    async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
+    async fn check_key(&self, kms_key_id: &str) -> Result<String, KmsError> {
         self.timed(self.inner.check_key(kms_key_id)).await
     }
 

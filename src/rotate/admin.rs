@@ -1,12 +1,14 @@
-//! Key administration: key states (retiring, retired, destroyed), re-wrapping every key under
-//! another KMS key, and the keys' status.
+//! Key administration: key states (retiring, retired, destroyed), re-wrapping the keys outside
+//! retention windows under another KMS key, what a window's KMS key may be, and the keys'
+//! status.
 
 use sqlx::PgPool;
+use time::Date;
 
 use super::RotateError;
 use crate::vault::KeyId;
 use crate::vault::key_use;
-use crate::vault::keyring::Keyring;
+use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 
 /// The keys of `purpose` an unfinished rotation left `retiring`.
@@ -75,30 +77,123 @@ pub(super) async fn destroy_retired(
     Ok(destroyed)
 }
 
-/// Re-wraps every stored key (not destroyed) under `new_kms_key_id` with KMS ReEncrypt, one key
-/// per statement, so an interrupted run resumes. Returns how many keys were re-wrapped.
+/// What [`rewrap`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// The target KMS key's ARN.
+    pub kms_key_arn: String,
+    /// Keys re-wrapped under it by this run.
+    pub rewrapped: u64,
+    /// Data keys of retention windows, left under their window's own KMS key.
+    pub window_keys_left: u64,
+}
+
+/// Re-wraps every stored key (not destroyed) outside retention windows under `new_kms_key_id`
+/// with KMS ReEncrypt, one key per statement, so an interrupted run resumes.
+///
+/// A window's data keys stay under the window's own KMS key: expiring the window schedules
+/// that key's deletion, which shreds them in every copy; a copy under another key would
+/// survive it. For the same reason no other key goes under a window's KMS key: given one (by
+/// id, ARN or alias), nothing is re-wrapped. The window key policy refuses both at KMS too
+/// (keys/README.md, K14).
 pub async fn rewrap<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     new_kms_key_id: &str,
-) -> Result<u64, RotateError> {
+) -> Result<Rewrapped, RotateError> {
+    let kms_key_arn = keyring
+        .wrapper()
+        .check_key(new_kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    if let Some(month) = window_of_kms_key(pool, &kms_key_arn).await? {
+        return Err(RotateError::WindowKeyTaken {
+            kms_key: new_kms_key_id.to_owned(),
+            month,
+            why: "only that window's data keys go under it",
+        });
+    }
     let keys: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, kms_key_id FROM vault_keys WHERE state <> 'destroyed' ORDER BY id",
+        "SELECT id, kms_key_id FROM vault_keys
+         WHERE state <> 'destroyed' AND window_starts IS NULL ORDER BY id",
     )
     .fetch_all(pool)
     .await?;
-    // KMS answers with the key's ARN: once known, keys already under it are skipped.
-    let mut target_arn = new_kms_key_id.to_owned();
     let mut rewrapped = 0;
     for (id, current) in keys {
-        if current == target_arn {
+        if current == kms_key_arn {
             continue;
         }
-        target_arn = keyring.rewrap(KeyId(id), new_kms_key_id).await?;
+        let now_under = keyring.rewrap(KeyId(id), &kms_key_arn).await?;
         rewrapped += 1;
-        tracing::info!(key_id = id, kms_key = %target_arn, "re-wrapped");
+        tracing::info!(key_id = id, kms_key = %now_under, "re-wrapped");
     }
-    Ok(rewrapped)
+    let window_keys_left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM vault_keys WHERE state <> 'destroyed' AND window_starts IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Rewrapped {
+        kms_key_arn,
+        rewrapped,
+        window_keys_left: window_keys_left as u64,
+    })
+}
+
+/// The month of the retention window whose KMS key is `kms_key_arn` (windows registered before
+/// their key was recorded as an ARN may name it by key id).
+async fn window_of_kms_key(pool: &PgPool, kms_key_arn: &str) -> Result<Option<Date>, sqlx::Error> {
+    let windows: Vec<(Date, String)> =
+        sqlx::query_as("SELECT starts, kms_key_id FROM retention_windows ORDER BY starts")
+            .fetch_all(pool)
+            .await?;
+    Ok(windows
+        .into_iter()
+        .find(|(_, key)| key == kms_key_arn || kms_key_arn.ends_with(&format!(":key/{key}")))
+        .map(|(starts, _)| starts))
+}
+
+/// Checks that `kms_key_id` can be the KMS key of the retention window of `month`, and answers
+/// its ARN. Expiring a window schedules the deletion of its KMS key, so that key must wrap
+/// nothing outside the window: not the key new keys are wrapped under (`KMS_KEY_ID`), nor a
+/// stored key of another window or of none (the token key, other data keys).
+pub(super) async fn check_window_key<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    month: Date,
+    kms_key_id: &str,
+) -> Result<String, RotateError> {
+    let wrapper = keyring.wrapper();
+    let arn = wrapper
+        .check_key(kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    let refused = |why| RotateError::WindowKeyRefused {
+        kms_key: kms_key_id.to_owned(),
+        month,
+        why,
+    };
+    let default = wrapper.check_key(keyring.kms_key_id()).await;
+    if default.is_ok_and(|default| default == arn) {
+        return Err(refused(
+            "it is the KMS key new keys are wrapped under (KMS_KEY_ID)",
+        ));
+    }
+    let wraps_others: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM vault_keys
+                        WHERE kms_key_id = $1 AND window_starts IS DISTINCT FROM $2)",
+    )
+    .bind(&arn)
+    .bind(month)
+    .fetch_one(pool)
+    .await?;
+    if wraps_others {
+        return Err(refused("it wraps keys outside that window"));
+    }
+    match window_of_kms_key(pool, &arn).await? {
+        Some(other) if other != month => Err(refused("it is another window's key")),
+        _ => Ok(arn),
+    }
 }
 
 /// One key as `status` shows it.

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use time::Date;
 
 use super::RotateError;
-use super::admin::{UNUSED_DATA_KEY, retire_unused};
+use super::admin::{UNUSED_DATA_KEY, check_window_key, retire_unused};
 use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
@@ -105,19 +105,15 @@ pub struct WindowExpiry {
 }
 
 /// Registers the retention window of `month` (its first day): the data keys of logins dated
-/// in it are wrapped under `kms_key_id` from now on. Refuses a month already registered with
-/// another key.
+/// in it are wrapped under `kms_key_id` (recorded as its ARN) from now on. Refuses a month
+/// already registered with another key, and a KMS key that wraps anything outside the window.
 pub async fn add_window<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     month: Date,
     kms_key_id: &str,
 ) -> Result<bool, RotateError> {
-    keyring
-        .wrapper()
-        .check_key(kms_key_id)
-        .await
-        .map_err(KeyringError::WrappingKey)?;
+    let kms_key_id = &check_window_key(pool, keyring, month, kms_key_id).await?;
     let added = sqlx::query(
         "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
          ON CONFLICT (starts) DO NOTHING",
@@ -134,7 +130,8 @@ pub async fn add_window<W: KeyWrapper>(
             .bind(month)
             .fetch_one(pool)
             .await?;
-    if stored != kms_key_id {
+    // A window registered before its key was recorded as an ARN may name it by key id.
+    if stored != *kms_key_id && !kms_key_id.ends_with(&format!(":key/{stored}")) {
         return Err(RotateError::WindowTaken {
             month,
             registered: stored,

@@ -45,7 +45,7 @@ use crate::vault::kms::KeyWrapper;
 use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
 use crate::vault::{KeyId, Purpose};
 
-pub use admin::{KeyStatus, rewrap, status};
+pub use admin::{KeyStatus, Rewrapped, rewrap, status};
 pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
 
 use admin::{destroy_retired, retiring_keys};
@@ -67,6 +67,20 @@ pub enum RotateError {
     /// `add-window` for a month already registered under another KMS key.
     #[error("retention window {month} is already registered with KMS key {registered}")]
     WindowTaken { month: Date, registered: String },
+    /// `rewrap` to the KMS key of a retention window.
+    #[error("{kms_key} is the KMS key of retention window {month}: {why}; nothing was re-wrapped")]
+    WindowKeyTaken {
+        kms_key: String,
+        month: Date,
+        why: &'static str,
+    },
+    /// `add-window` with a KMS key that wraps something outside the window.
+    #[error("{kms_key} cannot be the KMS key of retention window {month}: {why}")]
+    WindowKeyRefused {
+        kms_key: String,
+        month: Date,
+        why: &'static str,
+    },
 }
 
 impl From<OpenRowError> for RotateError {

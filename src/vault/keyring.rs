@@ -104,6 +104,11 @@ impl<W: KeyWrapper> Keyring<W> {
         &self.wrapper
     }
 
+    /// The KMS key new keys are wrapped under, as configured (an id, ARN or alias).
+    pub fn kms_key_id(&self) -> &str {
+        &self.kms_key_id
+    }
+
     /// Creates the first token key, unless one is already active.
     pub async fn init_token_key(&self) -> Result<TokenKeyInit, KeyringError> {
         if let Some(id) = self.active_token_key_id().await? {
@@ -223,6 +228,7 @@ impl<W: KeyWrapper> Keyring<W> {
         self.wrapper
             .check_key(&self.kms_key_id)
             .await
+            .map(drop)
             .map_err(KeyringError::WrappingKey)
     }
 

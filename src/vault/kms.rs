@@ -47,8 +47,9 @@ pub trait KeyWrapper: Send + Sync + 'static {
     ) -> impl Future<Output = Result<WrappedKey, KmsError>> + Send;
 
     /// Succeeds when `kms_key_id` exists, is enabled, and this process may use it: the
-    /// readiness check of a process that will create keys under it.
-    fn check_key(&self, kms_key_id: &str) -> impl Future<Output = Result<(), KmsError>> + Send;
+    /// readiness check of a process that will create keys under it. Answers the key's ARN, as
+    /// KMS names it in what it wraps (an alias or key id resolved).
+    fn check_key(&self, kms_key_id: &str) -> impl Future<Output = Result<String, KmsError>> + Send;
 
     /// Schedules `kms_key_id` for deletion after the shortest waiting period KMS allows (7
     /// days); KMS refuses to use it from the moment it is scheduled, so whatever it wrapped,
@@ -291,7 +292,7 @@ impl KeyWrapper for AwsKms {
         Ok(())
     }
 
-    async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
+    async fn check_key(&self, kms_key_id: &str) -> Result<String, KmsError> {
         self.count("DescribeKey");
         let output = self
             .client
@@ -300,10 +301,12 @@ impl KeyWrapper for AwsKms {
             .send()
             .await
             .map_err(|e| KmsError::from_sdk("DescribeKey", e))?;
-        let state = output
+        let metadata = output
             .key_metadata
-            .and_then(|metadata| metadata.key_state)
             .ok_or(KmsError::BadResponse("DescribeKey"))?;
+        let (Some(state), Some(arn)) = (metadata.key_state, metadata.arn) else {
+            return Err(KmsError::BadResponse("DescribeKey"));
+        };
         if state != KeyState::Enabled {
             return Err(KmsError::Refused {
                 operation: "DescribeKey",
@@ -311,6 +314,6 @@ impl KeyWrapper for AwsKms {
                 message: format!("the key is {}", state.as_str()),
             });
         }
-        Ok(())
+        Ok(arn)
     }
 }

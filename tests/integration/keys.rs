@@ -197,7 +197,11 @@ fn k1_the_account_administers_the_keys_but_cannot_use_them_nor_change_their_poli
         .collect();
     // ANYONE's IAM policy allows everything, so what it gets is exactly what the account
     // statement lets IAM hand out. A window key is administered as the envelope key is.
-    for (key, rights) in [(ENVELOPE, &envelope), (WINDOW, &envelope), (SIGNING, &signing)] {
+    for (key, rights) in [
+        (ENVELOPE, &envelope),
+        (WINDOW, &envelope),
+        (SIGNING, &signing),
+    ] {
         let what = format!("any account principal on {}", key.policy);
         assert_exactly(&what, decider(ANYONE, key), rights);
     }
@@ -215,7 +219,10 @@ fn k2_only_the_key_policy_admin_changes_key_policies() {
                 key.policy
             );
         }
-        let admin = [("kms:PutKeyPolicy", NO_LIMIT), ("kms:GetKeyPolicy", NO_LIMIT)];
+        let admin = [
+            ("kms:PutKeyPolicy", NO_LIMIT),
+            ("kms:GetKeyPolicy", NO_LIMIT),
+        ];
         assert_exactly(key.policy, decider(POLICY_ADMIN, key), &admin);
     }
     // Its IAM policy also lets it create keys (KMS only accepts a key policy from a caller that
@@ -357,7 +364,10 @@ fn k7_the_key_admin_creates_unwraps_and_rewraps_and_shreds_windows() {
         ("kms:DescribeKey", NO_LIMIT),
         ("kms:ScheduleKeyDeletion", NO_LIMIT),
     ];
-    let signing = [("kms:GetPublicKey", NO_LIMIT), ("kms:DescribeKey", NO_LIMIT)];
+    let signing = [
+        ("kms:GetPublicKey", NO_LIMIT),
+        ("kms:DescribeKey", NO_LIMIT),
+    ];
     assert_role(KEYADMIN, &envelope, &window, &signing);
     assert!(allows(&iam(KEYADMIN), None, "*", &plain("kms:ListAliases")));
 }

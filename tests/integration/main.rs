@@ -16,6 +16,7 @@ mod hostile;
 mod ingest;
 mod keys;
 mod late;
+mod retention;
 mod rotate;
 mod telemetry;
 mod unmask;

@@ -51,8 +51,10 @@ enum Command {
     DataKey(RotationArgs),
     /// Replace the token key: recompute every stored token, retire the old key.
     TokenKey(RotationArgs),
-    /// Re-wrap every stored key under another KMS key (KMS ReEncrypt), so the old KMS key can
-    /// be disabled. Point KMS_KEY_ID at the new key for everything that creates keys.
+    /// Re-wrap every stored key outside retention windows under another KMS key (KMS
+    /// ReEncrypt), so the old KMS key can be disabled. Point KMS_KEY_ID at the new key for
+    /// everything that creates keys. A window's data keys stay under the window's own KMS key,
+    /// and a window's KMS key is refused as the target.
     Rewrap {
         /// The KMS key (id, ARN or alias) to wrap under from now on.
         #[arg(long = "kms-key-id", id = "new_kms_key_id")]
@@ -83,7 +85,8 @@ enum Command {
         /// The month, as YYYY-MM.
         #[arg(long, value_parser = parse_month)]
         month: time::Date,
-        /// The window's KMS key (id or ARN, not an alias: the window must keep its key).
+        /// The window's KMS key (id or ARN, not an alias: the window must keep its key), made
+        /// with keys/kms-window-key-policy.json. Refused if it wraps anything outside the window.
         #[arg(long = "kms-key-id", id = "window_kms_key_id")]
         kms_key_id: String,
     },
@@ -303,12 +306,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
-            let count = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
-            if count == 0 {
-                println!("every key is already wrapped under {new_kms_key_id}; nothing to do");
+            let done = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
+            if done.rewrapped == 0 {
+                print!(
+                    "every key outside retention windows is already wrapped under {new_kms_key_id}; nothing to do"
+                );
             } else {
-                println!("re-wrapped {count} keys under {new_kms_key_id}");
+                print!("re-wrapped {} keys under {new_kms_key_id}", done.rewrapped);
             }
+            println!(
+                "; {} data key(s) of retention windows stay under their window's own KMS key",
+                done.window_keys_left
+            );
         }
         Task::Erase {
             user_id,

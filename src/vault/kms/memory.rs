@@ -287,9 +287,9 @@ impl KeyWrapper for MemoryKms {
         self.wrap("ReEncrypt", new_kms_key_id, context, &key)
     }
 
-    async fn check_key(&self, kms_key_id: &str) -> Result<(), KmsError> {
+    async fn check_key(&self, kms_key_id: &str) -> Result<String, KmsError> {
         self.request("DescribeKey")?;
-        self.with_key("DescribeKey", kms_key_id, |_, _| Ok(()))
+        self.with_key("DescribeKey", kms_key_id, |arn, _| Ok(arn.to_owned()))
             .map_err(|error| match error {
                 KmsError::Refused { code, message, .. } if code != "NotFoundException" => {
                     KmsError::Refused {

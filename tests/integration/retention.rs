@@ -1,0 +1,227 @@
+//! Retention windows among the other key commands, through the binary and the emulator's KMS:
+//! `rewrap` leaves each window's data keys under the window's own KMS key and puts nothing else
+//! under one, and `window` refuses a KMS key that wraps anything outside its window, so that
+//! expiring a window shreds exactly that window.
+
+use crate::common::{self, TestEnv, VecSource, stderr, stdout, unique_suffix};
+use pii_vault::synth::Generator;
+use pii_vault::unmask;
+
+const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+
+const MONTHS: [&str; 3] = ["2025-01", "2025-02", "2025-03"];
+const LOGINS_PER_MONTH: usize = 40;
+const LOGINS_NOW: usize = 30;
+
+fn logins(count: usize, seed: u64) -> Vec<String> {
+    let mut generator = Generator::new(seed, 0.3, 0.0);
+    (0..count).map(|_| generator.next_message().body).collect()
+}
+
+/// Runs rotate-keys as the key admin.
+async fn rotate_keys(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(ROTATE_KEYS);
+    command
+        .args(args)
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"));
+    tokio::task::spawn_blocking(move || common::output_of(&mut command))
+        .await
+        .unwrap()
+}
+
+/// One stored key: id, purpose, window (its first day), KMS key, wrapped bytes.
+type KeyRow = (i64, String, Option<time::Date>, String, Option<Vec<u8>>);
+
+async fn key_rows(env: &TestEnv) -> Vec<KeyRow> {
+    sqlx::query_as(
+        "SELECT id, purpose, window_starts, kms_key_id, wrapped_key FROM vault_keys ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+async fn verified_logins(env: &TestEnv) -> u64 {
+    let keyadmin = env.pool_as("keyadmin").await;
+    let verified = unmask::verify_all(&keyadmin, &env.keyring_on(&keyadmin))
+        .await
+        .expect("every stored value opens");
+    keyadmin.close().await;
+    verified.logins
+}
+
+async fn key_state(env: &TestEnv, kms_key: &str) -> aws_sdk_kms::types::KeyState {
+    env.kms
+        .client()
+        .describe_key()
+        .key_id(kms_key)
+        .send()
+        .await
+        .expect("DescribeKey")
+        .key_metadata
+        .and_then(|m| m.key_state)
+        .expect("a key state")
+}
+
+fn month_start(month: &str) -> time::Date {
+    let (year, month) = month.split_once('-').unwrap();
+    let month = time::Month::try_from(month.parse::<u8>().unwrap()).unwrap();
+    time::Date::from_calendar_date(year.parse().unwrap(), month, 1).unwrap()
+}
+
+#[tokio::test]
+async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_under_one() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let mut window_keys = Vec::new();
+    for month in MONTHS {
+        let arn = env.new_kms_key("pii-vault test: retention window").await;
+        let output = rotate_keys(&env, &["window", "--month", month, "--kms-key-id", &arn]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        window_keys.push(arn);
+    }
+    for (seed, month) in (1..).zip(MONTHS) {
+        let sent =
+            month_start(month).with_hms(12, 0, 0).unwrap().assume_utc() + time::Duration::days(14);
+        env.drain_from(VecSource::sent_at(&logins(LOGINS_PER_MONTH, seed), sent))
+            .await;
+        // A quarantined body of the month: sealed under a data key of its window too.
+        env.drain_from(VecSource::sent_at(&["not json".to_owned()], sent))
+            .await;
+    }
+    env.ingest_bodies(&logins(LOGINS_NOW, 9)).await;
+    let before = key_rows(&env).await;
+    for (month, window_key) in MONTHS.iter().zip(&window_keys) {
+        let starts = Some(month_start(month));
+        let under_it: Vec<&KeyRow> = before.iter().filter(|k| k.3 == *window_key).collect();
+        assert!(!under_it.is_empty(), "{month} has data keys");
+        assert!(under_it.iter().all(|k| k.1 == "data" && k.2 == starts));
+    }
+    let outside: Vec<&KeyRow> = before.iter().filter(|k| k.2.is_none()).collect();
+    assert_eq!(outside.len(), 2, "the token key and today's data key");
+    assert!(outside.iter().all(|k| k.3 == env.kms_key_id));
+
+    // A window's KMS key as the target, by ARN or by an alias of it: refused, nothing moved.
+    let alias = format!("alias/pii-vault-test-{}", unique_suffix());
+    env.kms
+        .client()
+        .create_alias()
+        .alias_name(&alias)
+        .target_key_id(&window_keys[1])
+        .send()
+        .await
+        .expect("CreateAlias");
+    for (target, month) in [(&window_keys[0], "2025-01"), (&alias, "2025-02")] {
+        let refused = rotate_keys(&env, &["rewrap", "--kms-key-id", target]).await;
+        assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+        let said = stderr(&refused);
+        assert!(
+            said.contains(&format!("is the KMS key of retention window {month}-01"))
+                && said.contains("nothing was re-wrapped"),
+            "{said}"
+        );
+        assert_eq!(key_rows(&env).await, before, "rewrap to {target}");
+    }
+    // Nor can a window be registered under a key that wraps something outside it: the key
+    // new keys go under, or another window's.
+    let taken = [
+        ("2025-04", env.kms_key_id.as_str(), "KMS_KEY_ID"),
+        (
+            "2025-05",
+            window_keys[0].as_str(),
+            "wraps keys outside that window",
+        ),
+    ];
+    for (month, key, why) in taken {
+        let refused = rotate_keys(&env, &["window", "--month", month, "--kms-key-id", key]).await;
+        assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+        let said = stderr(&refused);
+        assert!(
+            said.contains(&format!(
+                "cannot be the KMS key of retention window {month}-01"
+            )) && said.contains(why),
+            "{said}"
+        );
+    }
+    assert_eq!(env.count("retention_windows").await, 3);
+
+    let new_key = env.new_kms_key("pii-vault test: rewrap target").await;
+    let output = rotate_keys(&env, &["rewrap", "--kms-key-id", &new_key]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let window_data_keys = before.len() - outside.len();
+    assert_eq!(
+        stdout(&output).trim(),
+        format!(
+            "re-wrapped 2 keys under {new_key}; {window_data_keys} data key(s) of retention \
+             windows stay under their window's own KMS key"
+        )
+    );
+    let after = key_rows(&env).await;
+    for (was, now) in before.iter().zip(&after) {
+        if was.2.is_some() {
+            assert_eq!(now, was, "a window's data key is untouched");
+        } else {
+            assert_eq!((now.0, &now.3), (was.0, &new_key));
+            assert_ne!(now.4, was.4, "re-wrapped");
+        }
+    }
+    // With the old KMS key disabled, everything still opens: each window through its own key.
+    env.kms
+        .client()
+        .disable_key()
+        .key_id(&env.kms_key_id)
+        .send()
+        .await
+        .expect("DisableKey");
+    let all = (MONTHS.len() * LOGINS_PER_MONTH + LOGINS_NOW) as u64;
+    assert_eq!(verified_logins(&env).await, all);
+
+    // Expiring January (the horizon is 2025-02-01) shreds January alone: its KMS key is
+    // scheduled for deletion, and the token key and the other windows open as before.
+    let today = time::OffsetDateTime::now_utc().date();
+    let days = (today - month_start("2025-02")).whole_days();
+    let expire = [
+        "expire",
+        "--older-than",
+        &format!("{days}d"),
+        "--apply",
+        "--grace-seconds",
+        "0",
+    ];
+    let output = rotate_keys(&env, &expire).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let said = stdout(&output);
+    assert!(
+        said.contains("expired window 2025-01") && !said.contains("2025-02"),
+        "{said}"
+    );
+    use aws_sdk_kms::types::KeyState;
+    assert_eq!(
+        key_state(&env, &window_keys[0]).await,
+        KeyState::PendingDeletion
+    );
+    for key in [&window_keys[1], &window_keys[2], &new_key] {
+        assert_eq!(key_state(&env, key).await, KeyState::Enabled);
+    }
+    assert_eq!(verified_logins(&env).await, all, "what is left opens");
+    let sealed: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT to_char(l.create_date, 'YYYY-MM'), count(*) FROM user_logins l
+         JOIN login_vault v ON v.login_id = l.id GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let per_month = LOGINS_PER_MONTH as i64;
+    let this_month = today.to_string()[..7].to_owned();
+    assert_eq!(
+        sealed,
+        [
+            ("2025-02".to_owned(), per_month),
+            ("2025-03".to_owned(), per_month),
+            (this_month, LOGINS_NOW as i64)
+        ],
+        "January's values are gone"
+    );
+    env.cleanup().await;
+}
