@@ -8,6 +8,7 @@
 
 mod common;
 
+mod api_calls;
 mod cli;
 mod doors;
 mod faults;

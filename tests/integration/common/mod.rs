@@ -6,6 +6,7 @@
 //! (which `make test` runs first).
 
 pub mod aws_policy;
+pub mod recording_proxy;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
