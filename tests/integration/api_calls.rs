@@ -9,8 +9,8 @@
 use std::fmt::Write as _;
 
 use crate::common::aws_policy::{
-    Ask, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN, SIGNER, SIGNING, WINDOW, allows,
-    iam, kms_allows, policy,
+    Ask, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN, REPLAYER, SIGNER, SIGNING, WINDOW,
+    allows, iam, kms_allows, policy,
 };
 use crate::common::recording_proxy::{Call, Needed, Recorded, RecordingProxy, Resource, classify};
 use crate::common::{self, TestEnv, stderr};
@@ -25,6 +25,7 @@ const LOADGEN_BIN: &str = env!("CARGO_BIN_EXE_loadgen");
 /// line was run).
 const RUNS_AS: &[(&str, &str, &str)] = &[
     ("ingest", INGESTER, "ingester"),
+    ("ingest replay-dead-letters", REPLAYER, "nobody"),
     ("loadgen", LOADGEN, "nobody"),
     ("unmask", COMPLIANCE, "compliance"),
     ("unmask verify-audit", COMPLIANCE, "compliance"),
@@ -202,6 +203,8 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
     let this_window_key = env.new_kms_key("pii-vault test: this month's window").await;
     let next_envelope = env.new_kms_key("pii-vault test: rewrap target").await;
     let queue_name = env.queue_url.rsplit('/').next().unwrap().to_owned();
+    let dead_letters = dead_letter_queue(&env).await;
+    let dead_letter_name = dead_letters.rsplit('/').next().unwrap().to_owned();
     let world = World {
         keys: vec![
             (env.kms_key_id.clone(), "the envelope key", ENVELOPE),
@@ -214,7 +217,10 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
             ),
             (env.audit_signing_key_id.clone(), "the signing key", SIGNING),
         ],
-        queues: vec![(queue_name, "login-queue")],
+        queues: vec![
+            (queue_name, "login-queue"),
+            (dead_letter_name, "login-queue-dlq"),
+        ],
         buckets: vec![(
             env.audit_witness_bucket.clone(),
             "REPLACE-WITH-WITNESS-BUCKET",
@@ -254,6 +260,20 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
     let query = ["--sqs-protocol", "query"];
     let loadgen = [&["--queue", queue, "--seed", "2"][..], &count, &query].concat();
     recorder.run(LOADGEN_BIN, &loadgen).await;
+    // A dead letter, replayed to the login queue (and ingested with the rest below).
+    env.sqs
+        .send_message()
+        .queue_url(&dead_letters)
+        .message_body(common::login("u-dead", "10.9.9.9", "999-99-9999"))
+        .send()
+        .await
+        .expect("SendMessage to the dead-letter queue");
+    let replay = [
+        "replay-dead-letters",
+        "--dead-letter-queue-url",
+        &dead_letters,
+    ];
+    recorder.run(INGEST, &replay).await;
     recorder
         .run(INGEST, &[&["--drain"][..], &query].concat())
         .await;
@@ -365,6 +385,7 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
         ("loadgen", "SQS SendMessageBatch (Query)"),
         ("ingest", "SQS ReceiveMessage (JSON)"),
         ("ingest", "SQS DeleteMessageBatch (Query)"),
+        ("ingest replay-dead-letters", "SQS ReceiveMessage (JSON)"),
         ("unmask", "KMS Decrypt"),
         ("unmask audit-checkpoint", "KMS Sign"),
         ("unmask audit-checkpoint", "S3 PUT /BUCKET/OBJECT"),
@@ -375,7 +396,37 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
         assert!(saw(command, operation), "`{command}` made no {operation}");
     }
     assert!(refused.is_empty(), "{}", refused.join("\n"));
+    let _ = env.sqs.delete_queue().queue_url(&dead_letters).send().await;
     env.cleanup().await;
+}
+
+/// A dead-letter queue for the test's queue (its redrive policy names it, as the replay
+/// requires); its URL.
+async fn dead_letter_queue(env: &TestEnv) -> String {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let name = format!("test-dlq-{}", common::unique_suffix());
+    let created = env.sqs.create_queue().queue_name(name).send().await;
+    let url = created.expect("CreateQueue").queue_url.expect("a URL");
+    let arn = env
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("GetQueueAttributes")
+        .attributes
+        .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+        .expect("the queue's ARN");
+    let policy = serde_json::json!({ "deadLetterTargetArn": arn, "maxReceiveCount": "5" });
+    env.sqs
+        .set_queue_attributes()
+        .queue_url(&env.queue_url)
+        .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+        .send()
+        .await
+        .expect("SetQueueAttributes");
+    url
 }
 
 /// The checker can say no: calls the policies do not grant are refused, naming what they ask.

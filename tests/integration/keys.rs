@@ -7,11 +7,11 @@ use serde_json::json;
 
 use crate::common::aws_policy::{
     ACCOUNT, ANYONE, Ask, BREAK_GLASS, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN,
-    POLICY_ADMIN, SIGNER, SIGNING, WINDOW, action_matches, all_policies, allows, decider, glob,
-    iam, in_context, kms_allows, plain, policy, role, statements, strings,
+    POLICY_ADMIN, REPLAYER, SIGNER, SIGNING, WINDOW, action_matches, all_policies, allows, decider,
+    glob, iam, in_context, kms_allows, plain, policy, role, statements, strings,
 };
 
-const PRINCIPALS: [&str; 8] = [
+const PRINCIPALS: [&str; 9] = [
     INGESTER,
     COMPLIANCE,
     KEYADMIN,
@@ -19,6 +19,7 @@ const PRINCIPALS: [&str; 8] = [
     SIGNER,
     BREAK_GLASS,
     LOADGEN,
+    REPLAYER,
     ANYONE,
 ];
 const KEYS: [Key; 3] = [ENVELOPE, WINDOW, SIGNING];
@@ -543,6 +544,47 @@ fn k15_the_load_generator_sends_login_events_and_touches_no_key() {
     }
     let dlq = "arn:aws:sqs:us-east-1:111122223333:login-queue-dlq";
     assert!(!allows(&iam, None, dlq, &plain("sqs:SendMessage")));
+}
+
+#[test]
+fn k16_the_replayer_moves_dead_letters_back_and_touches_no_key() {
+    for key in KEYS {
+        assert_exactly(key.policy, decider(REPLAYER, key), NOTHING);
+    }
+    let iam = iam(REPLAYER);
+    let queue = "arn:aws:sqs:us-east-1:111122223333:login-queue";
+    let dlq = "arn:aws:sqs:us-east-1:111122223333:login-queue-dlq";
+    #[rustfmt::skip]
+    let sqs = [
+        "sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:PurgeQueue", "sqs:SetQueueAttributes",
+    ];
+    let on_dlq = [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+        "sqs:GetQueueUrl",
+    ];
+    let on_queue = [
+        "sqs:SendMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:GetQueueUrl",
+    ];
+    for action in sqs {
+        let ask = plain(action);
+        assert_eq!(
+            allows(&iam, None, dlq, &ask),
+            on_dlq.contains(&action),
+            "{action} on the DLQ"
+        );
+        let want = on_queue.contains(&action);
+        assert_eq!(
+            allows(&iam, None, queue, &ask),
+            want,
+            "{action} on login-queue"
+        );
+    }
 }
 
 /// The model can say yes: a policy as loose as the ones K2 to K4 rule out is allowed through.

@@ -43,6 +43,7 @@ pub const POLICY_ADMIN: &str = "pii-vault-key-policy-admin";
 pub const SIGNER: &str = "pii-vault-audit-signer";
 pub const BREAK_GLASS: &str = "pii-vault-break-glass";
 pub const LOADGEN: &str = "pii-vault-loadgen";
+pub const REPLAYER: &str = "pii-vault-replayer";
 /// Any other principal of the account, whose IAM policy allows every action on every resource.
 pub const ANYONE: &str = "anyone-else";
 
