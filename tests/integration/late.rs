@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 
-use crate::common::{self, TestEnv, login, stderr, stdout};
+use crate::common::{self, TestEnv, login, stderr, stdout, what_remains_of};
 use pii_vault::ingest::original::{ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::sqs::{PollSettings, SqsSource};
@@ -50,18 +50,6 @@ async fn erase(env: &TestEnv, user: &str) {
     )
     .await;
     assert!(erased.status.success(), "{}", stderr(&erased));
-}
-
-/// (logins, with tokens, with sealed values) of a user.
-async fn what_remains_of(env: &TestEnv, user: &str) -> (i64, i64, i64) {
-    sqlx::query_as(
-        "SELECT count(*), count(l.masked_ip) + count(l.masked_device_id), count(v.login_id)
-         FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id WHERE l.user_id = $1",
-    )
-    .bind(user)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
 }
 
 /// A quarantine row as stored: (reason, body_bytes, sealed body kept, data key, user token,

@@ -3,32 +3,12 @@
 //! under one, and `window` refuses a KMS key that wraps anything outside its window, so that
 //! expiring a window shreds exactly that window.
 
-use crate::common::{self, TestEnv, VecSource, stderr, stdout, unique_suffix};
-use pii_vault::synth::Generator;
+use crate::common::{TestEnv, VecSource, logins, rotate_keys, stderr, stdout, unique_suffix};
 use pii_vault::unmask;
-
-const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 
 const MONTHS: [&str; 3] = ["2025-01", "2025-02", "2025-03"];
 const LOGINS_PER_MONTH: usize = 40;
 const LOGINS_NOW: usize = 30;
-
-fn logins(count: usize, seed: u64) -> Vec<String> {
-    let mut generator = Generator::new(seed, 0.3, 0.0);
-    (0..count).map(|_| generator.next_message().body).collect()
-}
-
-/// Runs rotate-keys as the key admin.
-async fn rotate_keys(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    let mut command = std::process::Command::new(ROTATE_KEYS);
-    command
-        .args(args)
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.url_as("keyadmin"));
-    tokio::task::spawn_blocking(move || common::output_of(&mut command))
-        .await
-        .unwrap()
-}
 
 /// One stored key: id, purpose, window (its first day), KMS key, wrapped bytes.
 type KeyRow = (i64, String, Option<time::Date>, String, Option<Vec<u8>>);

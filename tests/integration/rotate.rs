@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::common::{self, TestEnv, VecSource, login, stderr, stdout};
+use crate::common::{
+    self, TestEnv, VecSource, login, logins, rotate_keys, stderr, stdout, what_remains_of,
+};
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;
@@ -16,11 +18,6 @@ use pii_vault::vault::key_use;
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
-
-fn logins(count: usize, seed: u64) -> Vec<String> {
-    let mut generator = Generator::new(seed, 0.3, 0.0);
-    (0..count).map(|_| generator.next_message().body).collect()
-}
 
 /// Every login opens under its keys and matches its token; returns how many.
 async fn verify_all(env: &TestEnv) -> u64 {
@@ -37,18 +34,6 @@ async fn keys_in_state(env: &TestEnv, purpose: &str, state: &str) -> Vec<i64> {
         .bind(purpose)
         .bind(state)
         .fetch_all(&env.pool)
-        .await
-        .unwrap()
-}
-
-/// Runs rotate-keys as the key admin (a thread, so an ingester can run meanwhile).
-async fn rotate_keys(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    let mut command = std::process::Command::new(ROTATE_KEYS);
-    command
-        .args(args)
-        .envs(env.binary_env())
-        .env("DATABASE_URL", env.url_as("keyadmin"));
-    tokio::task::spawn_blocking(move || common::output_of(&mut command))
         .await
         .unwrap()
 }
@@ -335,18 +320,6 @@ async fn rewrap_moves_every_key_to_a_new_kms_key_and_rows_still_open() {
         stdout(&again)
     );
     env.cleanup().await;
-}
-
-/// (logins, with tokens, with sealed values) of a user.
-async fn what_remains_of(env: &TestEnv, user: &str) -> (i64, i64, i64) {
-    sqlx::query_as(
-        "SELECT count(*), count(l.masked_ip) + count(l.masked_device_id), count(v.login_id)
-         FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id WHERE l.user_id = $1",
-    )
-    .bind(user)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
 }
 
 #[tokio::test]

@@ -627,6 +627,36 @@ pub async fn keys_before_0011(
     )
 }
 
+/// `count` generated login bodies (30% repeated values), the same for the same `seed`.
+pub fn logins(count: usize, seed: u64) -> Vec<String> {
+    let mut generator = pii_vault::synth::Generator::new(seed, 0.3, 0.0);
+    (0..count).map(|_| generator.next_message().body).collect()
+}
+
+/// Runs rotate-keys as the key admin (a thread, so an ingester can run meanwhile).
+pub async fn rotate_keys(env: &TestEnv, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rotate-keys"));
+    command
+        .args(args)
+        .envs(env.binary_env())
+        .env("DATABASE_URL", env.url_as("keyadmin"));
+    tokio::task::spawn_blocking(move || output_of(&mut command))
+        .await
+        .unwrap()
+}
+
+/// (logins, with tokens, with sealed values) of a user.
+pub async fn what_remains_of(env: &TestEnv, user: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(l.masked_ip) + count(l.masked_device_id), count(v.login_id)
+         FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id WHERE l.user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
 /// A login body.
 pub fn login(user: &str, ip: &str, device_id: &str) -> String {
     format!(
