@@ -16,7 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use pii_vault::audit::{self, CheckpointKey};
-use pii_vault::rotate::{self, Expiry};
+use pii_vault::rotate::{self, Erasure, Expiry};
 
 /// `count` logins of `user` dated `date`, with a data key of `window` (if any), in SQL.
 async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, window: Option<&str>) {
@@ -144,9 +144,14 @@ async fn main() {
     let keyadmin = env.pool_as("keyadmin").await;
     let keyring = env.keyring_on(&keyadmin);
     let started = Instant::now();
-    let erased = rotate::erase(&keyadmin, &keyring, "bench-erased", "bench", "bench", false)
-        .await
-        .unwrap();
+    let erased = rotate::erase(
+        &keyadmin,
+        &keyring,
+        &Erasure::of("bench-erased", "bench", "bench"),
+        None,
+    )
+    .await
+    .unwrap();
     let erase_seconds = started.elapsed().as_secs_f64();
     assert_eq!(erased.logins as i64, erase_logins);
 

@@ -71,6 +71,58 @@ impl SqsArgs {
 }
 
 /// `--log-format`, shared by every binary.
+/// The witness store: the S3 bucket (Object Lock, COMPLIANCE mode) that witnesses audit
+/// checkpoints and erasures.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WitnessArgs {
+    /// The S3 bucket (Object Lock on, COMPLIANCE mode) that witnesses audit checkpoints and
+    /// erasures.
+    #[arg(long, env = "AUDIT_WITNESS_BUCKET", value_name = "BUCKET")]
+    pub audit_witness_bucket: Option<String>,
+    /// Days each witnessed object is locked (COMPLIANCE mode: nobody can shorten it). Use the
+    /// audit's retention period.
+    #[arg(
+        long,
+        env = "AUDIT_WITNESS_RETAIN_DAYS",
+        default_value_t = 2557,
+        value_name = "DAYS"
+    )]
+    pub audit_witness_retain_days: u32,
+}
+
+/// The witness bucket, resolved: its name and retention.
+#[derive(Debug, Clone)]
+pub struct Witness {
+    pub bucket: String,
+    pub retain_days: u32,
+}
+
+impl WitnessArgs {
+    /// The bucket, which `why` cannot do without.
+    pub fn required(self, why: &str) -> Result<Witness, UsageError> {
+        match self.audit_witness_bucket {
+            Some(bucket) if !bucket.trim().is_empty() => Ok(Witness {
+                bucket,
+                retain_days: self.audit_witness_retain_days,
+            }),
+            _ => Err(UsageError(format!(
+                "{why} needs the witness bucket: set AUDIT_WITNESS_BUCKET or --audit-witness-bucket"
+            ))),
+        }
+    }
+}
+
+impl Witness {
+    /// The bucket, reached with the process's AWS settings.
+    pub async fn bucket(&self) -> crate::audit::witness::WitnessBucket {
+        crate::audit::witness::WitnessBucket::new(
+            &aws_config().await,
+            &self.bucket,
+            self.retain_days,
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct LoggingArgs {
     /// How log lines on stderr look: `text` for people, `json` (one object per line) for a log

@@ -437,6 +437,19 @@ impl<'de> Visitor<'de> for RawValueVisitor {
     }
 }
 
+/// The user id a message body names, if it is a JSON object with a string `user_id`, even
+/// when the rest of it is invalid: how a quarantined message is linked to its user (for an
+/// erasure), at ingest and when a rotation moves that link to a new token key.
+pub fn user_id_named_in(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        user_id: String,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()
+        .map(|named| named.user_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,7 +255,21 @@ impl WitnessBucket {
     pub async fn put(&self, checkpoint: &Checkpoint) -> Result<(), WitnessError> {
         let seq = checkpoint.seq.unwrap_or(0);
         let key = object_key(seq);
-        let body = to_object(checkpoint);
+        if self.put_locked(&key, to_object(checkpoint)).await? {
+            return Ok(());
+        }
+        match from_object(&self.get(&key).await?) {
+            Some(there) if there.states_the_same_as(checkpoint) => Ok(()),
+            _ => Err(WitnessError::Conflict {
+                bucket: self.bucket.clone(),
+                seq,
+            }),
+        }
+    }
+
+    /// Writes object `key` unless one is there (`false`: it was), locked in COMPLIANCE mode
+    /// for `retain_days`.
+    pub async fn put_locked(&self, key: &str, body: Vec<u8>) -> Result<bool, WitnessError> {
         let retain_until =
             OffsetDateTime::now_utc() + time::Duration::days(self.retain_days.into());
         let operation = format!("PutObject {key}");
@@ -275,16 +289,9 @@ impl WitnessBucket {
             )
             .await?;
         if answer.status == 412 {
-            let there = from_object(&self.get(&key).await?);
-            return match there {
-                Some(there) if there.states_the_same_as(checkpoint) => Ok(()),
-                _ => Err(WitnessError::Conflict {
-                    bucket: self.bucket.clone(),
-                    seq,
-                }),
-            };
+            return Ok(false);
         }
-        self.ok(&operation, answer).map(drop)
+        self.ok(&operation, answer).map(|_| true)
     }
 
     /// The newest checkpoint that verifies under `signer`, among every version of every
@@ -338,11 +345,19 @@ impl WitnessBucket {
     /// (key, version id) of every version under `checkpoints/`, delete markers left out
     /// (ListObjectVersions, page by page).
     pub async fn versions(&self) -> Result<Vec<(String, String)>, WitnessError> {
+        self.versions_under(PREFIX).await
+    }
+
+    /// (key, version id) of every version of the objects whose key starts with `prefix`.
+    pub async fn versions_under(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, WitnessError> {
         let mut versions = Vec::new();
         let mut marker: Option<(String, String)> = None;
         loop {
             let mut query = String::from("?versions&prefix=");
-            aws_http::percent_encode_into(&mut query, PREFIX);
+            aws_http::percent_encode_into(&mut query, prefix);
             if let Some((key, version)) = &marker {
                 query.push_str("&key-marker=");
                 aws_http::percent_encode_into(&mut query, key);

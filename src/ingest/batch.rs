@@ -9,7 +9,7 @@ use std::time::Instant;
 use time::{Date, OffsetDateTime};
 
 use super::source::{Message, Receipt};
-use crate::event::{self, LoginEvent};
+use crate::event::{self, LoginEvent, user_id_named_in};
 use crate::vault::KeyId;
 use crate::vault::erasure::ErasedUsers;
 use crate::vault::place::{login_place, quarantine_place};
@@ -222,7 +222,7 @@ pub fn build(
                 Ok(batch.logins.len() - 1)
             }
             Err(rejection) => {
-                let named = user_id_in(&message.body);
+                let named = user_id_named_in(&message.body);
                 let withheld = if named
                     .as_deref()
                     .is_some_and(|user| erased.erased(user, message.sent_at))
@@ -257,16 +257,6 @@ pub fn build(
 }
 
 /// The user id a rejected body names, if it is a JSON object with a string `user_id`.
-fn user_id_in(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        user_id: String,
-    }
-    serde_json::from_slice::<Named>(body)
-        .ok()
-        .map(|named| named.user_id)
-}
-
 fn login_row(
     message_id: &str,
     sent_at: Option<OffsetDateTime>,

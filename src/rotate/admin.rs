@@ -24,8 +24,12 @@ pub(super) async fn retiring_keys(pool: &PgPool, purpose: &str) -> Result<Vec<i6
 pub(super) const UNUSED_DATA_KEY: &str =
     "SELECT NOT EXISTS (SELECT 1 FROM login_vault WHERE data_key_id = $1)
     AND NOT EXISTS (SELECT 1 FROM quarantine WHERE data_key_id = $1)";
+/// Erasure records with a sealed id are carried to the new key before this is asked; those made
+/// before migration 0014 cannot be, and keep their key from being destroyed instead.
 pub(super) const UNUSED_TOKEN_KEY: &str =
-    "SELECT NOT EXISTS (SELECT 1 FROM user_logins WHERE token_key_id = $1)";
+    "SELECT NOT EXISTS (SELECT 1 FROM user_logins WHERE token_key_id = $1)
+    AND NOT EXISTS (SELECT 1 FROM quarantine WHERE token_key_id = $1)
+    AND NOT EXISTS (SELECT 1 FROM erasures WHERE token_key_id = $1 AND sealed_user_id IS NOT NULL)";
 
 /// Retires the retiring keys if none protects a row any more; `None` if some still do (rows an
 /// ingester wrote after the last pass), which calls for another pass.
@@ -66,9 +70,11 @@ pub(super) async fn destroy_retired(
     if !destroy {
         return Ok(0);
     }
+    // A retired key that something still names (an erasure record from before migration
+    // 0014) is kept: the database refuses to destroy it anyway.
     let destroyed = sqlx::query(
         "UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL
-         WHERE purpose = $1 AND state = 'retired'",
+         WHERE purpose = $1 AND state = 'retired' AND NOT vault_key_named(id)",
     )
     .bind(purpose)
     .execute(pool)

@@ -26,12 +26,14 @@
 //!   one whenever one is full; tokens recomputed under the new token key);
 //! - `admin`: key states (retiring, retired, destroyed), re-wrapping under another KMS key,
 //!   and `status`;
-//! - `erase`: deleting personal data for good through the doors: a user's erasure, and the
-//!   expiry of retention windows.
+//! - `erasure`: a user's erasure through the door, its records carried to each new token
+//!   key, witnessed outside the database, and re-applied to a restored database;
+//! - `retention`: retention windows: registering one, and expiring them.
 
 mod admin;
-mod erase;
+mod erasure;
 mod reseal;
+mod retention;
 mod walk;
 
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use time::Date;
 
+use crate::audit::witness::WitnessError;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
@@ -46,7 +49,10 @@ use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
 use crate::vault::{KeyId, Purpose};
 
 pub use admin::{KeyStatus, Rewrapped, rewrap, status};
-pub use erase::{Erased, Expiry, WindowExpiry, add_window, erase, expire};
+pub use erasure::{
+    Erased, Erasure, Reapplied, Witnessed, erase, reapply_erasures, witness_erasures,
+};
+pub use retention::{Expiry, WindowExpiry, add_window, expire};
 
 use admin::{destroy_retired, retiring_keys};
 use reseal::{DataKeys, Scope, Targets, TokenKeys};
@@ -74,6 +80,20 @@ pub enum RotateError {
         month: Date,
         why: &'static str,
     },
+    /// `erase` of a user id that nothing stored names, without `--in-flight`.
+    #[error(
+        "no login and no quarantined message names this user id; nothing was erased (check the id; \
+         to record the erasure for messages still on the queue, pass --in-flight)"
+    )]
+    NoSuchUser,
+    /// An erasure record whose sealed user id does not open under its token key.
+    #[error("erasure record {id} does not open under its token key; nothing was carried")]
+    ErasureRecord { id: i64 },
+    /// The witness store could not take or give an erasure.
+    #[error("erasure witness: {0}")]
+    NotWitnessed(String),
+    #[error("{0}")]
+    Witness(#[from] WitnessError),
     /// `add-window` with a KMS key that wraps something outside the window.
     #[error("{kms_key} cannot be the KMS key of retention window {month}: {why}")]
     WindowKeyRefused {

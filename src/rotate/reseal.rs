@@ -12,7 +12,9 @@ use time::Date;
 
 use super::RotateError;
 use super::admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retire_unused};
+use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
+use crate::event::user_id_named_in;
 use crate::vault::KeyId;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::Keyring;
@@ -198,7 +200,19 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         let mut pages = self
             .scope
             .pages(Walk::Logins, "retokenize", &mut self.keys, tokens);
-        pass_over(&mut pages, tally).await
+        pass_over(&mut pages, tally).await?;
+        // What links a quarantined message or an erasure record to its user moves too: no
+        // retiring key may stay named, or it could never be destroyed.
+        let bodies = QuarantineTokens {
+            target: &self.target,
+        };
+        let mut pages = self
+            .scope
+            .pages(Walk::Quarantine, "retokenize", &mut self.keys, bodies);
+        pass_over(&mut pages, tally).await?;
+        let scope = &self.scope;
+        carry_erasures(scope.pool, scope.keyring, scope.retiring, &self.target).await?;
+        Ok(())
     }
 
     async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
@@ -320,6 +334,36 @@ impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
             .bind(ids)
             .bind(ips)
             .bind(devices))
+    }
+}
+
+/// Quarantined messages' user tokens under the retiring token key, recomputed under `target`
+/// from the user id their opened body names.
+struct QuarantineTokens<'a> {
+    target: &'a Tokenizer,
+}
+
+impl<W: KeyWrapper> Rewrite<W> for QuarantineTokens<'_> {
+    type Row = SealedBody;
+
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
+        let (mut ids, mut tokens) = (Vec::new(), Vec::new());
+        for row in page.rows {
+            let body = row.open(page.keyring, page.keys).await?;
+            // The stored token was made from this id: a body that names none cannot match it.
+            let user_id = user_id_named_in(&body).ok_or_else(|| RotateError::Integrity {
+                row: row.row(),
+                error: IntegrityError::TokenMismatch { field: "user_id" },
+            })?;
+            ids.push(row.id);
+            tokens.push(self.target.user_id(&user_id).to_string());
+        }
+        let update = sqlx::query("SELECT vault_retokenize_quarantine($1, $2, $3, $4)");
+        Ok(update
+            .bind(page.request)
+            .bind(self.target.key_id())
+            .bind(ids)
+            .bind(tokens))
     }
 }
 

@@ -32,6 +32,32 @@ pub fn quarantine_place(message_id: &str) -> Place<'_> {
     }
 }
 
+/// The table whose records seal an erased user's id.
+pub const ERASURES_TABLE: &str = "erasures";
+/// The object store where erasures are witnessed.
+pub const ERASURE_WITNESS: &str = "erasure-witness";
+
+/// Where an erased user's id is sealed in an erasure record: bound to the record's token, so
+/// a sealed id moved to another record does not open.
+pub fn erased_user_place(user_token: &str) -> Place<'_> {
+    Place {
+        table: ERASURES_TABLE,
+        field: "user_id",
+        message_id: user_token,
+        user_id: "",
+    }
+}
+
+/// Where an erased user's id is sealed in the witness object `name`.
+pub fn witnessed_erasure_place(name: &str) -> Place<'_> {
+    Place {
+        table: ERASURE_WITNESS,
+        field: "user_id",
+        message_id: name,
+        user_id: "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

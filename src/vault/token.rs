@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -16,6 +17,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::place::erased_user_place;
+use super::seal::{OpenError, SealFormat, Sealer};
 use super::{KEY_LEN, KeyId, SecretKey};
 use crate::event::{canonical_device_id, canonical_ip};
 
@@ -89,11 +92,17 @@ pub struct Tokenizer {
     ip: HmacSha256,
     device_id: HmacSha256,
     user_id: HmacSha256,
+    /// Seals an erased user's id in their erasure record, so that a rotation can carry the
+    /// record to the next token key (docs/FORMAT.md §9).
+    erased_user: Arc<Sealer>,
 }
 
 /// HKDF info of the key behind user-id tokens: those name an erased user in `erasures` and
 /// a quarantined body's user, never a column analysts see.
 const USER_ID_INFO: &[u8] = b"pii-vault/token/v1/user_id";
+
+/// HKDF info of the key that seals erased users' ids in their erasure records.
+const ERASED_USER_INFO: &[u8] = b"pii-vault/erasure/v1/user_id";
 
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -110,11 +119,15 @@ impl Tokenizer {
             let field_key = field_key(&hkdf, info);
             HmacSha256::new_from_slice(field_key.as_ref()).expect("HMAC takes any key length")
         };
+        let mut sealing_key = field_key(&hkdf, ERASED_USER_INFO);
+        let sealing_key =
+            SecretKey::take_from(sealing_key.as_mut()).expect("HKDF gave a 32-byte key");
         Self {
             key_id,
             ip: keyed(Field::Ip.hkdf_info()),
             device_id: keyed(Field::DeviceId.hkdf_info()),
             user_id: keyed(USER_ID_INFO),
+            erased_user: Arc::new(Sealer::new(key_id, &sealing_key, SealFormat::V2)),
         }
     }
 
@@ -142,6 +155,28 @@ impl Tokenizer {
     /// The token of a user id, exactly as received (no canonical form: user ids are opaque).
     pub fn user_id(&self, user_id: &str) -> Token {
         mac(&self.user_id, user_id.as_bytes())
+    }
+
+    /// An erased user's erasure record under this key: the token of their id, and the id
+    /// sealed at a place bound to that token.
+    pub fn erased_user(&self, user_id: &str) -> (Token, Vec<u8>) {
+        let token = self.user_id(user_id);
+        let sealed = self
+            .erased_user
+            .seal(&erased_user_place(token.as_str()), user_id.as_bytes());
+        (token, sealed)
+    }
+
+    /// Opens the user id of an erasure record made by [`Tokenizer::erased_user`] under this
+    /// key, and checks that it is the one its token names.
+    pub fn open_erased_user(&self, token: &str, sealed: &[u8]) -> Result<String, OpenError> {
+        let opened = self.erased_user.open(&erased_user_place(token), sealed)?;
+        let user_id = String::from_utf8(opened.to_vec()).map_err(|_| OpenError)?;
+        if self.user_id(&user_id).matches(token) {
+            Ok(user_id)
+        } else {
+            Err(OpenError)
+        }
     }
 
     /// The token of a field given its original text, as `unmask` recomputes it. `None` if an ip
@@ -265,6 +300,25 @@ mod tests {
 
     /// RFC 4231 test cases 1, 2, 3, 4, 6 and 7 (case 5 truncates the output): the HMAC-SHA256
     /// the tokens are built on.
+    #[test]
+    fn an_erased_user_opens_under_its_key_and_token_only() {
+        let (a, b) = (tokenizer(1), tokenizer(2));
+        let (token, sealed) = a.erased_user("u-1");
+        assert_eq!(token, a.user_id("u-1"));
+        assert_eq!(a.open_erased_user(token.as_str(), &sealed).unwrap(), "u-1");
+        assert!(!sealed.windows(3).any(|w| w == b"u-1"), "the id is sealed");
+        assert_eq!(b.open_erased_user(token.as_str(), &sealed), Err(OpenError));
+        let other = a.user_id("u-2");
+        assert_eq!(
+            a.open_erased_user(other.as_str(), &sealed),
+            Err(OpenError),
+            "a sealed id moved to another record does not open"
+        );
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert_eq!(a.open_erased_user(token.as_str(), &altered), Err(OpenError));
+    }
+
     #[test]
     fn hmac_sha256_matches_rfc_4231() {
         let cases: [(Vec<u8>, Vec<u8>, &str); 6] = [

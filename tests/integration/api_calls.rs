@@ -37,6 +37,8 @@ const RUNS_AS: &[(&str, &str, &str)] = &[
     ("rotate-keys token-key", KEYADMIN, "keyadmin"),
     ("rotate-keys verify", KEYADMIN, "keyadmin"),
     ("rotate-keys erase", KEYADMIN, "keyadmin"),
+    ("rotate-keys witness-erasures", KEYADMIN, "keyadmin"),
+    ("rotate-keys reapply-erasures", KEYADMIN, "keyadmin"),
     ("rotate-keys rewrap", KEYADMIN, "keyadmin"),
     ("rotate-keys window", KEYADMIN, "keyadmin"),
     ("rotate-keys expire", KEYADMIN, "keyadmin"),
@@ -318,6 +320,12 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
     recorder.run(ROTATE_KEYS, &["verify"]).await;
     let erase = ["erase", "--user-id", &other_user, "--reason", "api calls"];
     recorder.run(ROTATE_KEYS, &erase).await;
+    recorder.run(ROTATE_KEYS, &["witness-erasures"]).await;
+    let reapplied = recorder.run(ROTATE_KEYS, &["reapply-erasures"]).await;
+    assert!(
+        reapplied.contains("1 already in this database"),
+        "{reapplied}"
+    );
     let rewrap = ["rewrap", "--kms-key-id", &next_envelope];
     recorder.run(ROTATE_KEYS, &rewrap).await;
     let expire = [
@@ -392,6 +400,8 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
         ("unmask verify-audit", "S3 GET /BUCKET?versions"),
         ("rotate-keys rewrap", "KMS ReEncrypt"),
         ("rotate-keys expire", "KMS ScheduleKeyDeletion"),
+        ("rotate-keys erase", "S3 PUT /BUCKET/OBJECT"),
+        ("rotate-keys reapply-erasures", "KMS Decrypt"),
     ] {
         assert!(saw(command, operation), "`{command}` made no {operation}");
     }

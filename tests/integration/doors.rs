@@ -7,6 +7,7 @@ use std::time::Duration;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::common::{self, TestEnv, hold_what_a_login_can, login, stderr, stdout, three_logins};
+use pii_vault::rotate::Erasure;
 use pii_vault::{db, rotate};
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
@@ -579,7 +580,12 @@ async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
     let keyring = env.keyring_on(&keyadmin);
     let erased = tokio::time::timeout(
         limit,
-        rotate::erase(&keyadmin, &keyring, "u-2", "request 7", "tests", false),
+        rotate::erase(
+            &keyadmin,
+            &keyring,
+            &Erasure::of("u-2", "request 7", "tests"),
+            None,
+        ),
     )
     .await
     .expect("an erasure finishes while the attacker holds its locks")
@@ -698,20 +704,27 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
     // Every door that appends takes the same bounds: an erasure with a 1 MB reason is refused.
     let keyadmin = env.pool_as("keyadmin").await;
     let keyring = env.keyring_on(&keyadmin);
-    let refused = rotate::erase(&keyadmin, &keyring, "u-1", &huge, "tests", false)
-        .await
-        .unwrap_err();
+    let refused = rotate::erase(
+        &keyadmin,
+        &keyring,
+        &Erasure::of("u-1", &huge, "tests"),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
         refused.to_string().contains("at most 1000 characters"),
         "{refused}"
     );
     // And the user id an erasure names (it goes into the audit's question).
-    let refused = sqlx::query("SELECT * FROM vault_erase_user($1, 'r', 'a', false, '{1}', '{t}')")
+    let refused = sqlx::query(
+        "SELECT * FROM vault_erase_user($1, 'r', 'a', false, '{1}', '{t}', '{\\x00}', false, false, NULL)",
+    )
         .bind(&huge)
         .fetch_all(&keyadmin)
         .await
         .unwrap_err();
-    refused_with(refused, "a user id takes at most 256 characters");
+    refused_with(refused, "a user id takes 1 to 256 characters");
     compliance.close().await;
     nobody.close().await;
     keyadmin.close().await;

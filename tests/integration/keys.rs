@@ -587,6 +587,29 @@ fn k16_the_replayer_moves_dead_letters_back_and_touches_no_key() {
     }
 }
 
+#[test]
+fn k17_the_key_admin_writes_and_reads_erasures_in_the_witness_bucket_and_nothing_else() {
+    let iam = iam(KEYADMIN);
+    let bucket = "arn:aws:s3:::REPLACE-WITH-WITNESS-BUCKET";
+    let erasure = format!("{bucket}/erasures/00001800000000123456.json");
+    let checkpoint = format!("{bucket}/checkpoints/00000000000000000001.json");
+    for action in ["s3:PutObject", "s3:PutObjectRetention", "s3:GetObject"] {
+        assert!(allows(&iam, None, &erasure, &plain(action)), "{action}");
+        assert!(!allows(&iam, None, &checkpoint, &plain(action)), "{action}");
+    }
+    assert!(allows(&iam, None, bucket, &plain("s3:ListBucketVersions")));
+    for action in [
+        "s3:DeleteObject",
+        "s3:DeleteObjectVersion",
+        "s3:BypassGovernanceRetention",
+        "s3:PutBucketObjectLockConfiguration",
+        "s3:PutBucketPolicy",
+    ] {
+        assert!(!allows(&iam, None, &erasure, &plain(action)), "{action}");
+        assert!(!allows(&iam, None, bucket, &plain(action)), "{action}");
+    }
+}
+
 /// The model can say yes: a policy as loose as the ones K2 to K4 rule out is allowed through.
 #[test]
 fn the_model_allows_what_a_looser_policy_would() {

@@ -11,6 +11,7 @@ mod common;
 mod api_calls;
 mod cli;
 mod doors;
+mod erasure;
 mod faults;
 mod formats;
 mod hostile;

@@ -468,7 +468,11 @@ async fn a_batch_made_before_an_erasure_is_refused_and_made_again() {
         &ErasedUsers::default(),
         false,
     );
-    let erased = rotate_keys(&env, &["erase", "--user-id", "u-1", "--reason", "r"]).await;
+    let erased = rotate_keys(
+        &env,
+        &["erase", "--user-id", "u-1", "--reason", "r", "--in-flight"],
+    )
+    .await;
     assert!(erased.status.success(), "{}", stderr(&erased));
     let outcome = writer::write(&env.pool, &made_before).await;
     assert!(

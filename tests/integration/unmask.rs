@@ -304,7 +304,7 @@ enum Verdict {
 /// Every table, sealed column and door, by operation, as psql would try it. `true`: the
 /// statement must also return a row to count as allowed (the reveal door answers everyone,
 /// but hands values only to compliance).
-const MATRIX: [(&str, &str, bool); 53] = [
+const MATRIX: [(&str, &str, bool); 58] = [
     (
         "SELECT user_logins",
         "SELECT * FROM user_logins LIMIT 0",
@@ -533,7 +533,32 @@ const MATRIX: [(&str, &str, bool); 53] = [
     ),
     (
         "door vault_erase_user",
-        "SELECT * FROM vault_erase_user('u-1', 'matrix', 'tests', false, '{1}', '{x}')",
+        "SELECT * FROM vault_erase_user('u-1', 'matrix', 'tests', false, '{1}', '{x}', '{\\x00}', false, false, NULL)",
+        false,
+    ),
+    (
+        "door vault_carry_erasures",
+        "SELECT vault_carry_erasures(1, '{1}', '{x}', '{\\x00}')",
+        false,
+    ),
+    (
+        "door vault_retokenize_quarantine",
+        "SELECT vault_retokenize_quarantine(-1, 1, '{1}', '{x}')",
+        false,
+    ),
+    (
+        "function vault_key_named",
+        "SELECT vault_key_named(1)",
+        false,
+    ),
+    (
+        "SELECT erasures.(id, token_key_id, user_token, erased_at)",
+        "SELECT id, token_key_id, user_token, erased_at FROM erasures",
+        false,
+    ),
+    (
+        "SELECT erasures.sealed_user_id",
+        "SELECT sealed_user_id FROM erasures",
         false,
     ),
     (
@@ -560,6 +585,7 @@ fn allowed_for(user: &str) -> &'static [&'static str] {
             "door vault_key_request (the token key)",
             "lock vault_hold_keys",
             "lock vault_hold_erasures",
+            "SELECT erasures.(id, token_key_id, user_token, erased_at)",
             "door vault_reveal_request",
             "door vault_reveal",
         ],
@@ -600,6 +626,11 @@ fn allowed_for(user: &str) -> &'static [&'static str] {
             "door vault_retokenize_logins",
             "door vault_reseal_quarantine",
             "door vault_erase_user",
+            "door vault_carry_erasures",
+            "door vault_retokenize_quarantine",
+            "function vault_key_named",
+            "SELECT erasures.(id, token_key_id, user_token, erased_at)",
+            "SELECT erasures.sealed_user_id",
             "door vault_expire_page",
             "lock vault_keys rows",
         ],

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, UsageError, VaultArgs};
+use pii_vault::cli::{self, UsageError, VaultArgs, Witness, WitnessArgs};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
@@ -76,6 +76,31 @@ enum Command {
         /// go, since a token is a stable pseudonym and personal data.
         #[arg(long)]
         keep_tokens: bool,
+        /// Record the erasure even though nothing stored names the user yet (their messages
+        /// are still on the queue). Without it, an id that names nothing is refused.
+        #[arg(long)]
+        in_flight: bool,
+        /// Print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        witness: WitnessArgs,
+    },
+    /// Write to the witness bucket every erasure it does not hold yet (after an erase whose
+    /// witness write failed). Safe to run from a scheduler.
+    WitnessErasures {
+        #[command(flatten)]
+        witness: WitnessArgs,
+    },
+    /// Step of the restore procedure: apply again every erasure in the witness bucket that this
+    /// database does not hold (it was restored from a dump taken before them). Run it before
+    /// the restored database serves anyone.
+    ReapplyErasures {
+        /// Who runs the restore, for the audit [default: the OS user].
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        witness: WitnessArgs,
     },
     /// Open and check every stored value (revealing nothing), e.g. after a rotation.
     Verify,
@@ -169,6 +194,15 @@ enum Task {
         reason: String,
         actor: String,
         keep_tokens: bool,
+        in_flight: bool,
+        dry_run: bool,
+        /// None only for a dry run.
+        witness: Option<Witness>,
+    },
+    WitnessErasures(Witness),
+    ReapplyErasures {
+        actor: String,
+        witness: Witness,
     },
     Verify,
     Window {
@@ -197,19 +231,37 @@ impl TryFrom<Args> for Config {
                 reason,
                 actor,
                 keep_tokens,
+                in_flight,
+                dry_run,
+                witness,
             } => {
                 if reason.trim().is_empty() {
                     return Err(UsageError("--reason must say why".into()));
                 }
+                if user_id.is_empty() {
+                    return Err(UsageError("--user-id must not be empty".into()));
+                }
                 Task::Erase {
                     user_id,
                     reason,
-                    actor: actor
-                        .or_else(|| std::env::var("USER").ok())
-                        .unwrap_or_else(|| "unknown".to_owned()),
+                    actor: actor_or_os_user(actor),
                     keep_tokens,
+                    in_flight,
+                    dry_run,
+                    witness: if dry_run {
+                        None
+                    } else {
+                        Some(witness.required("erase")?)
+                    },
                 }
             }
+            Command::WitnessErasures { witness } => {
+                Task::WitnessErasures(witness.required("witness-erasures")?)
+            }
+            Command::ReapplyErasures { actor, witness } => Task::ReapplyErasures {
+                actor: actor_or_os_user(actor),
+                witness: witness.required("reapply-erasures")?,
+            },
             Command::Verify => Task::Verify,
             Command::Window { month, kms_key_id } => {
                 if kms_key_id.starts_with("alias/") {
@@ -242,6 +294,13 @@ impl TryFrom<Args> for Config {
             task,
         })
     }
+}
+
+/// The actor an audit row names: the one given, or the OS user.
+fn actor_or_os_user(actor: Option<String>) -> String {
+    actor
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Exit codes: 0 done (or nothing to do), 1 failure, 2 bad arguments.
@@ -324,13 +383,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
             reason,
             actor,
             keep_tokens,
+            in_flight,
+            dry_run,
+            witness,
         } => {
             db::check_schema(&pool).await?;
             let keyring = keyring().await;
-            let erased =
-                rotate::erase(&pool, &keyring, &user_id, &reason, &actor, keep_tokens).await?;
+            let bucket = match &witness {
+                Some(witness) => Some(witness.bucket().await),
+                None => None,
+            };
+            let erasure = rotate::Erasure {
+                user_id: &user_id,
+                reason: &reason,
+                actor: &actor,
+                keep_tokens,
+                in_flight,
+                dry_run,
+            };
+            let erased = rotate::erase(&pool, &keyring, &erasure, bucket.as_ref()).await?;
             println!(
-                "erased user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s) (audited)",
+                "{} user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s){}",
+                if dry_run { "would erase" } else { "erased" },
                 erased.logins,
                 erased.tokens,
                 if keep_tokens {
@@ -338,7 +412,41 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 } else {
                     ""
                 },
-                erased.quarantined
+                erased.quarantined,
+                match (dry_run, &witness) {
+                    (true, _) => "; dry run: nothing changed".to_owned(),
+                    (false, Some(w)) => format!(" (audited; witnessed in {})", w.bucket),
+                    (false, None) => " (audited)".to_owned(),
+                }
+            );
+        }
+        Task::WitnessErasures(witness) => {
+            db::check_schema(&pool).await?;
+            let done =
+                rotate::witness_erasures(&pool, &keyring().await, &witness.bucket().await).await?;
+            println!(
+                "witnessed {} erasure(s) in {}; {} already there{}",
+                done.written,
+                witness.bucket,
+                done.present,
+                if done.without_sealed_id > 0 {
+                    format!(
+                        "; {} made before migration 0014 cannot be witnessed (their records keep no sealed id)",
+                        done.without_sealed_id
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Task::ReapplyErasures { actor, witness } => {
+            db::check_schema(&pool).await?;
+            let done =
+                rotate::reapply_erasures(&pool, &keyring().await, &witness.bucket().await, &actor)
+                    .await?;
+            println!(
+                "re-applied {} witnessed erasure(s) (audited); {} already in this database",
+                done.reapplied, done.present
             );
         }
         Task::Window { month, kms_key_id } => {

@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
-use pii_vault::audit::witness::WitnessBucket;
 use pii_vault::audit::{self, CheckpointKey, Intact, VerifyError};
-use pii_vault::cli::{self, UsageError, VaultArgs};
+use pii_vault::cli::{self, UsageError, VaultArgs, Witness, WitnessArgs};
 use pii_vault::db;
 use pii_vault::unmask::{self, Question, Request, UnmaskError};
 use pii_vault::vault::keyring::Keyring;
@@ -95,53 +94,6 @@ enum Command {
         #[command(flatten)]
         bucket: WitnessArgs,
     },
-}
-
-#[derive(Debug, Clone, clap::Args)]
-struct WitnessArgs {
-    /// The S3 bucket (Object Lock on, COMPLIANCE mode) that witnesses audit checkpoints.
-    #[arg(long, env = "AUDIT_WITNESS_BUCKET", value_name = "BUCKET")]
-    audit_witness_bucket: Option<String>,
-    /// Days each witnessed checkpoint is locked (COMPLIANCE mode: nobody can shorten it).
-    /// Use the audit's retention period.
-    #[arg(
-        long,
-        env = "AUDIT_WITNESS_RETAIN_DAYS",
-        default_value_t = 2557,
-        value_name = "DAYS"
-    )]
-    audit_witness_retain_days: u32,
-}
-
-/// The witness bucket, resolved: its name and retention.
-struct Witness {
-    bucket: String,
-    retain_days: u32,
-}
-
-impl WitnessArgs {
-    fn required(self, why: &str) -> Result<Witness, UsageError> {
-        match self.audit_witness_bucket {
-            Some(bucket) if !bucket.trim().is_empty() => Ok(Witness {
-                bucket,
-                retain_days: self.audit_witness_retain_days,
-            }),
-            _ => Err(UsageError(format!(
-                "{why} needs the witness bucket: set AUDIT_WITNESS_BUCKET or --audit-witness-bucket"
-            ))),
-        }
-    }
-}
-
-#[derive(Debug, clap::Args)]
-struct SigningArgs {
-    /// The KMS asymmetric key (ECC_NIST_P256, SIGN_VERIFY) that signs audit checkpoints.
-    #[arg(
-        long,
-        env = "AUDIT_SIGNING_KEY_ID",
-        default_value = "alias/pii-vault-audit-signer"
-    )]
-    audit_signing_key_id: String,
 }
 
 /// The purposes a reveal may serve (`audit::REVEAL_PURPOSES`).
@@ -323,7 +275,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         Task::AuditCheckpoint { signing, witness } => {
             let pool = db::connect(&config.database_url, 1).await?;
             let key = checkpoint_key(&signing).await;
-            let bucket = witness_bucket(&witness).await;
+            let bucket = witness.bucket().await;
             let signed = key.checkpoint(&pool, &bucket).await?;
             for skipped in &signed.skipped {
                 eprintln!("warning: {skipped}");
@@ -394,19 +346,22 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, clap::Args)]
+struct SigningArgs {
+    /// The KMS asymmetric key (ECC_NIST_P256, SIGN_VERIFY) that signs audit checkpoints.
+    #[arg(
+        long,
+        env = "AUDIT_SIGNING_KEY_ID",
+        default_value = "alias/pii-vault-audit-signer"
+    )]
+    audit_signing_key_id: String,
+}
+
 async fn checkpoint_key(signing: &SigningArgs) -> CheckpointKey {
     CheckpointKey {
         client: aws_sdk_kms::Client::new(&cli::aws_config().await),
         key_id: signing.audit_signing_key_id.clone(),
     }
-}
-
-async fn witness_bucket(witness: &Witness) -> WitnessBucket {
-    WitnessBucket::new(
-        &cli::aws_config().await,
-        &witness.bucket,
-        witness.retain_days,
-    )
 }
 
 async fn verify_audit(
@@ -418,7 +373,7 @@ async fn verify_audit(
     let pool = db::connect(database_url, 1).await?;
     if let Some(witness) = witness {
         let key = checkpoint_key(signing).await.verifying_key().await?;
-        let bucket = witness_bucket(witness).await;
+        let bucket = witness.bucket().await;
         let intact = audit::verify_with_witness(&pool, &key, &bucket, expect_head).await?;
         for skipped in &intact.skipped {
             eprintln!("warning: {skipped}");

@@ -1084,3 +1084,115 @@ impl Drop for CommitCutter {
         self.accept.abort();
     }
 }
+
+/// A PostgreSQL client program (`pg_dump`, `pg_restore`): the one on PATH, else the newest
+/// under /usr/lib/postgresql (Debian puts the versioned ones there).
+pub fn pg_tool(name: &str) -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    let versioned = || {
+        let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|version| version.path().join("bin").join(name))
+            .filter(|candidate| candidate.is_file())
+            .collect();
+        found.sort();
+        found.pop()
+    };
+    on_path.or_else(versioned).unwrap_or_else(|| {
+        panic!("{name} not found: install PostgreSQL's client programs (`scripts/services up`)")
+    })
+}
+
+/// A database restored from a dump, as the runbook restores a backup.
+pub struct Restored {
+    pub name: String,
+    pub url: String,
+}
+
+impl Restored {
+    /// The restored database's URL, logged in as `user` (see [`TestEnv::url_as`]).
+    pub fn url_as(&self, user: &str) -> String {
+        let (_, host_and_db) = self.url.rsplit_once('@').expect("URL has credentials");
+        format!("postgres://{user}:{user}@{host_and_db}")
+    }
+
+    pub async fn drop(self) {
+        let admin = db::connect(&base_database_url(), 1).await.unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+    }
+}
+
+impl TestEnv {
+    /// A custom-format `pg_dump` of this test's database, taken as its owner.
+    pub fn dump(&self) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("{}-{}.dump", self.database_name, unique_suffix()));
+        let dumped = output_of(Command::new(pg_tool("pg_dump")).args([
+            "--format=custom",
+            "--file",
+            path.to_str().expect("a UTF-8 temp path"),
+            "--dbname",
+            &self.database_url,
+        ]));
+        assert!(dumped.status.success(), "pg_dump: {}", stderr(&dumped));
+        path
+    }
+
+    /// A fresh database restored from `dump` as the runbook restores a backup: created by the
+    /// owner, restored by it inside a migration window (it owns the door functions for the
+    /// time), with CREATE on the schema lent to the door role and taken back after.
+    pub async fn restore(&self, dump: &std::path::Path) -> Restored {
+        let name = format!("pii_vault_restored_{}", unique_suffix());
+        let base = base_database_url();
+        let admin = db::connect(&base, 1).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
+        let url = format!("{prefix}/{name}");
+        let owner = db::connect(&url, 1).await.unwrap();
+        let role_admin = role_admin().await;
+        let window = db::MigrationWindow::open(&role_admin, &owner)
+            .await
+            .unwrap();
+        sqlx::query("GRANT CREATE ON SCHEMA public TO pii_vault_door")
+            .execute(&owner)
+            .await
+            .unwrap();
+        let restored = output_of(Command::new(pg_tool("pg_restore")).args([
+            "--exit-on-error",
+            "--single-transaction",
+            "--dbname",
+            &url,
+            dump.to_str().expect("a UTF-8 temp path"),
+        ]));
+        sqlx::query("REVOKE CREATE ON SCHEMA public FROM pii_vault_door")
+            .execute(&owner)
+            .await
+            .unwrap();
+        window.close().await.unwrap();
+        owner.close().await;
+        role_admin.close().await;
+        assert!(
+            restored.status.success(),
+            "pg_restore: {}",
+            stderr(&restored)
+        );
+        Restored { name, url }
+    }
+}

@@ -1,6 +1,6 @@
-//! Deleting personal data for good through the key admin's doors: a user's erasure
-//! (`vault_erase_user`), and the expiry of retention windows (`vault_expire_page`), which
-//! shreds their data keys and schedules their KMS key for deletion.
+//! Retention windows: registering a month's window, and expiring windows through the key
+//! admin's door (`vault_expire_page`), which shreds their data keys and schedules their KMS
+//! key for deletion.
 
 use std::time::Duration;
 
@@ -9,69 +9,9 @@ use time::Date;
 
 use super::RotateError;
 use super::admin::{UNUSED_DATA_KEY, check_window_key, retire_unused};
-use crate::vault::KeyId;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::retention::next_month;
-
-/// What an erasure removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Erased {
-    /// Logins whose sealed values were deleted.
-    pub logins: u64,
-    /// Logins whose tokens were set to NULL (0 with `keep_tokens`).
-    pub tokens: u64,
-    /// Quarantined messages deleted because their body names the user.
-    pub quarantined: u64,
-}
-
-/// Erasure: removes a user's sealed values, tokens (unless `keep_tokens`, a legal hold) and
-/// the quarantined messages that name them, keeping the analytic rows; records the erasure so
-/// that messages sent before it cannot bring the values back; audits it; all in one
-/// transaction (the key admin's door `vault_erase_user`).
-///
-/// The erasure record holds the token of the user id under every token key that is not
-/// destroyed (an ingester may still tokenize with a retiring one), never the id itself.
-pub async fn erase<W: KeyWrapper>(
-    pool: &PgPool,
-    keyring: &Keyring<W>,
-    user_id: &str,
-    reason: &str,
-    actor: &str,
-    keep_tokens: bool,
-) -> Result<Erased, RotateError> {
-    let token_keys: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM vault_keys WHERE purpose = 'token' AND state <> 'destroyed' ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut tokens = Vec::with_capacity(token_keys.len());
-    for id in &token_keys {
-        tokens.push(
-            keyring
-                .tokenizer(KeyId(*id))
-                .await?
-                .user_id(user_id)
-                .to_string(),
-        );
-    }
-    let (logins, nulled, quarantined): (i64, i64, i64) = sqlx::query_as(
-        "SELECT logins, tokens, quarantined FROM vault_erase_user($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(user_id)
-    .bind(reason)
-    .bind(actor)
-    .bind(keep_tokens)
-    .bind(&token_keys)
-    .bind(&tokens)
-    .fetch_one(pool)
-    .await?;
-    Ok(Erased {
-        logins: logins as u64,
-        tokens: nulled as u64,
-        quarantined: quarantined as u64,
-    })
-}
 
 /// How an expiry runs (`rotate-keys expire`).
 #[derive(Debug, Clone)]
