@@ -52,6 +52,33 @@ async fn witnessed(env: &TestEnv) -> Vec<String> {
     names
 }
 
+async fn key_state(env: &TestEnv, key: i64) -> String {
+    sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
+        .bind(key)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// The time of the only erasure.
+async fn erased_at(pool: &sqlx::PgPool) -> OffsetDateTime {
+    sqlx::query_scalar("SELECT DISTINCT erased_at FROM erasures")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// `token-key --destroy-retired`, without a grace period; asserts it succeeded.
+async fn rotate_token_key_destroying(env: &TestEnv) -> Output {
+    let rotated = rotate_keys(
+        env,
+        &["token-key", "--grace-seconds", "0", "--destroy-retired"],
+    )
+    .await;
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    rotated
+}
+
 async fn active_token_key(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'active'")
         .fetch_one(pool)
@@ -152,24 +179,12 @@ async fn an_erasure_survives_a_token_key_rotation_that_destroys_the_old_key() {
     let old_key = active_token_key(&env.pool).await;
     let erased = rotate_keys(&env, &["erase", "--user-id", "u-1", "--reason", "ticket 1"]).await;
     assert!(erased.status.success(), "{}", stderr(&erased));
-    let erased_at: OffsetDateTime = sqlx::query_scalar("SELECT erased_at FROM erasures")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let erased_at = erased_at(&env.pool).await;
 
-    let rotated = rotate_keys(
-        &env,
-        &["token-key", "--grace-seconds", "0", "--destroy-retired"],
-    )
-    .await;
-    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    let rotated = rotate_token_key_destroying(&env).await;
     let new_key = active_token_key(&env.pool).await;
     assert_ne!(new_key, old_key);
-    let old_state: String = sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
-        .bind(old_key)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let old_state = key_state(&env, old_key).await;
     assert_eq!(old_state, "destroyed", "{}", stdout(&rotated));
     // The record and the quarantined message's link moved to the new key, the time kept.
     let records: Vec<(i64, OffsetDateTime)> =
@@ -254,17 +269,8 @@ async fn the_database_refuses_to_destroy_a_key_that_something_names() {
         .execute(&env.pool)
         .await
         .unwrap();
-    let rotated = rotate_keys(
-        &env,
-        &["token-key", "--grace-seconds", "0", "--destroy-retired"],
-    )
-    .await;
-    assert!(rotated.status.success(), "{}", stderr(&rotated));
-    let state: String = sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
-        .bind(token_key)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rotated = rotate_token_key_destroying(&env).await;
+    let state = key_state(&env, token_key).await;
     assert_eq!(state, "retired", "{}", stdout(&rotated));
     let refused =
         sqlx::query("UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL WHERE id = $1")
@@ -278,10 +284,7 @@ async fn the_database_refuses_to_destroy_a_key_that_something_names() {
     );
     // Ingest still honours the record under the kept key: a message sent before the erasure
     // keeps no personal fields.
-    let erased_at: OffsetDateTime = sqlx::query_scalar("SELECT erased_at FROM erasures")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let erased_at = erased_at(&env.pool).await;
     let late = common::VecSource::sent_at(
         &[login("u-7", "10.0.0.7", "777-77-7777")],
         erased_at - time::Duration::minutes(1),
@@ -344,10 +347,7 @@ async fn a_restored_dump_forgets_again_once_the_witnessed_erasures_are_reapplied
     let dump = env.dump();
     let erased = rotate_keys(&env, &["erase", "--user-id", "u-1", "--reason", "ticket 8"]).await;
     assert!(erased.status.success(), "{}", stderr(&erased));
-    let erased_at: OffsetDateTime = sqlx::query_scalar("SELECT erased_at FROM erasures")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let erased_at = erased_at(&env.pool).await;
     // The witness holds the erasure, its time, and no user id in clear.
     let names = witnessed(&env).await;
     assert_eq!(names, vec![WitnessedErasure::name_of(erased_at)]);
