@@ -895,3 +895,590 @@ async fn the_owner_is_not_the_door_and_what_it_does_past_the_doors_is_in_the_ser
     role_admin.close().await;
     env.cleanup().await;
 }
+
+// ----------------------------------------------------------------------------- the key door
+//
+// Migration 0011's door for wrapped keys (`vault_key_request`, then `vault_key_hand_out`
+// against the committed request), attacked as the reveal door is above: from psql-like
+// sessions of the local logins, inside the caller's own transactions at every isolation
+// level, with SET ROLE, and with requests that are not the caller's. What the door must keep:
+// every key it hands out is named by a committed audit row 'keys-handed-out' of the caller.
+
+const ISOLATION_LEVELS: [&str; 3] = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"];
+
+/// One key handed out: (audit id, key id, purpose, wrapped bytes).
+type KeyHandedOut = (i64, i64, String, Option<Vec<u8>>);
+
+/// Step one of the key door on `conn`.
+async fn request_keys<'c, E: sqlx::PgExecutor<'c>>(
+    conn: E,
+    keys: &[i64],
+    reason: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT vault_key_request($1, $2)")
+        .bind(keys)
+        .bind(reason)
+        .fetch_one(conn)
+        .await
+}
+
+/// Step two of the key door on `conn`.
+async fn hand_out_keys<'c, E: sqlx::PgExecutor<'c>>(
+    conn: E,
+    request: i64,
+) -> Result<Vec<KeyHandedOut>, sqlx::Error> {
+    sqlx::query_as("SELECT audit_id, key_id, purpose, wrapped_key FROM vault_key_hand_out($1)")
+        .bind(request)
+        .fetch_all(conn)
+        .await
+}
+
+/// The SQLSTATE and message of a refusal.
+fn refusal<T: std::fmt::Debug>(result: Result<T, sqlx::Error>) -> (String, String) {
+    let error = result.expect_err("refused");
+    let database = error
+        .as_database_error()
+        .unwrap_or_else(|| panic!("a refusal by the database: {error}"));
+    (
+        database.code().unwrap_or_default().into_owned(),
+        database.message().to_owned(),
+    )
+}
+
+/// `BEGIN ISOLATION LEVEL ...` on a connection of `pool`, as psql would send it.
+async fn begin_on(pool: &PgPool, isolation: &str) -> sqlx::pool::PoolConnection<Postgres> {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(&format!("BEGIN ISOLATION LEVEL {isolation}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    conn
+}
+
+async fn end(conn: &mut sqlx::PgConnection, how: &str) {
+    sqlx::query(how).execute(&mut *conn).await.unwrap();
+}
+
+/// (db user, key ids) of each 'keys-handed-out' audit row whose reason is `reason`.
+async fn keys_audited(env: &TestEnv, reason: &str) -> Vec<(String, Vec<i64>)> {
+    sqlx::query_as(
+        "SELECT db_user, key_ids FROM unmask_audit
+         WHERE outcome = 'keys-handed-out' AND reason = $1 ORDER BY id",
+    )
+    .bind(reason)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// All 'keys-handed-out' audit rows, whoever asked.
+async fn key_audit_rows(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM unmask_audit WHERE outcome = 'keys-handed-out'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// The ids of the keys of `purpose`.
+async fn keys_of(env: &TestEnv, purpose: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = $1 ORDER BY id")
+        .bind(purpose)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+fn not_committed(request: i64) -> (String, String) {
+    (
+        "22023".to_owned(),
+        format!("request {request} has not committed: commit it, then ask for the hand-out"),
+    )
+}
+
+fn not_a_keys_request_of(request: i64, user: &str) -> (String, String) {
+    (
+        "22023".to_owned(),
+        format!("request {request} is not a keys request of {user}"),
+    )
+}
+
+fn handed_out_already(request: i64) -> (String, String) {
+    (
+        "22023".to_owned(),
+        format!("request {request} was handed out already"),
+    )
+}
+
+#[tokio::test]
+async fn a_key_hand_out_in_the_transaction_of_its_request_is_refused_at_every_isolation_level() {
+    let env = three_logins().await;
+    let token = keys_of(&env, "token").await;
+    let data = keys_of(&env, "data").await;
+    let all: Vec<i64> = token.iter().chain(&data).copied().collect();
+    let keyadmin = env.pool_as("keyadmin").await;
+    let ingester = env.pool_as("ingester").await;
+    let rows_before = key_audit_rows(&env).await;
+    for isolation in ISOLATION_LEVELS {
+        for (user, pool, keys) in [
+            ("keyadmin", &keyadmin, &all),
+            ("ingester", &ingester, &token),
+        ] {
+            let reason = format!("seam: same transaction, {user}, {isolation}");
+            // BEGIN; request; hand-out; ROLLBACK.
+            let mut conn = begin_on(pool, isolation).await;
+            let request = request_keys(&mut *conn, keys, &reason).await.unwrap();
+            assert_eq!(
+                refusal(hand_out_keys(&mut *conn, request).await),
+                not_committed(request),
+                "{user}, {isolation}"
+            );
+            end(&mut conn, "ROLLBACK").await;
+            // The rolled-back request is gone: no audit row, no record, and nothing can be
+            // handed out against it later.
+            assert!(keys_audited(&env, &reason).await.is_empty());
+            let recorded: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM door_requests WHERE id = $1")
+                    .bind(request)
+                    .fetch_one(&env.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(recorded, 0, "{user}, {isolation}");
+            assert_eq!(
+                refusal(hand_out_keys(pool, request).await),
+                not_a_keys_request_of(request, user),
+                "{user}, {isolation}: a rolled-back request hands out nothing later"
+            );
+
+            // A request made in a released savepoint is still the same transaction's.
+            let mut conn = begin_on(pool, isolation).await;
+            end(&mut conn, "SAVEPOINT s").await;
+            let request = request_keys(&mut *conn, keys, &reason).await.unwrap();
+            end(&mut conn, "RELEASE SAVEPOINT s").await;
+            assert_eq!(
+                refusal(hand_out_keys(&mut *conn, request).await),
+                not_committed(request),
+                "{user}, {isolation}, savepoint"
+            );
+            end(&mut conn, "ROLLBACK").await;
+
+            // The hand-out is refused even when the caller swallows the error in a savepoint
+            // and commits the request: the refusal was the answer, and the request, now
+            // committed, serves one later hand-out under its audit row.
+            let mut conn = begin_on(pool, isolation).await;
+            let request = request_keys(&mut *conn, keys, &reason).await.unwrap();
+            end(&mut conn, "SAVEPOINT s").await;
+            assert_eq!(
+                refusal(hand_out_keys(&mut *conn, request).await),
+                not_committed(request),
+                "{user}, {isolation}, swallowed"
+            );
+            end(&mut conn, "ROLLBACK TO SAVEPOINT s").await;
+            end(&mut conn, "COMMIT").await;
+            assert_eq!(
+                keys_audited(&env, &reason).await,
+                [(user.to_owned(), keys.clone())]
+            );
+            let handed = hand_out_keys(pool, request).await.unwrap();
+            assert_eq!(
+                handed.iter().map(|k| k.1).collect::<Vec<_>>(),
+                *keys,
+                "{user}, {isolation}"
+            );
+            assert_eq!(
+                refusal(hand_out_keys(pool, request).await),
+                handed_out_already(request)
+            );
+        }
+    }
+    // One committed row per committed request, none for the rolled-back ones.
+    assert_eq!(key_audit_rows(&env).await - rows_before, 6);
+    keyadmin.close().await;
+    ingester.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_key_hand_out_repeats_only_under_its_committed_audit_row() {
+    let env = three_logins().await;
+    let token = keys_of(&env, "token").await;
+    let data = keys_of(&env, "data").await;
+    let named: Vec<i64> = token.iter().chain(&data).copied().collect();
+    let keyadmin = env.pool_as("keyadmin").await;
+    for isolation in ISOLATION_LEVELS {
+        let reason = format!("seam: rolled-back hand-out, {isolation}");
+        // A committed request, naming also a key that does not exist (yet).
+        let next: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) + 1000 FROM vault_keys")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        let asked: Vec<i64> = named.iter().copied().chain([next]).collect();
+        let request = request_keys(&keyadmin, &asked, &reason).await.unwrap();
+        let audit: Vec<(i64, Vec<i64>)> = sqlx::query_as(
+            "SELECT id, key_ids FROM unmask_audit
+             WHERE outcome = 'keys-handed-out' AND reason = $1",
+        )
+        .bind(&reason)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(audit.len(), 1);
+        let (audit_id, audited_keys) = audit[0].clone();
+        assert_eq!(audited_keys, named, "the row names the keys that exist");
+        let rows_after_request = key_audit_rows(&env).await;
+
+        // Handed out in a transaction that rolls back, then in a savepoint rolled back inside
+        // a committed transaction: each time the same keys, under the same committed row.
+        let mut attempts = Vec::new();
+        let mut conn = begin_on(&keyadmin, isolation).await;
+        attempts.push(hand_out_keys(&mut *conn, request).await.unwrap());
+        end(&mut conn, "ROLLBACK").await;
+        let mut conn = begin_on(&keyadmin, isolation).await;
+        end(&mut conn, "SAVEPOINT s").await;
+        attempts.push(hand_out_keys(&mut *conn, request).await.unwrap());
+        end(&mut conn, "ROLLBACK TO SAVEPOINT s").await;
+        end(&mut conn, "COMMIT").await;
+        // Committed: the last one.
+        attempts.push(hand_out_keys(&keyadmin, request).await.unwrap());
+        for handed in &attempts {
+            assert_eq!(
+                handed
+                    .iter()
+                    .map(|(audit, key, _, _)| (*audit, *key))
+                    .collect::<Vec<_>>(),
+                named.iter().map(|k| (audit_id, *k)).collect::<Vec<_>>(),
+                "{isolation}: every key handed out is named by the committed row"
+            );
+            assert!(handed.iter().all(|k| k.3.is_some()));
+        }
+        assert_eq!(
+            refusal(hand_out_keys(&keyadmin, request).await),
+            handed_out_already(request),
+            "{isolation}"
+        );
+        let mut conn = begin_on(&keyadmin, isolation).await;
+        assert_eq!(
+            refusal(hand_out_keys(&mut *conn, request).await),
+            handed_out_already(request),
+            "{isolation}"
+        );
+        end(&mut conn, "ROLLBACK").await;
+        assert_eq!(
+            key_audit_rows(&env).await,
+            rows_after_request,
+            "{isolation}: a hand-out appends no row of its own and needs none"
+        );
+    }
+
+    // A request expires after two minutes (the owner moves its clock, past the trigger).
+    let request = request_keys(&keyadmin, &named, "seam: expires")
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE door_requests DISABLE TRIGGER door_requests_only_through_doors;
+         UPDATE door_requests SET expires_at = now() - interval '1 second' WHERE id = {request};
+         ALTER TABLE door_requests ENABLE TRIGGER door_requests_only_through_doors;"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        refusal(hand_out_keys(&keyadmin, request).await),
+        (
+            "22023".to_owned(),
+            format!("request {request} has expired: ask again")
+        )
+    );
+    let expires_in: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM expires_at - at)::float8 FROM door_requests
+         WHERE door = 'keys' AND id <> $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(request)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!((119.9..=120.1).contains(&expires_in), "{expires_in}");
+    keyadmin.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stale_snapshot_or_a_concurrent_key_hand_out_gets_no_key_twice() {
+    let env = three_logins().await;
+    let token = keys_of(&env, "token").await;
+    let keyadmin = env.pool_as("keyadmin").await;
+    for isolation in ISOLATION_LEVELS {
+        let reason = format!("seam: concurrent, {isolation}");
+        // A snapshot taken before the request committed does not see it under REPEATABLE READ
+        // and SERIALIZABLE; under READ COMMITTED each statement sees it and hands it out.
+        let mut stale = begin_on(&keyadmin, isolation).await;
+        sqlx::query("SELECT 1").execute(&mut *stale).await.unwrap();
+        let request = request_keys(&keyadmin, &token, &reason).await.unwrap();
+        let seen = hand_out_keys(&mut *stale, request).await;
+        if isolation == "READ COMMITTED" {
+            assert_eq!(seen.unwrap().len(), token.len());
+        } else {
+            assert_eq!(
+                refusal(seen),
+                not_a_keys_request_of(request, "keyadmin"),
+                "{isolation}"
+            );
+        }
+        end(&mut stale, "ROLLBACK").await;
+
+        // Two sessions of the same user hand out one request at once: the second waits for
+        // the first, then is refused (READ COMMITTED re-reads the row; the others fail to
+        // serialize) when the first commits, and gets the keys when it rolls back.
+        for first_ends in ["COMMIT", "ROLLBACK"] {
+            let request = request_keys(&keyadmin, &token, &reason).await.unwrap();
+            let mut first = begin_on(&keyadmin, isolation).await;
+            let mut second = begin_on(&keyadmin, isolation).await;
+            sqlx::query("SELECT 1").execute(&mut *second).await.unwrap();
+            assert_eq!(
+                hand_out_keys(&mut *first, request).await.unwrap().len(),
+                token.len()
+            );
+            let waiting = tokio::spawn(async move {
+                let result = hand_out_keys(&mut *second, request).await;
+                (result, second)
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !waiting.is_finished(),
+                "{isolation}: the second hand-out waits for the first"
+            );
+            end(&mut first, first_ends).await;
+            let (result, mut second) = waiting.await.unwrap();
+            match (first_ends, isolation) {
+                ("ROLLBACK", _) => assert_eq!(result.unwrap().len(), token.len()),
+                ("COMMIT", "READ COMMITTED") => {
+                    assert_eq!(refusal(result), handed_out_already(request))
+                }
+                ("COMMIT", _) => assert_eq!(
+                    refusal(result),
+                    (
+                        "40001".to_owned(),
+                        "could not serialize access due to concurrent update".to_owned()
+                    ),
+                    "{isolation}"
+                ),
+                _ => unreachable!(),
+            }
+            end(&mut second, "ROLLBACK").await;
+        }
+    }
+    keyadmin.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_key_door_answers_by_the_session_user_whatever_role_it_sets() {
+    let env = three_logins().await;
+    let token = keys_of(&env, "token").await;
+    let data = keys_of(&env, "data").await;
+    let both: Vec<i64> = token.iter().chain(&data).copied().collect();
+    let users = ["ingester", "keyadmin", "compliance", "analyst", "nobody"];
+    let mut pools = std::collections::HashMap::new();
+    for user in users {
+        pools.insert(user, env.pool_as(user).await);
+    }
+    let rows_before = key_audit_rows(&env).await;
+    let reason = "seam: roles";
+
+    // No login may become the key admin, or the ingester, without membership.
+    for user in users {
+        for role in [
+            "pii_vault_keyadmin",
+            "keyadmin",
+            "pii_vault_ingester",
+            "pii_vault_door",
+        ] {
+            let member = matches!(
+                (user, role),
+                ("keyadmin", "pii_vault_keyadmin") | ("ingester", "pii_vault_ingester")
+            ) || user == role;
+            let mut conn = pools[user].acquire().await.unwrap();
+            let set = sqlx::query(&format!("SET ROLE {role}"))
+                .execute(&mut *conn)
+                .await;
+            if member {
+                set.unwrap();
+            } else {
+                assert_eq!(
+                    refusal(set),
+                    (
+                        "42501".to_owned(),
+                        format!("permission denied to set role \"{role}\"")
+                    ),
+                    "{user}"
+                );
+            }
+            end(&mut conn, "RESET ROLE").await;
+        }
+    }
+
+    // The ingester: token keys only, whatever role it sets.
+    let ingester = &pools["ingester"];
+    for keys in [&data, &both] {
+        assert_eq!(
+            refusal(request_keys(ingester, keys, reason).await),
+            (
+                "42501".to_owned(),
+                "the ingester may unwrap token keys only".to_owned()
+            )
+        );
+    }
+    let mut conn = ingester.acquire().await.unwrap();
+    end(&mut conn, "SET ROLE pii_vault_ingester").await;
+    assert_eq!(
+        refusal(request_keys(&mut *conn, &data, reason).await),
+        (
+            "42501".to_owned(),
+            "the ingester may unwrap token keys only".to_owned()
+        )
+    );
+    let ingesters_request = request_keys(&mut *conn, &token, reason).await.unwrap();
+    end(&mut conn, "RESET ROLE").await;
+    drop(conn);
+    let handed = hand_out_keys(ingester, ingesters_request).await.unwrap();
+    assert_eq!(
+        handed
+            .iter()
+            .map(|(_, id, purpose, wrapped)| (*id, purpose.as_str(), wrapped.is_some()))
+            .collect::<Vec<_>>(),
+        token
+            .iter()
+            .map(|id| (*id, "token", true))
+            .collect::<Vec<_>>()
+    );
+
+    // Compliance, the analyst and a login without roles: not even the token key. The key
+    // admin, as itself or its group role: any key.
+    for user in ["compliance", "analyst", "nobody"] {
+        for keys in [&token, &data] {
+            assert_eq!(
+                refusal(request_keys(&pools[user], keys, reason).await),
+                (
+                    "42501".to_owned(),
+                    "permission denied for function vault_key_request".to_owned()
+                ),
+                "{user}"
+            );
+        }
+        assert_eq!(
+            refusal(hand_out_keys(&pools[user], ingesters_request).await),
+            (
+                "42501".to_owned(),
+                "permission denied for function vault_key_hand_out".to_owned()
+            ),
+            "{user}"
+        );
+    }
+    let keyadmin = &pools["keyadmin"];
+    let mut conn = keyadmin.acquire().await.unwrap();
+    end(&mut conn, "SET ROLE pii_vault_keyadmin").await;
+    let keyadmins_request = request_keys(&mut *conn, &both, reason).await.unwrap();
+    end(&mut conn, "RESET ROLE").await;
+    drop(conn);
+
+    // A request is its session user's alone, and of its door alone.
+    let owner: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    for (request, pool, user) in [
+        (keyadmins_request, ingester, "ingester"),
+        (keyadmins_request, &env.pool, owner.as_str()),
+        (ingesters_request, keyadmin, "keyadmin"),
+    ] {
+        assert_eq!(
+            refusal(hand_out_keys(pool, request).await),
+            not_a_keys_request_of(request, user)
+        );
+    }
+    let reveal = request_reveal(keyadmin, "seam: a reveal request").await;
+    assert_eq!(
+        refusal(hand_out_keys(keyadmin, reveal).await),
+        not_a_keys_request_of(reveal, "keyadmin")
+    );
+    assert_eq!(
+        refusal(
+            sqlx::query("SELECT * FROM vault_reveal($1)")
+                .bind(keyadmins_request)
+                .fetch_all(keyadmin)
+                .await
+        ),
+        (
+            "22023".to_owned(),
+            format!("request {keyadmins_request} is not a reveal request of keyadmin")
+        )
+    );
+    let handed = hand_out_keys(keyadmin, keyadmins_request).await.unwrap();
+    assert_eq!(handed.iter().map(|k| k.1).collect::<Vec<_>>(), both);
+    for (request, pool) in [(keyadmins_request, keyadmin), (ingesters_request, ingester)] {
+        assert_eq!(
+            refusal(hand_out_keys(pool, request).await),
+            handed_out_already(request)
+        );
+    }
+
+    // Exactly the two granted requests left a row, each naming what was handed out.
+    assert_eq!(
+        keys_audited(&env, reason).await,
+        [
+            ("ingester".to_owned(), token.clone()),
+            ("keyadmin".to_owned(), both.clone())
+        ]
+    );
+    assert_eq!(key_audit_rows(&env).await - rows_before, 2);
+    for pool in pools.into_values() {
+        pool.close().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_login_reads_wrapped_key_bytes_past_the_door() {
+    let env = three_logins().await;
+    let denied = (
+        "42501".to_owned(),
+        "permission denied for table vault_keys".to_owned(),
+    );
+    for user in ["ingester", "keyadmin", "compliance", "analyst", "nobody"] {
+        let pool = env.pool_as(user).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let mut attempts = vec![
+            "SELECT wrapped_key FROM vault_keys",
+            "SELECT k FROM vault_keys k",
+            "SELECT * FROM vault_keys",
+            "SELECT length(wrapped_key) FROM vault_keys",
+            "SELECT id FROM vault_keys WHERE wrapped_key IS NOT NULL",
+            "SELECT id FROM vault_keys ORDER BY wrapped_key",
+            "COPY vault_keys (wrapped_key) TO STDOUT",
+        ];
+        if user == "keyadmin" {
+            // Its UPDATE right reads nothing back, and copies nothing where it may read.
+            attempts.extend([
+                "UPDATE vault_keys SET state = state WHERE false RETURNING wrapped_key",
+                "UPDATE vault_keys SET kms_key_id = encode(wrapped_key, 'hex') WHERE false",
+            ]);
+        }
+        for role in [None, Some(format!("pii_vault_{user}"))] {
+            if let Some(role) = &role {
+                if !["ingester", "keyadmin"].contains(&user) {
+                    continue;
+                }
+                end(&mut conn, &format!("SET ROLE {role}")).await;
+            }
+            for attempt in &attempts {
+                end(&mut conn, "BEGIN").await;
+                let result = sqlx::raw_sql(attempt).execute(&mut *conn).await;
+                assert_eq!(refusal(result), denied, "{user} ({role:?}): {attempt}");
+                end(&mut conn, "ROLLBACK").await;
+            }
+            end(&mut conn, "RESET ROLE").await;
+        }
+        drop(conn);
+        pool.close().await;
+    }
+    env.cleanup().await;
+}

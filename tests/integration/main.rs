@@ -18,6 +18,7 @@ mod hostile;
 mod ingest;
 mod keys;
 mod late;
+mod lifecycle;
 mod retention;
 mod rotate;
 mod telemetry;
