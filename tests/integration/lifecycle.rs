@@ -476,19 +476,7 @@ impl Walk {
                     .expired = true;
             }
             Step::TakeDump => {
-                let path = std::env::temp_dir().join(format!(
-                    "{}-dump-{}.pgdump",
-                    self.env.database_name,
-                    self.model.dumps.len()
-                ));
-                let output = blocking(
-                    Command::new(pg_tool("pg_dump"))
-                        .args(["--format=custom", "--file"])
-                        .arg(&path)
-                        .arg(&self.env.database_url),
-                )
-                .await;
-                assert!(output.status.success(), "pg_dump: {}", stderr(&output));
+                let path = self.env.dump();
                 self.model.dumps.push(Dump {
                     path,
                     after_step: self.step,
@@ -597,37 +585,10 @@ impl Walk {
     /// invariants on what it gives.
     async fn restore(&mut self, dump: usize) {
         self.restores += 1;
-        let name = format!("{}_r{}", self.env.database_name, self.restores);
-        let url = url_of_database(&self.env.database_url, &name);
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&self.env.pool)
-            .await
-            .unwrap();
-        // Functions owned by pii_vault_door come back in a migration window (README,
-        // "Backups"), the door holding CREATE on the schema meanwhile.
-        let role_admin = common::role_admin().await;
-        let window = db::MigrationWindow::open(&role_admin, &self.env.pool)
-            .await
-            .expect("opening a migration window for the restore");
+        // As the runbook restores a backup (common::TestEnv::restore).
+        let restored_db = self.env.restore(&self.model.dumps[dump].path).await;
+        let url = restored_db.url.clone();
         let restored = db::connect(&url, 2).await.unwrap();
-        sqlx::query("GRANT CREATE ON SCHEMA public TO pii_vault_door")
-            .execute(&restored)
-            .await
-            .unwrap();
-        let output = blocking(
-            Command::new(pg_tool("pg_restore"))
-                .args(["--exit-on-error", "--dbname", &url])
-                .arg(&self.model.dumps[dump].path),
-        )
-        .await;
-        sqlx::query("REVOKE CREATE ON SCHEMA public FROM pii_vault_door")
-            .execute(&restored)
-            .await
-            .unwrap();
-        window.close().await.expect("closing the migration window");
-        role_admin.close().await;
-        assert!(output.status.success(), "pg_restore: {}", stderr(&output));
-
         run_restore_procedure(&self.env, &url).await;
 
         let target = Target {
@@ -641,10 +602,7 @@ impl Walk {
         };
         self.check(&target).await;
         restored.close().await;
-        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .execute(&self.env.pool)
-            .await
-            .unwrap();
+        restored_db.drop().await;
     }
 
     // -------------------------------------------------------------------- the invariants
@@ -886,12 +844,26 @@ impl Walk {
     }
 }
 
-/// What a restored backup goes through before anything reads it (README, "Backups": the
-/// erasures recorded since the backup are run again): `rotate-keys reapply-erasures` against
-/// `db_url`, as the key admin, with `env`'s AWS settings. That command does not exist yet; until
-/// it is called here, a restored dump is checked as pg_restore left it.
+/// What a restored backup goes through before anything reads it (README, "Backups"):
+/// `rotate-keys reapply-erasures` against `db_url`, as the key admin, with `env`'s AWS
+/// settings and witness bucket.
 async fn run_restore_procedure(env: &TestEnv, db_url: &str) {
-    let _ = (env, db_url);
+    let keyadmin = {
+        let (_, host_and_db) = db_url.rsplit_once('@').expect("URL has credentials");
+        format!("postgres://keyadmin:keyadmin@{host_and_db}")
+    };
+    let output = blocking(
+        Command::new(env!("CARGO_BIN_EXE_rotate-keys"))
+            .arg("reapply-erasures")
+            .envs(env.binary_env())
+            .env("DATABASE_URL", keyadmin),
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "reapply-erasures: {}",
+        stderr(&output)
+    );
 }
 
 /// A source delivering one batch from memory with the send times chosen for it.
@@ -942,31 +914,6 @@ fn month_text(starts: Date) -> String {
 fn url_as(url: &str, user: &str) -> String {
     let (_, host_and_db) = url.rsplit_once('@').expect("URL has credentials");
     format!("postgres://{user}:{user}@{host_and_db}")
-}
-
-/// `url` naming database `name` instead.
-fn url_of_database(url: &str, name: &str) -> String {
-    let (prefix, _) = url.rsplit_once('/').expect("URL ends in /name");
-    format!("{prefix}/{name}")
-}
-
-/// A PostgreSQL client tool of the newest version installed.
-fn pg_tool(name: &str) -> PathBuf {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse().ok()?;
-            let path = entry.path().join("bin").join(name);
-            path.exists().then_some((version, path))
-        })
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .map(|(_, path)| path)
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Runs `command` to its end off the async threads.
