@@ -16,12 +16,12 @@
 //! - (d) ingest still stores a new message exactly once: one fresh message ingested twice
 //!   (`ingest --from-file`, as the ingester) is one row.
 //!
-//! `LIFECYCLE_SEEDS` (comma list, default `1,2`) and `LIFECYCLE_STEPS` (default 14) choose the
+//! `LIFECYCLE_SEEDS` (comma list, default `1` to `8`, every kind of step among them) and `LIFECYCLE_STEPS` (default 14) choose the
 //! walks, `LIFECYCLE_PARALLEL` (default 2) how many run at once. Each step is announced on
 //! stderr as `lifecycle seed S step N: <Step>`, and a failure names its seed and step:
 //! `LIFECYCLE_SEEDS=S cargo test --test integration lifecycle::` replays it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, TestEnv, login, rotate_keys, stderr, stdout};
 use pii_vault::db;
-use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::vault::keyring::Keyring;
 
@@ -558,7 +558,7 @@ impl Walk {
         let summary: Summary = tokio::time::timeout(
             Duration::from_secs(120),
             ingest::run(
-                Arc::new(Batch::new(messages)),
+                common::VecSource::of_messages(messages),
                 self.ingester.clone(),
                 keyring,
                 settings,
@@ -866,33 +866,6 @@ async fn run_restore_procedure(env: &TestEnv, db_url: &str) {
     );
 }
 
-/// A source delivering one batch from memory with the send times chosen for it.
-struct Batch {
-    pending: Mutex<VecDeque<Message>>,
-}
-
-impl Batch {
-    fn new(messages: Vec<Message>) -> Self {
-        Self {
-            pending: Mutex::new(messages.into()),
-        }
-    }
-}
-
-impl MessageSource for Batch {
-    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
-        let mut pending = self.pending.lock().unwrap();
-        let n = pending.len().min(10);
-        Ok(pending.drain(..n).collect())
-    }
-
-    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
-        Ok(Acknowledged {
-            deleted: receipts.len(),
-        })
-    }
-}
-
 // ------------------------------------------------------------------------------- helpers
 
 fn month(year: i32, month: u8) -> Date {
@@ -946,7 +919,7 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_lifecycle_keeps_every_invariant_after_every_step() {
-    let seeds = env_list("LIFECYCLE_SEEDS", "1,2");
+    let seeds = env_list("LIFECYCLE_SEEDS", "1,2,3,4,5,6,7,8");
     let steps = env_list("LIFECYCLE_STEPS", "14")[0] as usize;
     let parallel = env_list("LIFECYCLE_PARALLEL", "2")[0].max(1) as usize;
     let started = Instant::now();

@@ -518,6 +518,14 @@ impl VecSource {
         })
     }
 
+    /// These messages, as they are (ids, send times).
+    pub fn of_messages(messages: Vec<Message>) -> Arc<Self> {
+        Arc::new(Self {
+            pending: std::sync::Mutex::new(messages.into()),
+            delay: Duration::ZERO,
+        })
+    }
+
     /// Delivers ten messages every `delay`.
     pub fn slow(bodies: &[String], delay: Duration) -> Arc<Self> {
         let source = Arc::into_inner(Self::new(bodies)).expect("just made");
