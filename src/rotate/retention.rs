@@ -103,7 +103,11 @@ pub async fn expire<W: KeyWrapper>(
         let (logins, quarantined): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM user_logins l JOIN login_vault v ON v.login_id = l.id
                      WHERE l.create_date >= $1 AND l.create_date < $2),
-                    (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($3))",
+                    (SELECT count(*) FROM quarantine
+                     WHERE data_key_id = ANY($3)
+                        OR (body_withheld IS NULL
+                            AND sent_at >= $1::timestamp AT TIME ZONE 'UTC'
+                            AND sent_at < $2::timestamp AT TIME ZONE 'UTC'))",
         )
         .bind(starts)
         .bind(ends)

@@ -205,3 +205,56 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn expiry_deletes_a_body_of_its_month_quarantined_before_the_window_existed() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let mid = |month| month_start(month).with_hms(12, 0, 0).unwrap().assume_utc();
+    // Quarantined while January had no window: sealed under a data key of no window.
+    for month in ["2025-01", "2025-03"] {
+        let summary = env
+            .drain_from(VecSource::sent_at(&["not json".to_owned()], mid(month)))
+            .await;
+        assert_eq!(summary.quarantined, 1);
+    }
+    let arn = env.new_kms_key("pii-vault test: retention window").await;
+    let output = rotate_keys(
+        &env,
+        &["window", "--month", "2025-01", "--kms-key-id", &arn],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let today = time::OffsetDateTime::now_utc().date();
+    let days = (today - month_start("2025-02")).whole_days();
+    let horizon = format!("{days}d");
+    let plan = rotate_keys(&env, &["expire", "--older-than", &horizon]).await;
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let expired = rotate_keys(
+        &env,
+        &[
+            "expire",
+            "--older-than",
+            &horizon,
+            "--apply",
+            "--grace-seconds",
+            "0",
+        ],
+    )
+    .await;
+    assert!(expired.status.success(), "{}", stderr(&expired));
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM') FROM quarantine
+         WHERE sealed_body IS NOT NULL",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        left,
+        ["2025-03"],
+        "January's body is gone, whatever key sealed it; plan: {}",
+        stdout(&plan)
+    );
+    env.cleanup().await;
+}
