@@ -17,9 +17,9 @@
 //!   (`ingest --from-file`, as the ingester) is one row.
 //!
 //! `LIFECYCLE_SEEDS` (comma list, default `1` to `8`: every kind of step among them) and
-//! `LIFECYCLE_STEPS` (default 14) choose the walks, `LIFECYCLE_PARALLEL` (default 2) how many run at once. Each step is announced on
-//! stderr as `lifecycle seed S step N: <Step>`, and a failure names its seed and step:
-//! `LIFECYCLE_SEEDS=S cargo test --test integration lifecycle::` replays it.
+//! `LIFECYCLE_STEPS` (default 14) choose the walks, `LIFECYCLE_PARALLEL` (default 2) how many
+//! run at once. Each step is announced on stderr as `lifecycle seed S step N: <Step>`, and a
+//! failure names its seed and step: `LIFECYCLE_SEEDS=S cargo test --test integration lifecycle::` replays it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
