@@ -19,7 +19,8 @@
 //! `LIFECYCLE_SEEDS` (comma list, default `1` to `8`: every kind of step among them) and
 //! `LIFECYCLE_STEPS` (default 14) choose the walks, `LIFECYCLE_PARALLEL` (default 2) how many
 //! run at once. Each step is announced on stderr as `lifecycle seed S step N: <Step>`, and a
-//! failure names its seed and step: `LIFECYCLE_SEEDS=S cargo test --test integration lifecycle::` replays it.
+//! failure names its seed and step:
+//! `LIFECYCLE_SEEDS=S cargo test --test integration lifecycle::` replays it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
