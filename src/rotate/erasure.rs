@@ -9,7 +9,7 @@
 //! (the audit's Object Lock bucket, under `erasures/`) keeps one object per erasure: its time
 //! and the id sealed under a KMS-wrapped key of its own; never the id in clear.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use sqlx::PgPool;
 use time::OffsetDateTime;
@@ -18,6 +18,7 @@ use super::RotateError;
 use crate::audit::witness::WitnessBucket;
 use crate::vault::KeyId;
 use crate::vault::erasure::WitnessedErasure;
+use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::token::Tokenizer;
@@ -80,7 +81,8 @@ pub async fn erase<W: KeyWrapper>(
     erasure: &Erasure<'_>,
     witness: Option<&WitnessBucket>,
 ) -> Result<Erased, RotateError> {
-    let erased = erase_at(pool, keyring, erasure, None).await?;
+    let tokenizers = tokenizing_keys(pool, keyring).await?;
+    let erased = erase_at(pool, &tokenizers, erasure, None).await?;
     if let (false, Some(bucket)) = (erasure.dry_run, witness) {
         let witnessed = WitnessedErasure::seal(
             keyring.wrapper(),
@@ -99,16 +101,15 @@ pub async fn erase<W: KeyWrapper>(
     Ok(erased)
 }
 
-/// The erasure door, at `erased_at` (`None`: now).
-async fn erase_at<W: KeyWrapper>(
+/// The erasure door, at `erased_at` (`None`: now), recorded under each of `tokenizers`.
+async fn erase_at(
     pool: &PgPool,
-    keyring: &Keyring<W>,
+    tokenizers: &[Tokenizer],
     erasure: &Erasure<'_>,
     erased_at: Option<OffsetDateTime>,
 ) -> Result<Erased, RotateError> {
-    let tokenizers = tokenizing_keys(pool, keyring).await?;
     let (mut keys, mut tokens, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
-    for tokenizer in &tokenizers {
+    for tokenizer in tokenizers {
         let (token, sealed_id) = tokenizer.erased_user(erasure.user_id);
         keys.push(tokenizer.key_id());
         tokens.push(token.to_string());
@@ -166,41 +167,17 @@ async fn tokenizing_keys<W: KeyWrapper>(
     Ok(tokenizers)
 }
 
-/// Token keys unwrapped once each, by id.
-struct Tokenizers<'k, W> {
-    keyring: &'k Keyring<W>,
-    opened: HashMap<KeyId, Tokenizer>,
-}
-
-impl<'k, W: KeyWrapper> Tokenizers<'k, W> {
-    fn new(keyring: &'k Keyring<W>) -> Self {
-        Self {
-            keyring,
-            opened: HashMap::new(),
-        }
-    }
-
-    async fn get(&mut self, id: KeyId) -> Result<&Tokenizer, KeyringError> {
-        if !self.opened.contains_key(&id) {
-            let tokenizer = self.keyring.tokenizer(id).await?;
-            self.opened.insert(id, tokenizer);
-        }
-        Ok(&self.opened[&id])
-    }
-
-    /// The user id an erasure record seals, checked against its token.
-    async fn open(
-        &mut self,
-        record: i64,
-        key: KeyId,
-        token: &str,
-        sealed: &[u8],
-    ) -> Result<String, RotateError> {
-        self.get(key)
-            .await?
-            .open_erased_user(token, sealed)
-            .map_err(|_| RotateError::ErasureRecord { id: record })
-    }
+/// The user id erasure record `record` seals under token key `key`, checked against its token;
+/// each token key unwrapped once.
+async fn open_record<W: KeyWrapper>(
+    keys: &mut KeyCache,
+    keyring: &Keyring<W>,
+    (record, key, token, sealed): (i64, KeyId, &str, &[u8]),
+) -> Result<String, RotateError> {
+    keys.tokenizer(keyring, key, None)
+        .await?
+        .open_erased_user(token, sealed)
+        .map_err(|_| RotateError::ErasureRecord { id: record })
 }
 
 /// Erasure records carried per call of the door.
@@ -216,7 +193,7 @@ pub(super) async fn carry_erasures<W: KeyWrapper>(
     retiring: &[i64],
     target: &Tokenizer,
 ) -> Result<u64, RotateError> {
-    let mut tokenizers = Tokenizers::new(keyring);
+    let mut keys = KeyCache::default();
     let mut carried = 0;
     loop {
         let records: Vec<(i64, KeyId, String, Vec<u8>)> = sqlx::query_as(
@@ -232,7 +209,7 @@ pub(super) async fn carry_erasures<W: KeyWrapper>(
         }
         let (mut ids, mut tokens, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
         for (id, key, token, sealed_id) in &records {
-            let user_id = tokenizers.open(*id, *key, token, sealed_id).await?;
+            let user_id = open_record(&mut keys, keyring, (*id, *key, token, sealed_id)).await?;
             let (new_token, new_sealed) = target.erased_user(&user_id);
             ids.push(*id);
             tokens.push(new_token.to_string());
@@ -278,7 +255,7 @@ pub async fn witness_erasures<W: KeyWrapper>(
     )
     .fetch_all(pool)
     .await?;
-    let mut tokenizers = Tokenizers::new(keyring);
+    let mut keys = KeyCache::default();
     let mut report = Witnessed::default();
     for (erased_at, id, key, token, sealed, tokens_kept) in erasures {
         let Some(sealed) = sealed else {
@@ -289,7 +266,7 @@ pub async fn witness_erasures<W: KeyWrapper>(
             report.present += 1;
             continue;
         }
-        let user_id = tokenizers.open(id, key, &token, &sealed).await?;
+        let user_id = open_record(&mut keys, keyring, (id, key, &token, &sealed)).await?;
         let witnessed = WitnessedErasure::seal(
             keyring.wrapper(),
             keyring.kms_key_id(),
@@ -378,7 +355,7 @@ pub async fn reapply_erasures<W: KeyWrapper>(
             in_flight: true,
             dry_run: false,
         };
-        erase_at(pool, keyring, &erasure, Some(witnessed.erased_at)).await?;
+        erase_at(pool, &tokenizers, &erasure, Some(witnessed.erased_at)).await?;
         report.reapplied += 1;
     }
     Ok(report)
