@@ -59,8 +59,12 @@ impl ErasedUsers {
         .fetch_all(pool)
         .await?;
         let mut erased = Self::default();
+        let mut destroyed = Vec::new();
         for (id, key, token, at) in records {
             erased.newest = erased.newest.max(id);
+            if destroyed.contains(&key) {
+                continue;
+            }
             let slot = match erased
                 .by_key
                 .iter()
@@ -77,6 +81,7 @@ impl ErasedUsers {
                     // match no token any more; stopping ingest would not bring them back.
                     Err(KeyringError::Destroyed(id)) => {
                         tracing::warn!(token_key = %id, "erasure records name a destroyed token key; they match nothing");
+                        destroyed.push(key);
                         continue;
                     }
                     Err(error) => return Err(error),
