@@ -567,7 +567,7 @@ impl CheckpointKey {
             .key_id(&self.key_id)
             .send()
             .await
-            .map_err(|e| VerifyError::SigningKey(crate::vault::kms::short_sdk_error(&e)))?;
+            .map_err(|e| VerifyError::SigningKey(crate::aws_error::one_line(&e)))?;
         let der = output
             .public_key
             .ok_or_else(|| VerifyError::SigningKey("KMS returned no public key".into()))?;
@@ -644,7 +644,7 @@ impl CheckpointKey {
             .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
             .send()
             .await
-            .map_err(|e| VerifyError::SigningKey(crate::vault::kms::short_sdk_error(&e)))?;
+            .map_err(|e| VerifyError::SigningKey(crate::aws_error::one_line(&e)))?;
         let kms_key_id = signature.key_id.unwrap_or_else(|| self.key_id.clone());
         let signature = signature
             .signature

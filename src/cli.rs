@@ -1,7 +1,8 @@
 //! What the binaries share: common flags, logging, AWS configuration, and how an error is
 //! printed: one line on stderr, with its chain of causes, never a panic or backtrace.
 //!
-//! Which exit code an error ends a run with is each binary's own decision (`src/bin/`).
+//! Every binary ends a failed run with the exit code [`Failure::of`] its error gives: one table
+//! for all of them (README, "Exit codes").
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -20,11 +21,22 @@ pub struct VaultArgs {
     #[command(flatten)]
     pub logging: LoggingArgs,
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = LOCAL_DATABASE_URL, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = LOCAL_DATABASE_URL,
+        hide_env_values = true,
+        global = true
+    )]
     pub database_url: String,
     /// KMS key (id, ARN or alias) that wraps new keys. Existing keys unwrap under the KMS key
     /// recorded with them.
-    #[arg(long, env = "KMS_KEY_ID", default_value = "alias/pii-vault")]
+    #[arg(
+        long,
+        env = "KMS_KEY_ID",
+        default_value = "alias/pii-vault",
+        global = true
+    )]
     pub kms_key_id: String,
 }
 
@@ -114,12 +126,51 @@ impl WitnessArgs {
 
 impl Witness {
     /// The bucket, reached with the process's AWS settings.
-    pub async fn bucket(&self) -> crate::audit::witness::WitnessBucket {
-        crate::audit::witness::WitnessBucket::new(
-            &aws_config().await,
+    pub async fn bucket(&self) -> Result<crate::audit::witness::WitnessBucket, UsageError> {
+        Ok(crate::audit::witness::WitnessBucket::new(
+            &aws_config().await?,
             &self.bucket,
             self.retain_days,
-        )
+        ))
+    }
+}
+
+/// `--format`: how a command prints its result on stdout.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct OutputArgs {
+    /// How the result is printed on stdout: `text` for people, `json` (one object on one line)
+    /// for scripts. Errors stay one line on stderr either way.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// A command's result, said both ways: lines for people and one JSON object for scripts.
+#[derive(Debug)]
+pub struct Said {
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+impl Said {
+    pub fn new(text: impl Into<String>, json: serde_json::Value) -> Self {
+        Said {
+            text: text.into(),
+            json,
+        }
+    }
+
+    /// Prints the result on stdout as `format` asks.
+    pub fn print(&self, format: OutputFormat) {
+        match format {
+            OutputFormat::Text => println!("{}", self.text.trim_end()),
+            OutputFormat::Json => println!("{}", self.json),
+        }
     }
 }
 
@@ -127,7 +178,7 @@ impl Witness {
 pub struct LoggingArgs {
     /// How log lines on stderr look: `text` for people, `json` (one object per line) for a log
     /// collector. Verbosity comes from RUST_LOG (default `info`).
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 }
 
@@ -169,7 +220,10 @@ pub fn verbosity_cap() -> Targets {
 /// or key material: the types that hold either print redacted, and the libraries that would
 /// print message bodies are capped ([`verbosity_cap`]).
 pub fn init_logging(args: &LoggingArgs) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(quiet_sdk(
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+    ))
+    .unwrap_or_else(|_| EnvFilter::new(quiet_sdk("info")));
     let text = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -182,14 +236,36 @@ pub fn init_logging(args: &LoggingArgs) {
         .init();
 }
 
+/// `RUST_LOG`'s directives, with the AWS SDK's configuration loader held to errors unless they
+/// ask for debug detail: its warnings (a region or credentials looked for in vain, each with
+/// its whole error context) are detail, and the error that follows says what to do in one line.
+fn quiet_sdk(directives: &str) -> String {
+    if ["debug", "trace", "aws_config"]
+        .iter()
+        .any(|word| directives.contains(word))
+    {
+        directives.to_owned()
+    } else {
+        format!("{directives},aws_config=error")
+    }
+}
+
 /// AWS configuration from the standard chain: `AWS_REGION`, credentials from the environment,
 /// profile or instance role, and `AWS_ENDPOINT_URL` for an emulator. The SDK retries throttling
-/// and transient faults with back-off before pii-vault sees an error.
-pub async fn aws_config() -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
+/// and transient faults with back-off before pii-vault sees an error. No region anywhere in
+/// the chain is a usage error that says to set `AWS_REGION`, before any request fails on it.
+pub async fn aws_config() -> Result<aws_config::SdkConfig, UsageError> {
+    let config = aws_config::defaults(BehaviorVersion::latest())
         .retry_config(RetryConfig::standard().with_max_attempts(5))
         .load()
-        .await
+        .await;
+    if config.region().is_none() {
+        return Err(UsageError(
+            "no AWS region: set AWS_REGION (e.g. AWS_REGION=us-east-1) or a profile's region"
+                .into(),
+        ));
+    }
+    Ok(config)
 }
 
 /// Names this process in the keys it creates: program, host and pid.
@@ -210,15 +286,164 @@ pub fn print_error(error: &anyhow::Error) {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// The question was answered, and the answer is: nothing (exit code 6).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NothingFound(pub String);
+
+/// How a failed run ends: the exit code, the same in every binary, so that a scheduler or a
+/// script can tell what to do next without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database, the network or a service failed: running again may succeed.
+    Fault = 1,
+    /// Bad arguments or configuration: fix the command line or the environment.
+    Usage = 2,
+    /// The vault refused this login or this request (grants, doors): ask for the right role,
+    /// or for something the doors allow.
+    Refused = 3,
+    /// Evidence of tampering (a value, a key or the audit does not verify): keep the
+    /// database as it is and follow docs/runbook.md.
+    Integrity = 4,
+    /// KMS refused (access denied, a key disabled, pending deletion or unknown).
+    KmsRefused = 5,
+    /// Nothing matched the question (still audited where the question is a reveal).
+    NothingFound = 6,
+}
+
+impl Failure {
+    /// Every failure, in exit-code order.
+    pub const ALL: [Failure; 6] = [
+        Failure::Fault,
+        Failure::Usage,
+        Failure::Refused,
+        Failure::Integrity,
+        Failure::KmsRefused,
+        Failure::NothingFound,
+    ];
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The failure an error stands for: its first cause, outermost first, that says more
+    /// than a fault.
+    pub fn of(error: &anyhow::Error) -> Failure {
+        error.chain().find_map(classify).unwrap_or(Failure::Fault)
+    }
+}
+
+/// What one cause says, if it says more than "a fault"; wrappers answer `None` and let the
+/// chain go on to their source.
+fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<Failure> {
+    use crate::audit::witness::WitnessError;
+    use crate::audit::{Broken, VerifyError};
+    use crate::rotate::RotateError;
+    use crate::unmask::UnmaskError;
+    use crate::vault::keyring::KeyringError;
+    use crate::vault::kms::KmsError;
+    use crate::vault::sealed::IntegrityError;
+
+    if cause.is::<UsageError>() {
+        return Some(Failure::Usage);
+    }
+    if cause.is::<NothingFound>() {
+        return Some(Failure::NothingFound);
+    }
+    if cause.is::<IntegrityError>() || cause.is::<Broken>() {
+        return Some(Failure::Integrity);
+    }
+    if let Some(e) = cause.downcast_ref::<UnmaskError>() {
+        return match e {
+            UnmaskError::NotAuthorized(_) | UnmaskError::Refused(_) => Some(Failure::Refused),
+            UnmaskError::Integrity { .. } => Some(Failure::Integrity),
+            UnmaskError::KmsRefused { error, .. } => classify(error),
+            UnmaskError::Keys(keys) => classify(keys),
+            UnmaskError::Database(db) => classify(db),
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<RotateError>() {
+        return match e {
+            RotateError::Integrity { .. } | RotateError::ErasureRecord { .. } => {
+                Some(Failure::Integrity)
+            }
+            RotateError::NoSuchUser => Some(Failure::NothingFound),
+            RotateError::WindowTaken { .. }
+            | RotateError::WindowKeyTaken { .. }
+            | RotateError::WindowKeyRefused { .. } => Some(Failure::Refused),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<KeyringError>() {
+        return match e {
+            KeyringError::NoTokenKey => Some(Failure::Usage),
+            _ => None,
+        };
+    }
+    if let Some(KmsError::Refused { code, .. }) = cause.downcast_ref::<KmsError>() {
+        // A wrapped key that does not decrypt under its own context was altered or moved:
+        // tampering, not a refusal of the caller.
+        return Some(if code == "InvalidCiphertextException" {
+            Failure::Integrity
+        } else {
+            Failure::KmsRefused
+        });
+    }
+    if let Some(e) = cause.downcast_ref::<VerifyError>() {
+        return match e {
+            VerifyError::Broken(_) => Some(Failure::Integrity),
+            // Transparent: the chain goes on past the witness error's own text.
+            VerifyError::Witness(witness) => classify(witness),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<WitnessError>() {
+        return match e {
+            WitnessError::Conflict { .. } => Some(Failure::Integrity),
+            WitnessError::NotLocked { .. } => Some(Failure::Usage),
+            WitnessError::Refused { status: 403, .. } => Some(Failure::Refused),
+            WitnessError::Refused { status: 404, .. } => Some(Failure::Usage),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<crate::db::DbError>() {
+        return match e {
+            crate::db::DbError::InvalidUrl { .. } => Some(Failure::Usage),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+        return sql_failure(e);
+    }
+    if let Some(e) = cause.downcast_ref::<SourceError>() {
+        return match e {
+            e if e.transient => None,
+            e if e.message.contains("AccessDenied") => Some(Failure::Refused),
+            _ => Some(Failure::Usage),
+        };
+    }
+    None
+}
+
+/// PostgreSQL's refusals: no privilege (42501), a login refused (28000, 28P01). A door's own
+/// `RAISE` (P0001) says why in its message and may be a fault (the audit unavailable).
+fn sql_failure(error: &sqlx::Error) -> Option<Failure> {
+    let sqlx::Error::Database(e) = error else {
+        return None;
+    };
+    match e.code().as_deref() {
+        Some("42501" | "28000" | "28P01") => Some(Failure::Refused),
+        _ => None,
+    }
+}
+
 /// A binary's life after parsing: logging started as `logging` (from `args`) says, its
 /// arguments checked into its configuration (a bad one is one line and exit code 2), then
-/// `run`; a failure is printed as one line and ends with the code the binary's own
-/// `exit_code` gives it.
+/// `run`; a failure is printed as one line and ends with its [`Failure`]'s exit code.
 pub async fn main<Args, Config, Run, Done>(
     logging: LoggingArgs,
     args: Args,
     run: impl FnOnce(Config) -> Run,
-    exit_code: impl FnOnce(&anyhow::Error) -> u8,
 ) -> std::process::ExitCode
 where
     Config: TryFrom<Args, Error = UsageError>,
@@ -230,14 +455,14 @@ where
         Ok(config) => config,
         Err(usage) => {
             print_error(&usage.into());
-            return std::process::ExitCode::from(2);
+            return std::process::ExitCode::from(Failure::Usage.code());
         }
     };
     match run(config).await {
         Ok(done) => done.report(),
         Err(error) => {
             print_error(&error);
-            std::process::ExitCode::from(exit_code(&error))
+            std::process::ExitCode::from(Failure::of(&error).code())
         }
     }
 }

@@ -44,17 +44,30 @@
 //! - [`aws_http`]: SigV4-signed HTTP for what the crate speaks without an SDK client (SQS
 //!   Query, the audit witness bucket on S3), and the XML of their answers; used by
 //!   [`ingest::sqs_query`] and [`audit::witness`], built on nothing else in the crate.
-//! - [`cli`]: what the binaries share: common flags, logging, AWS configuration, one-line
-//!   errors.
+//! - [`cli`]: what the binaries share: common flags (global: accepted after a subcommand),
+//!   logging, AWS configuration, `--format json`, one-line errors and one exit-code table
+//!   ([`cli::Failure`]); [`aws_error`]: an AWS SDK failure in one line that says what to do.
 //!
 //! The binaries (`src/bin/`) are thin: `ingest` (the daemon), `unmask` (audited recovery),
 //! `rotate-keys` (key and schema administration) and `loadgen` (puts test messages on a queue).
 //! Each parses its arguments, checks them into a `Config` (a bad one is a one-line error, exit
-//! code 2) and runs it; each maps its own errors to exit codes.
+//! code 2) and runs it; a failure's exit code comes from [`cli::Failure::of`].
 
 #![forbid(unsafe_code)]
 
+/// The commit this build was made from (git's short hash; `unknown` outside a checkout).
+pub const BUILD_COMMIT: &str = env!("PII_VAULT_COMMIT");
+
+/// What `--version` prints after a binary's name: the version and the commit.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PII_VAULT_COMMIT"),
+    ")"
+);
+
 pub mod audit;
+pub mod aws_error;
 pub mod aws_http;
 pub mod cli;
 pub mod db;

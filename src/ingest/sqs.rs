@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs_query::QuerySqsSource;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
 };
@@ -92,7 +92,7 @@ where
         _ => true,
     };
     SourceError {
-        message: format!("{operation}: {}", DisplayErrorContext(&error)),
+        message: format!("{operation}: {}", crate::aws_error::one_line(&error)),
         transient,
     }
 }

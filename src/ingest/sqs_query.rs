@@ -26,7 +26,7 @@ use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
 use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sigv4::http_request::SigningSettings;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -446,7 +446,7 @@ pub async fn probe(aws: &aws_config::SdkConfig, queue: &str) -> Result<Protocol,
             return Err(SourceError {
                 message: format!(
                     "probing which SQS protocol the endpoint speaks: {}",
-                    DisplayErrorContext(&error)
+                    crate::aws_error::one_line(&error)
                 ),
                 transient: true,
             });

@@ -45,6 +45,23 @@ pub struct Summary {
     pub p99: Duration,
 }
 
+impl Summary {
+    /// The summary as one JSON object, latencies in milliseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "received": self.received,
+            "stored": self.stored,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "acknowledged": self.acknowledged,
+            "left_on_queue": self.left_on_queue,
+            "write_retries": self.write_retries,
+            "p50_ms": self.p50.as_secs_f64() * 1e3,
+            "p99_ms": self.p99.as_secs_f64() * 1e3,
+        })
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -15,7 +15,7 @@ pub mod memory;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyState};
 
@@ -105,7 +105,7 @@ impl KmsError {
             SdkError::ServiceError(service) => service.err().code().map(str::to_owned),
             _ => None,
         };
-        let message = short_sdk_error(&error);
+        let message = crate::aws_error::one_line(&error);
         match code {
             Some(code) if !transient_codes.contains(&code.as_str()) => KmsError::Refused {
                 operation,
@@ -115,30 +115,6 @@ impl KmsError {
             // Throttling and KMS-side faults, timeouts, connection failures.
             _ => KmsError::Unavailable(format!("{operation}: {message}")),
         }
-    }
-}
-
-/// One short sentence for an SDK failure: the service's code and message, or the kind of
-/// failure. The SDK's full error context (request ids, the whole source chain) goes to the
-/// debug log, not to an officer's terminal.
-pub fn short_sdk_error<E, R>(error: &SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
-{
-    tracing::debug!(error = %DisplayErrorContext(error), "AWS request failed");
-    match error {
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or("an error");
-            match service.err().message() {
-                Some(message) => format!("{code}: {message}"),
-                None => code.to_owned(),
-            }
-        }
-        SdkError::TimeoutError(_) => "the request timed out".to_owned(),
-        SdkError::DispatchFailure(_) => "the service could not be reached".to_owned(),
-        SdkError::ResponseError(_) => "the response could not be read".to_owned(),
-        _ => "the request could not be built".to_owned(),
     }
 }
 

@@ -243,21 +243,9 @@ async fn every_call_each_command_makes_is_allowed_to_the_role_that_runs_it() {
     let loadgen = [&["--queue", queue, "--seed", "1"][..], &count].concat();
     recorder.run(LOADGEN_BIN, &loadgen).await;
     recorder.run(INGEST, &["--drain"]).await;
-    let old_window = [
-        "window",
-        "--month",
-        "2025-01",
-        "--kms-key-id",
-        &old_window_key,
-    ];
+    let old_window = ["window", "--month", "2025-01", "--key", &old_window_key];
     recorder.run(ROTATE_KEYS, &old_window).await;
-    let this_window = [
-        "window",
-        "--month",
-        &this_month,
-        "--kms-key-id",
-        &this_window_key,
-    ];
+    let this_window = ["window", "--month", &this_month, "--key", &this_window_key];
     recorder.run(ROTATE_KEYS, &this_window).await;
     let query = ["--sqs-protocol", "query"];
     let loadgen = [&["--queue", queue, "--seed", "2"][..], &count, &query].concat();

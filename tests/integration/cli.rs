@@ -148,7 +148,7 @@ async fn query_protocol_loadgen_and_ingest_and_auto() {
             "https://sqs.us-east-1.amazonaws.com/123456789012/login-queue",
         ],
     );
-    assert_eq!(https.status.code(), Some(1), "{}", stderr(&https));
+    assert_eq!(https.status.code(), Some(2), "{}", stderr(&https));
     let message = stderr(&https);
     assert!(message.contains("plain HTTP only"), "{message}");
     assert_eq!(message.trim_end().lines().count(), 1, "{message}");

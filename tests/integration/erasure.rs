@@ -99,7 +99,7 @@ async fn erase_refuses_an_id_that_names_nothing_and_a_dry_run_changes_nothing() 
 
     // A typo: refused, nothing recorded, nothing audited.
     let typo = rotate_keys(&env, &["erase", "--user-id", "u-l", "--reason", "ticket 4"]).await;
-    assert_eq!(typo.status.code(), Some(1), "{}", stdout(&typo));
+    assert_eq!(typo.status.code(), Some(6), "{}", stdout(&typo));
     assert!(
         stderr(&typo).contains("nothing was erased") && stderr(&typo).contains("--in-flight"),
         "{}",
@@ -138,7 +138,7 @@ async fn erase_refuses_an_id_that_names_nothing_and_a_dry_run_changes_nothing() 
         &["erase", "--user-id", "u-l", "--reason", "r", "--dry-run"],
     )
     .await;
-    assert_eq!(dry_typo.status.code(), Some(1));
+    assert_eq!(dry_typo.status.code(), Some(6));
 
     // Told the messages are still in flight, the erasure is recorded (and witnessed).
     let in_flight = rotate_keys(

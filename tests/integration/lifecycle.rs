@@ -430,7 +430,7 @@ impl Walk {
                 let kms_key = self.env.new_kms_key("pii-vault lifecycle: window").await;
                 let text = month_text(*month);
                 let output = self
-                    .rotate_keys(&["window", "--month", &text, "--kms-key-id", &kms_key])
+                    .rotate_keys(&["window", "--month", &text, "--key", &kms_key])
                     .await;
                 assert_eq!(
                     stdout(&output).trim(),

@@ -12,6 +12,7 @@ mod api_calls;
 mod cli;
 mod doors;
 mod erasure;
+mod exit_codes;
 mod faults;
 mod formats;
 mod hostile;

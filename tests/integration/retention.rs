@@ -57,7 +57,7 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
     let mut window_keys = Vec::new();
     for month in MONTHS {
         let arn = env.new_kms_key("pii-vault test: retention window").await;
-        let output = rotate_keys(&env, &["window", "--month", month, "--kms-key-id", &arn]).await;
+        let output = rotate_keys(&env, &["window", "--month", month, "--key", &arn]).await;
         assert!(output.status.success(), "{}", stderr(&output));
         window_keys.push(arn);
     }
@@ -94,7 +94,7 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
         .expect("CreateAlias");
     for (target, month) in [(&window_keys[0], "2025-01"), (&alias, "2025-02")] {
         let refused = rotate_keys(&env, &["rewrap", "--kms-key-id", target]).await;
-        assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+        assert_eq!(refused.status.code(), Some(3), "{}", stdout(&refused));
         let said = stderr(&refused);
         assert!(
             said.contains(&format!("is the KMS key of retention window {month}-01"))
@@ -114,8 +114,8 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
         ),
     ];
     for (month, key, why) in taken {
-        let refused = rotate_keys(&env, &["window", "--month", month, "--kms-key-id", key]).await;
-        assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+        let refused = rotate_keys(&env, &["window", "--month", month, "--key", key]).await;
+        assert_eq!(refused.status.code(), Some(3), "{}", stdout(&refused));
         let said = stderr(&refused);
         assert!(
             said.contains(&format!(
@@ -219,11 +219,7 @@ async fn expiry_deletes_a_body_of_its_month_quarantined_before_the_window_existe
         assert_eq!(summary.quarantined, 1);
     }
     let arn = env.new_kms_key("pii-vault test: retention window").await;
-    let output = rotate_keys(
-        &env,
-        &["window", "--month", "2025-01", "--kms-key-id", &arn],
-    )
-    .await;
+    let output = rotate_keys(&env, &["window", "--month", "2025-01", "--key", &arn]).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let today = time::OffsetDateTime::now_utc().date();
     let days = (today - month_start("2025-02")).whole_days();

@@ -663,7 +663,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     for (year, month) in months {
         let arn = env.new_kms_key("pii-vault test: retention window").await;
         let label = format!("{year}-{month:02}");
-        let output = rotate_keys(&env, &["window", "--month", &label, "--kms-key-id", &arn]).await;
+        let output = rotate_keys(&env, &["window", "--month", &label, "--key", &arn]).await;
         assert!(output.status.success(), "{}", stderr(&output));
         window_kms_keys.push(arn);
     }

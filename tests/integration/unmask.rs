@@ -196,10 +196,10 @@ async fn reverse_lookups_find_every_login_carrying_a_token() {
 }
 
 #[tokio::test]
-async fn nothing_found_exits_1_after_auditing_the_attempt() {
+async fn nothing_found_exits_6_after_auditing_the_attempt() {
     let env = three_logins().await;
     let output = unmask_as_officer(&env, &["--user-id", "nobody", "--reason", "r"]);
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
     assert!(stdout(&output).is_empty());
     assert_eq!(
         audit_rows(&env).await,
@@ -1408,7 +1408,7 @@ async fn object_lock_keeps_the_witnessed_checkpoints() {
         let refused = env.run_binary_as("compliance", UNMASK, &all);
         assert_eq!(
             refused.status.code(),
-            Some(1),
+            Some(2),
             "{args:?}: {}",
             stderr(&refused)
         );

@@ -14,7 +14,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use pii_vault::cli::{self, SqsArgs, UsageError, VaultArgs};
+use pii_vault::cli::{self, OutputArgs, OutputFormat, Said, SqsArgs, UsageError, VaultArgs};
 use pii_vault::db;
 use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
@@ -31,12 +31,14 @@ use pii_vault::vault::kms::AwsKms;
 /// AWS region, credentials and endpoint come from the standard AWS chain (AWS_REGION,
 /// AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles; AWS_ENDPOINT_URL for an emulator).
 #[derive(Debug, Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(name = "ingest", version = pii_vault::VERSION_LINE, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     vault: VaultArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Queue name or URL.
     #[arg(long, env = "QUEUE", default_value = "login-queue")]
     queue: String,
@@ -108,6 +110,7 @@ enum Command {
 
 /// `Args`, checked and resolved: what a run needs.
 struct Config {
+    format: OutputFormat,
     database_url: String,
     kms_key_id: String,
     input: InputConfig,
@@ -182,6 +185,7 @@ impl TryFrom<Args> for Config {
             sealing: Arc::default(),
         };
         Ok(Config {
+            format: args.output.format,
             database_url: args.vault.database_url,
             kms_key_id: args.vault.kms_key_id,
             input,
@@ -197,24 +201,19 @@ async fn main() -> ExitCode {
     let mut args = Args::parse();
     match args.command.take() {
         Some(Command::ReplayDeadLetters(replay)) => {
-            cli::main(replay.logging, replay, replay::run, exit_code).await
+            let format = args.output.format;
+            cli::main(args.vault.logging, replay, |config| {
+                replay::run(config, format)
+            })
+            .await
         }
-        None => cli::main(args.vault.logging, args, run, exit_code).await,
-    }
-}
-
-/// Exit codes: 2 bad arguments or configuration (a taken `--metrics-addr` included), 1 any
-/// other failure.
-fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.chain().any(|cause| cause.is::<UsageError>()) {
-        2
-    } else {
-        1
+        None => cli::main(args.vault.logging, args, run).await,
     }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let Config {
+        format,
         database_url,
         kms_key_id,
         input,
@@ -233,7 +232,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let pool = db::connect(&database_url, settings.writers as u32 + 2).await?;
     db::check_schema(&pool).await?;
 
-    let aws = cli::aws_config().await;
+    let aws = cli::aws_config().await?;
     let kms = Arc::new(AwsKms::from_conf(&aws));
     let keyring =
         |created_by: &str| Keyring::new(pool.clone(), kms.clone(), &kms_key_id, created_by);
@@ -318,7 +317,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     endpoint_stop.cancel();
     let summary = summary?;
     tracing::info!(kms_calls = kms.calls(), "done");
-    println!("{summary}");
+    Said::new(summary.to_string(), summary.to_json()).print(format);
     if from_file && summary.left_on_queue > 0 {
         // A queue hands these out again; a file does not, so the run must not pass as done.
         anyhow::bail!(

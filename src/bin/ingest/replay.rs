@@ -1,7 +1,7 @@
 //! `ingest replay-dead-letters`: the dead-letter queue back to the login queue, each message
 //! carrying its first send time and id (`pii_vault::ingest::replay`).
 
-use pii_vault::cli::{self, LoggingArgs, UsageError};
+use pii_vault::cli::{self, OutputFormat, Said, UsageError};
 use pii_vault::ingest::replay::{self, ReplaySettings};
 use pii_vault::ingest::sqs;
 
@@ -14,8 +14,6 @@ use pii_vault::ingest::sqs;
 /// Speaks SQS's JSON protocol (AWS, LocalStack 3.0 and later), standard queues only.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    #[command(flatten)]
-    pub logging: LoggingArgs,
     /// The dead-letter queue (URL or name).
     #[arg(long, value_name = "URL")]
     dead_letter_queue_url: String,
@@ -64,14 +62,20 @@ impl TryFrom<ReplayArgs> for ReplayConfig {
     }
 }
 
-pub async fn run(config: ReplayConfig) -> anyhow::Result<()> {
-    let aws = cli::aws_config().await;
+pub async fn run(config: ReplayConfig, format: OutputFormat) -> anyhow::Result<()> {
+    let aws = cli::aws_config().await?;
     let client = aws_sdk_sqs::Client::new(&aws);
     let dead_letter_queue = sqs::resolve_queue_url(&client, &config.dead_letter_queue).await?;
     let queue = sqs::resolve_queue_url(&client, &config.queue).await?;
     let done =
         replay::replay_dead_letters(&client, &dead_letter_queue, &queue, config.settings).await?;
-    println!("{done}");
+    let json = serde_json::json!({
+        "received": done.received,
+        "moved": done.moved,
+        "sent_not_deleted": done.sent_not_deleted,
+        "released": done.released,
+    });
+    Said::new(done.to_string(), json).print(format);
     if done.sent_not_deleted > 0 {
         anyhow::bail!(
             "{} message(s) were sent but are still in the dead-letter queue; run again (ingest \

@@ -14,9 +14,10 @@ use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
 use pii_vault::synth::Generator;
 
-/// Send login messages to an SQS queue (creating the queue if it is missing).
+/// Send login messages to an SQS queue (creating it, with its dead-letter queue, if it is
+/// missing).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "loadgen", version = pii_vault::VERSION_LINE)]
 struct Args {
     #[command(flatten)]
     logging: LoggingArgs,
@@ -95,11 +96,11 @@ impl TryFrom<Args> for Config {
     }
 }
 
-/// Exit codes: 0 sent, 1 failure, 2 bad arguments.
+/// Exit codes: README, "Exit codes" (`cli::Failure`).
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::main(args.logging, args, run, |_| 1).await
+    cli::main(args.logging, args, run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -116,7 +117,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    let aws = cli::aws_config().await;
+    let aws = cli::aws_config().await?;
     let protocol = config
         .sqs
         .protocol(&aws, &config.queue)
@@ -163,8 +164,10 @@ enum Sender {
 }
 
 impl Sender {
-    /// The URL of `queue` (a URL already, or a name), creating the queue if it is missing (an
-    /// existing queue's attributes are left alone).
+    /// The URL of `queue` (a URL already, or a name). A missing queue is created with its
+    /// dead-letter queue `<name>-dlq` and a redrive policy, as production has it, so that a
+    /// message ingest cannot store ends there and not in an endless loop; an existing queue is
+    /// left as it is.
     async fn create_or_find(&self, queue: &str) -> anyhow::Result<String> {
         if queue.starts_with("http://") || queue.starts_with("https://") {
             return match self {
@@ -174,17 +177,77 @@ impl Sender {
             };
         }
         match self {
-            Sender::Json(client) => client
-                .create_queue()
-                .queue_name(queue)
-                .send()
-                .await
-                .map_err(aws_sdk_sqs::Error::from)?
-                .queue_url
-                .context("CreateQueue returned no URL"),
-            Sender::Query(client) => Ok(client.create_queue(queue).await?),
+            Sender::Json(client) => match sqs::resolve_queue_url(client, queue).await {
+                Ok(url) => Ok(url),
+                Err(missing) if !missing.transient => create_with_dead_letters(client, queue).await,
+                Err(fault) => Err(fault.into()),
+            },
+            Sender::Query(client) => client.get_queue_url(queue).await.map_err(|missing| {
+                anyhow::anyhow!(
+                    "{missing}; loadgen creates a queue (with its dead-letter queue) over the JSON \
+                     protocol only: run it once with --sqs-protocol json, or create the queue \
+                     with scripts/aws-init.py"
+                )
+            }),
         }
     }
+}
+
+/// Receives a message may have before SQS moves it to the dead-letter queue.
+const MAX_RECEIVE_COUNT: u32 = 5;
+
+/// Creates `<queue>-dlq`, then `queue` with a redrive policy naming it.
+async fn create_with_dead_letters(
+    client: &aws_sdk_sqs::Client,
+    queue: &str,
+) -> anyhow::Result<String> {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let dead_letters = format!("{queue}-dlq");
+    let create = |name: String| client.create_queue().queue_name(name);
+    let dlq_url = create(dead_letters.clone())
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "CreateQueue {dead_letters}: {}",
+                pii_vault::aws_error::one_line(&e)
+            )
+        })?
+        .queue_url
+        .context("CreateQueue returned no URL")?;
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "GetQueueAttributes {dead_letters}: {}",
+                pii_vault::aws_error::one_line(&e)
+            )
+        })?
+        .attributes
+        .and_then(|mut attributes| attributes.remove(&QueueAttributeName::QueueArn))
+        .context("GetQueueAttributes returned no QueueArn")?;
+    let redrive = serde_json::json!({
+        "deadLetterTargetArn": dlq_arn,
+        "maxReceiveCount": MAX_RECEIVE_COUNT,
+    });
+    let url = create(queue.to_owned())
+        .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "CreateQueue {queue}: {}",
+                pii_vault::aws_error::one_line(&e)
+            )
+        })?
+        .queue_url
+        .context("CreateQueue returned no URL")?;
+    tracing::info!(queue, dead_letter_queue = %dead_letters, "created the queue and its dead-letter queue");
+    Ok(url)
 }
 
 async fn send_batch(client: Sender, queue_url: String, bodies: Vec<String>) -> anyhow::Result<u64> {

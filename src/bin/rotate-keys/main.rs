@@ -2,6 +2,7 @@
 //! from a scheduler: an interrupted run is finished by the next one.
 
 mod progress;
+mod status;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,22 +10,27 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use pii_vault::cli::{self, UsageError, VaultArgs, Witness, WitnessArgs};
+use pii_vault::cli::{
+    self, OutputArgs, OutputFormat, Said, UsageError, VaultArgs, Witness, WitnessArgs,
+};
 use pii_vault::db;
 use pii_vault::rotate::{self, Options, Report};
 use pii_vault::unmask;
 use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
+use serde_json::json;
 
 use progress::ProgressLine;
 
 /// Create, rotate, re-wrap and retire pii-vault's keys, online.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "rotate-keys", version = pii_vault::VERSION_LINE)]
 struct Args {
     #[command(flatten)]
     vault: VaultArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,15 +57,12 @@ enum Command {
     DataKey(RotationArgs),
     /// Replace the token key: recompute every stored token, retire the old key.
     TokenKey(RotationArgs),
-    /// Re-wrap every stored key outside retention windows under another KMS key (KMS
-    /// ReEncrypt), so the old KMS key can be disabled. Point KMS_KEY_ID at the new key for
-    /// everything that creates keys. A window's data keys stay under the window's own KMS key,
-    /// and a window's KMS key is refused as the target.
-    Rewrap {
-        /// The KMS key (id, ARN or alias) to wrap under from now on.
-        #[arg(long = "kms-key-id", id = "new_kms_key_id")]
-        new_kms_key_id: String,
-    },
+    /// Re-wrap every stored key outside retention windows under the KMS key that new keys
+    /// are wrapped under (--kms-key-id, KMS_KEY_ID), with KMS ReEncrypt, so that the old KMS
+    /// key can be disabled: point KMS_KEY_ID at the new key everywhere, then run this. A
+    /// window's data keys stay under the window's own KMS key, and a window's KMS key is
+    /// refused as the target.
+    Rewrap,
     /// Erase a user for good (an erasure request): their sealed values, their tokens and the
     /// quarantined messages that name them; the analytic rows stay. Messages of theirs sent
     /// before the erasure and delivered after it are stored without personal fields.
@@ -112,7 +115,7 @@ enum Command {
         month: time::Date,
         /// The window's KMS key (id or ARN, not an alias: the window must keep its key), made
         /// with keys/kms-window-key-policy.json. Refused if it wraps anything outside the window.
-        #[arg(long = "kms-key-id", id = "window_kms_key_id")]
+        #[arg(long = "key", id = "window_kms_key_id", value_name = "KMS_KEY")]
         kms_key_id: String,
     },
     /// Expire the retention windows that end before the horizon: delete their logins' sealed
@@ -173,6 +176,7 @@ impl RotationArgs {
 struct Config {
     database_url: String,
     kms_key_id: String,
+    format: OutputFormat,
     task: Task,
 }
 
@@ -225,7 +229,9 @@ impl TryFrom<Args> for Config {
             },
             Command::DataKey(rotation) => Task::ReplaceKeys(Purpose::Data, rotation.options()),
             Command::TokenKey(rotation) => Task::ReplaceKeys(Purpose::Token, rotation.options()),
-            Command::Rewrap { new_kms_key_id } => Task::Rewrap { new_kms_key_id },
+            Command::Rewrap => Task::Rewrap {
+                new_kms_key_id: args.vault.kms_key_id.clone(),
+            },
             Command::Erase {
                 user_id,
                 reason,
@@ -291,6 +297,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             database_url: args.vault.database_url,
             kms_key_id: args.vault.kms_key_id,
+            format: args.output.format,
             task,
         })
     }
@@ -303,37 +310,50 @@ fn actor_or_os_user(actor: Option<String>) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Exit codes: 0 done (or nothing to do), 1 failure, 2 bad arguments.
+/// Exit codes: README, "Exit codes" (`cli::Failure`).
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::main(args.vault.logging, args, run, |_| 1).await
+    cli::main(args.vault.logging, args, run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let format = config.format;
+    execute(config).await?.print(format);
+    Ok(())
+}
+
+/// Runs the task and says what it did.
+async fn execute(config: Config) -> anyhow::Result<Said> {
     let pool = db::connect(&config.database_url, 4).await?;
     let keyring = || async {
-        let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
-        Keyring::new(
+        let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await?));
+        anyhow::Ok(Keyring::new(
             pool.clone(),
             kms,
             &config.kms_key_id,
             &cli::process_name("rotate-keys"),
-        )
+        ))
     };
-    match config.task {
+    Ok(match config.task {
         Task::Init { role_admin_url } => {
             let role_admin = match &role_admin_url {
                 Some(url) => Some(db::connect(url, 1).await?),
                 None => None,
             };
             db::migrate(&pool, role_admin.as_ref()).await?;
-            match keyring().await.init_token_key().await? {
-                TokenKeyInit::Created(id) => println!("schema current; token key {id} created"),
-                TokenKeyInit::AlreadyActive(id) => {
-                    println!("schema current; token key {id} already active, nothing to do")
-                }
-            }
+            let (id, created) = match keyring().await?.init_token_key().await? {
+                TokenKeyInit::Created(id) => (id, true),
+                TokenKeyInit::AlreadyActive(id) => (id, false),
+            };
+            Said::new(
+                if created {
+                    format!("schema current; token key {id} created")
+                } else {
+                    format!("schema current; token key {id} already active, nothing to do")
+                },
+                json!({"schema": "current", "token_key": id.0, "created": created}),
+            )
         }
         Task::Status {
             data_key_max_records,
@@ -343,12 +363,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
                     .fetch_all(&pool)
                     .await?;
-            print_status(
-                &rotate::status(&pool).await?,
-                &windows,
-                data_key_max_records,
-            );
-            println!("{}", db::OwnerWatch::read(&pool).await?.describe());
+            let keys = rotate::status(&pool).await?;
+            let owner = db::OwnerWatch::read(&pool).await?.describe();
+            status::said(&keys, &windows, data_key_max_records, owner)
         }
         Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;
@@ -357,26 +374,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 Purpose::Data => ("re-encrypting", "re-encrypted"),
                 Purpose::Token => ("re-tokenizing", "re-tokenized"),
             };
-            let keyring = keyring().await;
+            let keyring = keyring().await?;
             let progress = ProgressLine::new(doing);
             let report =
                 rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
-            print_report(purpose, done, &report);
+            report_said(purpose, done, &report)
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
-            let done = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
-            if done.rewrapped == 0 {
-                print!(
+            let done = rotate::rewrap(&pool, &keyring().await?, &new_kms_key_id).await?;
+            let first = if done.rewrapped == 0 {
+                format!(
                     "every key outside retention windows is already wrapped under {new_kms_key_id}; nothing to do"
-                );
+                )
             } else {
-                print!("re-wrapped {} keys under {new_kms_key_id}", done.rewrapped);
-            }
-            println!(
-                "; {} data key(s) of retention windows stay under their window's own KMS key",
-                done.window_keys_left
-            );
+                format!("re-wrapped {} keys under {new_kms_key_id}", done.rewrapped)
+            };
+            Said::new(
+                format!(
+                    "{first}; {} data key(s) of retention windows stay under their window's own KMS key",
+                    done.window_keys_left
+                ),
+                json!({
+                    "kms_key_arn": done.kms_key_arn,
+                    "rewrapped": done.rewrapped,
+                    "window_keys_left": done.window_keys_left,
+                }),
+            )
         }
         Task::Erase {
             user_id,
@@ -388,9 +412,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             witness,
         } => {
             db::check_schema(&pool).await?;
-            let keyring = keyring().await;
+            let keyring = keyring().await?;
             let bucket = match &witness {
-                Some(witness) => Some(witness.bucket().await),
+                Some(witness) => Some(witness.bucket().await?),
                 None => None,
             };
             let erasure = rotate::Erasure {
@@ -402,80 +426,111 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 dry_run,
             };
             let erased = rotate::erase(&pool, &keyring, &erasure, bucket.as_ref()).await?;
-            println!(
-                "{} user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s){}",
-                if dry_run { "would erase" } else { "erased" },
-                erased.logins,
-                erased.tokens,
-                if keep_tokens {
-                    " (kept: legal hold)"
-                } else {
-                    ""
-                },
-                erased.quarantined,
-                match (dry_run, &witness) {
-                    (true, _) => "; dry run: nothing changed".to_owned(),
-                    (false, Some(w)) => format!(" (audited; witnessed in {})", w.bucket),
-                    (false, None) => " (audited)".to_owned(),
-                }
-            );
+            Said::new(
+                format!(
+                    "{} user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s){}",
+                    if dry_run { "would erase" } else { "erased" },
+                    erased.logins,
+                    erased.tokens,
+                    if keep_tokens {
+                        " (kept: legal hold)"
+                    } else {
+                        ""
+                    },
+                    erased.quarantined,
+                    match (dry_run, &witness) {
+                        (true, _) => "; dry run: nothing changed".to_owned(),
+                        (false, Some(w)) => format!(" (audited; witnessed in {})", w.bucket),
+                        (false, None) => " (audited)".to_owned(),
+                    }
+                ),
+                json!({
+                    "user_id": user_id,
+                    "dry_run": dry_run,
+                    "logins": erased.logins,
+                    "tokens": erased.tokens,
+                    "tokens_kept": keep_tokens,
+                    "quarantined": erased.quarantined,
+                    "witness_bucket": witness.map(|w| w.bucket),
+                }),
+            )
         }
         Task::WitnessErasures(witness) => {
             db::check_schema(&pool).await?;
-            let done =
-                rotate::witness_erasures(&pool, &keyring().await, &witness.bucket().await).await?;
-            println!(
-                "witnessed {} erasure(s) in {}; {} already there{}",
-                done.written,
-                witness.bucket,
-                done.present,
-                if done.without_sealed_id > 0 {
-                    format!(
-                        "; {} made before migration 0014 cannot be witnessed (their records keep no sealed id)",
-                        done.without_sealed_id
-                    )
-                } else {
-                    String::new()
-                }
-            );
+            let done = rotate::witness_erasures(&pool, &keyring().await?, &witness.bucket().await?)
+                .await?;
+            Said::new(
+                format!(
+                    "witnessed {} erasure(s) in {}; {} already there{}",
+                    done.written,
+                    witness.bucket,
+                    done.present,
+                    if done.without_sealed_id > 0 {
+                        format!(
+                            "; {} made before migration 0014 cannot be witnessed (their records keep no sealed id)",
+                            done.without_sealed_id
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                json!({
+                    "witness_bucket": witness.bucket,
+                    "written": done.written,
+                    "present": done.present,
+                    "without_sealed_id": done.without_sealed_id,
+                }),
+            )
         }
         Task::ReapplyErasures { actor, witness } => {
             db::check_schema(&pool).await?;
-            let done =
-                rotate::reapply_erasures(&pool, &keyring().await, &witness.bucket().await, &actor)
-                    .await?;
-            println!(
-                "re-applied {} witnessed erasure(s) (audited); {} already in this database",
-                done.reapplied, done.present
-            );
+            let done = rotate::reapply_erasures(
+                &pool,
+                &keyring().await?,
+                &witness.bucket().await?,
+                &actor,
+            )
+            .await?;
+            Said::new(
+                format!(
+                    "re-applied {} witnessed erasure(s) (audited); {} already in this database",
+                    done.reapplied, done.present
+                ),
+                json!({"reapplied": done.reapplied, "present": done.present}),
+            )
         }
         Task::Window { month, kms_key_id } => {
             db::check_schema(&pool).await?;
-            let added = rotate::add_window(&pool, &keyring().await, month, &kms_key_id).await?;
+            let added = rotate::add_window(&pool, &keyring().await?, month, &kms_key_id).await?;
             let month = &month.to_string()[..7];
-            if added {
-                println!("retention window {month} registered under {kms_key_id}");
-            } else {
-                println!(
-                    "retention window {month} already registered under {kms_key_id}; nothing to do"
-                );
-            }
+            Said::new(
+                if added {
+                    format!("retention window {month} registered under {kms_key_id}")
+                } else {
+                    format!(
+                        "retention window {month} already registered under {kms_key_id}; nothing to do"
+                    )
+                },
+                json!({"month": month, "kms_key_id": kms_key_id, "added": added}),
+            )
         }
         Task::Expire(expiry) => {
             db::check_schema(&pool).await?;
-            let report = rotate::expire(&pool, &keyring().await, &expiry).await?;
-            print_expiry(&expiry, &report);
+            let report = rotate::expire(&pool, &keyring().await?, &expiry).await?;
+            expiry_said(&expiry, &report)
         }
         Task::Verify => {
             db::check_schema(&pool).await?;
-            let verified = unmask::verify_all(&pool, &keyring().await).await?;
-            println!(
-                "all {} logins and {} quarantined bodies open and match their tokens",
-                verified.logins, verified.bodies
-            );
+            let verified = unmask::verify_all(&pool, &keyring().await?).await?;
+            Said::new(
+                format!(
+                    "all {} logins and {} quarantined bodies open and match their tokens",
+                    verified.logins, verified.bodies
+                ),
+                json!({"logins": verified.logins, "bodies": verified.bodies}),
+            )
         }
-    }
-    Ok(())
+    })
 }
 
 fn parse_month(text: &str) -> Result<time::Date, String> {
@@ -495,13 +550,13 @@ fn parse_days(text: &str) -> Result<u32, String> {
         .ok_or_else(|| "a number of days with a d suffix, e.g. 400d".to_owned())
 }
 
-fn print_expiry(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) {
+fn expiry_said(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) -> Said {
+    let mut text = String::new();
     if windows.is_empty() {
-        println!(
+        text = format!(
             "no retention window ends on or before {}; nothing to expire",
             expiry.horizon
         );
-        return;
     }
     for window in windows {
         let month = &window.starts.to_string()[..7];
@@ -515,104 +570,71 @@ fn print_expiry(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) {
             window.kms_key_id
         );
         if window.applied {
-            println!(
-                "expired {what}: values deleted, data keys destroyed, KMS key scheduled for deletion"
+            text += &format!(
+                "expired {what}: values deleted, data keys destroyed, KMS key scheduled for deletion\n"
             );
         } else {
-            println!("would expire {what}");
+            text += &format!("would expire {what}\n");
         }
     }
-    if !expiry.apply {
-        println!("dry run: nothing changed; run again with --apply to expire");
+    if !windows.is_empty() && !expiry.apply {
+        text += "dry run: nothing changed; run again with --apply to expire";
     }
+    let windows: Vec<serde_json::Value> = windows
+        .iter()
+        .map(|w| {
+            json!({
+                "month": &w.starts.to_string()[..7],
+                "logins": w.logins,
+                "quarantined": w.quarantined,
+                "data_keys": w.data_keys,
+                "kms_key_id": w.kms_key_id,
+                "applied": w.applied,
+            })
+        })
+        .collect();
+    Said::new(
+        text,
+        json!({"horizon": expiry.horizon.to_string(), "apply": expiry.apply, "windows": windows}),
+    )
 }
 
-fn print_report(purpose: Purpose, verb: &str, report: &Report) {
+fn report_said(purpose: Purpose, verb: &str, report: &Report) -> Said {
+    let ids = |keys: &[pii_vault::vault::KeyId]| keys.iter().map(|k| k.0).collect::<Vec<_>>();
+    let json = json!({
+        "purpose": purpose.to_string(),
+        "rotated": report.started_or_resumed,
+        "rows": report.rows_rewritten,
+        "seconds": report.seconds,
+        "rows_per_second": report.rows_per_second(),
+        "new_keys": ids(&report.new_keys),
+        "retired": ids(&report.retired),
+        "destroyed": report.destroyed,
+    });
     if !report.started_or_resumed {
-        println!("no active {purpose} key to rotate; nothing to do");
-        return;
+        return Said::new(
+            format!("no active {purpose} key to rotate; nothing to do"),
+            json,
+        );
     }
-    let retired: Vec<String> = report.retired.iter().map(ToString::to_string).collect();
-    println!(
-        "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
-        report.rows_rewritten,
-        report.seconds,
-        report.rows_per_second(),
-        report
-            .new_keys
+    let list = |keys: &[pii_vault::vault::KeyId]| match keys {
+        [] => "none".to_owned(),
+        keys => keys
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-        if retired.is_empty() {
-            "none".to_owned()
-        } else {
-            retired.join(", ")
-        },
-        report.destroyed
-    );
-}
-
-fn print_status(
-    keys: &[rotate::KeyStatus],
-    windows: &[(time::Date, String)],
-    data_key_max_records: u64,
-) {
-    println!(
-        "{:>5}  {:<7} {:<10} {:>8} {:>10} {:>10}  {:<23}  kms key",
-        "id", "purpose", "state", "age (d)", "rows", "values", "logins from .. to"
-    );
-    for key in keys {
-        let window = match (key.first_login, key.last_login) {
-            (Some(first), Some(last)) => format!("{first} .. {last}"),
-            _ => "-".to_owned(),
-        };
-        println!(
-            "{:>5}  {:<7} {:<10} {:>8.1} {:>10} {:>10}  {:<23}  {}",
-            key.id,
-            key.purpose,
-            key.state,
-            key.age_days,
-            key.rows,
-            key.values,
-            window,
-            key.kms_key_id
-        );
-    }
-    let over: Vec<String> = keys
-        .iter()
-        .filter(|k| k.purpose == "data" && k.values as u64 > data_key_max_records)
-        .map(|k| k.id.to_string())
-        .collect();
-    println!(
-        "data key limit: {data_key_max_records} values a key{}",
-        if over.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (over it: keys {}; `rotate-keys data-key` re-seals them)",
-                over.join(", ")
-            )
-        }
-    );
-    println!(
-        "retention: nothing expires unless an operator runs `rotate-keys expire`; windows: {}",
-        if windows.is_empty() {
-            "none registered (values are deletable, not shreddable)".to_owned()
-        } else {
-            windows
-                .iter()
-                .map(|(starts, state)| format!("{} {state}", &starts.to_string()[..7]))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
-    let pending: i64 = keys
-        .iter()
-        .filter(|k| k.state == "retiring")
-        .map(|k| k.rows)
-        .sum();
-    if pending > 0 {
-        println!("{pending} rows are still under retiring keys: rerun the rotation to finish it");
-    }
+    };
+    Said::new(
+        format!(
+            "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
+            report.rows_rewritten,
+            report.seconds,
+            report.rows_per_second(),
+            list(&report.new_keys),
+            list(&report.retired),
+            report.destroyed
+        ),
+        json,
+    )
 }

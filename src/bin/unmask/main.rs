@@ -9,12 +9,15 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
-use pii_vault::audit::{self, CheckpointKey, Intact, VerifyError};
-use pii_vault::cli::{self, UsageError, VaultArgs, Witness, WitnessArgs};
+use pii_vault::audit::{self, CheckpointKey, Intact};
+use pii_vault::cli::{
+    self, NothingFound, OutputFormat, Said, UsageError, VaultArgs, Witness, WitnessArgs,
+};
 use pii_vault::db;
-use pii_vault::unmask::{self, Question, Request, UnmaskError};
+use pii_vault::unmask::{self, Question, Request};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
+use serde_json::json;
 
 /// The usage line: the three questions are alternatives, one of them required.
 const USAGE: &str = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --masked-device-id <TOKEN>) --purpose <PURPOSE> --reason <REASON> [OPTIONS]
@@ -30,7 +33,8 @@ const USAGE: &str = "unmask (--user-id <USER_ID> | --masked-ip <TOKEN> | --maske
 /// for verify-audit, tampering found.
 #[derive(Debug, Parser)]
 #[command(
-    version,
+    name = "unmask",
+    version = pii_vault::VERSION_LINE,
     args_conflicts_with_subcommands = true,
     // Exactly one question: the group is what clap enforces, the usage what it shows.
     group(ArgGroup::new("question").required(true).multiple(false)),
@@ -59,8 +63,9 @@ struct Args {
     /// Who is asking, for the audit [default: the OS user].
     #[arg(long)]
     actor: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
+    /// Output format: a reveal prints a table, JSON or CSV; verify-audit and audit-checkpoint
+    /// print text (`table`) or one JSON object.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     format: Format,
 }
 
@@ -111,6 +116,7 @@ enum Purpose {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
+    #[value(alias = "text")]
     Table,
     Json,
     Csv,
@@ -122,6 +128,18 @@ struct Config {
     task: Task,
 }
 
+/// How the audit commands print: a reveal's formats less CSV.
+fn audit_format(format: Format) -> Result<OutputFormat, UsageError> {
+    match format {
+        Format::Table => Ok(OutputFormat::Text),
+        Format::Json => Ok(OutputFormat::Json),
+        Format::Csv => Err(UsageError(
+            "--format csv is for reveals; verify-audit and audit-checkpoint print text or json"
+                .into(),
+        )),
+    }
+}
+
 enum Task {
     /// Reveal what `request` asks.
     Unmask {
@@ -131,6 +149,7 @@ enum Task {
     },
     VerifyAudit {
         signing: SigningArgs,
+        format: OutputFormat,
         /// The 32 bytes of `--expect-head`.
         expect_head: Option<Vec<u8>>,
         /// With `--witness`.
@@ -138,6 +157,7 @@ enum Task {
     },
     AuditCheckpoint {
         signing: SigningArgs,
+        format: OutputFormat,
         witness: Witness,
     },
 }
@@ -153,6 +173,7 @@ impl TryFrom<Args> for Config {
                 witness,
                 bucket,
             }) => Task::VerifyAudit {
+                format: audit_format(args.format)?,
                 witness: witness.then(|| bucket.required("--witness")).transpose()?,
                 signing,
                 expect_head: expect_head
@@ -166,6 +187,7 @@ impl TryFrom<Args> for Config {
             },
             Some(Command::AuditCheckpoint { signing, bucket }) => Task::AuditCheckpoint {
                 signing,
+                format: audit_format(args.format)?,
                 witness: bucket.required("audit-checkpoint")?,
             },
             None => Task::Unmask {
@@ -236,58 +258,51 @@ fn request(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    cli::main(args.vault.logging, args, run, exit_code).await
-}
-
-/// The exit code of a failed run (see the `--help`): the reveal's own (2 refused as asked, 3
-/// not authorized, 4 integrity failure), 4 for an audit found tampered with, 1 otherwise.
-fn exit_code(error: &anyhow::Error) -> u8 {
-    if let Some(e) = error.downcast_ref::<UnmaskError>() {
-        match e {
-            UnmaskError::Refused(_) => 2,
-            UnmaskError::NotAuthorized(_) => 3,
-            UnmaskError::Integrity { .. } | UnmaskError::KmsRefused { .. } => 4,
-            e if e.is_permission_denied() => 3,
-            _ => 1,
-        }
-    } else if let Some(VerifyError::Broken(_)) = error.downcast_ref::<VerifyError>() {
-        4
-    } else {
-        1
-    }
+    cli::main(args.vault.logging, args, run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let (kms_key_id, request, format) = match config.task {
         Task::VerifyAudit {
             signing,
+            format,
             expect_head,
             witness,
         } => {
-            return verify_audit(
+            verify_audit(
                 &config.database_url,
                 &signing,
                 expect_head.as_deref(),
                 witness.as_ref(),
             )
-            .await;
+            .await?
+            .print(format);
+            return Ok(ExitCode::SUCCESS);
         }
-        Task::AuditCheckpoint { signing, witness } => {
+        Task::AuditCheckpoint {
+            signing,
+            format,
+            witness,
+        } => {
             let pool = db::connect(&config.database_url, 1).await?;
-            let key = checkpoint_key(&signing).await;
-            let bucket = witness.bucket().await;
+            let key = checkpoint_key(&signing).await?;
+            let bucket = witness.bucket().await?;
             let signed = key.checkpoint(&pool, &bucket).await?;
             for skipped in &signed.skipped {
                 eprintln!("warning: {skipped}");
             }
-            for seq in &signed.completed {
-                println!(
-                    "checkpoint seq {seq} (stored earlier, not yet witnessed) witnessed in {}",
-                    bucket.bucket()
-                );
-            }
-            match signed.checkpoint {
-                Some(checkpoint) => println!(
+            let mut text: Vec<String> = signed
+                .completed
+                .iter()
+                .map(|seq| {
+                    format!(
+                        "checkpoint seq {seq} (stored earlier, not yet witnessed) witnessed in {}",
+                        bucket.bucket()
+                    )
+                })
+                .collect();
+            text.push(match &signed.checkpoint {
+                Some(checkpoint) => format!(
                     "checkpoint {} signed: seq {}, audit row {}, head {}, witnessed in {}",
                     checkpoint.id,
                     checkpoint.seq.unwrap_or_default(),
@@ -295,8 +310,20 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
                     hex::encode(&checkpoint.head_hash),
                     bucket.bucket()
                 ),
-                None => println!("the audit is empty; nothing to sign"),
-            }
+                None => "the audit is empty; nothing to sign".to_owned(),
+            });
+            let json = json!({
+                "witness_bucket": bucket.bucket(),
+                "completed": signed.completed,
+                "skipped": signed.skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "checkpoint": signed.checkpoint.as_ref().map(|c| json!({
+                    "id": c.id,
+                    "seq": c.seq,
+                    "last_audit_id": c.last_audit_id,
+                    "head": hex::encode(&c.head_hash),
+                })),
+            });
+            Said::new(text.join("\n"), json).print(format);
             return Ok(ExitCode::SUCCESS);
         }
         Task::Unmask {
@@ -307,27 +334,27 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     };
 
     let pool = db::connect(&config.database_url, 2).await?;
-    let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await));
+    let kms = Arc::new(AwsKms::from_conf(&cli::aws_config().await?));
     let keyring = Keyring::new(pool.clone(), kms.clone(), &kms_key_id, &request.actor);
     let revealed = unmask::unmask(&pool, &keyring, &request).await?;
     tracing::debug!(kms_calls = kms.calls(), logins = revealed.len(), "unmasked");
     if revealed.is_empty() {
-        eprintln!(
+        return Err(NothingFound(format!(
             "nothing found for {} (the attempt was audited)",
             request.question
-        );
-        return Ok(ExitCode::FAILURE);
+        ))
+        .into());
     }
     if revealed
         .iter()
         .all(|r| r.ip.is_none() && r.device_id.is_none())
     {
-        eprintln!(
+        return Err(NothingFound(format!(
             "the values of {} were erased: {} login(s), nothing to reveal (the attempt was audited)",
             request.question,
             revealed.len()
-        );
-        return Ok(ExitCode::FAILURE);
+        ))
+        .into());
     }
     let uncommitted = revealed.iter().filter(|r| !r.key_committed).count();
     if uncommitted > 0 {
@@ -357,11 +384,11 @@ struct SigningArgs {
     audit_signing_key_id: String,
 }
 
-async fn checkpoint_key(signing: &SigningArgs) -> CheckpointKey {
-    CheckpointKey {
-        client: aws_sdk_kms::Client::new(&cli::aws_config().await),
+async fn checkpoint_key(signing: &SigningArgs) -> Result<CheckpointKey, UsageError> {
+    Ok(CheckpointKey {
+        client: aws_sdk_kms::Client::new(&cli::aws_config().await?),
         key_id: signing.audit_signing_key_id.clone(),
-    }
+    })
 }
 
 async fn verify_audit(
@@ -369,26 +396,31 @@ async fn verify_audit(
     signing: &SigningArgs,
     expect_head: Option<&[u8]>,
     witness: Option<&Witness>,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Said> {
     let pool = db::connect(database_url, 1).await?;
     if let Some(witness) = witness {
-        let key = checkpoint_key(signing).await.verifying_key().await?;
-        let bucket = witness.bucket().await;
+        let key = checkpoint_key(signing).await?.verifying_key().await?;
+        let bucket = witness.bucket().await?;
         let intact = audit::verify_with_witness(&pool, &key, &bucket, expect_head).await?;
         for skipped in &intact.skipped {
             eprintln!("warning: {skipped}");
         }
-        print_intact(&intact);
-        match &intact.witnessed {
-            Some(witnessed) => println!(
-                "witness: checkpoint seq {} (audit row {}) in {} reached",
+        let mut said = intact_said(&intact);
+        said.text += &match &intact.witnessed {
+            Some(witnessed) => format!(
+                "\nwitness: checkpoint seq {} (audit row {}) in {} reached",
                 witnessed.seq.unwrap_or_default(),
                 witnessed.last_audit_id,
                 bucket.bucket()
             ),
-            None => println!("witness: {} holds no checkpoint yet", bucket.bucket()),
-        }
-        return Ok(ExitCode::SUCCESS);
+            None => format!("\nwitness: {} holds no checkpoint yet", bucket.bucket()),
+        };
+        said.json["witness"] = json!({
+            "bucket": bucket.bucket(),
+            "seq": intact.witnessed.as_ref().and_then(|w| w.seq),
+            "last_audit_id": intact.witnessed.as_ref().map(|w| w.last_audit_id),
+        });
+        return Ok(said);
     }
     let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_checkpoints")
         .fetch_one(&pool)
@@ -396,20 +428,29 @@ async fn verify_audit(
     // The public key is needed only to check checkpoints; an audit without any verifies
     // without KMS.
     let key = if checkpoints > 0 {
-        Some(checkpoint_key(signing).await.verifying_key().await?)
+        Some(checkpoint_key(signing).await?.verifying_key().await?)
     } else {
         None
     };
     let intact = audit::verify(&pool, key.as_ref(), expect_head).await?;
-    print_intact(&intact);
-    Ok(ExitCode::SUCCESS)
+    Ok(intact_said(&intact))
 }
 
-fn print_intact(intact: &Intact) {
-    println!(
-        "audit intact: {} rows, {} signed checkpoints, head {}",
-        intact.rows,
-        intact.checkpoints,
-        hex::encode(intact.head)
-    );
+fn intact_said(intact: &Intact) -> Said {
+    Said::new(
+        format!(
+            "audit intact: {} rows, {} signed checkpoints, head {}",
+            intact.rows,
+            intact.checkpoints,
+            hex::encode(intact.head)
+        ),
+        json!({
+            "intact": true,
+            "rows": intact.rows,
+            "checkpoints": intact.checkpoints,
+            "head": hex::encode(intact.head),
+            "last_audit_id": intact.last_id,
+            "skipped": intact.skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }),
+    )
 }
