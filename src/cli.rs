@@ -409,6 +409,8 @@ fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<Failure> {
     if let Some(e) = cause.downcast_ref::<crate::db::DbError>() {
         return match e {
             crate::db::DbError::InvalidUrl { .. } => Some(Failure::Usage),
+            // Transparent: the chain goes on past the query error's own text.
+            crate::db::DbError::Query(query) => sql_failure(query),
             _ => None,
         };
     }
@@ -461,10 +463,31 @@ where
     match run(config).await {
         Ok(done) => done.report(),
         Err(error) => {
-            print_error(&error);
-            std::process::ExitCode::from(Failure::of(&error).code())
+            let failure = Failure::of(&error);
+            if failure == Failure::Refused && lacks_privilege(&error) {
+                eprintln!(
+                    "error: {} (the database login lacks the role this command needs: README, \"Database roles\")",
+                    one_line(&error)
+                );
+            } else {
+                print_error(&error);
+            }
+            std::process::ExitCode::from(failure.code())
         }
     }
+}
+
+/// PostgreSQL refused a privilege somewhere in the chain (42501).
+fn lacks_privilege(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let sql = cause.downcast_ref::<sqlx::Error>().or_else(|| {
+            match cause.downcast_ref::<crate::db::DbError>() {
+                Some(crate::db::DbError::Query(query)) => Some(query),
+                _ => None,
+            }
+        });
+        sql.is_some_and(crate::db::is_permission_denied)
+    })
 }
 
 /// `outer: cause: root cause`, skipping causes whose text the outer message already includes.

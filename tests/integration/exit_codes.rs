@@ -160,6 +160,10 @@ async fn every_exit_code_is_produced_by_its_failure() {
     let what_to_do = |needle: &str| table.iter().any(|(_, seen)| seen.said.contains(needle));
     assert!(what_to_do("AWS_REGION"), "the missing region is named");
     assert!(what_to_do("QUEUE"), "the missing queue says what to check");
+    assert!(
+        what_to_do("Database roles"),
+        "a missing privilege names the roles"
+    );
     write_report(&report);
     env.cleanup().await;
 }
