@@ -1,6 +1,7 @@
 //! `rotate-keys`: schema and key administration. Every command is idempotent and safe to run
 //! from a scheduler: an interrupted run is finished by the next one.
 
+#[path = "../common/progress.rs"]
 mod progress;
 
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
 
-use progress::ProgressLine;
+use progress::Reporter;
 
 /// Create, rotate, re-wrap and retire pii-vault's keys, online.
 #[derive(Debug, Parser)]
@@ -352,20 +353,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;
-            // What is done to each row, as the progress line and the report say it.
-            let (doing, done) = match purpose {
-                Purpose::Data => ("re-encrypting", "re-encrypted"),
-                Purpose::Token => ("re-tokenizing", "re-tokenized"),
+            // What is done to each row, as the report says it.
+            let done = match purpose {
+                Purpose::Data => "re-encrypted",
+                Purpose::Token => "re-tokenized",
             };
             let keyring = keyring().await;
-            let progress = ProgressLine::new(doing);
+            let progress = Reporter::new();
             let report =
                 rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
             print_report(purpose, done, &report);
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
-            let done = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id).await?;
+            let progress = Reporter::new();
+            let done = rotate::rewrap(&pool, &keyring().await, &new_kms_key_id, &progress).await?;
             if done.rewrapped == 0 {
                 print!(
                     "every key outside retention windows is already wrapped under {new_kms_key_id}; nothing to do"
@@ -463,12 +465,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         Task::Expire(expiry) => {
             db::check_schema(&pool).await?;
-            let report = rotate::expire(&pool, &keyring().await, &expiry).await?;
+            let progress = Reporter::new();
+            let report = rotate::expire(&pool, &keyring().await, &expiry, &progress).await?;
             print_expiry(&expiry, &report);
         }
         Task::Verify => {
             db::check_schema(&pool).await?;
-            let verified = unmask::verify_all(&pool, &keyring().await).await?;
+            let progress = Reporter::new();
+            let verified =
+                unmask::verify_all_with_progress(&pool, &keyring().await, &progress).await?;
             println!(
                 "all {} logins and {} quarantined bodies open and match their tokens",
                 verified.logins, verified.bodies
@@ -534,10 +539,11 @@ fn print_report(purpose: Purpose, verb: &str, report: &Report) {
     }
     let retired: Vec<String> = report.retired.iter().map(ToString::to_string).collect();
     println!(
-        "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
+        "{verb} {} rows in {:.2}s of work ({:.0} rows/s; grace wait {:.2}s not counted) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
         report.rows_rewritten,
         report.seconds,
         report.rows_per_second(),
+        report.waited_seconds,
         report
             .new_keys
             .iter()
