@@ -183,7 +183,9 @@ async fn main() {
         grace: Duration::ZERO,
     };
     let started = Instant::now();
-    let report = rotate::expire(&keyadmin, &keyring, &expiry).await.unwrap();
+    let report = rotate::expire(&keyadmin, &keyring, &expiry, &())
+        .await
+        .unwrap();
     let expire_seconds = started.elapsed().as_secs_f64();
     assert!(report[0].applied);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM login_vault")

@@ -225,7 +225,7 @@ pub fn init_logging(args: &LoggingArgs) {
     ))
     .unwrap_or_else(|_| EnvFilter::new(quiet_sdk("info")));
     let text = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(crate::progress::LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let layer = match args.log_format {
         LogFormat::Text => text.boxed(),

@@ -31,8 +31,12 @@
 //! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`): the
 //!   rotations' paged walk (`rotate/walk.rs`, no database: unit-tested in memory), their pages
 //!   through the key admin's doors (`reseal.rs`), key states, re-wrapping and status
-//!   (`admin.rs`), erasure and expiry (`erase.rs`). A rotation's progress goes to the caller's
-//!   [`rotate::Progress`]; the library prints nothing.
+//!   (`admin.rs`), erasure and expiry (`erase.rs`).
+//! - [`progress`]: how far a long operation is (a rotation and its grace wait, an expiry, a
+//!   verification, a file being ingested), told to the caller's [`progress::Progress`]; the
+//!   library draws and prints nothing. Rates there count working time, waits left out; the
+//!   binaries draw a bar on a terminal (`src/bin/common/progress.rs`) or log a line every few
+//!   seconds ([`progress::LogLines`]).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
 //! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
 //!   them.
@@ -73,6 +77,7 @@ pub mod cli;
 pub mod db;
 pub mod event;
 pub mod ingest;
+pub mod progress;
 pub mod retry;
 pub mod rotate;
 pub mod synth;

@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use time::Date;
 use zeroize::Zeroizing;
 
+use crate::progress::{Progress, Unit};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
@@ -350,6 +351,34 @@ pub async fn verify_all<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
 ) -> Result<Verified, OpenRowError> {
+    verify_all_with_progress(pool, keyring, &()).await
+}
+
+/// [`verify_all`], telling `progress` the rows checked (logins, then bodies) out of those
+/// stored when it began.
+pub async fn verify_all_with_progress<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    progress: &dyn Progress,
+) -> Result<Verified, OpenRowError> {
+    let total: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM user_logins)
+              + (SELECT count(*) FROM quarantine WHERE data_key_id IS NOT NULL)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(KeyringError::Database)?;
+    progress.start("verifying", Unit::Count("rows"), Some(total as u64));
+    let verified = verify_pages(pool, keyring, progress).await;
+    progress.finish();
+    verified
+}
+
+async fn verify_pages<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    progress: &dyn Progress,
+) -> Result<Verified, OpenRowError> {
     let mut keys = KeyCache::default();
     let mut verified = Verified {
         logins: 0,
@@ -367,6 +396,7 @@ pub async fn verify_all<W: KeyWrapper>(
             after = row.login_id;
         }
         verified.logins += page.rows.len() as u64;
+        progress.advance(verified.logins);
     }
     let data_keys: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
@@ -384,6 +414,7 @@ pub async fn verify_all<W: KeyWrapper>(
             after = body.id;
         }
         verified.bodies += page.rows.len() as u64;
+        progress.advance(verified.logins + verified.bodies);
     }
     Ok(verified)
 }

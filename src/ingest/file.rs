@@ -13,10 +13,14 @@
 //! line is quarantined like an oversized SQS body (its first [`MAX_LINE_BYTES`] bytes are what
 //! is kept and sealed, and a warning names its line number and full length); the rest of it is
 //! skipped without being kept, and the next line is read as usual.
+//!
+//! How far the read is shows in [`FileSource::bytes_read`] out of [`FileSource::size`]: bytes
+//! of the file itself, so compressed bytes for a `.gz`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -35,23 +39,32 @@ const CHUNKS_AHEAD: usize = 4;
 pub struct FileSource {
     chunks: tokio::sync::Mutex<mpsc::Receiver<Result<Vec<Message>, String>>>,
     failed: Mutex<Option<String>>,
+    /// Bytes taken from the file (or stdin) so far, by the reading thread.
+    read: Arc<AtomicU64>,
+    /// The file's size, when it is a regular file.
+    size: Option<u64>,
 }
 
 impl FileSource {
     /// Starts reading `path` (`-` for stdin).
     pub fn open(path: &str, source_id: Option<&str>) -> std::io::Result<Self> {
-        let (reader, default_id): (Box<dyn Read + Send>, String) = if path == "-" {
-            (Box::new(std::io::stdin()), "stdin".to_owned())
+        let read = Arc::new(AtomicU64::new(0));
+        let (reader, default_id, size): (Box<dyn Read + Send>, String, _) = if path == "-" {
+            let stdin = Counted::new(std::io::stdin(), &read);
+            (Box::new(stdin), "stdin".to_owned(), None)
         } else {
             let file = std::fs::File::open(path)?;
+            let metadata = file.metadata()?;
+            let size = metadata.is_file().then_some(metadata.len());
             let absolute = std::fs::canonicalize(path)?.display().to_string();
+            let file = Counted::new(file, &read);
             let reader: Box<dyn Read + Send> =
                 if Path::new(path).extension().is_some_and(|e| e == "gz") {
                     Box::new(flate2::read::MultiGzDecoder::new(file))
                 } else {
                     Box::new(file)
                 };
-            (reader, absolute)
+            (reader, absolute, size)
         };
         let source_id = source_id.map_or(default_id, str::to_owned);
         let (sender, receiver) = mpsc::channel(CHUNKS_AHEAD);
@@ -67,7 +80,43 @@ impl FileSource {
         Ok(Self {
             chunks: tokio::sync::Mutex::new(receiver),
             failed: Mutex::new(None),
+            read,
+            size,
         })
+    }
+
+    /// Bytes read from the file so far (compressed bytes for a `.gz`); the reading runs a few
+    /// chunks ahead of what is written.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// The file's size in bytes; `None` for stdin, a pipe or a device.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+}
+
+/// A reader that counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R> Counted<R> {
+    fn new(inner: R, read: &Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            read: read.clone(),
+        }
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -270,14 +319,24 @@ mod tests {
         assert_eq!(messages[0].body, b"{\"a\": 1}");
         assert_eq!(messages[2].body, b"last");
         assert!(source.receive().await.unwrap().is_empty(), "end of file");
+        assert_eq!(source.size(), Some(27));
+        assert_eq!(source.bytes_read(), 27, "the whole file, once read");
 
         let gz = dir.join("in.jsonl.gz");
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut encoder, b"x\ny\n").unwrap();
         std::fs::write(&gz, encoder.finish().unwrap()).unwrap();
+        let compressed = std::fs::metadata(&gz).unwrap().len();
         let source = FileSource::open(gz.to_str().unwrap(), None).unwrap();
         let messages = source.receive().await.unwrap();
         assert_eq!(messages.len(), 2);
+        assert!(source.receive().await.unwrap().is_empty(), "end of file");
+        assert_eq!(source.size(), Some(compressed));
+        assert_eq!(
+            source.bytes_read(),
+            compressed,
+            "a .gz counts the bytes of the file, not of what it decompresses to"
+        );
         let absolute = std::fs::canonicalize(&gz).unwrap();
         let by_path = line_id(&absolute.display().to_string(), 2);
         assert_eq!(

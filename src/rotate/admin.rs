@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use time::Date;
 
 use super::RotateError;
+use crate::progress::{Progress, Unit};
 use crate::vault::KeyId;
 use crate::vault::key_use;
 use crate::vault::keyring::{Keyring, KeyringError};
@@ -102,10 +103,13 @@ pub struct Rewrapped {
 /// survive it. For the same reason no other key goes under a window's KMS key: given one (by
 /// id, ARN or alias), nothing is re-wrapped. The window key policy refuses both at KMS too
 /// (keys/README.md, K14).
+///
+/// `progress` counts the keys to re-wrap (one KMS call each).
 pub async fn rewrap<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     new_kms_key_id: &str,
+    progress: &dyn Progress,
 ) -> Result<Rewrapped, RotateError> {
     let kms_key_arn = keyring
         .wrapper()
@@ -125,15 +129,25 @@ pub async fn rewrap<W: KeyWrapper>(
     )
     .fetch_all(pool)
     .await?;
+    let to_rewrap: Vec<i64> = keys
+        .into_iter()
+        .filter(|(_, current)| *current != kms_key_arn)
+        .map(|(id, _)| id)
+        .collect();
+    progress.start(
+        "re-wrapping",
+        Unit::Count("keys"),
+        Some(to_rewrap.len() as u64),
+    );
     let mut rewrapped = 0;
-    for (id, current) in keys {
-        if current == kms_key_arn {
-            continue;
-        }
-        let now_under = keyring.rewrap(KeyId(id), &kms_key_arn).await?;
+    for id in to_rewrap {
+        let now_under = keyring.rewrap(KeyId(id), &kms_key_arn).await;
+        let now_under = now_under.inspect_err(|_| progress.finish())?;
         rewrapped += 1;
+        progress.advance(rewrapped);
         tracing::info!(key_id = id, kms_key = %now_under, "re-wrapped");
     }
+    progress.finish();
     let window_keys_left: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM vault_keys WHERE state <> 'destroyed' AND window_starts IS NOT NULL",
     )

@@ -19,8 +19,9 @@
 //! - this file: the entry point of the two rotations ([`replace_keys`]), their options, report
 //!   and errors;
 //! - `walk`: the walk over the rows under the retiring keys, page after page and pass after
-//!   pass until no row uses them, with its [`Progress`] told to the caller (the library prints
-//!   nothing); it needs no database, and its unit tests drive it with tables in memory;
+//!   pass until no row uses them, with its progress and its grace wait told to the caller's
+//!   [`Progress`] (the library prints nothing); it needs no database, and its unit tests drive
+//!   it with tables in memory;
 //! - `reseal`: the two rotations over the database: their pages, read through the key
 //!   admin's doors, and what is done to each (values re-sealed under new data keys, a fresh
 //!   one whenever one is full; tokens recomputed under the new token key);
@@ -42,6 +43,7 @@ use sqlx::PgPool;
 use time::Date;
 
 use crate::audit::witness::WitnessError;
+use crate::progress::Progress;
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
@@ -143,7 +145,11 @@ pub struct Report {
     /// False when there was nothing to rotate (and nothing unfinished).
     pub started_or_resumed: bool,
     pub rows_rewritten: u64,
+    /// Working time: from the first page to the last, the grace wait left out.
     pub seconds: f64,
+    /// The grace wait for running ingesters (none if the first pass outlasted the grace
+    /// period).
+    pub waited_seconds: f64,
     pub retired: Vec<KeyId>,
     pub destroyed: u64,
     /// The keys rows were moved to, in order (re-sealing starts a new data key every
@@ -152,26 +158,10 @@ pub struct Report {
 }
 
 impl Report {
+    /// Rows per second of working time (the grace wait is not the rotation's speed).
     pub fn rows_per_second(&self) -> f64 {
-        self.rows_rewritten as f64 / self.seconds.max(1e-9)
+        crate::progress::per_second(self.rows_rewritten, Duration::from_secs_f64(self.seconds))
     }
-}
-
-/// How far a rotation is: told to whoever runs it (`rotate-keys` redraws a line on a terminal,
-/// or logs one every few seconds); the library itself prints nothing.
-pub trait Progress: Sync {
-    /// `done` rows rewritten so far, of the `total` under the retiring keys when the rotation
-    /// began (rows an ingester writes under them meanwhile can take `done` past it, and a row
-    /// rewritten on two passes counts twice). Called after every page.
-    fn advance(&self, done: u64, total: u64);
-    /// The last pass is over: `done` of `total`. Called once, before retired keys are dropped.
-    fn finish(&self, done: u64, total: u64);
-}
-
-/// Progress nobody watches.
-impl Progress for () {
-    fn advance(&self, _done: u64, _total: u64) {}
-    fn finish(&self, _done: u64, _total: u64) {}
 }
 
 /// Replaces the keys of `purpose` under every stored row, and retires the old ones:
@@ -211,7 +201,10 @@ pub async fn replace_keys<W: KeyWrapper>(
             let rows = "SELECT (SELECT count(*) FROM login_vault WHERE data_key_id = ANY($1))
                              + (SELECT count(*) FROM quarantine WHERE data_key_id = ANY($1))";
             let new_keys = |rotation: DataKeys<W>| rotation.targets.made;
-            retiring.walk(rows, progress, rotation, new_keys).await
+            let phase = "re-encrypting";
+            retiring
+                .walk(phase, rows, progress, rotation, new_keys)
+                .await
         }
         Purpose::Token => {
             // Fails if no token key is active (`rotate-keys init` makes the first one).
@@ -229,7 +222,10 @@ pub async fn replace_keys<W: KeyWrapper>(
             };
             let rows = "SELECT count(*) FROM user_logins WHERE token_key_id = ANY($1)";
             let new_keys = |_| vec![new_key];
-            retiring.walk(rows, progress, rotation, new_keys).await
+            let phase = "re-tokenizing";
+            retiring
+                .walk(phase, rows, progress, rotation, new_keys)
+                .await
         }
     }
 }
@@ -277,11 +273,12 @@ impl<'a> Retiring<'a> {
         }
     }
 
-    /// Walks `rotation` until the keys are retired, telling `progress` how far it is through
-    /// the rows under them (counted by `rows`, `$1` the keys), then drops the retired keys'
-    /// bytes if asked. The report names the keys rows were moved to (`new_keys`).
+    /// Walks `rotation` until the keys are retired, telling `progress` how far `phase` is
+    /// through the rows under them (counted by `rows`, `$1` the keys), then drops the retired
+    /// keys' bytes if asked. The report names the keys rows were moved to (`new_keys`).
     async fn walk<R: Rotation>(
         &self,
+        phase: &str,
         rows: &str,
         progress: &dyn Progress,
         mut rotation: R,
@@ -291,15 +288,16 @@ impl<'a> Retiring<'a> {
             .bind(&self.keys)
             .fetch_one(self.pool)
             .await?;
-        let mut tally = Tally::new(total as u64, progress);
+        let mut tally = Tally::new(phase, total as u64, progress);
         let retired = until_retired(&mut rotation, self.grace_ends, &mut tally).await?;
-        let (rows_rewritten, started) = tally.finish();
+        let walked = tally.finish();
         let destroy = self.options.destroy_retired;
         let destroyed = destroy_retired(self.pool, self.purpose.as_str(), destroy).await?;
         Ok(Report {
             started_or_resumed: true,
-            rows_rewritten,
-            seconds: started.elapsed().as_secs_f64(),
+            rows_rewritten: walked.rows,
+            seconds: walked.working.as_secs_f64(),
+            waited_seconds: walked.waited.as_secs_f64(),
             retired,
             destroyed,
             new_keys: new_keys(rotation),

@@ -2,13 +2,15 @@
 //! admin's door (`vault_expire_page`), which shreds their data keys and schedules their KMS
 //! key for deletion.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use time::Date;
 
 use super::RotateError;
 use super::admin::{UNUSED_DATA_KEY, check_window_key, retire_unused};
+use super::walk::GRACE;
+use crate::progress::{Progress, Unit};
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::retention::next_month;
@@ -85,10 +87,15 @@ pub async fn add_window<W: KeyWrapper>(
 /// audited), retires and destroys its data keys once nothing uses them (under their use lock,
 /// like a rotation), then schedules its KMS key for deletion, which makes the data keys in
 /// every earlier backup impossible to unwrap. Resumable: each step finds what is left.
+///
+/// Applied, each window is a phase of `progress`: the logins looked at (the walk goes over
+/// every login, in primary-key order) out of those stored when the expiry began, and the
+/// grace wait.
 pub async fn expire<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     expiry: &Expiry,
+    progress: &dyn Progress,
 ) -> Result<Vec<WindowExpiry>, RotateError> {
     let due: Vec<(Date, Date, String, String)> = sqlx::query_as(
         "SELECT starts, ends, kms_key_id, state FROM retention_windows
@@ -97,6 +104,13 @@ pub async fn expire<W: KeyWrapper>(
     .bind(expiry.horizon)
     .fetch_all(pool)
     .await?;
+    let stored: i64 = if expiry.apply && !due.is_empty() {
+        sqlx::query_scalar("SELECT count(*) FROM user_logins")
+            .fetch_one(pool)
+            .await?
+    } else {
+        0
+    };
     let mut report = Vec::with_capacity(due.len());
     for (starts, ends, kms_key_id, state) in due {
         let keys = window_keys(pool, starts).await?;
@@ -124,7 +138,22 @@ pub async fn expire<W: KeyWrapper>(
             applied: false,
         };
         if expiry.apply {
-            expire_window(pool, keyring, expiry, &mut window, state == "active").await?;
+            let phase = format!("expiring window {}", &starts.to_string()[..7]);
+            let total = stored as u64;
+            progress.start(&phase, Unit::Count("logins"), Some(total));
+            let first_run = state == "active";
+            let expired = expire_window(
+                pool,
+                keyring,
+                expiry,
+                &mut window,
+                first_run,
+                progress,
+                total,
+            )
+            .await;
+            progress.finish();
+            expired?;
         }
         report.push(window);
     }
@@ -146,6 +175,8 @@ async fn expire_window<W: KeyWrapper>(
     expiry: &Expiry,
     window: &mut WindowExpiry,
     first_run: bool,
+    progress: &dyn Progress,
+    total: u64,
 ) -> Result<(), RotateError> {
     let starts = window.starts;
     // Ingesters stop sealing into it once they see it expiring (within their
@@ -163,8 +194,13 @@ async fn expire_window<W: KeyWrapper>(
     .execute(pool)
     .await?;
     if first_run {
-        tokio::time::sleep(expiry.grace).await;
+        let until = Instant::now() + expiry.grace;
+        progress.waiting(GRACE, until);
+        tokio::time::sleep_until(until.into()).await;
     }
+    // Logins looked at: a page holds `batch_size` of them but at the end of a pass, so the
+    // count is capped at the total (its last page is not counted exactly).
+    let mut looked = 0u64;
     loop {
         let keys = window_keys(pool, starts).await?;
         let mut after = 0i64;
@@ -183,6 +219,8 @@ async fn expire_window<W: KeyWrapper>(
                 Some(id) => after = id,
                 None => break,
             }
+            looked += expiry.batch_size as u64;
+            progress.advance(looked.min(total));
         }
         let live: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM vault_keys WHERE window_starts = $1 AND state IN ('active', 'retiring')",

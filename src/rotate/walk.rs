@@ -7,9 +7,10 @@
 //! `SKIP LOCKED`: rows an ingester is still writing are left to a later pass) and rewrite each
 //! page in a transaction of its own; the tests below drive the walk with tables in memory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{Progress, RotateError};
+use super::RotateError;
+use crate::progress::{Progress, Stopwatch, Unit};
 use crate::vault::KeyId;
 
 /// One table as a rotation walks it: its rows under the retiring keys, in primary-key order, a
@@ -63,7 +64,7 @@ pub(super) trait Rotation {
 }
 
 /// Passes until the keys are retired: a pass that ends before `grace_ends` (until when running
-/// ingesters may still write under the retiring keys) is followed by a sleep to it and one more
+/// ingesters may still write under the retiring keys) is followed by a wait to it and one more
 /// pass; after that, passes go on until no row uses the keys. Returns the retired keys.
 pub(super) async fn until_retired(
     rotation: &mut impl Rotation,
@@ -72,9 +73,8 @@ pub(super) async fn until_retired(
 ) -> Result<Vec<KeyId>, RotateError> {
     loop {
         rotation.pass(tally).await?;
-        let now = Instant::now();
-        if now < grace_ends {
-            tokio::time::sleep(grace_ends - now).await;
+        if Instant::now() < grace_ends {
+            tally.wait_until(grace_ends).await;
             continue;
         }
         if let Some(retired) = rotation.retire_if_unused().await? {
@@ -83,33 +83,58 @@ pub(super) async fn until_retired(
     }
 }
 
-/// Rows rewritten so far out of the total, told to the caller's [`Progress`] after every page.
+/// Why a rotation or an expiry waits, as its progress says it.
+pub(super) const GRACE: &str = "grace period for running ingesters";
+
+/// Rows rewritten so far out of the total, told to the caller's [`Progress`] after every page,
+/// and the walk's time, its grace wait apart.
 pub(super) struct Tally<'a> {
-    total: u64,
     done: u64,
-    started: Instant,
+    clock: Stopwatch,
     progress: &'a dyn Progress,
 }
 
+/// What a walk did: rows rewritten, and its time, working and waiting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Walked {
+    pub rows: u64,
+    pub working: Duration,
+    pub waited: Duration,
+}
+
 impl<'a> Tally<'a> {
-    pub(super) fn new(total: u64, progress: &'a dyn Progress) -> Self {
+    /// Starts `phase` over `total` rows.
+    pub(super) fn new(phase: &str, total: u64, progress: &'a dyn Progress) -> Self {
+        progress.start(phase, Unit::Count("rows"), Some(total));
         Self {
-            total,
             done: 0,
-            started: Instant::now(),
+            clock: Stopwatch::start_at(Instant::now()),
             progress,
         }
     }
 
     fn advance(&mut self, rows: u64) {
         self.done += rows;
-        self.progress.advance(self.done, self.total);
+        self.progress.advance(self.done);
     }
 
-    /// The rows done and when the walk started, once the caller is told it is over.
-    pub(super) fn finish(self) -> (u64, Instant) {
-        self.progress.finish(self.done, self.total);
-        (self.done, self.started)
+    /// Sleeps until `until`, the time told as a wait.
+    async fn wait_until(&mut self, until: Instant) {
+        self.clock.wait_at(Instant::now(), until);
+        self.progress.waiting(GRACE, until);
+        tokio::time::sleep_until(until.into()).await;
+        self.clock.resume_at(Instant::now());
+    }
+
+    /// The walk is over: the caller is told, and gets what it did.
+    pub(super) fn finish(self) -> Walked {
+        self.progress.finish();
+        let now = Instant::now();
+        Walked {
+            rows: self.done,
+            working: self.clock.working_at(now),
+            waited: self.clock.waited_at(now),
+        }
     }
 }
 
@@ -225,20 +250,32 @@ mod tests {
         }
     }
 
-    /// What the walk told its caller.
+    /// What the walk told its caller: the phase's total, each `done`, the waits (until, from
+    /// the walk's start) and whether it finished, at which `done`.
     #[derive(Default)]
     struct Seen {
-        advances: Mutex<Vec<(u64, u64)>>,
-        finished: Mutex<Vec<(u64, u64)>>,
+        total: Mutex<Option<u64>>,
+        advances: Mutex<Vec<u64>>,
+        waits: Mutex<Vec<(String, Instant)>>,
+        finished: Mutex<Vec<u64>>,
     }
 
     impl Progress for Seen {
-        fn advance(&self, done: u64, total: u64) {
-            self.advances.lock().unwrap().push((done, total));
+        fn start(&self, _phase: &str, _unit: Unit, total: Option<u64>) {
+            *self.total.lock().unwrap() = total;
         }
 
-        fn finish(&self, done: u64, total: u64) {
-            self.finished.lock().unwrap().push((done, total));
+        fn advance(&self, done: u64) {
+            self.advances.lock().unwrap().push(done);
+        }
+
+        fn waiting(&self, why: &str, until: Instant) {
+            self.waits.lock().unwrap().push((why.to_owned(), until));
+        }
+
+        fn finish(&self) {
+            let last = self.advances.lock().unwrap().last().copied().unwrap_or(0);
+            self.finished.lock().unwrap().push(last);
         }
     }
 
@@ -249,32 +286,33 @@ mod tests {
         // A row already under another key is not handed out.
         table.rows.insert(4, NEW);
         let seen = Seen::default();
-        let mut tally = Tally::new(7, &seen);
+        let mut tally = Tally::new("re-encrypting", 7, &seen);
 
         pass_over(&mut table, &mut tally).await.unwrap();
 
         assert_eq!(table.fetched_after, [0, 8, 34, 55]);
         assert_eq!(table.rewritten, [vec![3, 5, 8], vec![13, 21, 34], vec![55]]);
         assert!(table.under(OLD).is_empty());
-        assert_eq!(*seen.advances.lock().unwrap(), [(3, 7), (6, 7), (7, 7)]);
+        assert_eq!(*seen.total.lock().unwrap(), Some(7));
+        assert_eq!(*seen.advances.lock().unwrap(), [3, 6, 7]);
         assert!(seen.finished.lock().unwrap().is_empty());
-        assert_eq!(tally.finish().0, 7);
-        assert_eq!(*seen.finished.lock().unwrap(), [(7, 7)]);
+        assert_eq!(tally.finish().rows, 7);
+        assert_eq!(*seen.finished.lock().unwrap(), [7]);
     }
 
     #[tokio::test]
     async fn a_pass_over_nothing_fetches_once_and_rewrites_nothing() {
         let mut table = Table::new(std::iter::empty(), 100);
         let seen = Seen::default();
-        let mut tally = Tally::new(0, &seen);
+        let mut tally = Tally::new("re-encrypting", 0, &seen);
 
         pass_over(&mut table, &mut tally).await.unwrap();
 
         assert_eq!(table.fetched_after, [0]);
         assert!(table.rewritten.is_empty());
         assert!(seen.advances.lock().unwrap().is_empty());
-        assert_eq!(tally.finish().0, 0);
-        assert_eq!(*seen.finished.lock().unwrap(), [(0, 0)]);
+        assert_eq!(tally.finish().rows, 0);
+        assert_eq!(*seen.finished.lock().unwrap(), [0]);
     }
 
     #[tokio::test]
@@ -282,7 +320,7 @@ mod tests {
         let mut table = Table::new(1..=10, 4);
         table.failing = true;
         let seen = Seen::default();
-        let mut tally = Tally::new(10, &seen);
+        let mut tally = Tally::new("re-encrypting", 10, &seen);
 
         let failed = pass_over(&mut table, &mut tally).await;
 
@@ -302,7 +340,7 @@ mod tests {
         // The writer commits once the first pass is over.
         let mut rotation = OneTable::new(table, |table| table.held.clear());
         let seen = Seen::default();
-        let mut tally = Tally::new(10, &seen);
+        let mut tally = Tally::new("re-encrypting", 10, &seen);
 
         let retired = until_retired(&mut rotation, Instant::now(), &mut tally)
             .await
@@ -320,8 +358,12 @@ mod tests {
         // Each pass starts from the first row again, and ends at an empty page.
         assert_eq!(table.fetched_after, [0, 5, 10, 0, 7]);
         assert!(table.under(OLD).is_empty());
-        assert_eq!(*seen.advances.lock().unwrap(), [(4, 10), (8, 10), (10, 10)]);
-        assert_eq!(tally.finish().0, 10);
+        assert_eq!(*seen.advances.lock().unwrap(), [4, 8, 10]);
+        assert!(
+            seen.waits.lock().unwrap().is_empty(),
+            "no grace period left"
+        );
+        assert_eq!(tally.finish().rows, 10);
     }
 
     #[tokio::test]
@@ -333,7 +375,7 @@ mod tests {
             table.rows.entry(11).or_insert(OLD);
         });
         let seen = Seen::default();
-        let mut tally = Tally::new(10, &seen);
+        let mut tally = Tally::new("re-encrypting", 10, &seen);
 
         let retired = until_retired(&mut rotation, started + grace, &mut tally)
             .await
@@ -346,7 +388,23 @@ mod tests {
         assert_eq!(rotation.retire_checks, 1);
         assert_eq!(rotation.table.rewritten.last(), Some(&vec![11]));
         // The total counted at the start; the row written since takes `done` past it.
-        assert_eq!(tally.finish().0, 11);
-        assert_eq!(*seen.finished.lock().unwrap(), [(11, 10)]);
+        let walked = tally.finish();
+        assert_eq!(walked.rows, 11);
+        assert_eq!(*seen.finished.lock().unwrap(), [11]);
+        assert_eq!(*seen.total.lock().unwrap(), Some(10));
+        // The wait was announced, until the end of the grace period, and is not working time.
+        assert_eq!(
+            *seen.waits.lock().unwrap(),
+            [(GRACE.to_owned(), started + grace)]
+        );
+        assert!(
+            walked.waited > grace - Duration::from_millis(50),
+            "{walked:?}"
+        );
+        assert!(walked.waited <= grace, "{walked:?}");
+        assert!(
+            walked.working + walked.waited <= started.elapsed(),
+            "{walked:?}"
+        );
     }
 }

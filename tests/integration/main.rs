@@ -20,6 +20,7 @@ mod ingest;
 mod keys;
 mod late;
 mod lifecycle;
+mod progress;
 mod retention;
 mod rotate;
 mod telemetry;

@@ -2,6 +2,8 @@
 //! deletes each message only after its row has committed. `ingest replay-dead-letters` moves
 //! the dead-letter queue back to the login queue.
 
+#[path = "../common/progress.rs"]
+mod progress;
 mod replay;
 
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use pii_vault::ingest::source::MessageSource;
 use pii_vault::ingest::sqs::{self, PollSettings, SqsQueue, SqsSource};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource};
 use pii_vault::ingest::{self, Settings, Stats, Summary};
+use pii_vault::progress::{Progress, Unit, alongside};
 use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
@@ -306,9 +309,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let deadline = shutdown_deadline;
     let keyring = keyring(&cli::process_name("ingest"));
     let from_file = matches!(input, Input::File(_));
+    let drain = settings.drain;
     let summary = match input {
+        // A backfill: the file's bytes on a bar, or in log lines.
         Input::File(source) => {
-            run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await
+            let reporter = progress::Reporter::new();
+            reporter.start("reading the file", Unit::Bytes, source.size());
+            let file = source.clone();
+            let pipeline = run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline);
+            alongside(pipeline, &reporter, progress::POLL_EVERY, || {
+                file.bytes_read()
+            })
+            .await
+        }
+        // A queue drained: messages written, in log lines (how many are left is not known).
+        Input::Queue(source) if drain => {
+            let reporter = progress::Reporter::log_lines();
+            reporter.start("draining the queue", Unit::Count("messages"), None);
+            let counts = stats.clone();
+            let written = move || {
+                let now = counts.summary();
+                now.stored + now.quarantined + now.duplicates
+            };
+            let pipeline = run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline);
+            alongside(pipeline, &reporter, progress::POLL_EVERY, written).await
         }
         Input::Queue(source) => {
             run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await

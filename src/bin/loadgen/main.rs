@@ -1,6 +1,9 @@
 //! `loadgen`: puts login messages on a queue with SendMessageBatch, from a file (the sample's
 //! JSONL or its original .json.gz array) or generated.
 
+#[path = "../common/progress.rs"]
+mod progress;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +15,7 @@ use tokio::task::JoinSet;
 use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
 use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
+use pii_vault::progress::{Progress, Unit};
 use pii_vault::synth::Generator;
 
 /// Send login messages to an SQS queue (creating it, with its dead-letter queue, if it is
@@ -104,8 +108,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let bodies: Box<dyn Iterator<Item = String> + Send> = match &config.bodies {
-        Bodies::File(path) => Box::new(read_bodies(path)?.into_iter()),
+    let (bodies, total): (Box<dyn Iterator<Item = String> + Send>, u64) = match &config.bodies {
+        Bodies::File(path) => {
+            let bodies = read_bodies(path)?;
+            let total = bodies.len() as u64;
+            (Box::new(bodies.into_iter()), total)
+        }
         &Bodies::Generated {
             count,
             seed,
@@ -113,7 +121,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             bad_rate,
         } => {
             let mut generator = Generator::new(seed, dup_rate, bad_rate);
-            Box::new((0..count).map(move |_| generator.next_message().body))
+            (
+                Box::new((0..count).map(move |_| generator.next_message().body)),
+                count,
+            )
         }
     };
 
@@ -132,6 +143,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("creating or finding queue {}", config.queue))?;
 
+    let progress = progress::Reporter::new();
+    progress.start("sending", Unit::Count("messages"), Some(total));
     let started = std::time::Instant::now();
     let mut in_flight = JoinSet::new();
     let mut sent = 0u64;
@@ -142,12 +155,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         chunk.extend(bodies.by_ref().take(SQS_BATCH_LIMIT));
         if in_flight.len() >= config.concurrency {
             sent += in_flight.join_next().await.expect("not empty")??;
+            progress.advance(sent);
         }
         in_flight.spawn(send_batch(client.clone(), queue_url.clone(), chunk.clone()));
     }
     while let Some(done) = in_flight.join_next().await {
         sent += done??;
+        progress.advance(sent);
     }
+    progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "sent {sent} messages to {queue_url} in {seconds:.2}s ({:.0} msgs/s)",

@@ -1,6 +1,7 @@
 //! `rotate-keys`: schema and key administration. Every command is idempotent and safe to run
 //! from a scheduler: an interrupted run is finished by the next one.
 
+#[path = "../common/progress.rs"]
 mod progress;
 mod status;
 
@@ -21,7 +22,7 @@ use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
 use serde_json::json;
 
-use progress::ProgressLine;
+use progress::Reporter;
 
 /// Create, rotate, re-wrap and retire pii-vault's keys, online.
 #[derive(Debug, Parser)]
@@ -369,20 +370,21 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         }
         Task::ReplaceKeys(purpose, options) => {
             db::check_schema(&pool).await?;
-            // What is done to each row, as the progress line and the report say it.
-            let (doing, done) = match purpose {
-                Purpose::Data => ("re-encrypting", "re-encrypted"),
-                Purpose::Token => ("re-tokenizing", "re-tokenized"),
+            // What is done to each row, as the report says it.
+            let done = match purpose {
+                Purpose::Data => "re-encrypted",
+                Purpose::Token => "re-tokenized",
             };
             let keyring = keyring().await?;
-            let progress = ProgressLine::new(doing);
+            let progress = Reporter::new();
             let report =
                 rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
             report_said(purpose, done, &report)
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
-            let done = rotate::rewrap(&pool, &keyring().await?, &new_kms_key_id).await?;
+            let progress = Reporter::new();
+            let done = rotate::rewrap(&pool, &keyring().await?, &new_kms_key_id, &progress).await?;
             let first = if done.rewrapped == 0 {
                 format!(
                     "every key outside retention windows is already wrapped under {new_kms_key_id}; nothing to do"
@@ -516,12 +518,15 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         }
         Task::Expire(expiry) => {
             db::check_schema(&pool).await?;
-            let report = rotate::expire(&pool, &keyring().await?, &expiry).await?;
+            let progress = Reporter::new();
+            let report = rotate::expire(&pool, &keyring().await?, &expiry, &progress).await?;
             expiry_said(&expiry, &report)
         }
         Task::Verify => {
             db::check_schema(&pool).await?;
-            let verified = unmask::verify_all(&pool, &keyring().await?).await?;
+            let progress = Reporter::new();
+            let verified =
+                unmask::verify_all_with_progress(&pool, &keyring().await?, &progress).await?;
             Said::new(
                 format!(
                     "all {} logins and {} quarantined bodies open and match their tokens",
@@ -605,7 +610,8 @@ fn report_said(purpose: Purpose, verb: &str, report: &Report) -> Said {
         "purpose": purpose.to_string(),
         "rotated": report.started_or_resumed,
         "rows": report.rows_rewritten,
-        "seconds": report.seconds,
+        "work_seconds": report.seconds,
+        "waited_seconds": report.waited_seconds,
         "rows_per_second": report.rows_per_second(),
         "new_keys": ids(&report.new_keys),
         "retired": ids(&report.retired),
@@ -627,10 +633,11 @@ fn report_said(purpose: Purpose, verb: &str, report: &Report) -> Said {
     };
     Said::new(
         format!(
-            "{verb} {} rows in {:.2}s ({:.0} rows/s) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
+            "{verb} {} rows in {:.2}s of work ({:.0} rows/s; grace wait {:.2}s not counted) under {purpose} key(s) {}; retired {purpose} keys: {}; destroyed: {}",
             report.rows_rewritten,
             report.seconds,
             report.rows_per_second(),
+            report.waited_seconds,
             list(&report.new_keys),
             list(&report.retired),
             report.destroyed
