@@ -15,7 +15,6 @@ if [[ ! $interval =~ ^[1-9][0-9]*$ ]]; then
 fi
 
 sleeper=
-# shellcheck disable=SC2317 # runs on the signal
 stop() {
     [[ -n $sleeper ]] && kill "$sleeper" 2>/dev/null
     exit 0
