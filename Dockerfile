@@ -8,8 +8,15 @@
 #
 # The cache mounts below need BuildKit, the default builder of Docker 23+ and of docker compose.
 
-# Same Debian release as the runtime stage, so the binaries link against the glibc they run on.
-FROM rust:1-bookworm AS builder
+# Base images are pinned by digest as well as by tag, so that a rebuilt tag upstream cannot
+# change what is built. To move to a newer one, take the digest of its tag (the index digest,
+# which covers every platform):
+#   docker buildx imagetools inspect rust:1.95.0-bookworm     (the "Digest:" line)
+#
+# The toolchain the project is built and tested with (rust-version in Cargo.toml is the
+# oldest that compiles it), on the same Debian release as the runtime stage, so the binaries
+# link against the glibc they run on.
+FROM rust:1.95.0-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS builder
 WORKDIR /app
 
 # Only what `cargo build --bins` reads. migrations/ is compiled into the binaries
@@ -31,7 +38,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && install -D -m 0755 -t /out \
         target/release/ingest target/release/rotate-keys target/release/unmask target/release/loadgen
 
-FROM debian:bookworm-slim
+# A dated bookworm-slim: the same Debian point release on every build until this line moves.
+FROM debian:bookworm-20260918-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 
 # ca-certificates: the AWS SDK's HTTPS client trusts the system's root certificates.
 RUN apt-get update \

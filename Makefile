@@ -26,6 +26,7 @@ test: services
 lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
+	scripts/check-compose --static
 
 ## Re-derive tests/data/vectors/ with the independent Python implementation of docs/FORMAT.md
 ## and compare; also opens and verifies the fixtures an earlier version wrote.

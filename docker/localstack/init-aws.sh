@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # LocalStack "ready" hook for pii-vault: creates the queue, its dead-letter queue (redrive
-# policy), the KMS key alias and the audit checkpoint signing key (ECC_NIST_P256, SIGN_VERIFY)
-# alias, then puts the sample messages on the queue.
+# policy), the KMS key alias, the audit checkpoint signing key (ECC_NIST_P256, SIGN_VERIFY)
+# alias and the audit witness bucket (S3, Object Lock with a default COMPLIANCE retention),
+# then puts the sample messages on the queue.
 #
 # docker-compose.yaml mounts it at /etc/localstack/init/ready.d/, with scripts/aws-init.py and
-# tests/data/sample_data.jsonl under /opt/pii-vault/. LocalStack keeps SQS and KMS in memory,
+# tests/data/sample_data.jsonl under /opt/pii-vault/. LocalStack keeps SQS, KMS and S3 in memory,
 # so this runs on every start; scripts/aws-init.py converges instead of assuming a blank
 # emulator, and each run adds the samples once more.
 #
@@ -16,6 +17,8 @@
 #   PII_VAULT_QUEUE         login-queue          (the DLQ is <queue>-dlq)
 #   PII_VAULT_KMS_ALIAS     alias/pii-vault
 #   PII_VAULT_AUDIT_SIGNING_ALIAS  alias/pii-vault-audit-signer
+#   PII_VAULT_WITNESS_BUCKET       pii-vault-audit-witness
+#   PII_VAULT_WITNESS_RETAIN_DAYS  1  (the bucket's default retention)
 #   PII_VAULT_AWS_INIT      /opt/pii-vault/aws-init.py, else ../../scripts/aws-init.py
 #   PII_VAULT_SAMPLE_FILE   /opt/pii-vault/sample_data.jsonl, else ../../tests/data/...;
 #                           set it empty to create the resources only
@@ -41,6 +44,8 @@ region=${PII_VAULT_REGION:-us-east-1}
 queue=${PII_VAULT_QUEUE:-login-queue}
 alias=${PII_VAULT_KMS_ALIAS:-alias/pii-vault}
 signing_alias=${PII_VAULT_AUDIT_SIGNING_ALIAS:-alias/pii-vault-audit-signer}
+witness_bucket=${PII_VAULT_WITNESS_BUCKET:-pii-vault-audit-witness}
+witness_days=${PII_VAULT_WITNESS_RETAIN_DAYS:-1}
 aws_init=${PII_VAULT_AWS_INIT:-$(first_existing /opt/pii-vault/aws-init.py "$here/../../scripts/aws-init.py")}
 if [[ -v PII_VAULT_SAMPLE_FILE ]]; then
     samples=$PII_VAULT_SAMPLE_FILE
@@ -69,9 +74,10 @@ done
 [[ -n $python ]] || die "no python with boto3 among: ${candidates[*]} (set PII_VAULT_PYTHON)"
 [[ -f $aws_init ]] || die "$aws_init not found (set PII_VAULT_AWS_INIT)"
 
-log "creating queue $queue, ${queue}-dlq, $alias and $signing_alias at $endpoint"
+log "creating queue $queue, ${queue}-dlq, $alias, $signing_alias and bucket $witness_bucket at $endpoint"
 out=$("$python" "$aws_init" --endpoint-url "$endpoint" --region "$region" \
-    --queue "$queue" --alias "$alias" --signing-alias "$signing_alias") \
+    --queue "$queue" --alias "$alias" --signing-alias "$signing_alias" \
+    --witness-bucket "$witness_bucket" --witness-retain-days "$witness_days") \
     || die "scripts/aws-init.py failed against $endpoint"
 printf '%s\n' "$out" | sed 's/^/init-aws: /' >&2
 queue_url=$(sed -n 's/^QUEUE_URL=//p' <<<"$out")

@@ -10,6 +10,7 @@ mod common;
 
 mod api_calls;
 mod cli;
+mod compose;
 mod doors;
 mod erasure;
 mod exit_codes;
