@@ -103,7 +103,7 @@ pub const MIGRATION_WINDOW_LOCK: i64 = 8_100_121_361_964_690_549;
 /// CREATEROLE: RDS's master user; locally `pii_vault_roleadmin`) opens a window: it grants
 /// them for the run and takes both back afterwards, whatever happened. Windows are serialized
 /// by [`MIGRATION_WINDOW_LOCK`], so concurrent migrations never close each other's. Without
-/// `role_admin` the owner must hold the rights itself (a superuser, as in docker-compose).
+/// `role_admin` the owner must hold the rights itself (a superuser).
 /// Nothing is pending: no window is opened.
 pub async fn migrate_with(
     migrator: &Migrator,
