@@ -10,6 +10,7 @@ mod common;
 
 mod api_calls;
 mod cli;
+mod deploy;
 mod doors;
 mod erasure;
 mod faults;
