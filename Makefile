@@ -23,10 +23,16 @@ demo: services
 test: services
 	$(ENV); cargo test --locked --no-fail-fast --lib --bins --tests
 
+## Rust formatting and lints; cfn-lint on the CloudFormation templates, and their policies held
+## to keys/ (deploy/policies.py).
 lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 	scripts/check-compose --static
+	test -x .venv-lint/bin/python || python3 -m venv .venv-lint
+	.venv-lint/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements-lint.txt
+	.venv-lint/bin/cfn-lint deploy/*.yaml
+	.venv-lint/bin/python deploy/policies.py --check
 
 ## Re-derive tests/data/vectors/ with the independent Python implementation of docs/FORMAT.md
 ## and compare; also opens and verifies the fixtures an earlier version wrote.

@@ -11,7 +11,13 @@ use crate::common::aws_policy::{
     glob, iam, in_context, kms_allows, plain, policy, role, statements, strings,
 };
 
-const PRINCIPALS: [&str; 9] = [
+/// The roles deploy/pii-vault.yaml adds to the eight: the scheduled `verify-audit --witness`,
+/// the ECS agent's (image, logs, secrets) and EventBridge Scheduler's.
+const VERIFIER: &str = "pii-vault-audit-verifier";
+const TASK_EXECUTION: &str = "pii-vault-task-execution";
+const SCHEDULER: &str = "pii-vault-scheduler";
+
+const PRINCIPALS: [&str; 12] = [
     INGESTER,
     COMPLIANCE,
     KEYADMIN,
@@ -20,6 +26,9 @@ const PRINCIPALS: [&str; 9] = [
     BREAK_GLASS,
     LOADGEN,
     REPLAYER,
+    VERIFIER,
+    TASK_EXECUTION,
+    SCHEDULER,
     ANYONE,
 ];
 const KEYS: [Key; 3] = [ENVELOPE, WINDOW, SIGNING];
@@ -418,7 +427,7 @@ fn k10_only_the_signer_signs_nobody_verifies_in_kms_and_only_verifiers_get_the_p
         let public_key = decider(who, SIGNING)(&plain("kms:GetPublicKey"));
         assert_eq!(
             public_key,
-            [COMPLIANCE, KEYADMIN, SIGNER].contains(&who),
+            [COMPLIANCE, KEYADMIN, SIGNER, VERIFIER].contains(&who),
             "{who}"
         );
     }
@@ -608,6 +617,207 @@ fn k17_the_key_admin_writes_and_reads_erasures_in_the_witness_bucket_and_nothing
         assert!(!allows(&iam, None, &erasure, &plain(action)), "{action}");
         assert!(!allows(&iam, None, bucket, &plain(action)), "{action}");
     }
+}
+
+#[test]
+fn k18_the_audit_verifier_reads_the_checkpoints_and_the_public_key_and_nothing_else() {
+    let signing = [("kms:GetPublicKey", NO_LIMIT)];
+    assert_role(VERIFIER, NOTHING, NOTHING, &signing);
+    let verifier = iam(VERIFIER);
+    let bucket = "arn:aws:s3:::REPLACE-WITH-WITNESS-BUCKET";
+    let checkpoint = format!("{bucket}/checkpoints/00000000000000000001.json");
+    let erasure = format!("{bucket}/erasures/00001800000000123456.json");
+    for action in [
+        "s3:ListBucket",
+        "s3:ListBucketVersions",
+        "s3:GetBucketObjectLockConfiguration",
+    ] {
+        assert!(allows(&verifier, None, bucket, &plain(action)), "{action}");
+    }
+    for action in ["s3:GetObject", "s3:GetObjectVersion"] {
+        assert!(
+            allows(&verifier, None, &checkpoint, &plain(action)),
+            "{action}"
+        );
+        assert!(
+            !allows(&verifier, None, &erasure, &plain(action)),
+            "{action}"
+        );
+    }
+    for action in [
+        "s3:PutObject",
+        "s3:PutObjectRetention",
+        "s3:DeleteObject",
+        "s3:DeleteObjectVersion",
+        "s3:BypassGovernanceRetention",
+        "s3:PutBucketObjectLockConfiguration",
+        "s3:PutBucketPolicy",
+    ] {
+        for resource in [bucket, &checkpoint, &erasure] {
+            let ask = plain(action);
+            assert!(
+                !allows(&verifier, None, resource, &ask),
+                "{action} on {resource}"
+            );
+        }
+    }
+    // It holds every right compliance holds for `verify-audit --witness`, and not the Decrypt.
+    let rights = |doc: &serde_json::Value| -> Vec<(Vec<String>, Vec<String>)> {
+        let mut rights: Vec<_> = statements(doc)
+            .iter()
+            .filter(|s| !strings(&s["Action"]).contains(&"kms:Decrypt".to_owned()))
+            .map(|s| (strings(&s["Action"]), strings(&s["Resource"])))
+            .collect();
+        rights.sort();
+        rights
+    };
+    assert_eq!(rights(&verifier), rights(&iam(COMPLIANCE)));
+    assert_eq!(rights(&verifier).len(), statements(&verifier).len());
+}
+
+/// keys/trust/roles.json: each role's trust policy file (and AWS managed policies).
+fn trust_of_roles() -> serde_json::Map<String, serde_json::Value> {
+    let path = format!("{}/keys/trust/roles.json", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let roles: serde_json::Value = serde_json::from_str(&text).expect("roles.json is JSON");
+    roles.as_object().expect("an object").clone()
+}
+
+#[test]
+fn k19_people_assume_their_roles_with_mfa_and_tasks_theirs_in_this_account_only() {
+    let roles = trust_of_roles();
+    for (file, _) in all_policies() {
+        if let Some(duty) = file
+            .strip_prefix("iam-")
+            .and_then(|f| f.strip_suffix(".json"))
+        {
+            let role = format!("pii-vault-{duty}");
+            assert!(roles.contains_key(&role), "{role} has no trust policy");
+        }
+    }
+    let people = [COMPLIANCE, KEYADMIN, POLICY_ADMIN, BREAK_GLASS];
+    let tasks = [INGESTER, SIGNER, VERIFIER, LOADGEN, REPLAYER, KEYADMIN];
+    let task_condition = json!({
+        "ArnLike": { "aws:SourceArn": "arn:aws:ecs:us-east-1:111122223333:*" },
+        "StringEquals": { "aws:SourceAccount": "111122223333" }
+    });
+    let mfa = json!({ "Bool": { "aws:MultiFactorAuthPresent": "true" } });
+    for (role, entry) in &roles {
+        let file = format!("trust/{}", entry["trust"].as_str().expect("a trust file"));
+        let doc = policy(&file);
+        let (mut by_people, mut by_tasks, mut by_services) = (false, false, Vec::new());
+        for s in statements(&doc) {
+            assert_eq!(s["Action"], "sts:AssumeRole", "{file}");
+            assert!(s.get("Resource").is_none(), "{file}");
+            let principal = s["Principal"].as_object().expect("a principal");
+            assert_eq!(principal.len(), 1, "{file}");
+            if let Some(aws) = principal.get("AWS") {
+                // The account's own principals only, never `*` nor another account, and
+                // only with MFA.
+                assert_eq!(strings(aws), [ACCOUNT], "{file}");
+                assert_eq!(s["Condition"], mfa, "{file}");
+                by_people = true;
+            } else {
+                let service = principal["Service"].as_str().expect("a service");
+                if service == "ecs-tasks.amazonaws.com" && s.get("Condition").is_some() {
+                    // A task of this account, not another's (the confused deputy).
+                    assert_eq!(s["Condition"], task_condition, "{file}");
+                    by_tasks = true;
+                } else {
+                    by_services.push(service);
+                }
+            }
+        }
+        let role = role.as_str();
+        assert_eq!(by_people, people.contains(&role), "{role}: people ({file})");
+        assert_eq!(
+            by_tasks,
+            tasks.contains(&role),
+            "{role}: ECS tasks ({file})"
+        );
+        let services: &[&str] = match role {
+            // The ECS agent pulls images and hands out secrets; it runs no code of ours.
+            TASK_EXECUTION => &["ecs-tasks.amazonaws.com"],
+            SCHEDULER => &["scheduler.amazonaws.com"],
+            _ => &[],
+        };
+        assert_eq!(by_services, services, "{role}: other services ({file})");
+        if role == SCHEDULER {
+            let condition = &statements(&doc)[0]["Condition"];
+            assert_eq!(
+                condition,
+                &json!({ "StringEquals": { "aws:SourceAccount": "111122223333" } })
+            );
+        }
+        let managed = entry
+            .get("managed_policies")
+            .map(strings)
+            .unwrap_or_default();
+        let want: &[&str] = match role {
+            TASK_EXECUTION => {
+                &["arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"]
+            }
+            _ => &[],
+        };
+        assert_eq!(managed, want, "{role}: managed policies");
+    }
+}
+
+#[test]
+fn k20_the_scheduler_starts_the_scheduled_jobs_under_their_roles_and_the_ecs_agent_uses_no_key() {
+    for who in [SCHEDULER, TASK_EXECUTION] {
+        for key in KEYS {
+            assert_exactly(key.policy, decider(who, key), NOTHING);
+        }
+    }
+    let doc = iam(SCHEDULER);
+    let [run, pass] = statements(&doc) else {
+        panic!("iam-scheduler.json: two statements")
+    };
+    assert_eq!(run["Action"], "ecs:RunTask");
+    let families: Vec<String> = [
+        "audit-checkpoint",
+        "verify-audit",
+        "witness-erasures",
+        "expire",
+    ]
+    .iter()
+    .map(|f| format!("arn:aws:ecs:us-east-1:111122223333:task-definition/pii-vault-{f}:*"))
+    .collect();
+    assert_eq!(strings(&run["Resource"]), families);
+    let cluster = "arn:aws:ecs:us-east-1:111122223333:cluster/pii-vault";
+    assert_eq!(
+        run["Condition"],
+        json!({ "ArnEquals": { "ecs:cluster": cluster } })
+    );
+    // It hands the jobs their roles, and never the officer's, the key-policy admin's, break
+    // glass or the ingester's.
+    assert_eq!(pass["Action"], "iam:PassRole");
+    let passed: Vec<String> = [SIGNER, VERIFIER, KEYADMIN, TASK_EXECUTION]
+        .iter()
+        .map(|r| role(r))
+        .collect();
+    assert_eq!(strings(&pass["Resource"]), passed);
+    assert_eq!(
+        pass["Condition"],
+        json!({ "StringEquals": { "iam:PassedToService": "ecs-tasks.amazonaws.com" } })
+    );
+    // The ECS agent reads the tasks' DATABASE_URL secrets and nothing else of ours.
+    let doc = iam(TASK_EXECUTION);
+    let [secrets] = statements(&doc) else {
+        panic!("iam-task-execution.json: one statement")
+    };
+    assert_eq!(
+        strings(&secrets["Action"]),
+        ["secretsmanager:GetSecretValue", "ssm:GetParameters"]
+    );
+    assert!(
+        strings(&secrets["Resource"])
+            .iter()
+            .all(|r| r.starts_with("REPLACE-WITH-") && r.ends_with("-DATABASE-URL-SECRET")),
+        "{:?}",
+        secrets["Resource"]
+    );
 }
 
 /// The model can say yes: a policy as loose as the ones K2 to K4 rule out is allowed through.

@@ -11,6 +11,7 @@ mod common;
 mod api_calls;
 mod cli;
 mod compose;
+mod deploy;
 mod doors;
 mod erasure;
 mod exit_codes;
