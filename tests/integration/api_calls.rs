@@ -9,8 +9,8 @@
 use std::fmt::Write as _;
 
 use crate::common::aws_policy::{
-    Ask, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN, REPLAYER, SIGNER, SIGNING, WINDOW,
-    allows, iam, kms_allows, policy,
+    Ask, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN, REPLAYER, SIGNER, SIGNING,
+    VERIFIER, WINDOW, allows, iam, kms_allows, policy,
 };
 use crate::common::recording_proxy::{Call, Needed, Recorded, RecordingProxy, Resource, classify};
 use crate::common::{self, TestEnv, stderr};
@@ -28,7 +28,7 @@ const RUNS_AS: &[(&str, &str, &str)] = &[
     ("ingest replay-dead-letters", REPLAYER, "nobody"),
     ("loadgen", LOADGEN, "nobody"),
     ("unmask", COMPLIANCE, "compliance"),
-    ("unmask verify-audit", COMPLIANCE, "compliance"),
+    ("unmask verify-audit", VERIFIER, "compliance"),
     // Locally the compliance login may also sign (tests/integration/unmask.rs).
     ("unmask audit-checkpoint", SIGNER, "compliance"),
     ("rotate-keys init", KEYADMIN, "keyadmin"),

@@ -395,7 +395,7 @@ async fn the_stack_deploys_to_the_emulator_and_the_demo_runs_through_its_resourc
     run(
         Some("keyadmin"),
         ROTATE_KEYS,
-        &["window", "--month", "2020-01", "--kms-key-id", &window_key],
+        &["window", "--month", "2020-01", "--key", &window_key],
     );
     let demo = demo_started.elapsed();
 

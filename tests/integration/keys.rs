@@ -7,13 +7,13 @@ use serde_json::json;
 
 use crate::common::aws_policy::{
     ACCOUNT, ANYONE, Ask, BREAK_GLASS, COMPLIANCE, ENVELOPE, INGESTER, KEYADMIN, Key, LOADGEN,
-    POLICY_ADMIN, REPLAYER, SIGNER, SIGNING, WINDOW, action_matches, all_policies, allows, decider,
-    glob, iam, in_context, kms_allows, plain, policy, role, statements, strings,
+    POLICY_ADMIN, REPLAYER, SIGNER, SIGNING, VERIFIER, WINDOW, action_matches, all_policies,
+    allows, decider, glob, iam, in_context, kms_allows, plain, policy, role, statements, strings,
 };
 
-/// The roles deploy/pii-vault.yaml adds to the eight: the scheduled `verify-audit --witness`,
+/// The roles deploy/pii-vault.yaml adds to the eight: the scheduled `verify-audit --witness`
+/// (`VERIFIER`),
 /// the ECS agent's (image, logs, secrets) and EventBridge Scheduler's.
-const VERIFIER: &str = "pii-vault-audit-verifier";
 const TASK_EXECUTION: &str = "pii-vault-task-execution";
 const SCHEDULER: &str = "pii-vault-scheduler";
 

@@ -41,6 +41,8 @@ pub const COMPLIANCE: &str = "pii-vault-compliance";
 pub const KEYADMIN: &str = "pii-vault-keyadmin";
 pub const POLICY_ADMIN: &str = "pii-vault-key-policy-admin";
 pub const SIGNER: &str = "pii-vault-audit-signer";
+/// The scheduled `unmask verify-audit --witness`: the public key and the witness, no Decrypt.
+pub const VERIFIER: &str = "pii-vault-audit-verifier";
 pub const BREAK_GLASS: &str = "pii-vault-break-glass";
 pub const LOADGEN: &str = "pii-vault-loadgen";
 pub const REPLAYER: &str = "pii-vault-replayer";
