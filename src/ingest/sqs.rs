@@ -82,7 +82,7 @@ pub async fn resolve_queue_url(
     })
 }
 
-pub(crate) fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
+pub fn source_error<E, R>(operation: &str, error: SdkError<E, R>) -> SourceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,

@@ -203,20 +203,7 @@ async fn the_stack_deploys_to_the_emulator_and_the_demo_runs_through_its_resourc
     // behind their aliases; the witness bucket under Object Lock in COMPLIANCE mode.
     let config = common::aws_config().await;
     let sqs = aws_sdk_sqs::Client::new(&config);
-    let attributes = |url: String| {
-        let sqs = sqs.clone();
-        async move {
-            sqs.get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(QueueAttributeName::All)
-                .send()
-                .await
-                .expect("GetQueueAttributes")
-                .attributes
-                .unwrap_or_default()
-        }
-    };
-    let queue = attributes(queue_url.clone()).await;
+    let queue = common::queue_attributes(&sqs, &queue_url).await;
     let redrive: Value = serde_json::from_str(&queue[&QueueAttributeName::RedrivePolicy]).unwrap();
     assert_eq!(
         redrive["deadLetterTargetArn"],
@@ -229,7 +216,7 @@ async fn the_stack_deploys_to_the_emulator_and_the_demo_runs_through_its_resourc
         queue[&QueueAttributeName::ReceiveMessageWaitTimeSeconds],
         "20"
     );
-    let dlq = attributes(stack.output("DeadLetterQueueUrl")).await;
+    let dlq = common::queue_attributes(&sqs, &stack.output("DeadLetterQueueUrl")).await;
     assert_eq!(dlq[&QueueAttributeName::SqsManagedSseEnabled], "true");
     let allowed: Value =
         serde_json::from_str(&dlq[&QueueAttributeName::RedriveAllowPolicy]).unwrap();
@@ -325,7 +312,7 @@ async fn the_stack_deploys_to_the_emulator_and_the_demo_runs_through_its_resourc
         std::slice::from_ref(&key),
         "every key wrapped by the stack's key"
     );
-    let queue = attributes(queue_url.clone()).await;
+    let queue = common::queue_attributes(&sqs, &queue_url).await;
     for left in [
         QueueAttributeName::ApproximateNumberOfMessages,
         QueueAttributeName::ApproximateNumberOfMessagesNotVisible,

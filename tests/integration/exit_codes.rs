@@ -33,6 +33,9 @@ async fn every_exit_code_is_produced_by_its_failure() {
     let env = three_logins().await;
     let mut table: Vec<(i32, Seen)> = Vec::new();
     let mut expect = |code: i32, seen: Seen| table.push((code, seen));
+    let as_user = |user: &str, binary: &str, args: &[&str]| {
+        seen(binary, args, &env.run_binary_as(user, binary, args))
+    };
 
     let args = ["status"];
     expect(
@@ -51,20 +54,10 @@ async fn every_exit_code_is_produced_by_its_failure() {
 
     // 2, usage: an argument missing, a queue that does not exist, no region.
     let args = ["--user-id", "u-1", "--purpose", "fraud-investigation"];
-    expect(
-        2,
-        seen(
-            UNMASK,
-            &args,
-            &env.run_binary_as("compliance", UNMASK, &args),
-        ),
-    );
+    expect(2, as_user("compliance", UNMASK, &args));
     let missing_queue = format!("no-such-queue-{}", common::unique_suffix());
     let args = ["--drain", "--queue", missing_queue.as_str()];
-    expect(
-        2,
-        seen(INGEST, &args, &env.run_binary_as("ingester", INGEST, &args)),
-    );
+    expect(2, as_user("ingester", INGEST, &args));
     let args = ["--count", "1"];
     let no_region = common::output_of(
         std::process::Command::new(LOADGEN)
@@ -80,39 +73,15 @@ async fn every_exit_code_is_produced_by_its_failure() {
     // 3, refused: a login without the compliance role asks the reveal door; the analyst's
     // login runs a key admin's command.
     let args = [&["--user-id", "u-1"][..], &REVEAL].concat();
-    expect(
-        3,
-        seen(UNMASK, &args, &env.run_binary_as("analyst", UNMASK, &args)),
-    );
+    expect(3, as_user("analyst", UNMASK, &args));
     let args = ["status"];
-    expect(
-        3,
-        seen(
-            ROTATE_KEYS,
-            &args,
-            &env.run_binary_as("analyst", ROTATE_KEYS, &args),
-        ),
-    );
+    expect(3, as_user("analyst", ROTATE_KEYS, &args));
 
     // 6, nothing found: the officer asks about nobody; the key admin erases nobody.
     let args = [&["--user-id", "nobody"][..], &REVEAL].concat();
-    expect(
-        6,
-        seen(
-            UNMASK,
-            &args,
-            &env.run_binary_as("compliance", UNMASK, &args),
-        ),
-    );
+    expect(6, as_user("compliance", UNMASK, &args));
     let args = ["erase", "--user-id", "nobody", "--reason", "r", "--dry-run"];
-    expect(
-        6,
-        seen(
-            ROTATE_KEYS,
-            &args,
-            &env.run_binary_as("keyadmin", ROTATE_KEYS, &args),
-        ),
-    );
+    expect(6, as_user("keyadmin", ROTATE_KEYS, &args));
 
     // 5, KMS refused: the KMS key that wraps the data keys is disabled.
     let kms = aws_sdk_kms::Client::new(&common::aws_config().await);
@@ -122,14 +91,7 @@ async fn every_exit_code_is_produced_by_its_failure() {
         .await
         .expect("DisableKey");
     let args = [&["--user-id", "u-2"][..], &REVEAL].concat();
-    expect(
-        5,
-        seen(
-            UNMASK,
-            &args,
-            &env.run_binary_as("compliance", UNMASK, &args),
-        ),
-    );
+    expect(5, as_user("compliance", UNMASK, &args));
     kms.enable_key()
         .key_id(&env.kms_key_id)
         .send()
@@ -146,14 +108,7 @@ async fn every_exit_code_is_produced_by_its_failure() {
     .await
     .unwrap();
     let args = [&["--user-id", "u-1"][..], &REVEAL].concat();
-    expect(
-        4,
-        seen(
-            UNMASK,
-            &args,
-            &env.run_binary_as("compliance", UNMASK, &args),
-        ),
-    );
+    expect(4, as_user("compliance", UNMASK, &args));
 
     let report: String = table
         .iter()
@@ -268,29 +223,15 @@ async fn loadgen_creates_a_queue_with_its_dead_letter_queue() {
     let sent = env.run_binary(LOADGEN, &["--queue", &name, "--count", "2"]);
     assert!(sent.status.success(), "{}", stderr(&sent));
     let sqs = aws_sdk_sqs::Client::new(&common::aws_config().await);
-    let url = |name: String| {
-        let sqs = sqs.clone();
-        async move {
-            sqs.get_queue_url()
-                .queue_name(name)
-                .send()
-                .await
-                .expect("the queue exists")
-                .queue_url
-                .unwrap()
-        }
-    };
-    let queue = url(name.clone()).await;
-    let dead_letters = url(format!("{name}-dlq")).await;
-    let attributes = sqs
-        .get_queue_attributes()
-        .queue_url(&queue)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
-        .send()
+    let url_of = |name: String| sqs.get_queue_url().queue_name(name).send();
+    let queue = url_of(name.clone()).await.unwrap().queue_url.unwrap();
+    let dead_letters = url_of(format!("{name}-dlq"))
         .await
+        .unwrap()
+        .queue_url
         .unwrap();
-    let policy =
-        &attributes.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy];
+    let attributes = common::queue_attributes(&sqs, &queue).await;
+    let policy = &attributes[&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy];
     assert!(policy.contains(&format!("{name}-dlq")), "{policy}");
     for url in [queue, dead_letters] {
         sqs.delete_queue().queue_url(url).send().await.unwrap();

@@ -223,12 +223,7 @@ async fn create_with_dead_letters(
     let dlq_url = create(dead_letters.clone())
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "CreateQueue {dead_letters}: {}",
-                pii_vault::aws_error::one_line(&e)
-            )
-        })?
+        .map_err(|e| sqs::source_error(&format!("CreateQueue {dead_letters}"), e))?
         .queue_url
         .context("CreateQueue returned no URL")?;
     let dlq_arn = client
@@ -237,12 +232,7 @@ async fn create_with_dead_letters(
         .attribute_names(QueueAttributeName::QueueArn)
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "GetQueueAttributes {dead_letters}: {}",
-                pii_vault::aws_error::one_line(&e)
-            )
-        })?
+        .map_err(|e| sqs::source_error(&format!("GetQueueAttributes {dead_letters}"), e))?
         .attributes
         .and_then(|mut attributes| attributes.remove(&QueueAttributeName::QueueArn))
         .context("GetQueueAttributes returned no QueueArn")?;
@@ -254,12 +244,7 @@ async fn create_with_dead_letters(
         .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "CreateQueue {queue}: {}",
-                pii_vault::aws_error::one_line(&e)
-            )
-        })?
+        .map_err(|e| sqs::source_error(&format!("CreateQueue {queue}"), e))?
         .queue_url
         .context("CreateQueue returned no URL")?;
     tracing::info!(queue, dead_letter_queue = %dead_letters, "created the queue and its dead-letter queue");

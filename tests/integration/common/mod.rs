@@ -57,6 +57,21 @@ pub fn unique_suffix() -> String {
     )
 }
 
+/// Every attribute of the queue at `url`.
+pub async fn queue_attributes(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+) -> HashMap<QueueAttributeName, String> {
+    sqs.get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .expect("GetQueueAttributes")
+        .attributes
+        .unwrap_or_default()
+}
+
 pub async fn aws_config() -> aws_config::SdkConfig {
     aws_config_at(&aws_endpoint()).await
 }
