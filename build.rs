@@ -13,7 +13,9 @@ fn main() {
 fn commit() -> String {
     println!("cargo:rerun-if-env-changed=PII_VAULT_COMMIT");
     if let Ok(commit) = std::env::var("PII_VAULT_COMMIT") {
-        return commit;
+        if !commit.trim().is_empty() {
+            return commit.trim().to_owned();
+        }
     }
     let git = |args: &[&str]| {
         Command::new("git")
@@ -24,16 +26,21 @@ fn commit() -> String {
             .and_then(|out| String::from_utf8(out.stdout).ok())
             .map(|text| text.trim().to_owned())
     };
-    // Rebuilt when HEAD moves: a checkout changes HEAD, a commit changes the branch's ref.
+    // Rebuilt when HEAD moves: a checkout changes HEAD, a commit changes the branch's ref,
+    // which lives in `packed-refs` instead once git has packed it (`git gc`).
     if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        let head = Path::new(&git_dir).join("HEAD");
-        println!("cargo:rerun-if-changed={}", head.display());
+        let common = git(&["rev-parse", "--git-common-dir"]).unwrap_or(git_dir.clone());
+        let mut watched = vec![
+            Path::new(&git_dir).join("HEAD"),
+            Path::new(&common).join("packed-refs"),
+        ];
         if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            let common = git(&["rev-parse", "--git-common-dir"]).unwrap_or(git_dir);
-            println!(
-                "cargo:rerun-if-changed={}",
-                Path::new(&common).join(branch).display()
-            );
+            watched.push(Path::new(&common).join(branch));
+        }
+        // A watched path that does not exist makes cargo run this again, and rebuild the
+        // crate, on every build.
+        for path in watched.iter().filter(|path| path.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
     git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
