@@ -7,9 +7,11 @@ use std::time::Instant;
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use super::sqs_query::QuerySqsSource;
+use crate::telemetry::observed::{QueueDepth, observed};
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 
 /// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
@@ -54,11 +56,65 @@ impl SqsSource {
         self.client
             .get_queue_attributes()
             .queue_url(&self.queue_url)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .attribute_names(QueueAttributeName::QueueArn)
             .send()
             .await
             .map(drop)
             .map_err(|e| source_error("GetQueueAttributes", e))
+    }
+
+    /// The queue's approximate message counts (GetQueueAttributes).
+    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| source_error("GetQueueAttributes", e))?;
+        let attributes = output.attributes.unwrap_or_default();
+        let count =
+            |name: QueueAttributeName| attributes.get(&name).map(String::as_str).unwrap_or("");
+        queue_depth(
+            count(QueueAttributeName::ApproximateNumberOfMessages),
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+}
+
+/// The depth SQS answered, from its two counts as text (either protocol sends numbers as text).
+pub(crate) fn queue_depth(visible: &str, in_flight: &str) -> Result<QueueDepth, SourceError> {
+    let parse = |name: &str, text: &str| {
+        text.trim().parse::<u64>().map_err(|_| SourceError {
+            message: format!("GetQueueAttributes: {name} is {text:?}, not a count"),
+            transient: false,
+        })
+    };
+    Ok(QueueDepth {
+        visible: parse("ApproximateNumberOfMessages", visible)?,
+        in_flight: parse("ApproximateNumberOfMessagesNotVisible", in_flight)?,
+    })
+}
+
+/// Tells telemetry what a receive found: the `SentTimestamp` of each message received, or
+/// nothing for an empty receive (`pii_vault_oldest_message_age_seconds`). SQS's own send time
+/// is meant, not the first one a replayed message carries: the age is the time on this queue.
+pub(crate) fn observe_receive<'a>(sent_timestamps: impl IntoIterator<Item = Option<&'a str>>) {
+    let mut received = false;
+    let mut oldest: Option<u64> = None;
+    for sent in sent_timestamps {
+        received = true;
+        if let Some(ms) = sent.and_then(|text| text.parse::<u64>().ok()) {
+            oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+        }
+    }
+    match (received, oldest) {
+        (false, _) => observed().received(None),
+        (true, Some(ms)) => observed().received(Some(ms)),
+        // Messages without a send time say nothing about the queue's age.
+        (true, None) => {}
     }
 }
 
@@ -195,6 +251,14 @@ impl MessageSource for SqsSource {
             .await
             .map_err(|e| source_error("ReceiveMessage", e))?;
         let read_at = Instant::now();
+        observe_receive(
+            output
+                .messages
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(sent_timestamp),
+        );
         let mut messages = Vec::new();
         for mut message in output.messages.unwrap_or_default() {
             let (Some(id), Some(receipt)) = (&message.message_id, message.receipt_handle.take())
@@ -271,6 +335,14 @@ impl SqsQueue {
         match self {
             SqsQueue::Json(source) => source.check().await,
             SqsQueue::Query(source) => source.check().await,
+        }
+    }
+
+    /// The queue's approximate message counts: `pii_vault_queue_messages`.
+    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
+        match self {
+            SqsQueue::Json(source) => source.depth().await,
+            SqsQueue::Query(source) => source.depth().await,
         }
     }
 }

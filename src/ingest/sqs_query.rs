@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent};
+use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent, observe_receive, queue_depth};
 use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
+use crate::telemetry::observed::QueueDepth;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sigv4::http_request::SigningSettings;
 use http_body_util::Full;
@@ -302,6 +303,27 @@ impl QuerySqsSource {
             .await
             .map(drop)
     }
+
+    /// The queue's approximate message counts (GetQueueAttributes).
+    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
+        const VISIBLE: &str = "ApproximateNumberOfMessages";
+        const IN_FLIGHT: &str = "ApproximateNumberOfMessagesNotVisible";
+        let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
+        form.add("AttributeName.1", VISIBLE);
+        form.add("AttributeName.2", IN_FLIGHT);
+        let target = self.client.target(&self.queue_url);
+        let answer = self
+            .client
+            .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
+            .await?;
+        let result = answer.child("GetQueueAttributesResult");
+        let count = |name: &str| {
+            result
+                .and_then(|r| system_attribute(r, name))
+                .unwrap_or_default()
+        };
+        queue_depth(count(VISIBLE), count(IN_FLIGHT))
+    }
 }
 
 impl MessageSource for QuerySqsSource {
@@ -333,8 +355,14 @@ impl MessageSource for QuerySqsSource {
         let read_at = Instant::now();
         let mut messages = Vec::new();
         let Some(result) = answer.child("ReceiveMessageResult") else {
+            observe_receive([]);
             return Ok(messages);
         };
+        observe_receive(
+            result
+                .children("Message")
+                .map(|message| system_attribute(message, "SentTimestamp")),
+        );
         for message in result.children("Message") {
             let id = message.child_text("MessageId");
             let receipt = message.child_text("ReceiptHandle");
@@ -545,7 +573,8 @@ fn queue_url_in(operation: &str, answer: &xml::Element) -> Result<String, Source
     }
 }
 
-/// `<Attribute><Name>name</Name><Value>...</Value></Attribute>`: a system attribute's value.
+/// `<Attribute><Name>name</Name><Value>...</Value></Attribute>`: a system attribute's value
+/// (of a message, or of the queue in a GetQueueAttributes answer).
 fn system_attribute<'a>(message: &'a xml::Element, name: &str) -> Option<&'a str> {
     message
         .children("Attribute")

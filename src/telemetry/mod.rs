@@ -3,16 +3,24 @@
 //! The pipeline records through the [`metrics`] facade under the names below. Without a
 //! recorder (no `--metrics-addr`) every record is a no-op; with one, [`install`] renders them
 //! in the Prometheus text format and [`server`] serves them at `/metrics`, beside `/healthz`
-//! and `/readyz` ([`readiness`]). The exception is [`READ_TO_COMMIT`]: a run keeps it in its
-//! own [`LatencyHistogram`] (its quantiles are the run's summary) and [`server`] renders that.
+//! and `/readyz` ([`readiness`]). The exceptions are read when scraped, not recorded:
+//! [`READ_TO_COMMIT`] (a run keeps it in its own [`LatencyHistogram`], whose quantiles are the
+//! run's summary), [`READY`] (the last readiness outcome), what the process [`observed`] (queue
+//! depth, message and key ages, the audit's last checkpoint) and the [`process`] metrics.
 //!
-//! No metric carries personal data or key material: labels are fixed operation names.
+//! Names follow Prometheus's conventions (a unit suffix, `_total` on counters); dashboards and
+//! the alert rules in `deploy/` query them, and a test holds both to what `/metrics` serves.
+//! No metric carries personal data or key material: labels are fixed names.
 
+mod exposition;
 pub mod latency;
+pub mod observed;
+pub mod process;
 pub mod readiness;
 pub mod server;
 
 pub use latency::LatencyHistogram;
+pub use observed::observed;
 
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -43,6 +51,21 @@ pub const BATCH_SIZE: &str = "pii_vault_batch_size";
 pub const READ_TO_COMMIT: &str = "pii_vault_read_to_commit_seconds";
 /// The `# HELP` text of [`READ_TO_COMMIT`].
 pub const READ_TO_COMMIT_HELP: &str = "Seconds from reading a message to committing its row.";
+/// 1, labelled with the `version`, `commit` ([`crate::BUILD_COMMIT`]) and `binary` serving.
+pub const BUILD_INFO: &str = "pii_vault_build_info";
+/// 1 if the last readiness check (`/readyz`, or the endpoint's own every
+/// [`server::READINESS_INTERVAL`]) passed, else 0.
+pub const READY: &str = "pii_vault_ready";
+/// Messages on the queue by `state` (`visible`, `in_flight`), polled with GetQueueAttributes.
+pub const QUEUE_MESSAGES: &str = "pii_vault_queue_messages";
+/// Now minus the SentTimestamp of the oldest message of the most recent receive; 0 when that
+/// receive found the queue empty. CloudWatch's `ApproximateAgeOfOldestMessage` is the queue's.
+pub const OLDEST_MESSAGE_AGE: &str = "pii_vault_oldest_message_age_seconds";
+/// Age of the keys in use by `purpose`: `token` (the active one), `data` (this process's
+/// newest).
+pub const KEY_AGE: &str = "pii_vault_key_age_seconds";
+/// When the newest audit checkpoint was signed, seconds after the epoch.
+pub const AUDIT_LAST_CHECKPOINT: &str = "pii_vault_audit_last_checkpoint_timestamp_seconds";
 
 /// The `operation` label values of [`RETRIES`].
 pub mod retried {
@@ -50,6 +73,7 @@ pub mod retried {
     pub const RECEIVE: &str = "receive";
     pub const ACKNOWLEDGE: &str = "acknowledge";
     pub const KEYS: &str = "keys";
+    pub const ALL: [&str; 4] = [DATABASE_WRITE, RECEIVE, ACKNOWLEDGE, KEYS];
 }
 
 const BATCH_SIZE_BUCKETS: [f64; 11] = [
@@ -61,8 +85,9 @@ const BATCH_SIZE_BUCKETS: [f64; 11] = [
 pub struct InstallError(String);
 
 /// Installs the process-wide Prometheus recorder (once per process) and describes every
-/// metric, so each appears in `/metrics` with its help text from the first scrape.
-pub fn install() -> Result<PrometheusHandle, InstallError> {
+/// metric, so each appears in `/metrics` with its help text from the first scrape. `binary`
+/// names the program in [`BUILD_INFO`].
+pub fn install(binary: &'static str) -> Result<PrometheusHandle, InstallError> {
     let fail = |error: &dyn std::fmt::Display| InstallError(error.to_string());
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS)
@@ -70,11 +95,22 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
         .install_recorder()
         .map_err(|e| fail(&e))?;
     describe();
+    metrics::gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => crate::BUILD_COMMIT,
+        "binary" => binary,
+    )
+    .set(1.0);
     Ok(handle)
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_histogram};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the version, commit and binary that serve these metrics."
+    );
     describe_counter!(
         RECEIVED,
         Unit::Count,
@@ -128,6 +164,9 @@ fn describe() {
         SEALING_REFUSED,
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    for operation in retried::ALL {
+        metrics::counter!(RETRIES, "operation" => operation).absolute(0);
     }
 }
 

@@ -56,6 +56,8 @@ pub struct Readiness {
     checks: Vec<Box<dyn Check>>,
     /// Cancelled once shutdown has begun: the process is finishing, not taking new work.
     shutdown: CancellationToken,
+    /// When the checks last finished, and whether they all passed: `pii_vault_ready`.
+    last: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
 
 /// The outcome of each check, in a fixed order.
@@ -85,7 +87,17 @@ impl fmt::Display for Report {
 
 impl Readiness {
     pub fn new(checks: Vec<Box<dyn Check>>, shutdown: CancellationToken) -> Self {
-        Self { checks, shutdown }
+        Self {
+            checks,
+            shutdown,
+            last: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether the last check passed and how long ago it finished; `None` before the first.
+    pub fn last(&self) -> Option<(bool, Duration)> {
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.map(|(at, ready)| (ready, at.elapsed()))
     }
 
     pub async fn check(&self) -> Report {
@@ -100,7 +112,10 @@ impl Readiness {
         if self.shutdown.is_cancelled() {
             checks.push(("process", Err("shutting down".into())));
         }
-        Report { checks }
+        let report = Report { checks };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), report.is_ready()));
+        report
     }
 }
 
@@ -174,10 +189,15 @@ mod tests {
             "{took:?}"
         );
         assert!(!report.is_ready());
+        assert!(matches!(readiness.last(), Some((false, ago)) if ago < Duration::from_secs(1)));
         assert_eq!(
             report.to_string(),
             "slow: ok\nhung: no answer within 3s\nbroken: no way\n"
         );
+        let ready = Readiness::new(vec![], shutdown.clone());
+        assert_eq!(ready.last(), None);
+        assert!(ready.check().await.is_ready());
+        assert!(matches!(ready.last(), Some((true, _))));
         shutdown.cancel();
         let report = Readiness::new(vec![], shutdown).check().await;
         assert_eq!(report.to_string(), "process: shutting down\n");

@@ -17,10 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LatencyHistogram;
+use super::exposition::{Family, Kind};
 use super::readiness::Readiness;
 
 /// A client gets this long to send its request head, so idle connections cannot pile up.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `pii_vault_ready` is the outcome of the last readiness check: `/readyz`'s when something
+/// asks it often enough (an orchestrator's health check), else the endpoint checks itself this
+/// often. A check costs a KMS DescribeKey, so they are not made per scrape.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(30);
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
@@ -36,6 +42,7 @@ pub struct Endpoints {
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, shutdown: CancellationToken) {
     let connections = TaskTracker::new();
+    connections.spawn(keep_readiness_fresh(endpoints.clone(), shutdown.clone()));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -76,19 +83,53 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, shutdown: C
     connections.wait().await;
 }
 
+/// Checks readiness whenever the last check is [`READINESS_INTERVAL`] old (at once at start).
+async fn keep_readiness_fresh(endpoints: Arc<Endpoints>, shutdown: CancellationToken) {
+    loop {
+        let since = match endpoints.readiness.last() {
+            Some((_, ago)) => ago,
+            None => READINESS_INTERVAL,
+        };
+        if since >= READINESS_INTERVAL {
+            endpoints.readiness.check().await;
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(READINESS_INTERVAL - since) => {}
+        }
+    }
+}
+
+/// The `/metrics` exposition: what was recorded, then what is read now.
+fn exposition(endpoints: &Endpoints) -> String {
+    let mut out = endpoints.metrics.render();
+    endpoints.read_to_commit.write_prometheus(
+        &mut out,
+        super::READ_TO_COMMIT,
+        super::READ_TO_COMMIT_HELP,
+    );
+    let mut ready = Family::new(
+        super::READY,
+        Kind::Gauge,
+        "1 if the last readiness check (/readyz) passed, else 0.",
+    );
+    if let Some((passed, _)) = endpoints.readiness.last() {
+        ready = ready.sample(&[], if passed { 1.0 } else { 0.0 });
+    }
+    ready.write(&mut out);
+    super::observed().write_prometheus(&mut out, super::process::unix_now());
+    super::process::Figures::read().write_prometheus(&mut out);
+    out
+}
+
 async fn respond(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
     match request.uri().path() {
         "/metrics" => {
-            let mut exposition = endpoints.metrics.render();
-            endpoints.read_to_commit.write_prometheus(
-                &mut exposition,
-                super::READ_TO_COMMIT,
-                super::READ_TO_COMMIT_HELP,
-            );
-            let mut response = text(StatusCode::OK, exposition);
+            let mut response = text(StatusCode::OK, exposition(endpoints));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));

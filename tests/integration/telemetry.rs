@@ -1,11 +1,12 @@
-//! The operator's view of `ingest`, over the real wire: `/metrics` after an ingest, `/healthz`
-//! and `/readyz` while the database comes and goes, and JSON logs.
+//! The operator's view of `ingest`, over the real wire: `/metrics` after an ingest (counts,
+//! build, process, queue depth, message and key ages), `/healthz`, `/readyz` and
+//! `pii_vault_ready` while the database comes and goes, and JSON logs.
 
 use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{self, Proxy, TestEnv, eventually, free_port, get, login, sample, stderr};
-use pii_vault::telemetry::{self, latency};
+use pii_vault::telemetry::{self, latency, process};
 
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
 
@@ -93,6 +94,7 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
             telemetry::READ_TO_COMMIT
         )) == committed
     );
+    the_build_and_the_process_are_described(&metrics);
 
     assert_eq!(get(port, "/healthz").await, Some((200, "ok\n".to_owned())));
     let (status, readiness) = get(port, "/readyz").await.unwrap();
@@ -109,6 +111,11 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     .await;
     assert!(not_ready, "/readyz still ready without the database");
     assert_eq!(
+        sample(&scrape().await, telemetry::READY),
+        Some(0.0),
+        "the gauge is the last check's outcome"
+    );
+    assert_eq!(
         get(port, "/healthz").await.unwrap().0,
         200,
         "alive all the same"
@@ -121,6 +128,13 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     })
     .await;
     assert!(retried, "{}", scrape().await);
+    // Received and not deleted, or back on the queue: SQS holds all five until they commit,
+    // and some receive saw them waiting.
+    let waiting = eventually(Duration::from_secs(40), || async {
+        queue(&scrape().await).is_some_and(|(visible, in_flight)| visible + in_flight == 5.0)
+    })
+    .await;
+    assert!(waiting, "{}", scrape().await);
     proxy.restore();
     let ready_again = eventually(Duration::from_secs(30), || async {
         matches!(get(port, "/readyz").await, Some((200, _)))
@@ -135,6 +149,31 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     assert!(caught_up, "{metrics}");
     assert_eq!(sample(&metrics, telemetry::STORED), Some(34.0));
     assert_eq!(env.count("user_logins").await, 34);
+
+    // Polled and observed: the keys in use were made during the test, the queue is drained, and
+    // the latest receives found it empty.
+    let settled = eventually(Duration::from_secs(40), || async {
+        let metrics = scrape().await;
+        let age = |purpose: &str| {
+            sample(
+                &metrics,
+                &format!("{}{{purpose=\"{purpose}\"}}", telemetry::KEY_AGE),
+            )
+        };
+        age("token").is_some_and(|a| (0.0..300.0).contains(&a))
+            && age("data").is_some_and(|a| (0.0..300.0).contains(&a))
+            && queue(&metrics) == Some((0.0, 0.0))
+            && sample(&metrics, telemetry::OLDEST_MESSAGE_AGE) == Some(0.0)
+            && sample(&metrics, telemetry::READY) == Some(1.0)
+    })
+    .await;
+    let metrics = scrape().await;
+    assert!(settled, "{metrics}");
+    assert_eq!(
+        sample(&metrics, telemetry::AUDIT_LAST_CHECKPOINT),
+        None,
+        "no checkpoint was signed: no series rather than a made-up time"
+    );
 
     // Nothing is left to commit: this is the histogram the summary at exit is taken from.
     let last_metrics = scrape().await;
@@ -156,6 +195,57 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
         assert!(!logs.contains(personal), "personal data in the logs");
     }
     env.cleanup().await;
+}
+
+/// `pii_vault_queue_messages`: (visible, in flight), once polled.
+fn queue(metrics: &str) -> Option<(f64, f64)> {
+    let state = |state: &str| {
+        sample(
+            metrics,
+            &format!("{}{{state=\"{state}\"}}", telemetry::QUEUE_MESSAGES),
+        )
+    };
+    Some((state("visible")?, state("in_flight")?))
+}
+
+/// `pii_vault_build_info` names this build; the `process_*` figures are this process's.
+fn the_build_and_the_process_are_described(metrics: &str) {
+    let info = format!(
+        "{}{{version=\"{}\",commit=\"{}\",binary=\"ingest\"}}",
+        telemetry::BUILD_INFO,
+        env!("CARGO_PKG_VERSION"),
+        pii_vault::BUILD_COMMIT
+    );
+    assert_eq!(sample(metrics, &info), Some(1.0), "{info} in\n{metrics}");
+    assert!(
+        pii_vault::BUILD_COMMIT == "unknown"
+            || (pii_vault::BUILD_COMMIT.len() == 12
+                && pii_vault::BUILD_COMMIT
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit())),
+        "{}",
+        pii_vault::BUILD_COMMIT
+    );
+
+    let value =
+        |name: &str| sample(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value(process::START_TIME);
+    assert!(
+        started > now - 300.0 && started <= now + 1.0,
+        "started {started}, now {now}"
+    );
+    assert!(value(process::CPU_SECONDS) > 0.0);
+    let resident = value(process::RESIDENT_MEMORY);
+    assert!(
+        resident > 1e6 && value(process::VIRTUAL_MEMORY) > resident,
+        "{metrics}"
+    );
+    let open = value(process::OPEN_FDS);
+    assert!(open >= 3.0 && value(process::MAX_FDS) >= open, "{metrics}");
 }
 
 /// The p50/p99 that `ingest` prints at exit come from the histogram `/metrics` exposed: the

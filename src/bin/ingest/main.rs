@@ -5,6 +5,7 @@
 #[path = "../common/progress.rs"]
 mod progress;
 mod replay;
+mod watch;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -293,6 +294,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
             keyring("ingest readiness check"),
             settings.sealing.clone(),
         );
+        let queue = match &input {
+            Input::Queue(queue) => Some(queue.clone()),
+            Input::File(_) => None,
+        };
+        let created_by = cli::process_name("ingest");
+        tokio::spawn(watch::run(
+            queue,
+            pool.clone(),
+            created_by,
+            endpoint_stop.clone(),
+        ));
         let readiness = Readiness::new(checks, shutdown.clone());
         let endpoints = Arc::new(Endpoints {
             metrics,
@@ -366,7 +378,7 @@ async fn open_endpoint(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?;
-    let metrics = telemetry::install()?;
+    let metrics = telemetry::install("ingest")?;
     tracing::info!(
         addr = %listener.local_addr()?,
         "serving /metrics, /healthz and /readyz"
