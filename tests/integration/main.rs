@@ -8,6 +8,7 @@
 
 mod common;
 
+mod alerts;
 mod api_calls;
 mod cli;
 mod compose;
