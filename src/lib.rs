@@ -41,7 +41,10 @@
 //! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
 //!   them.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
-//!   readiness checks it is given and depends on nothing else in the crate;
+//!   readiness checks it is given and depends on nothing else in the crate (but
+//!   [`BUILD_COMMIT`]); [`telemetry::observed`](mod@telemetry::observed) is what the process sees around it (queue
+//!   depth, message and key ages), set by the SQS sources and `ingest`'s poller, and
+//!   [`telemetry::process`] its `/proc` figures;
 //!   [`telemetry::LatencyHistogram`] is the one read-to-commit histogram, read by a run's
 //!   [`ingest::Summary`] and rendered on `/metrics`.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
