@@ -25,5 +25,6 @@ mod lifecycle;
 mod progress;
 mod retention;
 mod rotate;
+mod schema;
 mod telemetry;
 mod unmask;
