@@ -26,5 +26,6 @@ mod lifecycle;
 mod progress;
 mod retention;
 mod rotate;
+mod schema;
 mod telemetry;
 mod unmask;

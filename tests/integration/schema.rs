@@ -1,0 +1,277 @@
+//! schema/current.sql, the one file where the current schema is read, is what migrations/
+//! make: `scripts/schema-dump --check` migrates a scratch database with this build's
+//! `rotate-keys init` and compares its dump with the committed file. The file itself is held to
+//! the catalogs of a migrated database, so that what the script leaves out of pg_dump's text
+//! (run-to-run noise) can never be an object, a body, an owner or a grant.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sqlx::PgPool;
+
+use crate::common::{self, output_of, stderr, stdout};
+use pii_vault::db;
+
+const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/schema-dump");
+const CURRENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/current.sql");
+const REGENERATE: &str = "scripts/schema-dump --write";
+
+/// `scripts/schema-dump --check [file]` with this build's rotate-keys.
+fn check(file: Option<&Path>) -> Output {
+    let mut command = Command::new(SCRIPT);
+    command.arg("--check").env("ROTATE_KEYS", ROTATE_KEYS);
+    if let Some(file) = file {
+        command.arg(file);
+    }
+    output_of(&mut command)
+}
+
+fn committed() -> String {
+    std::fs::read_to_string(CURRENT)
+        .unwrap_or_else(|e| panic!("reading {CURRENT} ({e}); make it with `{REGENERATE}`"))
+}
+
+#[test]
+fn the_committed_schema_is_what_the_migrations_make() {
+    let output = check(None);
+    match output.status.code() {
+        Some(0) => {}
+        Some(1) => panic!(
+            "schema/current.sql is not what migrations/ make; regenerate it with `{REGENERATE}` \
+             and commit it. The difference (committed -, from migrations/ +):\n{}{}",
+            stdout(&output),
+            stderr(&output)
+        ),
+        _ => panic!(
+            "scripts/schema-dump could not make the schema ({}):\n{}{}",
+            output.status,
+            stdout(&output),
+            stderr(&output)
+        ),
+    }
+}
+
+#[test]
+fn the_check_shows_a_changed_door_and_how_to_regenerate() {
+    let current = committed();
+    let definer = current
+        .lines()
+        .find(|line| line.contains("SECURITY DEFINER") && !line.starts_with("--"))
+        .expect("a SECURITY DEFINER function in schema/current.sql");
+    let tampered_line = definer.replace("SECURITY DEFINER", "SECURITY INVOKER");
+    let tampered = std::env::temp_dir().join(format!("schema-{}.sql", common::unique_suffix()));
+    std::fs::write(&tampered, current.replacen(definer, &tampered_line, 1)).unwrap();
+
+    let output = check(Some(&tampered));
+    std::fs::remove_file(&tampered).unwrap();
+    let (diff, said) = (stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(1), "{diff}{said}");
+    assert!(
+        diff.lines().any(|line| line == format!("-{tampered_line}"))
+            && diff.lines().any(|line| line == format!("+{definer}")),
+        "the diff names the changed line:\n{diff}"
+    );
+    assert!(said.contains(REGENERATE), "{said}");
+}
+
+/// A migrated database of its own (cloned from the migrated template, as every test's is).
+async fn migrated() -> (PgPool, String) {
+    let base = common::base_database_url();
+    let name = format!("pii_vault_schema_test_{}", common::unique_suffix());
+    let role_admin = common::role_admin().await;
+    db::template::create_migrated(&base, &name, &role_admin)
+        .await
+        .expect("creating a migrated database (see scripts/services)");
+    role_admin.close().await;
+    let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
+    let pool = db::connect(&format!("{prefix}/{name}"), 1).await.unwrap();
+    (pool, name)
+}
+
+/// What must be in the file: each line of one query's result.
+async fn expected(pool: &PgPool, sql: &str) -> Vec<String> {
+    let found: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
+    assert!(!found.is_empty(), "no rows from {sql}");
+    found
+}
+
+/// The file's text from the `-- Name: {name}` header on to the next object's.
+fn section<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let start = text.find(&format!("\n-- Name: {name}"))? + 1;
+    let rest = &text[start..];
+    let end = rest[1..].find("\n-- Name: ").map_or(rest.len(), |i| i + 1);
+    Some(&rest[..end])
+}
+
+#[tokio::test]
+async fn every_object_body_owner_and_grant_of_a_migrated_database_is_in_the_committed_schema() {
+    let text = committed();
+    let (pool, name) = migrated().await;
+    let mut missing = Vec::new();
+    let mut expect = |what: String| {
+        if !text.contains(&what) {
+            missing.push(what);
+        }
+    };
+
+    // Tables, sequences and indexes of their own, with their owners.
+    for line in expected(
+        &pool,
+        "SELECT format('-- Name: %s; Type: %s; Schema: public; Owner: %s', c.relname,
+                       CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'i' THEN 'INDEX' ELSE 'TABLE' END,
+                       pg_get_userbyid(c.relowner))
+           FROM pg_class c
+          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'S', 'i')
+            AND NOT EXISTS (SELECT FROM pg_constraint k WHERE k.conindid = c.oid)",
+    )
+    .await
+    {
+        expect(line);
+    }
+    // Constraints: checks inside their tables, the rest as objects of their own.
+    for line in expected(
+        &pool,
+        "SELECT CASE k.contype
+                  WHEN 'c' THEN format('CONSTRAINT %s CHECK ', k.conname)
+                  WHEN 'f' THEN format('-- Name: %s %s; Type: FK CONSTRAINT;', t.relname, k.conname)
+                  ELSE format('-- Name: %s %s; Type: CONSTRAINT;', t.relname, k.conname) END
+           FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid
+          WHERE k.connamespace = 'public'::regnamespace",
+    )
+    .await
+    {
+        expect(line);
+    }
+    for line in expected(
+        &pool,
+        "SELECT format('-- Name: %s %s; Type: TRIGGER;', c.relname, t.tgname)
+           FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+          WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal",
+    )
+    .await
+    {
+        expect(line);
+    }
+    for line in expected(
+        &pool,
+        "SELECT format('COMMENT ON COLUMN public.%s.%s IS %L;', c.relname, a.attname, d.description)
+           FROM pg_description d
+           JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.objsubid
+          WHERE c.relnamespace = 'public'::regnamespace",
+    )
+    .await
+    {
+        expect(line);
+    }
+    // Table and column grants: one line per grantee and object.
+    for line in expected(
+        &pool,
+        "WITH acls AS (
+             SELECT c.oid, c.relacl AS acl FROM pg_class c
+             UNION ALL
+             SELECT t.attrelid, t.attacl FROM pg_attribute t WHERE t.attnum > 0
+         )
+         SELECT DISTINCT format(' ON %s public.%s TO %s;',
+                                CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                                c.relname, pg_get_userbyid(a.grantee))
+           FROM pg_class c JOIN acls USING (oid) CROSS JOIN aclexplode(acls.acl) a
+          WHERE c.relnamespace = 'public'::regnamespace AND a.grantee <> c.relowner",
+    )
+    .await
+    {
+        expect(line);
+    }
+    // The group roles, which pg_dump leaves out.
+    for line in expected(
+        &pool,
+        "SELECT DISTINCT format('CREATE ROLE %s WITH ', r.rolname)
+           FROM pg_shdepend d JOIN pg_roles r ON r.oid = d.refobjid
+          WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND r.rolname LIKE 'pii\\_vault\\_%'",
+    )
+    .await
+    {
+        expect(line);
+    }
+
+    // Functions: each with its owner, its whole body, SECURITY DEFINER where it is a door, and
+    // a line for each role granted EXECUTE. pg_dump prints no grant for a function everyone
+    // may call (its privileges are the default ones), so the file's summary must say it.
+    let functions: Vec<(String, String, String, bool, Vec<String>, String)> = sqlx::query_as(
+        "SELECT format('%s(%s); Type: FUNCTION; Schema: public; Owner: %s', p.proname,
+                       array_to_string(ARRAY(SELECT format_type(t, NULL)
+                                             FROM unnest(p.proargtypes) t), ', '),
+                       pg_get_userbyid(p.proowner)),
+                p.proname::text, p.prosrc, p.prosecdef,
+                ARRAY(SELECT CASE a.grantee WHEN 0 THEN 'PUBLIC'
+                                  ELSE pg_get_userbyid(a.grantee)::text END
+                        FROM aclexplode(p.proacl) a WHERE a.grantee <> p.proowner
+                         AND NOT d.is_default),
+                CASE WHEN d.is_default THEN p.oid::regprocedure::text ELSE '' END
+           FROM pg_proc p
+          CROSS JOIN LATERAL (SELECT acldefault('f', p.proowner) AS acl) def
+          CROSS JOIN LATERAL (SELECT coalesce(p.proacl @> def.acl AND p.proacl <@ def.acl, true)
+                                     AS is_default) d
+          WHERE p.pronamespace = 'public'::regnamespace",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        functions.iter().filter(|f| f.3).count() > 10,
+        "{functions:?}"
+    );
+    let public = text
+        .split_once("\n-- PUBLIC\n")
+        .and_then(|(_, rest)| rest.split_once("\n--\n"))
+        .map_or("", |(block, _)| block);
+    for (header, proname, body, definer, grantees, callable_by_all) in &functions {
+        if !callable_by_all.is_empty()
+            && !public
+                .lines()
+                .any(|line| line.starts_with(&format!("--   {callable_by_all}")))
+        {
+            missing.push(format!("{callable_by_all}: under PUBLIC in the summary"));
+        }
+        let Some(section) = section(&text, header) else {
+            missing.push(format!("-- Name: {header}"));
+            continue;
+        };
+        if section.contains("SECURITY DEFINER") != *definer {
+            missing.push(format!("{proname}: SECURITY DEFINER = {definer}"));
+        }
+        // A body in SQL-standard form (RETURN ...) is kept parsed, not as text.
+        if !body.trim().is_empty() && !section.contains(body.as_str()) {
+            missing.push(format!("{proname}: its body"));
+        }
+        for grantee in grantees {
+            let granted = text.lines().any(|line| {
+                line.starts_with(&format!("GRANT ALL ON FUNCTION public.{proname}("))
+                    && line.ends_with(&format!(" TO {grantee};"))
+            });
+            if !granted {
+                missing.push(format!("{proname}: EXECUTE to {grantee}"));
+            }
+        }
+    }
+
+    pool.close().await;
+    assert!(
+        missing.is_empty(),
+        "schema/current.sql lacks what a migrated database has (regenerate it with \
+         `{REGENERATE}`; if that does not help, scripts/schema-dump drops too much):\n{}",
+        missing.join("\n")
+    );
+    drop_database(&name).await;
+}
+
+async fn drop_database(name: &str) {
+    let admin = db::connect(&common::base_database_url(), 1).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
