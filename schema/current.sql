@@ -94,6 +94,7 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   vault_keys: SELECT (id, purpose, state, kms_key_id, created_by, created_at, retired_at, window_starts, format), INSERT
 --   user_logins_id_seq: USAGE
 --   vault_keys_id_seq: USAGE
+--   audit_last_checkpoint_at() [SECURITY DEFINER, owner pii_vault]: EXECUTE
 --   vault_hold_erasures() [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_hold_keys(bigint[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_key_hand_out(bigint) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
@@ -209,6 +210,20 @@ CREATE FUNCTION public.audit_hash_v2(prev_hash bytea, at timestamp with time zon
 
 
 ALTER FUNCTION public.audit_hash_v2(prev_hash bytea, at timestamp with time zone, actor text, db_user text, purpose text, reason text, question text, values_revealed integer, outcome text, login_ids bigint[], key_ids bigint[]) OWNER TO pii_vault;
+
+--
+-- Name: audit_last_checkpoint_at(); Type: FUNCTION; Schema: public; Owner: pii_vault
+--
+
+CREATE FUNCTION public.audit_last_checkpoint_at() RETURNS timestamp with time zone
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+    SELECT max(signed_at) FROM audit_checkpoints WHERE seq IS NOT NULL
+$$;
+
+
+ALTER FUNCTION public.audit_last_checkpoint_at() OWNER TO pii_vault;
 
 --
 -- Name: audit_limits(); Type: FUNCTION; Schema: public; Owner: pii_vault
@@ -1859,6 +1874,14 @@ ALTER TABLE ONLY public.quarantine
 --
 
 REVOKE ALL ON FUNCTION public.audit_append(p_actor text, p_purpose text, p_reason text, p_question text, p_values integer, p_outcome text, p_login_ids bigint[], p_key_ids bigint[]) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION audit_last_checkpoint_at(); Type: ACL; Schema: public; Owner: pii_vault
+--
+
+REVOKE ALL ON FUNCTION public.audit_last_checkpoint_at() FROM PUBLIC;
+GRANT ALL ON FUNCTION public.audit_last_checkpoint_at() TO pii_vault_ingester;
 
 
 --
