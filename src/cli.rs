@@ -312,16 +312,6 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Every failure, in exit-code order.
-    pub const ALL: [Failure; 6] = [
-        Failure::Fault,
-        Failure::Usage,
-        Failure::Refused,
-        Failure::Integrity,
-        Failure::KmsRefused,
-        Failure::NothingFound,
-    ];
-
     pub fn code(self) -> u8 {
         self as u8
     }
@@ -406,15 +396,10 @@ fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<Failure> {
             _ => None,
         };
     }
-    if let Some(e) = cause.downcast_ref::<crate::db::DbError>() {
-        return match e {
-            crate::db::DbError::InvalidUrl { .. } => Some(Failure::Usage),
-            // Transparent: the chain goes on past the query error's own text.
-            crate::db::DbError::Query(query) => sql_failure(query),
-            _ => None,
-        };
+    if let Some(crate::db::DbError::InvalidUrl { .. }) = cause.downcast_ref() {
+        return Some(Failure::Usage);
     }
-    if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+    if let Some(e) = sql_error(cause) {
         return sql_failure(e);
     }
     if let Some(e) = cause.downcast_ref::<SourceError>() {
@@ -479,15 +464,18 @@ where
 
 /// PostgreSQL refused a privilege somewhere in the chain (42501).
 fn lacks_privilege(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        let sql = cause.downcast_ref::<sqlx::Error>().or_else(|| {
-            match cause.downcast_ref::<crate::db::DbError>() {
-                Some(crate::db::DbError::Query(query)) => Some(query),
-                _ => None,
-            }
-        });
-        sql.is_some_and(crate::db::is_permission_denied)
-    })
+    error
+        .chain()
+        .any(|cause| sql_error(cause).is_some_and(crate::db::is_permission_denied))
+}
+
+/// The database error a cause is or wraps transparently (`DbError::Query` lets the chain
+/// skip past its own text).
+fn sql_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a sqlx::Error> {
+    match cause.downcast_ref::<crate::db::DbError>() {
+        Some(crate::db::DbError::Query(query)) => Some(query),
+        _ => cause.downcast_ref::<sqlx::Error>(),
+    }
 }
 
 /// `outer: cause: root cause`, skipping causes whose text the outer message already includes.
