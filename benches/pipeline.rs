@@ -275,14 +275,14 @@ async fn main() {
             writeln!(
                 logins,
                 "{}\t{}\t{}\t{}\t{}\t{}\t{today}\t{message_id}\t{}\t{}",
-                login.user_id,
-                login.device_type,
+                login.in_clear.user_id,
+                login.in_clear.device_type,
                 tokenizer.ip(login.ip_addr),
                 tokenizer.device_id(&login.device_id),
-                login.locale.as_deref().unwrap_or("\\N"),
-                login.app_version.encoded,
+                login.in_clear.locale.as_deref().unwrap_or("\\N"),
+                login.in_clear.app_version.encoded,
                 tokenizer.key_id(),
-                login.app_version.text,
+                login.in_clear.app_version.text,
             )
             .unwrap();
             writeln!(
@@ -404,7 +404,7 @@ fn seal_login(
 ) -> (Vec<u8>, Vec<u8>) {
     let seal = |field, value: &str| {
         sealer.seal(
-            &login_place(field, message_id, &login.user_id),
+            &login_place(field, message_id, &login.in_clear.user_id),
             value.as_bytes(),
         )
     };
@@ -477,16 +477,16 @@ async fn seed_design(input: &std::path::Path, logins: u64) -> f64 {
                                       app_version_text)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid, $9, $10) RETURNING id",
         )
-        .bind(login.user_id.as_ref())
-        .bind(login.device_type.as_ref())
+        .bind(login.in_clear.user_id.as_str())
+        .bind(login.in_clear.device_type.as_str())
         .bind(tokenizer.ip(login.ip_addr).as_str())
         .bind(tokenizer.device_id(&login.device_id).as_str())
-        .bind(login.locale.as_deref())
-        .bind(login.app_version.encoded)
+        .bind(login.in_clear.locale.as_deref())
+        .bind(login.in_clear.app_version.encoded)
         .bind(today)
         .bind(&message_id)
         .bind(tokenizer.key_id())
-        .bind(login.app_version.text.as_ref())
+        .bind(login.in_clear.app_version.text.as_str())
         .fetch_one(&mut *tx)
         .await
         .unwrap();

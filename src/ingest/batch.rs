@@ -9,7 +9,7 @@ use std::time::Instant;
 use time::{Date, OffsetDateTime};
 
 use super::source::{Message, Receipt};
-use crate::event::{self, LoginEvent, user_id_named_in};
+use crate::event::{self, InClear, LoginEvent, user_id_named_in};
 use crate::vault::KeyId;
 use crate::vault::erasure::ErasedUsers;
 use crate::vault::place::{login_place, quarantine_place};
@@ -20,11 +20,8 @@ use crate::vault::token::{Field, Token, Tokenizer};
 #[derive(Debug)]
 pub struct LoginRow {
     pub message_id: String,
-    pub user_id: String,
-    pub device_type: String,
-    pub locale: Option<String>,
-    pub app_version: i32,
-    pub app_version_text: String,
+    /// The columns analysts read, as the event gave them.
+    pub in_clear: InClear,
     pub create_date: Date,
     /// `None` for a login of a user erased after it was sent: stored without them.
     pub personal: Option<PersonalFields>,
@@ -212,8 +209,9 @@ pub fn build(
         };
         let slot = match event::parse(&message.body) {
             Ok(login) => {
-                let personal = !window_expired && !erased.erased(&login.user_id, message.sent_at);
-                let row = login_row(&message.id, message.sent_at, &login, tokenizer, sealer);
+                let personal =
+                    !window_expired && !erased.erased(&login.in_clear.user_id, message.sent_at);
+                let row = login_row(&message.id, message.sent_at, login, tokenizer, sealer);
                 let row = LoginRow {
                     personal: row.personal.filter(|_| personal),
                     ..row
@@ -256,36 +254,34 @@ pub fn build(
     batch
 }
 
-/// The user id a rejected body names, if it is a JSON object with a string `user_id`.
+/// A valid login's row: its personal fields tokenized and sealed (bound to the message and
+/// the user), the rest as the event gave it.
 fn login_row(
     message_id: &str,
     sent_at: Option<OffsetDateTime>,
-    login: &LoginEvent<'_>,
+    login: LoginEvent<'_>,
     tokenizer: &Tokenizer,
     sealer: &Sealer,
 ) -> LoginRow {
-    let user_id = &login.user_id;
+    let user_id = &login.in_clear.user_id;
+    let personal = PersonalFields {
+        masked_ip: tokenizer.ip(login.ip_addr),
+        masked_device_id: tokenizer.device_id(&login.device_id),
+        sealed_ip: sealer.seal(
+            &login_place(Field::Ip, message_id, user_id),
+            login.ip.as_bytes(),
+        ),
+        sealed_device_id: sealer.seal(
+            &login_place(Field::DeviceId, message_id, user_id),
+            login.device_id.as_bytes(),
+        ),
+    };
     LoginRow {
         message_id: message_id.to_owned(),
-        user_id: user_id.to_string(),
-        device_type: login.device_type.to_string(),
-        locale: login.locale.as_ref().map(|l| l.to_string()),
-        app_version: login.app_version.encoded,
-        app_version_text: login.app_version.text.to_string(),
+        in_clear: login.in_clear,
         // A source without send times (a file) dates rows by when they were ingested.
         create_date: sent_at.unwrap_or_else(OffsetDateTime::now_utc).date(),
-        personal: Some(PersonalFields {
-            masked_ip: tokenizer.ip(login.ip_addr),
-            masked_device_id: tokenizer.device_id(&login.device_id),
-            sealed_ip: sealer.seal(
-                &login_place(Field::Ip, message_id, user_id),
-                login.ip.as_bytes(),
-            ),
-            sealed_device_id: sealer.seal(
-                &login_place(Field::DeviceId, message_id, user_id),
-                login.device_id.as_bytes(),
-            ),
-        }),
+        personal: Some(personal),
         deliveries: Deliveries {
             receipts: Vec::new(),
             first_read: Instant::now(),
@@ -372,10 +368,13 @@ mod tests {
         let row = &batch.logins[0];
         assert_eq!(row.create_date.to_string(), "2023-11-14");
         assert_eq!(
-            (row.app_version, row.app_version_text.as_str()),
+            (
+                row.in_clear.app_version.encoded,
+                row.in_clear.app_version.text.as_str()
+            ),
             (96_000, "0.96")
         );
-        assert_eq!(row.locale, None);
+        assert_eq!(row.in_clear.locale, None);
         let personal = row.personal.as_ref().unwrap();
         assert_eq!(
             personal.masked_device_id,
@@ -432,7 +431,10 @@ mod tests {
             false,
         );
         assert!(batch.logins[0].personal.is_none());
-        assert_eq!(batch.logins[0].user_id, "u-1", "the analytic row stays");
+        assert_eq!(
+            batch.logins[0].in_clear.user_id, "u-1",
+            "the analytic row stays"
+        );
         assert!(batch.logins[1].personal.is_some());
         assert_eq!(batch.erasures_seen, 1);
         let later = ErasedUsers::with(tokenizer.clone(), "u-1", sent - time::Duration::seconds(1));
@@ -598,11 +600,17 @@ mod tests {
                 "login" => {
                     let row = logins.next().expect("a login row");
                     assert_eq!(row.message_id, message_id);
-                    assert_eq!(row.user_id, text(m, "user_id"));
-                    assert_eq!(row.user_id.as_bytes(), bytes(m, "user_id_utf8_hex"));
+                    assert_eq!(row.in_clear.user_id, text(m, "user_id"));
+                    assert_eq!(
+                        row.in_clear.user_id.as_bytes(),
+                        bytes(m, "user_id_utf8_hex")
+                    );
                     let version = &m["app_version"];
-                    assert_eq!(row.app_version_text, text(version, "text"));
-                    assert_eq!(i64::from(row.app_version), int(version, "encoded"));
+                    assert_eq!(row.in_clear.app_version.text, text(version, "text"));
+                    assert_eq!(
+                        i64::from(row.in_clear.app_version.encoded),
+                        int(version, "encoded")
+                    );
                     let personal = row.personal.as_ref().expect("a login keeps its fields");
                     for (field, token, sealed) in [
                         (Field::Ip, &personal.masked_ip, &personal.sealed_ip),
@@ -613,7 +621,7 @@ mod tests {
                         ),
                     ] {
                         let v = &m[field.name()];
-                        let place = login_place(field, message_id, &row.user_id);
+                        let place = login_place(field, message_id, &row.in_clear.user_id);
                         assert_eq!(place, place_of(&v["place"]));
                         assert_eq!(
                             hex(&associated_data(sealer.format(), &place, sealer.key_id())),
@@ -763,7 +771,7 @@ mod tests {
                 serde_json::json!({
                     "message_id": row.message_id,
                     "body_hex": hex(body),
-                    "user_id": row.user_id,
+                    "user_id": row.in_clear.user_id,
                     "ip": event.ip,
                     "device_id": event.device_id,
                     "masked_ip": personal.masked_ip.as_str(),

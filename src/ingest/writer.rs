@@ -36,13 +36,6 @@ const STORED_KEYS: &str =
 const RESERVE_LOGIN_IDS: &str =
     "SELECT nextval('user_logins_id_seq') FROM generate_series(1, $1::int4)";
 
-const COPY_LOGINS: &str = "COPY user_logins (id, message_id, message_id_text, user_id, \
-    device_type, masked_ip, masked_device_id, locale, app_version, app_version_text, \
-    create_date, token_key_id) FROM STDIN (FORMAT binary)";
-
-const COPY_VAULT: &str = "COPY login_vault (login_id, data_key_id, sealed_ip, sealed_device_id) \
-    FROM STDIN (FORMAT binary)";
-
 /// The unique index whose refusal means another writer stored one of the batch's messages.
 const MESSAGE_KEY_INDEX: &str = "user_logins_message_id_key";
 
@@ -170,43 +163,51 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
         .fetch_all(&mut *tx)
         .await?;
 
-    let mut logins = BinaryCopy::new(new.len() * 320);
-    let mut vault = BinaryCopy::new(new.len() * 140);
+    // Each column named beside its value: the COPY's column list and each row's field count
+    // are derived from these lines, so a column is added with one line.
+    let mut logins = CopyRows::new("user_logins", new.len() * 320);
+    let mut vault = CopyRows::new("login_vault", new.len() * 140);
     for ((row, (key, text)), &id) in new.iter().zip(&ids) {
         let id_text = (*text != row.message_id).then_some(row.message_id.as_str());
         let personal = row.personal.as_ref();
-        logins.row(12);
-        logins.int8(id);
-        logins.bytes(Some(&key.0));
-        logins.text(id_text);
-        logins.text(Some(&row.user_id));
-        logins.text(Some(&row.device_type));
-        logins.text(personal.map(|p| p.masked_ip.as_str()));
-        logins.text(personal.map(|p| p.masked_device_id.as_str()));
-        logins.text(row.locale.as_deref());
-        logins.int4(row.app_version);
-        logins.text(Some(&row.app_version_text));
-        logins.date(row.create_date);
-        logins.int8(batch.token_key_id.0);
+        let clear = &row.in_clear;
+        logins.row(|r| {
+            r.int8("id", id);
+            r.bytes("message_id", Some(&key.0));
+            r.text("message_id_text", id_text);
+            r.text("user_id", Some(&clear.user_id));
+            r.text("device_type", Some(&clear.device_type));
+            r.text("masked_ip", personal.map(|p| p.masked_ip.as_str()));
+            r.text(
+                "masked_device_id",
+                personal.map(|p| p.masked_device_id.as_str()),
+            );
+            r.text("locale", clear.locale.as_deref());
+            r.int4("app_version", clear.app_version.encoded);
+            r.text("app_version_text", Some(&clear.app_version.text));
+            r.date("create_date", row.create_date);
+            r.int8("token_key_id", batch.token_key_id.0);
+        });
         if let Some(personal) = personal {
-            vault.row(4);
-            vault.int8(id);
-            vault.int8(batch.data_key_id.0);
-            vault.bytes(Some(&personal.sealed_ip));
-            vault.bytes(Some(&personal.sealed_device_id));
+            vault.row(|r| {
+                r.int8("login_id", id);
+                r.int8("data_key_id", batch.data_key_id.0);
+                r.bytes("sealed_ip", Some(&personal.sealed_ip));
+                r.bytes("sealed_device_id", Some(&personal.sealed_device_id));
+            });
         }
     }
-    let stored = copy(tx, COPY_LOGINS, logins).await?;
-    copy(tx, COPY_VAULT, vault).await?;
+    let stored = copy(tx, logins).await?;
+    copy(tx, vault).await?;
     Ok(stored)
 }
 
-async fn copy(
-    tx: &mut sqlx::PgConnection,
-    statement: &str,
-    rows: BinaryCopy,
-) -> Result<u64, WriteError> {
-    let mut copy = tx.copy_in_raw(statement).await?;
+/// Sends `rows` by `COPY`; returns how many went in (none is sent when there are none).
+async fn copy(tx: &mut sqlx::PgConnection, rows: CopyRows) -> Result<u64, WriteError> {
+    let Some(statement) = rows.statement() else {
+        return Ok(0);
+    };
+    let mut copy = tx.copy_in_raw(&statement).await?;
     copy.send(rows.finish()).await?;
     copy.finish().await.map_err(|error| match &error {
         sqlx::Error::Database(e) if e.constraint() == Some(MESSAGE_KEY_INDEX) => WriteError::Raced,
@@ -214,73 +215,154 @@ async fn copy(
     })
 }
 
-/// Rows in PostgreSQL's binary `COPY` format: a header, then per row a field count and per
-/// field a length (-1 for NULL) and the value in the type's binary form.
-struct BinaryCopy(Vec<u8>);
+/// One table's rows in PostgreSQL's binary `COPY` format: a header, then per row a field count
+/// and per field a length (-1 for NULL) and the value in the type's binary form. Each field is
+/// written with its column's name; the first row's names are the statement's column list, and
+/// every row must name the same columns in the same order (a missing value is a NULL).
+struct CopyRows {
+    table: &'static str,
+    columns: Vec<&'static str>,
+    buffer: Vec<u8>,
+    rows: usize,
+}
 
-impl BinaryCopy {
-    fn new(capacity: usize) -> Self {
+/// The row being written, and how many fields it has so far.
+struct Row<'c> {
+    rows: &'c mut CopyRows,
+    fields: usize,
+}
+
+impl CopyRows {
+    fn new(table: &'static str, capacity: usize) -> Self {
         let mut buffer = Vec::with_capacity(capacity + 19);
         buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buffer.extend_from_slice(&0i32.to_be_bytes()); // flags
         buffer.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        BinaryCopy(buffer)
-    }
-
-    fn row(&mut self, fields: i16) {
-        self.0.extend_from_slice(&fields.to_be_bytes());
-    }
-
-    fn bytes(&mut self, value: Option<&[u8]>) {
-        match value {
-            Some(value) => {
-                let len = i32::try_from(value.len()).expect("fields are bounded by the body limit");
-                self.0.extend_from_slice(&len.to_be_bytes());
-                self.0.extend_from_slice(value);
-            }
-            None => self.0.extend_from_slice(&(-1i32).to_be_bytes()),
+        CopyRows {
+            table,
+            columns: Vec::new(),
+            buffer,
+            rows: 0,
         }
     }
 
-    fn text(&mut self, value: Option<&str>) {
-        self.bytes(value.map(str::as_bytes));
+    /// Appends one row, whose fields `fill` writes; its field count is patched in after.
+    fn row(&mut self, fill: impl FnOnce(&mut Row<'_>)) {
+        let start = self.buffer.len();
+        self.buffer.extend_from_slice(&0i16.to_be_bytes());
+        let mut row = Row {
+            rows: self,
+            fields: 0,
+        };
+        fill(&mut row);
+        let fields = row.fields;
+        assert_eq!(
+            fields,
+            self.columns.len(),
+            "every row of {} names the same columns",
+            self.table
+        );
+        let count = i16::try_from(fields).expect("a table has far fewer than 2^15 columns");
+        self.buffer[start..start + 2].copy_from_slice(&count.to_be_bytes());
+        self.rows += 1;
     }
 
-    fn int4(&mut self, value: i32) {
-        self.bytes(Some(&value.to_be_bytes()));
-    }
-
-    fn int8(&mut self, value: i64) {
-        self.bytes(Some(&value.to_be_bytes()));
-    }
-
-    /// Days since 2000-01-01, PostgreSQL's epoch.
-    fn date(&mut self, value: time::Date) {
-        const POSTGRES_EPOCH_JULIAN_DAY: i32 = 2_451_545;
-        self.int4(value.to_julian_day() - POSTGRES_EPOCH_JULIAN_DAY);
+    /// `COPY <table> (<columns>) FROM STDIN (FORMAT binary)`, or `None` before the first row.
+    fn statement(&self) -> Option<String> {
+        (self.rows > 0).then(|| {
+            format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                self.table,
+                self.columns.join(", ")
+            )
+        })
     }
 
     fn finish(mut self) -> Vec<u8> {
-        self.0.extend_from_slice(&(-1i16).to_be_bytes());
-        self.0
+        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buffer
+    }
+}
+
+impl Row<'_> {
+    fn column(&mut self, name: &'static str) {
+        if self.rows.rows == 0 {
+            self.rows.columns.push(name);
+        } else {
+            debug_assert_eq!(self.rows.columns.get(self.fields), Some(&name));
+        }
+        self.fields += 1;
+    }
+
+    fn bytes(&mut self, column: &'static str, value: Option<&[u8]>) {
+        self.column(column);
+        let buffer = &mut self.rows.buffer;
+        match value {
+            Some(value) => {
+                let len = i32::try_from(value.len()).expect("fields are bounded by the body limit");
+                buffer.extend_from_slice(&len.to_be_bytes());
+                buffer.extend_from_slice(value);
+            }
+            None => buffer.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+
+    fn text(&mut self, column: &'static str, value: Option<&str>) {
+        self.bytes(column, value.map(str::as_bytes));
+    }
+
+    fn int4(&mut self, column: &'static str, value: i32) {
+        self.bytes(column, Some(&value.to_be_bytes()));
+    }
+
+    fn int8(&mut self, column: &'static str, value: i64) {
+        self.bytes(column, Some(&value.to_be_bytes()));
+    }
+
+    /// Days since 2000-01-01, PostgreSQL's epoch.
+    fn date(&mut self, column: &'static str, value: time::Date) {
+        const POSTGRES_EPOCH_JULIAN_DAY: i32 = 2_451_545;
+        self.int4(column, value.to_julian_day() - POSTGRES_EPOCH_JULIAN_DAY);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::BinaryCopy;
+    use super::CopyRows;
 
     #[test]
-    fn binary_copy_frames_fields_and_dates() {
-        let mut rows = BinaryCopy::new(0);
-        rows.row(3);
-        rows.text(Some("ab"));
-        rows.text(None);
-        rows.date(time::Date::from_calendar_date(2000, time::Month::January, 2).unwrap());
+    fn rows_are_framed_and_the_column_list_comes_from_the_fields() {
+        let mut rows = CopyRows::new("t", 0);
+        assert_eq!(rows.statement(), None, "no row, no statement");
+        let day = time::Date::from_calendar_date(2000, time::Month::January, 2).unwrap();
+        for text in ["ab", "c"] {
+            rows.row(|r| {
+                r.text("a", Some(text));
+                r.text("b", None);
+                r.date("c", day);
+            });
+        }
+        assert_eq!(
+            rows.statement().as_deref(),
+            Some("COPY t (a, b, c) FROM STDIN (FORMAT binary)")
+        );
         let bytes = rows.finish();
         let mut want = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
         want.extend_from_slice(&[0, 3, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff]);
+        want.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 1]);
+        want.extend_from_slice(&[0, 3, 0, 0, 0, 1, b'c', 0xff, 0xff, 0xff, 0xff]);
         want.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 1, 0xff, 0xff]);
         assert_eq!(bytes, want);
+    }
+
+    #[test]
+    #[should_panic(expected = "every row of t names the same columns")]
+    fn a_row_missing_a_column_is_refused_before_it_is_sent() {
+        let mut rows = CopyRows::new("t", 0);
+        rows.row(|r| {
+            r.int8("a", 1);
+            r.int8("b", 2);
+        });
+        rows.row(|r| r.int8("a", 1));
     }
 }

@@ -119,9 +119,9 @@ proptest! {
         match event::parse(body.as_bytes()) {
             Ok(login) => {
                 prop_assert!(expected_valid, "accepted {body}");
-                prop_assert_eq!(login.user_id.as_ref(), user_id.as_str());
+                prop_assert_eq!(login.in_clear.user_id.as_str(), user_id.as_str());
                 prop_assert_eq!(login.device_id.as_ref(), device_id.as_str());
-                prop_assert_eq!(login.app_version.encoded as u32, major * 1_000_000 + minor * 1_000);
+                prop_assert_eq!(login.in_clear.app_version.encoded as u32, major * 1_000_000 + minor * 1_000);
             }
             Err(rejection) => {
                 prop_assert!(!expected_valid, "rejected {body}: {rejection}");

@@ -875,16 +875,16 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
                                       app_version_text)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
         )
-        .bind(&row.user_id)
-        .bind(&row.device_type)
+        .bind(&row.in_clear.user_id)
+        .bind(&row.in_clear.device_type)
         .bind(personal.masked_ip.as_str())
         .bind(personal.masked_device_id.as_str())
-        .bind(row.locale.as_deref())
-        .bind(row.app_version)
+        .bind(row.in_clear.locale.as_deref())
+        .bind(row.in_clear.app_version.encoded)
         .bind(row.create_date)
         .bind(&row.message_id)
         .bind(tokenizer.key_id())
-        .bind(&row.app_version_text)
+        .bind(&row.in_clear.app_version.text)
         .fetch_one(&env.pool)
         .await
         .unwrap();
