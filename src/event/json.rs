@@ -15,7 +15,7 @@ use super::{FieldName, Rejection};
 
 /// Every field of a login body, by name: a body has each at most once and no other. Adding a
 /// field to the body is adding it here and reading it in `validate` (mod.rs).
-pub(super) const FIELDS: [&str; 6] = [
+pub(super) const FIELDS: &[&str] = &[
     "user_id",
     "app_version",
     "device_type",
