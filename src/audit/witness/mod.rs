@@ -20,30 +20,24 @@
 //! `AWS_ENDPOINT_URL` when set (LocalStack), else `https://s3.<region>.amazonaws.com`, signed
 //! with SigV4 ([`crate::aws_http`]).
 
+mod object;
+mod request;
+
 use std::time::Duration;
 
-use aws_sigv4::http_request::{
-    PayloadChecksumKind, PercentEncodingMode, SigningSettings, UriPathNormalizationMode,
-};
-use http_body_util::Full;
 use hyper::body::Bytes;
 use md5::{Digest, Md5};
 use p256::ecdsa::VerifyingKey;
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{Checkpoint, Skipped};
-use crate::aws_http::{self, HttpClient, SignError, Signer, xml};
-use crate::retry::{Backoff, Policy, retry};
+use object::{PREFIX, seq_of, verified};
+pub use object::{from_object, object_key, to_object};
+pub use request::Answer;
 
-const PREFIX: &str = "checkpoints/";
+use super::{Checkpoint, Skipped};
+use crate::aws_http::{self, HttpClient, Signer, xml};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const ATTEMPTS: u32 = 4;
-/// A listing page or a checkpoint object is a few KiB; anything past this is not S3's.
-const MAX_ANSWER_BYTES: usize = 8 << 20;
-/// The `format` of a witness object.
-const OBJECT_FORMAT: &str = "pii-vault/audit-checkpoint/v2";
 
 /// Why the witness could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -87,13 +81,6 @@ impl WitnessError {
     }
 }
 
-/// An HTTP answer: status and body.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub body: Bytes,
-}
-
 /// The newest checkpoint the witness holds, and what was skipped on the way to it.
 #[derive(Debug, Clone, Default)]
 pub struct Newest {
@@ -109,74 +96,6 @@ pub struct WitnessBucket {
     endpoint: String,
     bucket: String,
     retain_days: u32,
-}
-
-/// The object key of checkpoint `seq`.
-pub fn object_key(seq: i64) -> String {
-    format!("{PREFIX}{seq:020}.json")
-}
-
-/// The number an object key names, if it is a checkpoint's key.
-fn seq_of(key: &str) -> Option<i64> {
-    let digits = key.strip_prefix(PREFIX)?.strip_suffix(".json")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
-}
-
-/// A witness object as stored (JSON; binary fields in lowercase hex).
-#[derive(Debug, Serialize, Deserialize)]
-struct Object {
-    format: String,
-    seq: i64,
-    last_audit_id: i64,
-    head_hash: String,
-    signed_at_micros: i64,
-    kms_key_id: String,
-    signature_der: String,
-}
-
-/// The object for `checkpoint` (which must carry a number).
-pub fn to_object(checkpoint: &Checkpoint) -> Vec<u8> {
-    let object = Object {
-        format: OBJECT_FORMAT.to_owned(),
-        seq: checkpoint.seq.unwrap_or(0),
-        last_audit_id: checkpoint.last_audit_id,
-        head_hash: hex::encode(&checkpoint.head_hash),
-        signed_at_micros: (checkpoint.signed_at.unix_timestamp_nanos() / 1_000) as i64,
-        kms_key_id: checkpoint.kms_key_id.clone(),
-        signature_der: hex::encode(&checkpoint.signature),
-    };
-    let mut text = serde_json::to_vec_pretty(&object).expect("plain fields serialize");
-    text.push(b'\n');
-    text
-}
-
-/// The checkpoint in an object, if it is one (not whether it verifies).
-pub fn from_object(bytes: &[u8]) -> Option<Checkpoint> {
-    let object: Object = serde_json::from_slice(bytes).ok()?;
-    if object.format != OBJECT_FORMAT {
-        return None;
-    }
-    Some(Checkpoint {
-        id: 0,
-        seq: Some(object.seq),
-        last_audit_id: object.last_audit_id,
-        head_hash: hex::decode(&object.head_hash).ok()?,
-        signed_at: OffsetDateTime::from_unix_timestamp_nanos(
-            i128::from(object.signed_at_micros) * 1_000,
-        )
-        .ok()?,
-        kms_key_id: object.kms_key_id,
-        signature: hex::decode(&object.signature_der).ok()?,
-        created_by: "the witness".to_owned(),
-    })
-}
-
-/// The checkpoint in object `key` when it verifies under `signer` with the number its key
-/// names.
-fn verified(key: &str, bytes: &[u8], signer: &VerifyingKey) -> Option<Checkpoint> {
-    from_object(bytes).filter(|c| c.seq == seq_of(key) && c.verifies(Some(signer)))
 }
 
 impl WitnessBucket {
@@ -404,124 +323,6 @@ impl WitnessBucket {
             .send(&operation, "GET", &format!("/{key}"), &[], Vec::new())
             .await?;
         self.ok(&operation, answer)
-    }
-
-    /// One signed request to the bucket (`path` after the bucket: `/key`, `?query`, or
-    /// empty), retried while it fails transiently; any HTTP answer is returned as it is.
-    pub async fn send(
-        &self,
-        operation: &str,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Vec<u8>,
-    ) -> Result<Answer, WitnessError> {
-        let body = Bytes::from(body);
-        retry(
-            Policy::at_most(ATTEMPTS).backoff(Backoff::new(
-                Duration::from_millis(200),
-                Duration::from_secs(2),
-            )),
-            |error: &WitnessError| error.is_transient(),
-            |error, delay| {
-                tracing::debug!(%error, retry_in = ?delay, "S3 request failed; retrying");
-            },
-            || async {
-                let answer = self
-                    .send_once(operation, method, path, headers, body.clone())
-                    .await?;
-                if answer.status >= 500 {
-                    // Server faults are retried; the answer of the last try is returned.
-                    let refused = self.refusal(operation, &answer);
-                    if refused.is_transient() {
-                        return Err(refused);
-                    }
-                }
-                Ok(answer)
-            },
-        )
-        .await
-    }
-
-    async fn send_once(
-        &self,
-        operation: &str,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Bytes,
-    ) -> Result<Answer, WitnessError> {
-        let url = format!("{}/{}{}", self.endpoint, self.bucket, path);
-        let mut builder = hyper::Request::builder().method(method).uri(&url);
-        for (name, value) in headers {
-            builder = builder.header(*name, value);
-        }
-        let mut request = builder
-            .body(Full::new(body.clone()))
-            .map_err(|e| self.failure(operation, format!("{url}: {e}"), false))?;
-        let mut settings = SigningSettings::default();
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        self.signer
-            .sign(&mut request, &body, settings)
-            .await
-            .map_err(|e: SignError| self.failure(operation, e.to_string(), e.is_transient()))?;
-        let (status, body) = aws_http::exchange(
-            &self.http,
-            request,
-            &self.endpoint,
-            MAX_ANSWER_BYTES,
-            REQUEST_TIMEOUT,
-        )
-        .await
-        .map_err(|e| self.failure(operation, e.to_string(), true))?;
-        Ok(Answer { status, body })
-    }
-
-    /// The body of a 2xx answer, else S3's refusal in one line.
-    fn ok(&self, operation: &str, answer: Answer) -> Result<Bytes, WitnessError> {
-        if (200..300).contains(&answer.status) {
-            Ok(answer.body)
-        } else {
-            Err(self.refusal(operation, &answer))
-        }
-    }
-
-    /// S3's error answer (`<Error><Code>…</Code><Message>…</Message></Error>`) as one line.
-    pub fn refusal(&self, operation: &str, answer: &Answer) -> WitnessError {
-        let root = xml::parse(&answer.body).ok();
-        let error = root.as_ref().and_then(|root| root.find("Error"));
-        let field = |name: &str| {
-            error
-                .map(|e| e.child_text(name))
-                .unwrap_or_default()
-                .chars()
-                .take(200)
-                .collect::<String>()
-                .replace('\n', " ")
-        };
-        let code = field("Code");
-        WitnessError::Refused {
-            bucket: self.bucket.clone(),
-            operation: operation.to_owned(),
-            status: answer.status,
-            code: if code.is_empty() {
-                "an error".to_owned()
-            } else {
-                code
-            },
-            message: field("Message"),
-        }
-    }
-
-    fn failure(&self, operation: &str, why: String, transient: bool) -> WitnessError {
-        WitnessError::Request {
-            bucket: self.bucket.clone(),
-            operation: operation.to_owned(),
-            why,
-            transient,
-        }
     }
 }
 
