@@ -11,7 +11,7 @@
 //!   an in-memory KMS (`vault/kms/memory.rs`); [`vault::key_use`] is the lock writers and
 //!   rotations share.
 //!   - [`vault::place`]: where values are sealed (the table and field names in the associated
-//!     data); [`vault::sealed`]: sealed values as the doors hand them out, opened and checked
+//!     data); [`vault::handed_out`]: sealed values as the doors hand them out, opened and checked
 //!     against their token, with typed integrity errors; [`vault::key_cache`]: keys unwrapped
 //!     once each, shared by [`unmask`] and [`rotate`].
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
@@ -80,9 +80,9 @@ pub mod cli;
 pub mod db;
 pub mod event;
 pub mod ingest;
+pub mod lifecycle;
 pub mod progress;
 pub mod retry;
-pub mod rotate;
 pub mod synth;
 pub mod telemetry;
 pub mod unmask;

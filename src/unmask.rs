@@ -24,13 +24,13 @@ use time::Date;
 use zeroize::Zeroizing;
 
 use crate::progress::{Progress, Unit};
+use crate::vault::handed_out::{
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
+};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::SealFormat;
-use crate::vault::sealed::{
-    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
-};
 use crate::vault::token::Field;
 use crate::vault::{KeyId, Purpose, WrappedKey};
 

@@ -22,6 +22,7 @@
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
 pub mod erasure;
+pub mod handed_out;
 pub mod key_cache;
 pub mod key_use;
 pub mod keyring;
@@ -29,7 +30,6 @@ pub mod kms;
 pub mod place;
 pub mod retention;
 pub mod seal;
-pub mod sealed;
 pub mod token;
 
 use std::collections::HashMap;

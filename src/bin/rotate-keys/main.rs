@@ -15,7 +15,7 @@ use pii_vault::cli::{
     self, OutputArgs, OutputFormat, Said, UsageError, VaultArgs, Witness, WitnessArgs,
 };
 use pii_vault::db;
-use pii_vault::rotate::{self, Options, Report};
+use pii_vault::lifecycle::{self, Options, Report};
 use pii_vault::unmask;
 use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
@@ -214,7 +214,7 @@ enum Task {
         month: time::Date,
         kms_key_id: String,
     },
-    Expire(rotate::Expiry),
+    Expire(lifecycle::Expiry),
 }
 
 impl TryFrom<Args> for Config {
@@ -286,7 +286,7 @@ impl TryFrom<Args> for Config {
                 grace_seconds,
             } => {
                 let today = time::OffsetDateTime::now_utc().date();
-                Task::Expire(rotate::Expiry {
+                Task::Expire(lifecycle::Expiry {
                     horizon: today - time::Duration::days(i64::from(older_than)),
                     apply,
                     drop_tokens: tokens,
@@ -364,7 +364,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
                 sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
                     .fetch_all(&pool)
                     .await?;
-            let keys = rotate::status(&pool).await?;
+            let keys = lifecycle::status(&pool).await?;
             let owner = db::OwnerWatch::read(&pool).await?.describe();
             status::said(&keys, &windows, data_key_max_records, owner)
         }
@@ -378,13 +378,14 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
             let keyring = keyring().await?;
             let progress = Reporter::new();
             let report =
-                rotate::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
+                lifecycle::replace_keys(purpose, &pool, &keyring, &options, &progress).await?;
             report_said(purpose, done, &report)
         }
         Task::Rewrap { new_kms_key_id } => {
             db::check_schema(&pool).await?;
             let progress = Reporter::new();
-            let done = rotate::rewrap(&pool, &keyring().await?, &new_kms_key_id, &progress).await?;
+            let done =
+                lifecycle::rewrap(&pool, &keyring().await?, &new_kms_key_id, &progress).await?;
             let first = if done.rewrapped == 0 {
                 format!(
                     "every key outside retention windows is already wrapped under {new_kms_key_id}; nothing to do"
@@ -419,7 +420,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
                 Some(witness) => Some(witness.bucket().await?),
                 None => None,
             };
-            let erasure = rotate::Erasure {
+            let erasure = lifecycle::Erasure {
                 user_id: &user_id,
                 reason: &reason,
                 actor: &actor,
@@ -427,7 +428,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
                 in_flight,
                 dry_run,
             };
-            let erased = rotate::erase(&pool, &keyring, &erasure, bucket.as_ref()).await?;
+            let erased = lifecycle::erase(&pool, &keyring, &erasure, bucket.as_ref()).await?;
             Said::new(
                 format!(
                     "{} user {user_id}: sealed values of {} login(s), tokens of {}{}, {} quarantined message(s){}",
@@ -459,8 +460,9 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         }
         Task::WitnessErasures(witness) => {
             db::check_schema(&pool).await?;
-            let done = rotate::witness_erasures(&pool, &keyring().await?, &witness.bucket().await?)
-                .await?;
+            let done =
+                lifecycle::witness_erasures(&pool, &keyring().await?, &witness.bucket().await?)
+                    .await?;
             Said::new(
                 format!(
                     "witnessed {} erasure(s) in {}; {} already there{}",
@@ -486,7 +488,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         }
         Task::ReapplyErasures { actor, witness } => {
             db::check_schema(&pool).await?;
-            let done = rotate::reapply_erasures(
+            let done = lifecycle::reapply_erasures(
                 &pool,
                 &keyring().await?,
                 &witness.bucket().await?,
@@ -503,7 +505,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         }
         Task::Window { month, kms_key_id } => {
             db::check_schema(&pool).await?;
-            let added = rotate::add_window(&pool, &keyring().await?, month, &kms_key_id).await?;
+            let added = lifecycle::add_window(&pool, &keyring().await?, month, &kms_key_id).await?;
             let month = &month.to_string()[..7];
             Said::new(
                 if added {
@@ -519,7 +521,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         Task::Expire(expiry) => {
             db::check_schema(&pool).await?;
             let progress = Reporter::new();
-            let report = rotate::expire(&pool, &keyring().await?, &expiry, &progress).await?;
+            let report = lifecycle::expire(&pool, &keyring().await?, &expiry, &progress).await?;
             expiry_said(&expiry, &report)
         }
         Task::Verify => {
@@ -555,7 +557,7 @@ fn parse_days(text: &str) -> Result<u32, String> {
         .ok_or_else(|| "a number of days with a d suffix, e.g. 400d".to_owned())
 }
 
-fn expiry_said(expiry: &rotate::Expiry, windows: &[rotate::WindowExpiry]) -> Said {
+fn expiry_said(expiry: &lifecycle::Expiry, windows: &[lifecycle::WindowExpiry]) -> Said {
     let mut text = String::new();
     if windows.is_empty() {
         text = format!(

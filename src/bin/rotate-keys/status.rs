@@ -2,7 +2,7 @@
 //! as a table for people or one JSON object for scripts.
 
 use pii_vault::cli::Said;
-use pii_vault::rotate::KeyStatus;
+use pii_vault::lifecycle::KeyStatus;
 use serde_json::json;
 
 pub fn said(

@@ -10,19 +10,19 @@ use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use super::RotateError;
+use super::LifecycleError;
 use super::admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retire_unused};
 use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
 use crate::event::user_id_named_in;
 use crate::vault::KeyId;
+use crate::vault::handed_out::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows};
 use crate::vault::seal::Sealer;
-use crate::vault::sealed::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::token::{Field, Tokenizer};
 
 /// What a rotation works on: the database, the keys, the keys it retires, and its page size.
@@ -103,7 +103,7 @@ trait Rewrite<W> {
     type Row: DoorRow;
 
     /// The write door's call that puts the page's rows under the new key.
-    async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, RotateError>;
+    async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, LifecycleError>;
 }
 
 impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
@@ -114,7 +114,7 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
         row.id()
     }
 
-    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), RotateError> {
+    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), LifecycleError> {
         let scope = self.scope;
         let mut tx = scope.pool.begin().await?;
         let page = self
@@ -138,7 +138,7 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
         &mut self,
         (mut tx, request): PageTx,
         rows: &[T::Row],
-    ) -> Result<(), RotateError> {
+    ) -> Result<(), LifecycleError> {
         let page = Page {
             request,
             rows,
@@ -159,7 +159,7 @@ pub(super) struct DataKeys<'a, W> {
 }
 
 impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
-    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
+    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError> {
         let scope = &self.scope;
         let logins = LoginValues {
             targets: &mut self.targets,
@@ -180,7 +180,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
         pass_over(&mut pages, tally).await
     }
 
-    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
+    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
         retire_unused(self.scope.pool, self.scope.retiring, UNUSED_DATA_KEY).await
     }
 }
@@ -193,7 +193,7 @@ pub(super) struct TokenKeys<'a, W> {
 }
 
 impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
-    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
+    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError> {
         let tokens = LoginTokens {
             target: &self.target,
         };
@@ -215,7 +215,7 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         Ok(())
     }
 
-    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
+    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
         retire_unused(self.scope.pool, self.scope.retiring, UNUSED_TOKEN_KEY).await
     }
 }
@@ -228,7 +228,7 @@ struct LoginValues<'a> {
 impl<W: KeyWrapper> Rewrite<W> for LoginValues<'_> {
     type Row = SealedLogin;
 
-    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, LifecycleError> {
         let (mut ids, mut key_ids, mut ips, mut devices) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for row in page.rows {
@@ -274,7 +274,7 @@ impl QuarantinedBodies<'_> {
 impl<W: KeyWrapper> Rewrite<W> for QuarantinedBodies<'_> {
     type Row = SealedBody;
 
-    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, LifecycleError> {
         let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
         for row in page.rows {
             let body = row.open(page.keyring, page.keys).await?;
@@ -302,7 +302,7 @@ struct LoginTokens<'a> {
 impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
     type Row = SealedLogin;
 
-    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, LifecycleError> {
         let target = self.target;
         // Erased logins have no sealed values: their tokens cannot be recomputed and are
         // dropped.
@@ -314,7 +314,7 @@ impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
             let ip_token =
                 target
                     .token_of(Field::Ip, &ip)
-                    .ok_or_else(|| RotateError::Integrity {
+                    .ok_or_else(|| LifecycleError::Integrity {
                         row: row.row(),
                         error: IntegrityError::NotAnAddress,
                     })?;
@@ -346,12 +346,12 @@ struct QuarantineTokens<'a> {
 impl<W: KeyWrapper> Rewrite<W> for QuarantineTokens<'_> {
     type Row = SealedBody;
 
-    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, LifecycleError> {
         let (mut ids, mut tokens) = (Vec::new(), Vec::new());
         for row in page.rows {
             let body = row.open(page.keyring, page.keys).await?;
             // The stored token was made from this id: a body that names none cannot match it.
-            let user_id = user_id_named_in(&body).ok_or_else(|| RotateError::Integrity {
+            let user_id = user_id_named_in(&body).ok_or_else(|| LifecycleError::Integrity {
                 row: row.row(),
                 error: IntegrityError::TokenMismatch { field: "user_id" },
             })?;
@@ -378,7 +378,7 @@ pub(super) struct Targets {
 }
 
 impl Targets {
-    pub(super) async fn new(pool: &PgPool, limit: u64) -> Result<Self, RotateError> {
+    pub(super) async fn new(pool: &PgPool, limit: u64) -> Result<Self, LifecycleError> {
         Ok(Self {
             windows: Windows::load(pool).await?,
             current: Vec::new(),
@@ -394,7 +394,7 @@ impl Targets {
         keyring: &Keyring<W>,
         date: Option<Date>,
         values: u64,
-    ) -> Result<&Sealer, RotateError> {
+    ) -> Result<&Sealer, LifecycleError> {
         let window = match date.map(|d| self.windows.placement(d)) {
             Some(Placement::Window(window)) => Some(window.clone()),
             _ => None,

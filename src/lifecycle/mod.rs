@@ -44,10 +44,10 @@ use time::Date;
 
 use crate::audit::witness::WitnessError;
 use crate::progress::Progress;
+use crate::vault::handed_out::{IntegrityError, OpenRowError, RowId};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
-use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
 use crate::vault::{KeyId, Purpose};
 
 pub use admin::{KeyStatus, Rewrapped, rewrap, status};
@@ -61,7 +61,7 @@ use reseal::{DataKeys, Scope, Targets, TokenKeys};
 use walk::{Rotation, Tally, until_retired};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RotateError {
+pub enum LifecycleError {
     #[error("keys: {0}")]
     Keys(#[from] KeyringError),
     #[error("database: {0}")]
@@ -105,11 +105,11 @@ pub enum RotateError {
     },
 }
 
-impl From<OpenRowError> for RotateError {
+impl From<OpenRowError> for LifecycleError {
     fn from(error: OpenRowError) -> Self {
         match error {
-            OpenRowError::Keys(e) => RotateError::Keys(e),
-            OpenRowError::Integrity { row, error } => RotateError::Integrity { row, error },
+            OpenRowError::Keys(e) => LifecycleError::Keys(e),
+            OpenRowError::Integrity { row, error } => LifecycleError::Integrity { row, error },
         }
     }
 }
@@ -176,7 +176,7 @@ pub async fn replace_keys<W: KeyWrapper>(
     keyring: &Keyring<W>,
     options: &Options,
     progress: &dyn Progress,
-) -> Result<Report, RotateError> {
+) -> Result<Report, LifecycleError> {
     match purpose {
         Purpose::Data => {
             let start = async {
@@ -247,8 +247,8 @@ impl<'a> Retiring<'a> {
         pool: &'a PgPool,
         options: &'a Options,
         purpose: Purpose,
-        start: impl Future<Output = Result<Vec<i64>, RotateError>>,
-    ) -> Result<Self, RotateError> {
+        start: impl Future<Output = Result<Vec<i64>, LifecycleError>>,
+    ) -> Result<Self, LifecycleError> {
         let mut keys = retiring_keys(pool, purpose.as_str()).await?;
         if keys.is_empty() {
             keys = start.await?;
@@ -283,7 +283,7 @@ impl<'a> Retiring<'a> {
         progress: &dyn Progress,
         mut rotation: R,
         new_keys: impl FnOnce(R) -> Vec<KeyId>,
-    ) -> Result<Report, RotateError> {
+    ) -> Result<Report, LifecycleError> {
         let total: i64 = sqlx::query_scalar(rows)
             .bind(&self.keys)
             .fetch_one(self.pool)

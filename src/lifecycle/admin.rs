@@ -5,7 +5,7 @@
 use sqlx::PgPool;
 use time::Date;
 
-use super::RotateError;
+use super::LifecycleError;
 use crate::progress::{Progress, Unit};
 use crate::vault::KeyId;
 use crate::vault::key_use;
@@ -38,7 +38,7 @@ pub(super) async fn retire_unused(
     pool: &PgPool,
     retiring: &[i64],
     unused_sql: &str,
-) -> Result<Option<Vec<KeyId>>, RotateError> {
+) -> Result<Option<Vec<KeyId>>, LifecycleError> {
     let mut tx = pool.begin().await?;
     // Waits for the writers still using these keys, and holds off new ones until the keys
     // are retired (see `vault::key_use`).
@@ -67,7 +67,7 @@ pub(super) async fn destroy_retired(
     pool: &PgPool,
     purpose: &str,
     destroy: bool,
-) -> Result<u64, RotateError> {
+) -> Result<u64, LifecycleError> {
     if !destroy {
         return Ok(0);
     }
@@ -110,14 +110,14 @@ pub async fn rewrap<W: KeyWrapper>(
     keyring: &Keyring<W>,
     new_kms_key_id: &str,
     progress: &dyn Progress,
-) -> Result<Rewrapped, RotateError> {
+) -> Result<Rewrapped, LifecycleError> {
     let kms_key_arn = keyring
         .wrapper()
         .check_key(new_kms_key_id)
         .await
         .map_err(KeyringError::WrappingKey)?;
     if let Some(month) = window_of_kms_key(pool, &kms_key_arn).await? {
-        return Err(RotateError::WindowKeyTaken {
+        return Err(LifecycleError::WindowKeyTaken {
             kms_key: new_kms_key_id.to_owned(),
             month,
             why: "only that window's data keys go under it",
@@ -182,13 +182,13 @@ pub(super) async fn check_window_key<W: KeyWrapper>(
     keyring: &Keyring<W>,
     month: Date,
     kms_key_id: &str,
-) -> Result<String, RotateError> {
+) -> Result<String, LifecycleError> {
     let wrapper = keyring.wrapper();
     let arn = wrapper
         .check_key(kms_key_id)
         .await
         .map_err(KeyringError::WrappingKey)?;
-    let refused = |why| RotateError::WindowKeyRefused {
+    let refused = |why| LifecycleError::WindowKeyRefused {
         kms_key: kms_key_id.to_owned(),
         month,
         why,
@@ -235,7 +235,7 @@ pub struct KeyStatus {
     pub last_login: Option<time::Date>,
 }
 
-pub async fn status(pool: &PgPool) -> Result<Vec<KeyStatus>, RotateError> {
+pub async fn status(pool: &PgPool) -> Result<Vec<KeyStatus>, LifecycleError> {
     Ok(sqlx::query_as(
         "WITH data_use AS (
              SELECT v.data_key_id AS key, count(*) AS logins, min(l.create_date) AS first_login,

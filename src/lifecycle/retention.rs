@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use time::Date;
 
-use super::RotateError;
+use super::LifecycleError;
 use super::admin::{UNUSED_DATA_KEY, check_window_key, retire_unused};
 use super::walk::GRACE;
 use crate::progress::{Progress, Unit};
@@ -54,7 +54,7 @@ pub async fn add_window<W: KeyWrapper>(
     keyring: &Keyring<W>,
     month: Date,
     kms_key_id: &str,
-) -> Result<bool, RotateError> {
+) -> Result<bool, LifecycleError> {
     let kms_key_id = &check_window_key(pool, keyring, month, kms_key_id).await?;
     let added = sqlx::query(
         "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
@@ -74,7 +74,7 @@ pub async fn add_window<W: KeyWrapper>(
             .await?;
     // A window registered before its key was recorded as an ARN may name it by key id.
     if stored != *kms_key_id && !kms_key_id.ends_with(&format!(":key/{stored}")) {
-        return Err(RotateError::WindowTaken {
+        return Err(LifecycleError::WindowTaken {
             month,
             registered: stored,
         });
@@ -96,7 +96,7 @@ pub async fn expire<W: KeyWrapper>(
     keyring: &Keyring<W>,
     expiry: &Expiry,
     progress: &dyn Progress,
-) -> Result<Vec<WindowExpiry>, RotateError> {
+) -> Result<Vec<WindowExpiry>, LifecycleError> {
     let due: Vec<(Date, Date, String, String)> = sqlx::query_as(
         "SELECT starts, ends, kms_key_id, state FROM retention_windows
          WHERE ends <= $1 AND state <> 'expired' ORDER BY starts",
@@ -177,7 +177,7 @@ async fn expire_window<W: KeyWrapper>(
     first_run: bool,
     progress: &dyn Progress,
     total: u64,
-) -> Result<(), RotateError> {
+) -> Result<(), LifecycleError> {
     let starts = window.starts;
     // Ingesters stop sealing into it once they see it expiring (within their
     // --key-check-seconds); what they write meanwhile is caught by the passes below.
