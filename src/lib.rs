@@ -83,6 +83,7 @@ pub mod ingest;
 pub mod lifecycle;
 pub mod progress;
 pub mod retry;
+pub mod sql_text;
 pub mod synth;
 pub mod telemetry;
 pub mod unmask;

@@ -28,6 +28,7 @@ use crate::vault::handed_out::{
     IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
 };
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::SealFormat;
@@ -398,11 +399,9 @@ async fn verify_pages<W: KeyWrapper>(
         verified.logins += page.rows.len() as u64;
         progress.advance(verified.logins);
     }
-    let data_keys: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
-            .fetch_all(pool)
-            .await
-            .map_err(KeyringError::Database)?;
+    let data_keys = key_table::data_keys(pool)
+        .await
+        .map_err(KeyringError::Database)?;
     let mut after = 0i64;
     while let Some(page) = Walk::Quarantine
         .page::<SealedBody>(pool, &mut conn, "verify", after, VERIFY_PAGE, &data_keys)

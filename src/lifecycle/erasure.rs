@@ -19,6 +19,7 @@ use crate::audit::witness::WitnessBucket;
 use crate::vault::KeyId;
 use crate::vault::erasure::WitnessedErasure;
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::token::Tokenizer;
@@ -154,12 +155,7 @@ async fn tokenizing_keys<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
 ) -> Result<Vec<Tokenizer>, LifecycleError> {
-    let ids: Vec<KeyId> = sqlx::query_scalar(
-        "SELECT id FROM vault_keys
-         WHERE purpose = 'token' AND state IN ('active', 'retiring') ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
+    let ids = key_table::tokenizing(pool).await?;
     let mut tokenizers = Vec::with_capacity(ids.len());
     for id in ids {
         tokenizers.push(keyring.tokenizer(id).await?);

@@ -3,7 +3,7 @@
 //! told to the caller, never printed.
 //!
 //! It knows nothing of the database: [`Pages`] and [`Rotation`] are what it needs of one. The
-//! rotations in `reseal` page through the key admin's doors (which audit each page and lock it,
+//! rotations in `rewrite` page through the key admin's doors (which audit each page and lock it,
 //! `SKIP LOCKED`: rows an ingester is still writing are left to a later pass) and rewrite each
 //! page in a transaction of its own; the tests below drive the walk with tables in memory.
 

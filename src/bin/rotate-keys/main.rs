@@ -20,6 +20,7 @@ use pii_vault::unmask;
 use pii_vault::vault::Purpose;
 use pii_vault::vault::keyring::{Keyring, TokenKeyInit};
 use pii_vault::vault::kms::AwsKms;
+use pii_vault::vault::retention::WindowState;
 use serde_json::json;
 
 use progress::Reporter;
@@ -360,7 +361,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
             data_key_max_records,
         } => {
             db::check_schema(&pool).await?;
-            let windows: Vec<(time::Date, String)> =
+            let windows: Vec<(time::Date, WindowState)> =
                 sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
                     .fetch_all(&pool)
                     .await?;

@@ -3,30 +3,33 @@
 
 use pii_vault::cli::Said;
 use pii_vault::lifecycle::KeyStatus;
+use pii_vault::vault::Purpose;
+use pii_vault::vault::key_table::KeyState;
+use pii_vault::vault::retention::WindowState;
 use serde_json::json;
 
 pub fn said(
     keys: &[KeyStatus],
-    windows: &[(time::Date, String)],
+    windows: &[(time::Date, WindowState)],
     data_key_max_records: u64,
     owner: String,
 ) -> Said {
     let over: Vec<i64> = keys
         .iter()
-        .filter(|k| k.purpose == "data" && k.values as u64 > data_key_max_records)
+        .filter(|k| k.purpose == Purpose::Data && k.values as u64 > data_key_max_records)
         .map(|k| k.id)
         .collect();
     let pending: i64 = keys
         .iter()
-        .filter(|k| k.state == "retiring")
+        .filter(|k| k.state == KeyState::Retiring)
         .map(|k| k.rows)
         .sum();
     let month = |starts: &time::Date| starts.to_string()[..7].to_owned();
     let json = json!({
         "keys": keys.iter().map(|key| json!({
             "id": key.id,
-            "purpose": key.purpose,
-            "state": key.state,
+            "purpose": key.purpose.as_str(),
+            "state": key.state.as_str(),
             "kms_key_id": key.kms_key_id,
             "age_days": key.age_days,
             "rows": key.rows,
@@ -38,7 +41,7 @@ pub fn said(
         "data_keys_over_limit": over,
         "windows": windows.iter().map(|(starts, state)| json!({
             "month": month(starts),
-            "state": state,
+            "state": state.as_str(),
         })).collect::<Vec<_>>(),
         "rows_under_retiring_keys": pending,
         "owner": owner,
@@ -51,7 +54,7 @@ pub fn said(
 
 fn table(
     keys: &[KeyStatus],
-    windows: &[(time::Date, String)],
+    windows: &[(time::Date, WindowState)],
     data_key_max_records: u64,
     over: &[i64],
     pending: i64,

@@ -11,19 +11,19 @@ use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
 use super::LifecycleError;
-use super::admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retire_unused};
 use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
 use crate::event::user_id_named_in;
-use crate::vault::KeyId;
 use crate::vault::handed_out::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows};
 use crate::vault::seal::Sealer;
 use crate::vault::token::{Field, Tokenizer};
+use crate::vault::{KeyId, Purpose};
 
 /// What a rotation works on: the database, the keys, the keys it retires, and its page size.
 pub(super) struct Scope<'a, W> {
@@ -167,11 +167,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
         let mut pages = scope.pages(Walk::Logins, "reseal", &mut self.keys, logins);
         pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
-        let windows: Vec<(KeyId, Option<Date>)> =
-            sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
-                .bind(scope.retiring)
-                .fetch_all(scope.pool)
-                .await?;
+        let windows = key_table::windows_of(scope.pool, scope.retiring).await?;
         let bodies = QuarantinedBodies {
             targets: &mut self.targets,
             windows,
@@ -181,7 +177,8 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
     }
 
     async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
-        retire_unused(self.scope.pool, self.scope.retiring, UNUSED_DATA_KEY).await
+        let (pool, retiring) = (self.scope.pool, self.scope.retiring);
+        Ok(key_table::retire_unused(pool, retiring, Purpose::Data).await?)
     }
 }
 
@@ -216,7 +213,8 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
     }
 
     async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
-        retire_unused(self.scope.pool, self.scope.retiring, UNUSED_TOKEN_KEY).await
+        let (pool, retiring) = (self.scope.pool, self.scope.retiring);
+        Ok(key_table::retire_unused(pool, retiring, Purpose::Token).await?)
     }
 }
 
