@@ -14,6 +14,7 @@ use super::LifecycleError;
 use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
 use crate::event::user_id_named_in;
+use crate::vault::handed_out::DoorOperation::{self, Reseal, Retokenize};
 use crate::vault::handed_out::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::key_table;
@@ -47,7 +48,7 @@ impl<W> Scope<'_, W> {
     fn pages<'s, T>(
         &'s self,
         walk: Walk,
-        operation: &'static str,
+        operation: DoorOperation,
         keys: &'s mut KeyCache,
         table: T,
     ) -> DoorPages<'s, W, T> {
@@ -67,7 +68,7 @@ impl<W> Scope<'_, W> {
 struct DoorPages<'s, W, T> {
     scope: &'s Scope<'s, W>,
     walk: Walk,
-    operation: &'static str,
+    operation: DoorOperation,
     keys: &'s mut KeyCache,
     table: T,
 }
@@ -164,7 +165,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
         let logins = LoginValues {
             targets: &mut self.targets,
         };
-        let mut pages = scope.pages(Walk::Logins, "reseal", &mut self.keys, logins);
+        let mut pages = scope.pages(Walk::Logins, Reseal, &mut self.keys, logins);
         pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
         let windows = key_table::windows_of(scope.pool, scope.retiring).await?;
@@ -172,7 +173,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
             targets: &mut self.targets,
             windows,
         };
-        let mut pages = scope.pages(Walk::Quarantine, "reseal", &mut self.keys, bodies);
+        let mut pages = scope.pages(Walk::Quarantine, Reseal, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await
     }
 
@@ -196,7 +197,7 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         };
         let mut pages = self
             .scope
-            .pages(Walk::Logins, "retokenize", &mut self.keys, tokens);
+            .pages(Walk::Logins, Retokenize, &mut self.keys, tokens);
         pass_over(&mut pages, tally).await?;
         // What links a quarantined message or an erasure record to its user moves too: no
         // retiring key may stay named, or it could never be destroyed.
@@ -205,7 +206,7 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         };
         let mut pages = self
             .scope
-            .pages(Walk::Quarantine, "retokenize", &mut self.keys, bodies);
+            .pages(Walk::Quarantine, Retokenize, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await?;
         let scope = &self.scope;
         carry_erasures(scope.pool, scope.keyring, scope.retiring, &self.target).await?;
