@@ -2,13 +2,25 @@
 //! as a table for people or one JSON object for scripts.
 
 use pii_vault::cli::Said;
-use pii_vault::lifecycle::KeyStatus;
+use pii_vault::db;
+use pii_vault::lifecycle::{self, KeyStatus};
 use pii_vault::vault::Purpose;
 use pii_vault::vault::key_table::KeyState;
 use pii_vault::vault::retention::WindowState;
 use serde_json::json;
+use sqlx::PgPool;
 
-pub fn said(
+pub async fn run(pool: &PgPool, data_key_max_records: u64) -> anyhow::Result<Said> {
+    let windows: Vec<(time::Date, WindowState)> =
+        sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
+            .fetch_all(pool)
+            .await?;
+    let keys = lifecycle::status(pool).await?;
+    let owner = db::OwnerWatch::read(pool).await?.describe();
+    Ok(said(&keys, &windows, data_key_max_records, owner))
+}
+
+fn said(
     keys: &[KeyStatus],
     windows: &[(time::Date, WindowState)],
     data_key_max_records: u64,
