@@ -76,92 +76,97 @@ fn texts<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<String> {
     all.iter().map(|value| as_str(*value).to_owned()).collect()
 }
 
-/// The lists that differ, each said in full.
-#[derive(Default)]
-struct Mismatches(Vec<String>);
-
-impl Mismatches {
-    /// An ordered list: the same values in the same order.
-    fn list(&mut self, what: &str, database: Vec<String>, rust: Vec<String>) {
-        if database != rust {
-            self.0.push(format!(
-                "{what}: the database has {database:?}, Rust {rust:?}"
-            ));
-        }
-    }
-
-    /// Values scattered through a body: the same values.
-    fn set(&mut self, what: &str, database: Vec<String>, mut rust: Vec<String>) {
-        rust.sort();
-        self.list(what, database, rust);
-    }
+/// Whether the database keeps the values as a list (the order counts) or scattered through a
+/// body (only the values do).
+#[derive(Clone, Copy, PartialEq)]
+enum Kept {
+    InOrder,
+    Scattered,
 }
+use Kept::{InOrder, Scattered};
 
 #[tokio::test]
 async fn every_list_the_database_keeps_is_the_one_rust_hands_it() {
     let env = TestEnv::new(30).await;
     let pool = &env.pool;
-    let mut wrong = Mismatches::default();
-
-    let states = quoted(&constraint(pool, "vault_keys_state_check").await);
-    wrong.list(
-        "vault_keys.state, KeyState",
-        states,
-        texts(KeyState::ALL, KeyState::as_str),
-    );
-    let purposes = quoted(&constraint(pool, "vault_keys_purpose_check").await);
-    wrong.list(
-        "vault_keys.purpose, Purpose",
-        purposes,
-        texts(Purpose::ALL, Purpose::as_str),
-    );
-    let windows = quoted(&constraint(pool, "retention_windows_state_check").await);
-    let rust = texts(WindowState::ALL, WindowState::as_str);
-    wrong.list("retention_windows.state, WindowState", windows, rust);
-
+    let check = |name| constraint(pool, name);
+    let request = function(pool, "vault_reveal_request").await;
+    let outcome = function(pool, "vault_reveal_outcome").await;
+    let rotation = function(pool, "vault_rotation_request").await;
+    let quarantine = function(pool, "vault_quarantine_request").await;
     let purposes: Vec<String> = sqlx::query_scalar("SELECT unnest(audit_reveal_purposes())")
         .fetch_all(pool)
         .await
         .unwrap();
-    let rust = texts(RevealPurpose::ALL, RevealPurpose::as_str);
-    wrong.list("audit_reveal_purposes(), RevealPurpose", purposes, rust);
-
-    let request = function(pool, "vault_reveal_request").await;
-    let questions = compared_with(&request, "p_question");
-    let rust = texts(QuestionKind::ALL, QuestionKind::as_str);
-    wrong.set(
-        "vault_reveal_request's questions, QuestionKind",
-        questions,
-        rust,
-    );
-    let answers = reveal_request_outcomes(&request);
-    let rust = texts(RequestOutcome::ALL, RequestOutcome::as_str);
-    wrong.set(
-        "vault_reveal_request's outcomes, RequestOutcome",
-        answers,
-        rust,
-    );
-
-    let outcome = function(pool, "vault_reveal_outcome").await;
-    let outcomes = compared_with(&outcome, "p_outcome");
-    let rust = texts(RevealOutcome::ALL, RevealOutcome::as_str);
-    wrong.set(
-        "vault_reveal_outcome's outcomes, RevealOutcome",
-        outcomes,
-        rust,
-    );
-
-    for door in ["vault_rotation_request", "vault_quarantine_request"] {
-        let operations = compared_with(&function(pool, door).await, "p_operation");
-        let rust = texts(DoorOperation::ALL, DoorOperation::as_str);
-        wrong.set(
-            &format!("{door}'s operations, DoorOperation"),
+    let operations = texts(DoorOperation::ALL, DoorOperation::as_str);
+    let lists = [
+        (
+            "vault_keys.state, KeyState",
+            InOrder,
+            quoted(&check("vault_keys_state_check").await),
+            texts(KeyState::ALL, KeyState::as_str),
+        ),
+        (
+            "vault_keys.purpose, Purpose",
+            InOrder,
+            quoted(&check("vault_keys_purpose_check").await),
+            texts(Purpose::ALL, Purpose::as_str),
+        ),
+        (
+            "retention_windows.state, WindowState",
+            InOrder,
+            quoted(&check("retention_windows_state_check").await),
+            texts(WindowState::ALL, WindowState::as_str),
+        ),
+        (
+            "audit_reveal_purposes(), RevealPurpose",
+            InOrder,
+            purposes,
+            texts(RevealPurpose::ALL, RevealPurpose::as_str),
+        ),
+        (
+            "vault_reveal_request's questions, QuestionKind",
+            Scattered,
+            compared_with(&request, "p_question"),
+            texts(QuestionKind::ALL, QuestionKind::as_str),
+        ),
+        (
+            "vault_reveal_request's outcomes, RequestOutcome",
+            Scattered,
+            reveal_request_outcomes(&request),
+            texts(RequestOutcome::ALL, RequestOutcome::as_str),
+        ),
+        (
+            "vault_reveal_outcome's outcomes, RevealOutcome",
+            Scattered,
+            compared_with(&outcome, "p_outcome"),
+            texts(RevealOutcome::ALL, RevealOutcome::as_str),
+        ),
+        (
+            "vault_rotation_request's operations, DoorOperation",
+            Scattered,
+            compared_with(&rotation, "p_operation"),
+            operations.clone(),
+        ),
+        (
+            "vault_quarantine_request's operations, DoorOperation",
+            Scattered,
+            compared_with(&quarantine, "p_operation"),
             operations,
-            rust,
-        );
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, kept, database, mut rust) in lists {
+        if kept == Scattered {
+            rust.sort(); // as `compared_with` and `reveal_request_outcomes` answer
+        }
+        if database != rust {
+            wrong.push(format!(
+                "{what}: the database has {database:?}, Rust {rust:?}"
+            ));
+        }
     }
-
-    assert!(wrong.0.is_empty(), "{}", wrong.0.join("\n"));
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     env.cleanup().await;
 }
 

@@ -9,26 +9,19 @@ use crate::Admin;
 use crate::args::Erase;
 
 pub async fn erase(admin: &Admin, erase: Erase) -> anyhow::Result<Said> {
-    let Erase {
-        user_id,
-        reason,
-        actor,
-        keep_tokens,
-        in_flight,
-        dry_run,
-        witness,
-    } = erase;
+    let (user_id, keep_tokens, dry_run) = (&erase.user_id, erase.keep_tokens, erase.dry_run);
+    let witness = erase.witness;
     let keyring = admin.keyring().await?;
     let bucket = match &witness {
         Some(witness) => Some(witness.bucket().await?),
         None => None,
     };
     let erasure = Erasure {
-        user_id: &user_id,
-        reason: &reason,
-        actor: &actor,
+        user_id,
+        reason: &erase.reason,
+        actor: &erase.actor,
         keep_tokens,
-        in_flight,
+        in_flight: erase.in_flight,
         dry_run,
     };
     let erased = lifecycle::erase(&admin.pool, &keyring, &erasure, bucket.as_ref()).await?;

@@ -13,8 +13,8 @@
 //! - **destroyed**: its wrapped bytes are gone, for good (the database refuses it while an
 //!   erasure record still names the key).
 //!
-//! The parts: [`rows`] (making a key's row, re-wrapping it, handing it out, finding keys by
-//! state), [`states`] (the moves between states, for rotations and expiries), [`status`] (each
+//! The parts: `rows` (making a key's row, re-wrapping it, handing it out, finding keys by
+//! state), `states` (the moves between states, for rotations and expiries), [`status`] (each
 //! key with what it protects) and [`key_use`] (the lock writers and rotations share).
 
 pub mod key_use;
