@@ -34,6 +34,8 @@ pub mod retention;
 pub mod seal;
 pub mod token;
 
+// A key's purpose is in every KMS encryption context, and the writers take the key-use lock
+// by this path: both belong to the vault's surface, not only to the key table's.
 pub use key_table::{Purpose, key_use};
 
 use std::collections::HashMap;
