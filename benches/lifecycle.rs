@@ -16,7 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use pii_vault::audit::{self, CheckpointKey};
-use pii_vault::rotate::{self, Erasure, Expiry};
+use pii_vault::lifecycle::{self, Erasure, Expiry};
 
 /// `count` logins of `user` dated `date`, with a data key of `window` (if any), in SQL.
 async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, window: Option<&str>) {
@@ -144,7 +144,7 @@ async fn main() {
     let keyadmin = env.pool_as("keyadmin").await;
     let keyring = env.keyring_on(&keyadmin);
     let started = Instant::now();
-    let erased = rotate::erase(
+    let erased = lifecycle::erase(
         &keyadmin,
         &keyring,
         &Erasure::of("bench-erased", "bench", "bench"),
@@ -183,7 +183,7 @@ async fn main() {
         grace: Duration::ZERO,
     };
     let started = Instant::now();
-    let report = rotate::expire(&keyadmin, &keyring, &expiry, &())
+    let report = lifecycle::expire(&keyadmin, &keyring, &expiry, &())
         .await
         .unwrap();
     let expire_seconds = started.elapsed().as_secs_f64();

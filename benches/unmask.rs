@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pii_vault::unmask::{self, Question, Request};
+use pii_vault::unmask::{self, Question, Request, RevealPurpose};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::{AwsKms, KeyWrapper, KmsError};
 use pii_vault::vault::{EncryptionContext, SecretKey, WrappedKey};
@@ -94,7 +94,7 @@ async fn main() {
         .unwrap();
     let request = Request {
         question: Question::UserId("bench-user".into()),
-        purpose: "security-incident".into(),
+        purpose: RevealPurpose::SecurityIncident,
         reason: "benchmark".into(),
         actor: "bench".into(),
     };

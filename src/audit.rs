@@ -57,15 +57,6 @@ use time::OffsetDateTime;
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// Why a compliance officer may ask for values; the door refuses any other.
-pub const REVEAL_PURPOSES: [&str; 5] = [
-    "data-subject-access",
-    "fraud-investigation",
-    "security-incident",
-    "legal-request",
-    "account-recovery",
-];
-
 const FORMAT_1: &[u8] = b"pii-vault/audit/v1";
 const FORMAT_2: &[u8] = b"pii-vault/audit/v2";
 const CHECKPOINT_FORMAT: &[u8] = b"pii-vault/audit-checkpoint/v1";

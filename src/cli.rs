@@ -328,11 +328,11 @@ impl Failure {
 fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<Failure> {
     use crate::audit::witness::WitnessError;
     use crate::audit::{Broken, VerifyError};
-    use crate::rotate::RotateError;
+    use crate::lifecycle::LifecycleError;
     use crate::unmask::UnmaskError;
+    use crate::vault::handed_out::IntegrityError;
     use crate::vault::keyring::KeyringError;
     use crate::vault::kms::KmsError;
-    use crate::vault::sealed::IntegrityError;
 
     if cause.is::<UsageError>() {
         return Some(Failure::Usage);
@@ -352,15 +352,15 @@ fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<Failure> {
             UnmaskError::Database(db) => classify(db),
         };
     }
-    if let Some(e) = cause.downcast_ref::<RotateError>() {
+    if let Some(e) = cause.downcast_ref::<LifecycleError>() {
         return match e {
-            RotateError::Integrity { .. } | RotateError::ErasureRecord { .. } => {
+            LifecycleError::Integrity { .. } | LifecycleError::ErasureRecord { .. } => {
                 Some(Failure::Integrity)
             }
-            RotateError::NoSuchUser => Some(Failure::NothingFound),
-            RotateError::WindowTaken { .. }
-            | RotateError::WindowKeyTaken { .. }
-            | RotateError::WindowKeyRefused { .. } => Some(Failure::Refused),
+            LifecycleError::NoSuchUser => Some(Failure::NothingFound),
+            LifecycleError::WindowTaken { .. }
+            | LifecycleError::WindowKeyTaken { .. }
+            | LifecycleError::WindowKeyRefused { .. } => Some(Failure::Refused),
             _ => None,
         };
     }

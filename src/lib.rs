@@ -8,15 +8,18 @@
 //! - [`event`]: a message body becomes a validated [`event::LoginEvent`] or a quarantine reason.
 //! - [`vault`]: everything that touches key material: tokens, sealing, KMS, the key table,
 //!   erased users (by token) and retention windows (a KMS key per month). Unit tests run it on
-//!   an in-memory KMS (`vault/kms/memory.rs`); [`vault::key_use`] is the lock writers and
-//!   rotations share.
+//!   an in-memory KMS (`vault/kms/memory.rs`).
+//!   - [`vault::key_table`]: the key table, `vault_keys`: every statement on it, its door and
+//!     its locks ([`vault::key_table::key_use`], the lock writers and rotations share), and
+//!     what a key's state and purpose can be; [`vault::keyring`] makes and unwraps its keys
+//!     through KMS.
 //!   - [`vault::place`]: where values are sealed (the table and field names in the associated
-//!     data); [`vault::sealed`]: sealed values as the doors hand them out, opened and checked
+//!     data); [`vault::handed_out`]: sealed values as the doors hand them out, opened and checked
 //!     against their token, with typed integrity errors; [`vault::key_cache`]: keys unwrapped
-//!     once each, shared by [`unmask`] and [`rotate`].
+//!     once each, shared by [`unmask`] and [`lifecycle`].
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
 //!   [`ingest::run`] wires its stages (`stages.rs`: pollers, batcher, writers, acknowledging)
-//!   to the keys it follows through rotations (`keys.rs`), with [`ingest::Settings`] and a
+//!   to the keys it follows through rotations, erasures and expiries (`keys.rs`), with [`ingest::Settings`] and a
 //!   run's [`ingest::Summary`] (`settings.rs`, `stats.rs`).
 //!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
 //!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
@@ -24,20 +27,25 @@
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
 //!   - [`ingest::readiness`]: the checks `ingest` hands to `/readyz` (database, queue, keys,
 //!     sealing).
-//! - [`unmask`]: audited recovery of original values through the database's door functions,
-//!   and `verify_all` (every stored value opened and checked, revealing nothing);
+//! - [`unmask`]: audited recovery of original values through the database's door functions
+//!   (the texts handed to them as enums in `unmask/door_terms.rs`), and `verify_all` (every
+//!   stored value opened and checked, revealing nothing);
 //!   [`audit`]: verifying the server-made, hash-chained trail and its signed checkpoints, and
 //!   [`audit::witness`], the checkpoints' copy in an S3 bucket under Object Lock.
-//! - [`rotate`]: online key rotation, re-wrapping, erasure and retention (`rotate-keys`): the
-//!   rotations' paged walk (`rotate/walk.rs`, no database: unit-tested in memory), their pages
-//!   through the key admin's doors (`reseal.rs`), key states, re-wrapping and status
-//!   (`admin.rs`), erasure and expiry (`erase.rs`).
+//! - [`lifecycle`]: what the key admin runs (`rotate-keys`): online key rotation
+//!   (`lifecycle/rotation.rs`), its paged walk (`walk.rs`, no database: unit-tested in memory)
+//!   and its pages through the key admin's doors (`rewrite.rs`), re-wrapping under another KMS
+//!   key (`rewrap.rs`), erasure (`erasure.rs`), and retention windows and their expiry
+//!   (`retention.rs`).
 //! - [`progress`]: how far a long operation is (a rotation and its grace wait, an expiry, a
 //!   verification, a file being ingested), told to the caller's [`progress::Progress`]; the
 //!   library draws and prints nothing. Rates there count working time, waits left out; the
 //!   binaries draw a bar on a terminal (`src/bin/common/progress.rs`) or log a line every few
 //!   seconds ([`progress::LogLines`]).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
+//! - [`sql_text`]: the enums of fixed texts handed to SQL (key states and purposes, reveal
+//!   purposes and outcomes, door operations), each with the `ALL` that
+//!   `tests/integration/sql_lists.rs` holds to the database's own list.
 //! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
 //!   them.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
@@ -80,9 +88,10 @@ pub mod cli;
 pub mod db;
 pub mod event;
 pub mod ingest;
+pub mod lifecycle;
 pub mod progress;
 pub mod retry;
-pub mod rotate;
+pub mod sql_text;
 pub mod synth;
 pub mod telemetry;
 pub mod unmask;

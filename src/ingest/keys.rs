@@ -106,7 +106,7 @@ impl<W: KeyWrapper> Keys<W> {
     /// a writer saw a retired key or a new erasure), moves off a token key that is no longer
     /// active, drops data keys that are not (a new one is made when next needed), and learns
     /// of users erased and windows expiring meanwhile.
-    pub(super) async fn follow_rotations(
+    pub(super) async fn follow_changes(
         &mut self,
         settings: &Settings,
         shutdown: &CancellationToken,

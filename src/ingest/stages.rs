@@ -112,7 +112,7 @@ pub(super) async fn make_batches<W: KeyWrapper>(
                 Ok(None) | Err(_) => break,
             }
         }
-        keys.follow_rotations(settings, shutdown).await;
+        keys.follow_changes(settings, shutdown).await;
         // One batch per retention window the messages fall in (nearly always one).
         for (placement, messages) in by_window(std::mem::take(&mut pending), &keys.windows) {
             let window = match placement {

@@ -1,4 +1,5 @@
-//! Wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through a [`KeyWrapper`].
+//! Keys created, unwrapped and re-wrapped through a [`KeyWrapper`], stored in the key table
+//! ([`super::key_table`], `vault_keys`).
 //!
 //! A key's id is reserved from the table's sequence *before* KMS is called, because the id is
 //! part of the encryption context KMS binds into the wrapped key. The wrapped key is committed
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
+use super::key_table::{self, NewKey, StoredKey};
 use super::kms::{KeyWrapper, KmsError};
 use super::retention::Window;
 use super::seal::{SealFormat, Sealer, UnknownFormat};
@@ -29,7 +31,7 @@ pub enum KeyringError {
     WrongPurpose {
         id: KeyId,
         expected: Purpose,
-        found: String,
+        found: Purpose,
     },
     #[error("key {0} was destroyed: what it protected can no longer be opened")]
     Destroyed(KeyId),
@@ -129,12 +131,7 @@ impl<W: KeyWrapper> Keyring<W> {
     }
 
     async fn active_token_key_id(&self) -> Result<Option<KeyId>, KeyringError> {
-        let id = sqlx::query_scalar(
-            "SELECT id FROM vault_keys WHERE purpose = 'token' AND state = 'active'",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(id.map(KeyId))
+        Ok(key_table::active_token_key(&self.pool).await?)
     }
 
     /// The tokenizer of the active token key (one KMS Decrypt).
@@ -173,7 +170,7 @@ impl<W: KeyWrapper> Keyring<W> {
     pub async fn sealer(&self, id: KeyId) -> Result<Sealer, KeyringError> {
         let stored = self.stored(id).await?;
         let key = self.unwrap_stored(id, Purpose::Data, &stored).await?;
-        Ok(Sealer::new(id, &key, stored.format(id)?))
+        Ok(Sealer::new(id, &key, format_of(&stored, id)?))
     }
 
     /// The tokenizer of a token key handed out by a door function (one KMS Decrypt).
@@ -203,12 +200,7 @@ impl<W: KeyWrapper> Keyring<W> {
         let (id, key, wrapped) = self.generate(Purpose::Token, &self.kms_key_id).await?;
         drop(key); // the new key is unwrapped again by whoever uses it
         let mut tx = self.pool.begin().await?;
-        let retiring = sqlx::query(
-            "UPDATE vault_keys SET state = 'retiring' WHERE purpose = 'token' AND state = 'active'",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let retiring = key_table::start_token_rotation(&mut tx).await?;
         if retiring == 0 {
             return Err(KeyringError::NoTokenKey);
         }
@@ -234,21 +226,15 @@ impl<W: KeyWrapper> Keyring<W> {
 
     /// Which of `ids` are `active`, the only state new writes should use.
     pub async fn active(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, KeyringError> {
-        let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
-        let active: Vec<i64> =
-            sqlx::query_scalar("SELECT id FROM vault_keys WHERE id = ANY($1) AND state = 'active'")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(active.into_iter().map(KeyId).collect())
+        Ok(key_table::active_among(&self.pool, ids).await?)
     }
 
     /// Re-wraps key `id` under `new_kms_key_id` (KMS ReEncrypt); returns the new KMS key ARN.
     pub async fn rewrap(&self, id: KeyId, new_kms_key_id: &str) -> Result<String, KeyringError> {
         let stored = self.stored(id).await?;
-        let wrapped = stored.wrapped(id)?;
+        let wrapped = wrapped_of(&stored, id)?;
         let context = EncryptionContext {
-            purpose: stored.purpose(id)?,
+            purpose: stored.purpose,
             key_id: id,
         };
         let rewrapped = self
@@ -256,12 +242,7 @@ impl<W: KeyWrapper> Keyring<W> {
             .rewrap_key(&wrapped, context, new_kms_key_id)
             .await
             .map_err(|source| KeyringError::Kms { id, source })?;
-        sqlx::query("UPDATE vault_keys SET wrapped_key = $2, kms_key_id = $3 WHERE id = $1")
-            .bind(id)
-            .bind(&rewrapped.ciphertext)
-            .bind(&rewrapped.kms_key_id)
-            .execute(&self.pool)
-            .await?;
+        key_table::set_wrapped(&self.pool, id, &rewrapped).await?;
         Ok(rewrapped.kms_key_id)
     }
 
@@ -271,11 +252,7 @@ impl<W: KeyWrapper> Keyring<W> {
         purpose: Purpose,
         kms_key_id: &str,
     ) -> Result<(KeyId, super::SecretKey, WrappedKey), KeyringError> {
-        let id = KeyId(
-            sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('vault_keys', 'id'))")
-                .fetch_one(&self.pool)
-                .await?,
-        );
+        let id = key_table::reserve_id(&self.pool).await?;
         let context = EncryptionContext {
             purpose,
             key_id: id,
@@ -296,23 +273,18 @@ impl<W: KeyWrapper> Keyring<W> {
         wrapped: &WrappedKey,
         window_starts: Option<time::Date>,
     ) -> Result<(), KeyringError> {
-        sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, kms_key_id, wrapped_key, created_by, window_starts,
-                                     format)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(id)
-        .bind(purpose.as_str())
-        .bind(&wrapped.kms_key_id)
-        .bind(&wrapped.ciphertext)
-        .bind(&self.created_by)
-        .bind(window_starts)
-        .bind(match purpose {
-            Purpose::Data => SealFormat::CURRENT.stored(),
-            Purpose::Token => 1,
-        })
-        .execute(connection)
-        .await?;
+        let key = NewKey {
+            id,
+            purpose,
+            wrapped,
+            created_by: &self.created_by,
+            window_starts,
+            format: match purpose {
+                Purpose::Data => SealFormat::CURRENT.stored(),
+                Purpose::Token => 1,
+            },
+        };
+        key_table::insert(connection, &key).await?;
         tracing::info!(key_id = %id, %purpose, kms_key = %wrapped.kms_key_id, "created key");
         Ok(())
     }
@@ -330,19 +302,9 @@ impl<W: KeyWrapper> Keyring<W> {
 
     /// A stored key as the key door hands it out: one audit row, then the key.
     async fn stored(&self, id: KeyId) -> Result<StoredKey, KeyringError> {
-        // Step one commits on its own (the pool's autocommit) before step two hands out.
-        let request: i64 = sqlx::query_scalar("SELECT vault_key_request($1, $2)")
-            .bind([id.0])
-            .bind(&self.created_by)
-            .fetch_one(&self.pool)
-            .await?;
-        sqlx::query_as(
-            "SELECT purpose, format, kms_key_id, wrapped_key FROM vault_key_hand_out($1)",
-        )
-        .bind(request)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(KeyringError::NotFound(id))
+        key_table::hand_out(&self.pool, id, &self.created_by)
+            .await?
+            .ok_or(KeyringError::NotFound(id))
     }
 
     async fn unwrap(&self, id: KeyId, purpose: Purpose) -> Result<super::SecretKey, KeyringError> {
@@ -357,15 +319,14 @@ impl<W: KeyWrapper> Keyring<W> {
         purpose: Purpose,
         stored: &StoredKey,
     ) -> Result<super::SecretKey, KeyringError> {
-        let found = stored.purpose(id)?;
-        if found != purpose {
+        if stored.purpose != purpose {
             return Err(KeyringError::WrongPurpose {
                 id,
                 expected: purpose,
-                found: found.as_str().to_owned(),
+                found: stored.purpose,
             });
         }
-        self.unwrap_handed_out(id, purpose, &stored.wrapped(id)?)
+        self.unwrap_handed_out(id, purpose, &wrapped_of(stored, id)?)
             .await
     }
 
@@ -388,41 +349,18 @@ impl<W: KeyWrapper> Keyring<W> {
     }
 }
 
-/// A row of `vault_keys` as the key door hands it out.
-#[derive(sqlx::FromRow)]
-struct StoredKey {
-    purpose: String,
-    format: i16,
-    kms_key_id: String,
-    wrapped_key: Option<Vec<u8>>,
+fn format_of(stored: &StoredKey, id: KeyId) -> Result<SealFormat, KeyringError> {
+    SealFormat::from_stored(stored.format).map_err(|source| KeyringError::Format { id, source })
 }
 
-impl StoredKey {
-    fn purpose(&self, id: KeyId) -> Result<Purpose, KeyringError> {
-        match self.purpose.as_str() {
-            "token" => Ok(Purpose::Token),
-            "data" => Ok(Purpose::Data),
-            other => Err(KeyringError::WrongPurpose {
-                id,
-                expected: Purpose::Data,
-                found: other.to_owned(),
-            }),
-        }
-    }
-
-    fn format(&self, id: KeyId) -> Result<SealFormat, KeyringError> {
-        SealFormat::from_stored(self.format).map_err(|source| KeyringError::Format { id, source })
-    }
-
-    fn wrapped(&self, id: KeyId) -> Result<WrappedKey, KeyringError> {
-        Ok(WrappedKey {
-            ciphertext: self
-                .wrapped_key
-                .clone()
-                .ok_or(KeyringError::Destroyed(id))?,
-            kms_key_id: self.kms_key_id.clone(),
-        })
-    }
+fn wrapped_of(stored: &StoredKey, id: KeyId) -> Result<WrappedKey, KeyringError> {
+    Ok(WrappedKey {
+        ciphertext: stored
+            .wrapped_key
+            .clone()
+            .ok_or(KeyringError::Destroyed(id))?,
+        kms_key_id: stored.kms_key_id.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -8,29 +8,35 @@
 //!
 //! - [`kms`]: the [`KeyWrapper`](kms::KeyWrapper) trait and its AWS KMS implementation.
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
-//! - [`keyring`]: wrapped keys in PostgreSQL (`vault_keys`), created and unwrapped through KMS.
-//! - [`key_use`]: the lock on a key id that writers hold shared while they write under the key
-//!   and a rotation takes exclusively to retire it; `ingest` and `rotate` both take it.
+//! - [`key_table`]: the key table (`vault_keys`): every statement on it, its door and its locks,
+//!   and what a key's state ([`KeyState`](key_table::KeyState)) and [`Purpose`] can be;
+//!   [`key_use`] is its lock that writers hold shared while they write under a key and a
+//!   rotation takes exclusively to retire it (`ingest` and `lifecycle` both take it).
+//! - [`keyring`]: keys created, unwrapped and re-wrapped through KMS, stored in the key table.
 //! - [`key_cache`]: keys opened once each, by id, for a reveal, a verification or a rotation.
 //! - [`retention`]: retention windows: the KMS key behind a login month's data keys.
 //! - [`token`]: deterministic per-field tokens.
 //! - [`seal`]: authenticated encryption bound to a value's place.
 //! - [`place`]: the places values are sealed for (a login's fields, a quarantined body).
-//! - [`sealed`]: sealed values as the doors hand them out, opened at their place and checked
+//! - [`handed_out`]: sealed values as the doors hand them out, opened at their place and checked
 //!   against their token (the key commitment), with typed integrity errors.
 //!
 //! Plaintext keys exist only as [`SecretKey`] (boxed, zeroized on drop, redacted in `Debug`).
 
 pub mod erasure;
+pub mod handed_out;
 pub mod key_cache;
-pub mod key_use;
+pub mod key_table;
 pub mod keyring;
 pub mod kms;
 pub mod place;
 pub mod retention;
 pub mod seal;
-pub mod sealed;
 pub mod token;
+
+// A key's purpose is in every KMS encryption context, and the writers take the key-use lock
+// by this path: both belong to the vault's surface, not only to the key table's.
+pub use key_table::{Purpose, key_use};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -82,31 +88,6 @@ pub struct KeyId(pub i64);
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
-    }
-}
-
-/// What a key is for. Stored in `vault_keys.purpose` and sent to KMS in the encryption context,
-/// so KMS key policies can allow each role exactly the operations its purpose needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Purpose {
-    /// The HMAC key behind the tokens.
-    Token,
-    /// An AES-256-GCM-SIV key that seals personal values.
-    Data,
-}
-
-impl Purpose {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Purpose::Token => "token",
-            Purpose::Data => "data",
-        }
-    }
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -234,11 +215,9 @@ mod tests {
         let vectors = testing::vectors("kms.json");
         let contexts = vectors["contexts"].as_array().unwrap();
         for case in contexts {
-            let purpose = match testing::text(case, "purpose") {
-                "token" => Purpose::Token,
-                "data" => Purpose::Data,
-                other => panic!("unknown purpose {other}"),
-            };
+            let purpose = testing::text(case, "purpose");
+            let purpose =
+                Purpose::parse(purpose).unwrap_or_else(|| panic!("unknown purpose {purpose}"));
             let map = EncryptionContext {
                 purpose,
                 key_id: KeyId(testing::int(case, "key_id")),

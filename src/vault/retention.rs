@@ -9,14 +9,27 @@
 use sqlx::PgPool;
 use time::{Date, Month};
 
+use crate::sql_text::sql_text;
+
+sql_text! {
+    /// Where a window is in its life (`retention_windows.state`).
+    pub enum WindowState {
+        /// Its logins' values are sealed under its data keys.
+        Active => "active",
+        /// An expiry is deleting its values: ingesters no longer seal into it.
+        Expiring => "expiring",
+        /// Its values are gone, its data keys destroyed, its KMS key scheduled for deletion.
+        Expired => "expired",
+    }
+}
+
 /// One month's window.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Window {
     pub starts: Date,
     pub ends: Date,
     pub kms_key_id: String,
-    /// `active`, `expiring` or `expired`.
-    pub state: String,
+    pub state: WindowState,
 }
 
 /// Where a login's values go.
@@ -62,7 +75,7 @@ impl Windows {
     pub fn placement(&self, login_date: Date) -> Placement<'_> {
         let starts = month_of(login_date);
         match self.0.iter().find(|w| w.starts == starts) {
-            Some(window) if window.state == "active" => Placement::Window(window),
+            Some(window) if window.state == WindowState::Active => Placement::Window(window),
             Some(_) => Placement::Expired,
             None => Placement::Unwindowed,
         }
@@ -87,21 +100,21 @@ mod tests {
         Date::from_calendar_date(y, Month::try_from(m).unwrap(), d).unwrap()
     }
 
-    fn window(starts: Date, state: &str) -> Window {
+    fn window(starts: Date, state: WindowState) -> Window {
         Window {
             starts,
             ends: next_month(starts),
             kms_key_id: format!("arn:{starts}"),
-            state: state.into(),
+            state,
         }
     }
 
     #[test]
     fn a_login_goes_to_the_window_of_its_month() {
         let windows = Windows::of(vec![
-            window(date(2025, 1, 1), "expired"),
-            window(date(2025, 2, 1), "active"),
-            window(date(2025, 3, 1), "expiring"),
+            window(date(2025, 1, 1), WindowState::Expired),
+            window(date(2025, 2, 1), WindowState::Active),
+            window(date(2025, 3, 1), WindowState::Expiring),
         ]);
         assert_eq!(windows.placement(date(2025, 1, 31)), Placement::Expired);
         assert!(matches!(windows.placement(date(2025, 2, 28)),

@@ -7,8 +7,8 @@ use std::time::Duration;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::common::{self, TestEnv, hold_what_a_login_can, login, stderr, stdout, three_logins};
-use pii_vault::rotate::Erasure;
-use pii_vault::{db, rotate};
+use pii_vault::lifecycle::Erasure;
+use pii_vault::{db, lifecycle};
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
 
@@ -580,7 +580,7 @@ async fn a_login_without_roles_cannot_stall_a_door_or_an_ingest_batch() {
     let keyring = env.keyring_on(&keyadmin);
     let erased = tokio::time::timeout(
         limit,
-        rotate::erase(
+        lifecycle::erase(
             &keyadmin,
             &keyring,
             &Erasure::of("u-2", "request 7", "tests"),
@@ -704,7 +704,7 @@ async fn inputs_are_bounded_and_a_question_must_name_a_column() {
     // Every door that appends takes the same bounds: an erasure with a 1 MB reason is refused.
     let keyadmin = env.pool_as("keyadmin").await;
     let keyring = env.keyring_on(&keyadmin);
-    let refused = rotate::erase(
+    let refused = lifecycle::erase(
         &keyadmin,
         &keyring,
         &Erasure::of("u-1", &huge, "tests"),

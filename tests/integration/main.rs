@@ -27,5 +27,6 @@ mod progress;
 mod retention;
 mod rotate;
 mod schema;
+mod sql_lists;
 mod telemetry;
 mod unmask;

@@ -13,7 +13,7 @@ use pii_vault::ingest::{batch, writer};
 use pii_vault::synth::Generator;
 use pii_vault::unmask;
 use pii_vault::vault::erasure::ErasedUsers;
-use pii_vault::vault::key_use;
+use pii_vault::vault::key_table::key_use;
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const INGEST: &str = env!("CARGO_BIN_EXE_ingest");
@@ -522,9 +522,7 @@ async fn a_writer_waits_for_a_retiring_rotation_and_then_writes_nothing() {
 
     // A rotation retiring the data key holds the key's use lock exclusively...
     let mut rotation = env.pool.begin().await.unwrap();
-    sqlx::query(key_use::HOLD_KEYS_EXCLUSIVE)
-        .bind(&[data_key][..])
-        .execute(&mut *rotation)
+    key_use::hold_exclusive(&mut rotation, &[data_key])
         .await
         .unwrap();
     // ...so a writer using that key waits for it,

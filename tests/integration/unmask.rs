@@ -2,7 +2,7 @@
 //! runs it.
 
 use crate::common::{self, TestEnv, login, stderr, stdout, three_logins};
-use pii_vault::unmask::{self, Question, Request};
+use pii_vault::unmask::{self, Question, Request, RevealPurpose};
 use pii_vault::vault::keyring::Keyring;
 
 const UNMASK: &str = env!("CARGO_BIN_EXE_unmask");
@@ -1707,7 +1707,7 @@ async fn kms_is_called_once_per_distinct_key_not_per_row() {
         &keyring,
         &Request {
             question: Question::UserId("many".into()),
-            purpose: "security-incident".into(),
+            purpose: RevealPurpose::SecurityIncident,
             reason: "r".into(),
             actor: "tests".into(),
         },

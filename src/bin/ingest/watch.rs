@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pii_vault::ingest::sqs::SqsQueue;
 use pii_vault::telemetry::observed::KeyPurpose;
 use pii_vault::telemetry::{observed, process};
+use pii_vault::vault::key_table;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +45,7 @@ pub async fn run(
             }
             failing.note("queue depth", depth.map(drop).map_err(|e| e.message));
         }
-        let keys = key_times(&pool, &created_by, since).await;
+        let keys = key_table::creation_times(&pool, &created_by, since).await;
         if let Ok((token, data)) = keys {
             observed().set_key_created(KeyPurpose::Token, token);
             observed().set_key_created(KeyPurpose::Data, data);
@@ -67,27 +68,6 @@ pub async fn run(
             _ = tokio::time::sleep(INTERVAL) => {}
         }
     }
-}
-
-/// When the active token key and this process's newest active data key were created, seconds
-/// after the epoch. A data key is made when the first batch needs one, so there may be none.
-async fn key_times(
-    pool: &PgPool,
-    created_by: &str,
-    since: f64,
-) -> Result<(Option<f64>, Option<f64>), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT
-             (SELECT extract(epoch FROM max(created_at))::float8 FROM vault_keys
-              WHERE purpose = 'token' AND state = 'active'),
-             (SELECT extract(epoch FROM max(created_at))::float8 FROM vault_keys
-              WHERE purpose = 'data' AND state = 'active' AND created_by = $1
-                AND created_at >= to_timestamp($2))",
-    )
-    .bind(created_by)
-    .bind(since)
-    .fetch_one(pool)
-    .await
 }
 
 fn seconds(at: SystemTime) -> f64 {

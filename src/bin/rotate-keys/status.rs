@@ -2,31 +2,46 @@
 //! as a table for people or one JSON object for scripts.
 
 use pii_vault::cli::Said;
-use pii_vault::rotate::KeyStatus;
+use pii_vault::db;
+use pii_vault::lifecycle::{self, KeyStatus};
+use pii_vault::vault::Purpose;
+use pii_vault::vault::key_table::KeyState;
+use pii_vault::vault::retention::WindowState;
 use serde_json::json;
+use sqlx::PgPool;
 
-pub fn said(
+pub async fn run(pool: &PgPool, data_key_max_records: u64) -> anyhow::Result<Said> {
+    let windows: Vec<(time::Date, WindowState)> =
+        sqlx::query_as("SELECT starts, state FROM retention_windows ORDER BY starts")
+            .fetch_all(pool)
+            .await?;
+    let keys = lifecycle::status(pool).await?;
+    let owner = db::OwnerWatch::read(pool).await?.describe();
+    Ok(said(&keys, &windows, data_key_max_records, owner))
+}
+
+fn said(
     keys: &[KeyStatus],
-    windows: &[(time::Date, String)],
+    windows: &[(time::Date, WindowState)],
     data_key_max_records: u64,
     owner: String,
 ) -> Said {
     let over: Vec<i64> = keys
         .iter()
-        .filter(|k| k.purpose == "data" && k.values as u64 > data_key_max_records)
+        .filter(|k| k.purpose == Purpose::Data && k.values as u64 > data_key_max_records)
         .map(|k| k.id)
         .collect();
     let pending: i64 = keys
         .iter()
-        .filter(|k| k.state == "retiring")
+        .filter(|k| k.state == KeyState::Retiring)
         .map(|k| k.rows)
         .sum();
     let month = |starts: &time::Date| starts.to_string()[..7].to_owned();
     let json = json!({
         "keys": keys.iter().map(|key| json!({
             "id": key.id,
-            "purpose": key.purpose,
-            "state": key.state,
+            "purpose": key.purpose.as_str(),
+            "state": key.state.as_str(),
             "kms_key_id": key.kms_key_id,
             "age_days": key.age_days,
             "rows": key.rows,
@@ -38,7 +53,7 @@ pub fn said(
         "data_keys_over_limit": over,
         "windows": windows.iter().map(|(starts, state)| json!({
             "month": month(starts),
-            "state": state,
+            "state": state.as_str(),
         })).collect::<Vec<_>>(),
         "rows_under_retiring_keys": pending,
         "owner": owner,
@@ -51,7 +66,7 @@ pub fn said(
 
 fn table(
     keys: &[KeyStatus],
-    windows: &[(time::Date, String)],
+    windows: &[(time::Date, WindowState)],
     data_key_max_records: u64,
     over: &[i64],
     pending: i64,

@@ -14,7 +14,7 @@ use pii_vault::cli::{
     self, NothingFound, OutputFormat, Said, UsageError, VaultArgs, Witness, WitnessArgs,
 };
 use pii_vault::db;
-use pii_vault::unmask::{self, Question, Request};
+use pii_vault::unmask::{self, Question, Request, RevealPurpose};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
 use serde_json::json;
@@ -56,7 +56,7 @@ struct Args {
     masked_device_id: Option<String>,
     /// Why, from a fixed list: recorded in the audit; the database refuses any other.
     #[arg(long, value_enum)]
-    purpose: Option<Purpose>,
+    purpose: Option<RevealPurpose>,
     /// Why, in words: recorded in the audit (a ticket, a legal request).
     #[arg(long)]
     reason: Option<String>,
@@ -99,19 +99,6 @@ enum Command {
         #[command(flatten)]
         bucket: WitnessArgs,
     },
-}
-
-/// The purposes a reveal may serve (`audit::REVEAL_PURPOSES`).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Purpose {
-    /// A data subject asked for their data (GDPR art. 15).
-    DataSubjectAccess,
-    FraudInvestigation,
-    SecurityIncident,
-    /// A court order or a regulator's request.
-    LegalRequest,
-    /// Helping the user regain access to their account.
-    AccountRecovery,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -215,7 +202,7 @@ fn request(
     user_id: Option<String>,
     masked_ip: Option<String>,
     masked_device_id: Option<String>,
-    purpose: Option<Purpose>,
+    purpose: Option<RevealPurpose>,
     reason: Option<String>,
     actor: Option<String>,
 ) -> Result<Request, UsageError> {
@@ -228,14 +215,9 @@ fn request(
     let Some(purpose) = purpose else {
         return Err(UsageError(format!(
             "--purpose is required: one of {}",
-            audit::REVEAL_PURPOSES.join(", ")
+            RevealPurpose::listed()
         )));
     };
-    let purpose = purpose
-        .to_possible_value()
-        .expect("every purpose has a name")
-        .get_name()
-        .to_owned();
     let reason = reason.unwrap_or_default();
     if reason.trim().is_empty() {
         return Err(UsageError("--reason is required and must say why".into()));

@@ -22,6 +22,7 @@ use super::place::{login_place, quarantine_place};
 use super::seal::{OpenError, Sealer};
 use super::token::{Field, Tokenizer};
 use super::{KeyId, Purpose};
+use crate::sql_text::sql_text;
 
 /// The row a sealed value belongs to, as an integrity error names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,10 +213,24 @@ pub struct SealedBody {
 /// audit row commits on its own, then the hand-out against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
-    /// Logins ([`SealedLogin`]): `verify`, `reseal`, `retokenize`.
+    /// Logins ([`SealedLogin`]), through `vault_rotation_request` / `vault_rotation_page`.
     Logins,
-    /// Quarantined bodies ([`SealedBody`]): `verify`, `reseal`.
+    /// Quarantined bodies ([`SealedBody`]), through `vault_quarantine_request` /
+    /// `vault_quarantine_page`.
     Quarantine,
+}
+
+sql_text! {
+    /// What a walk's page is requested for (each door takes every one): the audit row names
+    /// it, and the write doors accept only a page requested for their own.
+    pub enum DoorOperation {
+        /// Open and check every row, writing nothing (`rotate-keys verify`).
+        Verify => "verify",
+        /// The rows under the retiring data keys, to re-seal under new ones.
+        Reseal => "reseal",
+        /// The rows under the retiring token key, to recompute their tokens.
+        Retokenize => "retokenize",
+    }
 }
 
 /// A page a door handed out, and the request it was handed out against (the write doors
@@ -235,7 +250,7 @@ impl Walk {
         self,
         pool: &PgPool,
         conn: &mut PgConnection,
-        operation: &str,
+        operation: DoorOperation,
         after: i64,
         limit: i64,
         keys: &[i64],

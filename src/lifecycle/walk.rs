@@ -3,13 +3,13 @@
 //! told to the caller, never printed.
 //!
 //! It knows nothing of the database: [`Pages`] and [`Rotation`] are what it needs of one. The
-//! rotations in `reseal` page through the key admin's doors (which audit each page and lock it,
+//! rotations in `rewrite` page through the key admin's doors (which audit each page and lock it,
 //! `SKIP LOCKED`: rows an ingester is still writing are left to a later pass) and rewrite each
 //! page in a transaction of its own; the tests below drive the walk with tables in memory.
 
 use std::time::{Duration, Instant};
 
-use super::RotateError;
+use super::LifecycleError;
 use crate::progress::{Progress, Stopwatch, Unit};
 use crate::vault::KeyId;
 
@@ -27,10 +27,11 @@ pub(super) trait Pages {
     /// The page of rows after id `after`, empty at the end. Rows another writer holds are not
     /// waited for but skipped: they are still under a retiring key after the pass, so the
     /// rotation's [`Rotation::retire_if_unused`] asks for another.
-    async fn fetch(&mut self, after: i64) -> Result<(Self::Held, Vec<Self::Row>), RotateError>;
+    async fn fetch(&mut self, after: i64) -> Result<(Self::Held, Vec<Self::Row>), LifecycleError>;
 
     /// Rewrites the page under the new key and lets it go (commits).
-    async fn rewrite(&mut self, held: Self::Held, rows: &[Self::Row]) -> Result<(), RotateError>;
+    async fn rewrite(&mut self, held: Self::Held, rows: &[Self::Row])
+    -> Result<(), LifecycleError>;
 }
 
 /// One pass over `pages`, from the first row to the end: each page is rewritten, then counted
@@ -38,7 +39,7 @@ pub(super) trait Pages {
 pub(super) async fn pass_over<P: Pages>(
     pages: &mut P,
     tally: &mut Tally<'_>,
-) -> Result<(), RotateError> {
+) -> Result<(), LifecycleError> {
     let mut after = 0;
     loop {
         let (held, rows) = pages.fetch(after).await?;
@@ -55,12 +56,12 @@ pub(super) async fn pass_over<P: Pages>(
 /// row.
 pub(super) trait Rotation {
     /// One pass over each of its tables ([`pass_over`]).
-    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError>;
+    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError>;
 
     /// The retiring keys, retired, if no row uses them any more (under their key-use lock, so
     /// that no writer can add one meanwhile); `None` if some row still does (one a writer held
     /// during the pass, or wrote since), which calls for another pass.
-    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError>;
+    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError>;
 }
 
 /// Passes until the keys are retired: a pass that ends before `grace_ends` (until when running
@@ -70,7 +71,7 @@ pub(super) async fn until_retired(
     rotation: &mut impl Rotation,
     grace_ends: Instant,
     tally: &mut Tally<'_>,
-) -> Result<Vec<KeyId>, RotateError> {
+) -> Result<Vec<KeyId>, LifecycleError> {
     loop {
         rotation.pass(tally).await?;
         if Instant::now() < grace_ends {
@@ -192,7 +193,7 @@ mod tests {
             *row
         }
 
-        async fn fetch(&mut self, after: i64) -> Result<((), Vec<i64>), RotateError> {
+        async fn fetch(&mut self, after: i64) -> Result<((), Vec<i64>), LifecycleError> {
             self.fetched_after.push(after);
             let page = self
                 .rows
@@ -204,9 +205,9 @@ mod tests {
             Ok(((), page))
         }
 
-        async fn rewrite(&mut self, (): (), rows: &[i64]) -> Result<(), RotateError> {
+        async fn rewrite(&mut self, (): (), rows: &[i64]) -> Result<(), LifecycleError> {
             if self.failing {
-                return Err(RotateError::Database(sqlx::Error::PoolTimedOut));
+                return Err(LifecycleError::Database(sqlx::Error::PoolTimedOut));
             }
             for id in rows {
                 self.rows.insert(*id, NEW);
@@ -237,14 +238,14 @@ mod tests {
     }
 
     impl Rotation for OneTable {
-        async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
+        async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError> {
             pass_over(&mut self.table, tally).await?;
             self.passes += 1;
             (self.between_passes)(&mut self.table);
             Ok(())
         }
 
-        async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
+        async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
             self.retire_checks += 1;
             Ok(self.table.under(OLD).is_empty().then(|| vec![KeyId(OLD)]))
         }
@@ -325,7 +326,7 @@ mod tests {
         let failed = pass_over(&mut table, &mut tally).await;
 
         assert!(
-            matches!(failed, Err(RotateError::Database(_))),
+            matches!(failed, Err(LifecycleError::Database(_))),
             "{failed:?}"
         );
         assert_eq!(table.fetched_after, [0]);

@@ -10,20 +10,21 @@ use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
 
-use super::RotateError;
-use super::admin::{UNUSED_DATA_KEY, UNUSED_TOKEN_KEY, retire_unused};
+use super::LifecycleError;
 use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
 use crate::event::user_id_named_in;
-use crate::vault::KeyId;
+use crate::vault::handed_out::DoorOperation::{self, Reseal, Retokenize};
+use crate::vault::handed_out::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 use crate::vault::place::{login_place, quarantine_place};
 use crate::vault::retention::{Placement, Windows};
 use crate::vault::seal::Sealer;
-use crate::vault::sealed::{IntegrityError, SealedBody, SealedLogin, Walk};
 use crate::vault::token::{Field, Tokenizer};
+use crate::vault::{KeyId, Purpose};
 
 /// What a rotation works on: the database, the keys, the keys it retires, and its page size.
 pub(super) struct Scope<'a, W> {
@@ -47,7 +48,7 @@ impl<W> Scope<'_, W> {
     fn pages<'s, T>(
         &'s self,
         walk: Walk,
-        operation: &'static str,
+        operation: DoorOperation,
         keys: &'s mut KeyCache,
         table: T,
     ) -> DoorPages<'s, W, T> {
@@ -67,7 +68,7 @@ impl<W> Scope<'_, W> {
 struct DoorPages<'s, W, T> {
     scope: &'s Scope<'s, W>,
     walk: Walk,
-    operation: &'static str,
+    operation: DoorOperation,
     keys: &'s mut KeyCache,
     table: T,
 }
@@ -103,7 +104,7 @@ trait Rewrite<W> {
     type Row: DoorRow;
 
     /// The write door's call that puts the page's rows under the new key.
-    async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, RotateError>;
+    async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, LifecycleError>;
 }
 
 impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
@@ -114,7 +115,7 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
         row.id()
     }
 
-    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), RotateError> {
+    async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), LifecycleError> {
         let scope = self.scope;
         let mut tx = scope.pool.begin().await?;
         let page = self
@@ -138,7 +139,7 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
         &mut self,
         (mut tx, request): PageTx,
         rows: &[T::Row],
-    ) -> Result<(), RotateError> {
+    ) -> Result<(), LifecycleError> {
         let page = Page {
             request,
             rows,
@@ -159,29 +160,26 @@ pub(super) struct DataKeys<'a, W> {
 }
 
 impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
-    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
+    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError> {
         let scope = &self.scope;
         let logins = LoginValues {
             targets: &mut self.targets,
         };
-        let mut pages = scope.pages(Walk::Logins, "reseal", &mut self.keys, logins);
+        let mut pages = scope.pages(Walk::Logins, Reseal, &mut self.keys, logins);
         pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
-        let windows: Vec<(KeyId, Option<Date>)> =
-            sqlx::query_as("SELECT id, window_starts FROM vault_keys WHERE id = ANY($1)")
-                .bind(scope.retiring)
-                .fetch_all(scope.pool)
-                .await?;
+        let windows = key_table::windows_of(scope.pool, scope.retiring).await?;
         let bodies = QuarantinedBodies {
             targets: &mut self.targets,
             windows,
         };
-        let mut pages = scope.pages(Walk::Quarantine, "reseal", &mut self.keys, bodies);
+        let mut pages = scope.pages(Walk::Quarantine, Reseal, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await
     }
 
-    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
-        retire_unused(self.scope.pool, self.scope.retiring, UNUSED_DATA_KEY).await
+    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
+        let (pool, retiring) = (self.scope.pool, self.scope.retiring);
+        Ok(key_table::retire_unused(pool, retiring, Purpose::Data).await?)
     }
 }
 
@@ -193,13 +191,13 @@ pub(super) struct TokenKeys<'a, W> {
 }
 
 impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
-    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), RotateError> {
+    async fn pass(&mut self, tally: &mut Tally<'_>) -> Result<(), LifecycleError> {
         let tokens = LoginTokens {
             target: &self.target,
         };
         let mut pages = self
             .scope
-            .pages(Walk::Logins, "retokenize", &mut self.keys, tokens);
+            .pages(Walk::Logins, Retokenize, &mut self.keys, tokens);
         pass_over(&mut pages, tally).await?;
         // What links a quarantined message or an erasure record to its user moves too: no
         // retiring key may stay named, or it could never be destroyed.
@@ -208,15 +206,16 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         };
         let mut pages = self
             .scope
-            .pages(Walk::Quarantine, "retokenize", &mut self.keys, bodies);
+            .pages(Walk::Quarantine, Retokenize, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await?;
         let scope = &self.scope;
         carry_erasures(scope.pool, scope.keyring, scope.retiring, &self.target).await?;
         Ok(())
     }
 
-    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, RotateError> {
-        retire_unused(self.scope.pool, self.scope.retiring, UNUSED_TOKEN_KEY).await
+    async fn retire_if_unused(&mut self) -> Result<Option<Vec<KeyId>>, LifecycleError> {
+        let (pool, retiring) = (self.scope.pool, self.scope.retiring);
+        Ok(key_table::retire_unused(pool, retiring, Purpose::Token).await?)
     }
 }
 
@@ -228,7 +227,7 @@ struct LoginValues<'a> {
 impl<W: KeyWrapper> Rewrite<W> for LoginValues<'_> {
     type Row = SealedLogin;
 
-    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, LifecycleError> {
         let (mut ids, mut key_ids, mut ips, mut devices) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for row in page.rows {
@@ -274,7 +273,7 @@ impl QuarantinedBodies<'_> {
 impl<W: KeyWrapper> Rewrite<W> for QuarantinedBodies<'_> {
     type Row = SealedBody;
 
-    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, LifecycleError> {
         let (mut ids, mut key_ids, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
         for row in page.rows {
             let body = row.open(page.keyring, page.keys).await?;
@@ -302,7 +301,7 @@ struct LoginTokens<'a> {
 impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
     type Row = SealedLogin;
 
-    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedLogin>) -> Result<Update, LifecycleError> {
         let target = self.target;
         // Erased logins have no sealed values: their tokens cannot be recomputed and are
         // dropped.
@@ -314,7 +313,7 @@ impl<W: KeyWrapper> Rewrite<W> for LoginTokens<'_> {
             let ip_token =
                 target
                     .token_of(Field::Ip, &ip)
-                    .ok_or_else(|| RotateError::Integrity {
+                    .ok_or_else(|| LifecycleError::Integrity {
                         row: row.row(),
                         error: IntegrityError::NotAnAddress,
                     })?;
@@ -346,12 +345,12 @@ struct QuarantineTokens<'a> {
 impl<W: KeyWrapper> Rewrite<W> for QuarantineTokens<'_> {
     type Row = SealedBody;
 
-    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, RotateError> {
+    async fn update(&mut self, page: Page<'_, W, SealedBody>) -> Result<Update, LifecycleError> {
         let (mut ids, mut tokens) = (Vec::new(), Vec::new());
         for row in page.rows {
             let body = row.open(page.keyring, page.keys).await?;
             // The stored token was made from this id: a body that names none cannot match it.
-            let user_id = user_id_named_in(&body).ok_or_else(|| RotateError::Integrity {
+            let user_id = user_id_named_in(&body).ok_or_else(|| LifecycleError::Integrity {
                 row: row.row(),
                 error: IntegrityError::TokenMismatch { field: "user_id" },
             })?;
@@ -378,7 +377,7 @@ pub(super) struct Targets {
 }
 
 impl Targets {
-    pub(super) async fn new(pool: &PgPool, limit: u64) -> Result<Self, RotateError> {
+    pub(super) async fn new(pool: &PgPool, limit: u64) -> Result<Self, LifecycleError> {
         Ok(Self {
             windows: Windows::load(pool).await?,
             current: Vec::new(),
@@ -394,7 +393,7 @@ impl Targets {
         keyring: &Keyring<W>,
         date: Option<Date>,
         values: u64,
-    ) -> Result<&Sealer, RotateError> {
+    ) -> Result<&Sealer, LifecycleError> {
         let window = match date.map(|d| self.windows.placement(d)) {
             Some(Placement::Window(window)) => Some(window.clone()),
             _ => None,

@@ -1,118 +1,34 @@
 //! Key rotation, online: while ingesters write, every stored row stays readable at every
 //! moment, and an interrupted rotation (even kill -9) is finished by running it again.
 //!
-//! A rotation moves keys through `active -> retiring -> retired (-> destroyed)`:
-//! 1. the keys to replace are marked `retiring`; running ingesters notice within their
+//! A rotation moves keys through `active -> retiring -> retired (-> destroyed)`
+//! ([`KeyState`](crate::vault::key_table::KeyState)):
+//! 1. the keys to replace are marked retiring; running ingesters notice within their
 //!    `--key-check-seconds` and move to new keys (a retiring key still opens what it sealed);
 //! 2. rows under retiring keys are rewritten under the new key in batches, one transaction each,
-//!    walking the primary key, so every row is under the old key or the new one, never neither;
+//!    walking the primary key, so every row is under the old key or the new one, never neither
+//!    (`walk`, `rewrite`);
 //! 3. after a grace period, a last pass catches rows that slow ingesters wrote meanwhile, and a
-//!    key that no row references is marked `retired` under its exclusive key-use lock (an
-//!    ingester holds that lock shared from before its inserts until it commits, and checks
-//!    the key's state once it holds it, so no row can land under a retired key; see
-//!    `vault::key_use`);
+//!    key that no row references is retired under its exclusive key-use lock (an ingester
+//!    holds that lock shared from before its inserts until it commits, and checks the key's
+//!    state once it holds it, so no row can land under a retired key; see `vault::key_use`);
 //! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
 //!
-//! Re-running a rotation first finishes any unfinished one (keys still `retiring`).
-//!
-//! The module's parts:
-//! - this file: the entry point of the two rotations ([`replace_keys`]), their options, report
-//!   and errors;
-//! - `walk`: the walk over the rows under the retiring keys, page after page and pass after
-//!   pass until no row uses them, with its progress and its grace wait told to the caller's
-//!   [`Progress`] (the library prints nothing); it needs no database, and its unit tests drive
-//!   it with tables in memory;
-//! - `reseal`: the two rotations over the database: their pages, read through the key
-//!   admin's doors, and what is done to each (values re-sealed under new data keys, a fresh
-//!   one whenever one is full; tokens recomputed under the new token key);
-//! - `admin`: key states (retiring, retired, destroyed), re-wrapping under another KMS key,
-//!   and `status`;
-//! - `erasure`: a user's erasure through the door, its records carried to each new token
-//!   key, witnessed outside the database, and re-applied to a restored database;
-//! - `retention`: retention windows: registering one, and expiring them.
-
-mod admin;
-mod erasure;
-mod reseal;
-mod retention;
-mod walk;
+//! Re-running a rotation first finishes any unfinished one (keys still retiring).
 
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use time::Date;
 
-use crate::audit::witness::WitnessError;
+use super::LifecycleError;
+use super::rewrite::{DataKeys, Scope, Targets, TokenKeys};
+use super::walk::{Rotation, Tally, until_retired};
 use crate::progress::Progress;
 use crate::vault::key_cache::KeyCache;
-use crate::vault::keyring::{Keyring, KeyringError};
+use crate::vault::key_table;
+use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
-use crate::vault::sealed::{IntegrityError, OpenRowError, RowId};
 use crate::vault::{KeyId, Purpose};
-
-pub use admin::{KeyStatus, Rewrapped, rewrap, status};
-pub use erasure::{
-    Erased, Erasure, Reapplied, Witnessed, erase, reapply_erasures, witness_erasures,
-};
-pub use retention::{Expiry, WindowExpiry, add_window, expire};
-
-use admin::{destroy_retired, retiring_keys};
-use reseal::{DataKeys, Scope, Targets, TokenKeys};
-use walk::{Rotation, Tally, until_retired};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RotateError {
-    #[error("keys: {0}")]
-    Keys(#[from] KeyringError),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("row {row} cannot be opened ({error}); rotation stopped, the row is untouched")]
-    Integrity {
-        row: RowId,
-        #[source]
-        error: IntegrityError,
-    },
-    /// `add-window` for a month already registered under another KMS key.
-    #[error("retention window {month} is already registered with KMS key {registered}")]
-    WindowTaken { month: Date, registered: String },
-    /// `rewrap` to the KMS key of a retention window.
-    #[error("{kms_key} is the KMS key of retention window {month}: {why}; nothing was re-wrapped")]
-    WindowKeyTaken {
-        kms_key: String,
-        month: Date,
-        why: &'static str,
-    },
-    /// `erase` of a user id that nothing stored names, without `--in-flight`.
-    #[error(
-        "no login and no quarantined message names this user id; nothing was erased (check the id; \
-         to record the erasure for messages still on the queue, pass --in-flight)"
-    )]
-    NoSuchUser,
-    /// An erasure record whose sealed user id does not open under its token key.
-    #[error("erasure record {id} does not open under its token key; nothing was carried")]
-    ErasureRecord { id: i64 },
-    /// The witness store could not take or give an erasure.
-    #[error("erasure witness: {0}")]
-    NotWitnessed(String),
-    #[error("{0}")]
-    Witness(#[from] WitnessError),
-    /// `add-window` with a KMS key that wraps something outside the window.
-    #[error("{kms_key} cannot be the KMS key of retention window {month}: {why}")]
-    WindowKeyRefused {
-        kms_key: String,
-        month: Date,
-        why: &'static str,
-    },
-}
-
-impl From<OpenRowError> for RotateError {
-    fn from(error: OpenRowError) -> Self {
-        match error {
-            OpenRowError::Keys(e) => RotateError::Keys(e),
-            OpenRowError::Integrity { row, error } => RotateError::Integrity { row, error },
-        }
-    }
-}
 
 /// How a rotation runs.
 #[derive(Debug, Clone)]
@@ -176,18 +92,10 @@ pub async fn replace_keys<W: KeyWrapper>(
     keyring: &Keyring<W>,
     options: &Options,
     progress: &dyn Progress,
-) -> Result<Report, RotateError> {
+) -> Result<Report, LifecycleError> {
     match purpose {
         Purpose::Data => {
-            let start = async {
-                let marked = sqlx::query_scalar(
-                    "UPDATE vault_keys SET state = 'retiring'
-                     WHERE purpose = 'data' AND state = 'active' RETURNING id",
-                )
-                .fetch_all(pool)
-                .await?;
-                Ok(marked)
-            };
+            let start = async { Ok(key_table::start_data_rotation(pool).await?) };
             let retiring = Retiring::resume_or_start(pool, options, purpose, start).await?;
             if retiring.keys.is_empty() {
                 // No data key was active: there is nothing to replace.
@@ -210,7 +118,7 @@ pub async fn replace_keys<W: KeyWrapper>(
             // Fails if no token key is active (`rotate-keys init` makes the first one).
             let start = async {
                 keyring.rotate_token_key().await?;
-                Ok(retiring_keys(pool, "token").await?)
+                Ok(key_table::retiring(pool, Purpose::Token).await?)
             };
             let retiring = Retiring::resume_or_start(pool, options, purpose, start).await?;
             let target = keyring.active_tokenizer().await?;
@@ -247,9 +155,9 @@ impl<'a> Retiring<'a> {
         pool: &'a PgPool,
         options: &'a Options,
         purpose: Purpose,
-        start: impl Future<Output = Result<Vec<i64>, RotateError>>,
-    ) -> Result<Self, RotateError> {
-        let mut keys = retiring_keys(pool, purpose.as_str()).await?;
+        start: impl Future<Output = Result<Vec<i64>, LifecycleError>>,
+    ) -> Result<Self, LifecycleError> {
+        let mut keys = key_table::retiring(pool, purpose).await?;
         if keys.is_empty() {
             keys = start.await?;
         } else {
@@ -283,7 +191,7 @@ impl<'a> Retiring<'a> {
         progress: &dyn Progress,
         mut rotation: R,
         new_keys: impl FnOnce(R) -> Vec<KeyId>,
-    ) -> Result<Report, RotateError> {
+    ) -> Result<Report, LifecycleError> {
         let total: i64 = sqlx::query_scalar(rows)
             .bind(&self.keys)
             .fetch_one(self.pool)
@@ -291,8 +199,11 @@ impl<'a> Retiring<'a> {
         let mut tally = Tally::new(phase, total as u64, progress);
         let retired = until_retired(&mut rotation, self.grace_ends, &mut tally).await?;
         let walked = tally.finish();
-        let destroy = self.options.destroy_retired;
-        let destroyed = destroy_retired(self.pool, self.purpose.as_str(), destroy).await?;
+        let destroyed = if self.options.destroy_retired {
+            key_table::destroy_retired(self.pool, self.purpose).await?
+        } else {
+            0
+        };
         Ok(Report {
             started_or_resumed: true,
             rows_rewritten: walked.rows,
@@ -314,6 +225,7 @@ mod tests {
     use crate::ingest::Settings;
     use crate::ingest::tests::ingest_sample;
     use crate::unmask::{Verified, verify_all};
+    use crate::vault::key_table::KeyState;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
 
     /// Both rotations over PostgreSQL with KMS in memory, as the key admin: every sealed value
@@ -327,10 +239,10 @@ mod tests {
         keyring(&db.pool).init_token_key().await.unwrap();
         let summary = ingest_sample(&db.pool, keyring(&db.pool), Settings::for_file()).await;
         assert_eq!((summary.stored, summary.quarantined), (99, 1), "{summary}");
-        let keys = |purpose: &'static str| {
+        let keys = |purpose: Purpose| {
             let pool = db.pool.clone();
             async move {
-                sqlx::query_as::<_, (KeyId, String)>(
+                sqlx::query_as::<_, (KeyId, KeyState)>(
                     "SELECT id, state FROM vault_keys WHERE purpose = $1 ORDER BY id",
                 )
                 .bind(purpose)
@@ -339,10 +251,10 @@ mod tests {
                 .unwrap()
             }
         };
-        let [(old_data_key, _)] = keys("data").await[..] else {
+        let [(old_data_key, _)] = keys(Purpose::Data).await[..] else {
             panic!("one data key sealed the file");
         };
-        let [(old_token_key, _)] = keys("token").await[..] else {
+        let [(old_token_key, _)] = keys(Purpose::Token).await[..] else {
             panic!("one token key");
         };
 
@@ -368,9 +280,10 @@ mod tests {
         assert_eq!((report.retired, report.destroyed), (vec![old_token_key], 1));
 
         let states =
-            |keys: Vec<(KeyId, String)>| keys.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
-        assert_eq!(states(keys("data").await), ["destroyed", "active"]);
-        assert_eq!(states(keys("token").await), ["destroyed", "active"]);
+            |keys: Vec<(KeyId, KeyState)>| keys.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+        let destroyed_then_active = [KeyState::Destroyed, KeyState::Active];
+        assert_eq!(states(keys(Purpose::Data).await), destroyed_then_active);
+        assert_eq!(states(keys(Purpose::Token).await), destroyed_then_active);
         let verified = verify_all(&admin, &keyring(&admin)).await.unwrap();
         assert_eq!(
             verified,

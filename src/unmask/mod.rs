@@ -16,6 +16,11 @@
 //! 4. Record the outcome (`vault_reveal_outcome`: revealed, integrity failure, KMS refusal) and
 //!    commit it. Only then are the values handed back to be shown; if that record cannot be
 //!    written, nothing is shown.
+//!
+//! The texts the door is handed and answers are enums in `door_terms` ([`RevealPurpose`],
+//! [`QuestionKind`], [`RevealOutcome`], [`RequestOutcome`]).
+
+mod door_terms;
 
 use std::fmt;
 
@@ -24,15 +29,19 @@ use time::Date;
 use zeroize::Zeroizing;
 
 use crate::progress::{Progress, Unit};
+use crate::vault::handed_out::DoorOperation::Verify;
+use crate::vault::handed_out::{
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
+};
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::seal::SealFormat;
-use crate::vault::sealed::{
-    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
-};
 use crate::vault::token::Field;
 use crate::vault::{KeyId, Purpose, WrappedKey};
+
+pub use door_terms::{QuestionKind, RequestOutcome, RevealOutcome, RevealPurpose};
 
 /// What the officer asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +56,11 @@ pub enum Question {
 
 impl Question {
     /// The door's (question, value) arguments.
-    fn door_arguments(&self) -> (&'static str, &str) {
+    fn door_arguments(&self) -> (QuestionKind, &str) {
         match self {
-            Question::UserId(v) => ("user_id", v),
-            Question::MaskedIp(v) => ("masked_ip", v),
-            Question::MaskedDeviceId(v) => ("masked_device_id", v),
+            Question::UserId(v) => (QuestionKind::UserId, v),
+            Question::MaskedIp(v) => (QuestionKind::MaskedIp, v),
+            Question::MaskedDeviceId(v) => (QuestionKind::MaskedDeviceId, v),
         }
     }
 }
@@ -126,11 +135,13 @@ impl UnmaskError {
     }
 
     /// What the audit records as the outcome of a hand-out that ended in this error.
-    fn audit_outcome(&self) -> &'static str {
+    fn audit_outcome(&self) -> RevealOutcome {
         match self {
-            UnmaskError::Integrity { .. } => "integrity-failure",
-            UnmaskError::NotAuthorized(_) | UnmaskError::KmsRefused { .. } => "kms-refused",
-            _ => "keys-unavailable",
+            UnmaskError::Integrity { .. } => RevealOutcome::IntegrityFailure,
+            UnmaskError::NotAuthorized(_) | UnmaskError::KmsRefused { .. } => {
+                RevealOutcome::KmsRefused
+            }
+            _ => RevealOutcome::KeysUnavailable,
         }
     }
 }
@@ -139,8 +150,7 @@ impl UnmaskError {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub question: Question,
-    /// One of [`crate::audit::REVEAL_PURPOSES`]; the door refuses any other.
-    pub purpose: String,
+    pub purpose: RevealPurpose,
     pub reason: String,
     pub actor: String,
 }
@@ -186,7 +196,7 @@ pub async fn unmask<W: KeyWrapper>(
     let request_id: i64 = sqlx::query_scalar("SELECT vault_reveal_request($1, $2, $3, $4, $5)")
         .bind(question)
         .bind(value)
-        .bind(&request.purpose)
+        .bind(request.purpose)
         .bind(&request.reason)
         .bind(&request.actor)
         .fetch_one(pool)
@@ -199,10 +209,10 @@ pub async fn unmask<W: KeyWrapper>(
         return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
     };
     let audit_id = first.audit_id;
-    match first.outcome.as_str() {
-        "handed-out" => {}
-        "nothing-found" => return Ok(Vec::new()),
-        "refused-role" => {
+    match RequestOutcome::parse(&first.outcome) {
+        Some(RequestOutcome::HandedOut) => {}
+        Some(RequestOutcome::NothingFound) => return Ok(Vec::new()),
+        Some(RequestOutcome::RefusedRole) => {
             let user: String = sqlx::query_scalar("SELECT session_user::text")
                 .fetch_one(pool)
                 .await?;
@@ -210,18 +220,18 @@ pub async fn unmask<W: KeyWrapper>(
                 "database user {user} does not hold the pii_vault_compliance role (the attempt was recorded)"
             )));
         }
-        "refused-purpose" => {
+        Some(RequestOutcome::RefusedPurpose) => {
             return Err(UnmaskError::Refused(format!(
                 "the purpose must be one of: {}",
-                crate::audit::REVEAL_PURPOSES.join(", ")
+                RevealPurpose::listed()
             )));
         }
-        other => return Err(UnmaskError::Refused(other.to_owned())),
+        _ => return Err(UnmaskError::Refused(first.outcome.clone())),
     }
     let result = open_handed_out(keyring, &handed).await;
     let (outcome, values) = match &result {
         Ok(revealed) => (
-            "revealed",
+            RevealOutcome::Revealed,
             revealed
                 .iter()
                 .map(|r| i32::from(r.ip.is_some()) + i32::from(r.device_id.is_some()))
@@ -387,7 +397,7 @@ async fn verify_pages<W: KeyWrapper>(
     let mut conn = pool.acquire().await.map_err(KeyringError::Database)?;
     let mut after = 0i64;
     while let Some(page) = Walk::Logins
-        .page::<SealedLogin>(pool, &mut conn, "verify", after, VERIFY_PAGE, &[])
+        .page::<SealedLogin>(pool, &mut conn, Verify, after, VERIFY_PAGE, &[])
         .await
         .map_err(KeyringError::Database)?
     {
@@ -398,14 +408,12 @@ async fn verify_pages<W: KeyWrapper>(
         verified.logins += page.rows.len() as u64;
         progress.advance(verified.logins);
     }
-    let data_keys: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM vault_keys WHERE purpose = 'data'")
-            .fetch_all(pool)
-            .await
-            .map_err(KeyringError::Database)?;
+    let data_keys = key_table::data_keys(pool)
+        .await
+        .map_err(KeyringError::Database)?;
     let mut after = 0i64;
     while let Some(page) = Walk::Quarantine
-        .page::<SealedBody>(pool, &mut conn, "verify", after, VERIFY_PAGE, &data_keys)
+        .page::<SealedBody>(pool, &mut conn, Verify, after, VERIFY_PAGE, &data_keys)
         .await
         .map_err(KeyringError::Database)?
     {
@@ -478,7 +486,7 @@ mod tests {
             };
             HandedOut {
                 audit_id: Some(1),
-                outcome: "handed-out".into(),
+                outcome: RequestOutcome::HandedOut.as_str().into(),
                 login_id: Some(login_id),
                 sealed_ip: Some(seal(Field::Ip, ip)),
                 sealed_device_id: Some(seal(Field::DeviceId, device_id)),
@@ -546,7 +554,7 @@ mod tests {
             ),
             "{error:?}"
         );
-        assert_eq!(error.audit_outcome(), "integrity-failure");
+        assert_eq!(error.audit_outcome(), RevealOutcome::IntegrityFailure);
     }
 
     #[tokio::test]
@@ -571,13 +579,13 @@ mod tests {
         moved.data_key_id = Some(KeyId(9));
         let error = open_handed_out(&door.keyring, &[moved]).await.unwrap_err();
         assert!(matches!(error, UnmaskError::KmsRefused { .. }), "{error:?}");
-        assert_eq!(error.audit_outcome(), "kms-refused");
+        assert_eq!(error.audit_outcome(), RevealOutcome::KmsRefused);
 
         // Throttled: worth asking again, and audited as keys unavailable.
         door.kms.throttle_next("Decrypt", 1);
         let error = open_handed_out(&door.keyring, &[row()]).await.unwrap_err();
         assert!(matches!(error, UnmaskError::Keys(_)), "{error:?}");
-        assert_eq!(error.audit_outcome(), "keys-unavailable");
+        assert_eq!(error.audit_outcome(), RevealOutcome::KeysUnavailable);
 
         // The KMS key disabled: refused, as AWS refuses it.
         door.kms.disable(TEST_KMS_KEY);

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use time::Date;
 
-use super::RotateError;
-use super::admin::{UNUSED_DATA_KEY, check_window_key, retire_unused};
+use super::LifecycleError;
 use super::walk::GRACE;
 use crate::progress::{Progress, Unit};
+use crate::vault::Purpose;
+use crate::vault::key_table;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
-use crate::vault::retention::next_month;
+use crate::vault::retention::{WindowState, next_month};
 
 /// How an expiry runs (`rotate-keys expire`).
 #[derive(Debug, Clone)]
@@ -54,7 +55,7 @@ pub async fn add_window<W: KeyWrapper>(
     keyring: &Keyring<W>,
     month: Date,
     kms_key_id: &str,
-) -> Result<bool, RotateError> {
+) -> Result<bool, LifecycleError> {
     let kms_key_id = &check_window_key(pool, keyring, month, kms_key_id).await?;
     let added = sqlx::query(
         "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
@@ -74,12 +75,63 @@ pub async fn add_window<W: KeyWrapper>(
             .await?;
     // A window registered before its key was recorded as an ARN may name it by key id.
     if stored != *kms_key_id && !kms_key_id.ends_with(&format!(":key/{stored}")) {
-        return Err(RotateError::WindowTaken {
+        return Err(LifecycleError::WindowTaken {
             month,
             registered: stored,
         });
     }
     Ok(added)
+}
+
+/// The month of the retention window whose KMS key is `kms_key_arn` (windows registered before
+/// their key was recorded as an ARN may name it by key id).
+pub(super) async fn window_of_kms_key(
+    pool: &PgPool,
+    kms_key_arn: &str,
+) -> Result<Option<Date>, sqlx::Error> {
+    let windows: Vec<(Date, String)> =
+        sqlx::query_as("SELECT starts, kms_key_id FROM retention_windows ORDER BY starts")
+            .fetch_all(pool)
+            .await?;
+    Ok(windows
+        .into_iter()
+        .find(|(_, key)| key == kms_key_arn || kms_key_arn.ends_with(&format!(":key/{key}")))
+        .map(|(starts, _)| starts))
+}
+
+/// Checks that `kms_key_id` can be the KMS key of the retention window of `month`, and answers
+/// its ARN. Expiring a window schedules the deletion of its KMS key, so that key must wrap
+/// nothing outside the window: not the key new keys are wrapped under (`KMS_KEY_ID`), nor a
+/// stored key of another window or of none (the token key, other data keys).
+async fn check_window_key<W: KeyWrapper>(
+    pool: &PgPool,
+    keyring: &Keyring<W>,
+    month: Date,
+    kms_key_id: &str,
+) -> Result<String, LifecycleError> {
+    let wrapper = keyring.wrapper();
+    let arn = wrapper
+        .check_key(kms_key_id)
+        .await
+        .map_err(KeyringError::WrappingKey)?;
+    let refused = |why| LifecycleError::WindowKeyRefused {
+        kms_key: kms_key_id.to_owned(),
+        month,
+        why,
+    };
+    let default = wrapper.check_key(keyring.kms_key_id()).await;
+    if default.is_ok_and(|default| default == arn) {
+        return Err(refused(
+            "it is the KMS key new keys are wrapped under (KMS_KEY_ID)",
+        ));
+    }
+    if key_table::wraps_outside_window(pool, &arn, month).await? {
+        return Err(refused("it wraps keys outside that window"));
+    }
+    match window_of_kms_key(pool, &arn).await? {
+        Some(other) if other != month => Err(refused("it is another window's key")),
+        _ => Ok(arn),
+    }
 }
 
 /// Expires every retention window that ends on or before the horizon: deletes the sealed
@@ -96,8 +148,8 @@ pub async fn expire<W: KeyWrapper>(
     keyring: &Keyring<W>,
     expiry: &Expiry,
     progress: &dyn Progress,
-) -> Result<Vec<WindowExpiry>, RotateError> {
-    let due: Vec<(Date, Date, String, String)> = sqlx::query_as(
+) -> Result<Vec<WindowExpiry>, LifecycleError> {
+    let due: Vec<(Date, Date, String, WindowState)> = sqlx::query_as(
         "SELECT starts, ends, kms_key_id, state FROM retention_windows
          WHERE ends <= $1 AND state <> 'expired' ORDER BY starts",
     )
@@ -113,7 +165,7 @@ pub async fn expire<W: KeyWrapper>(
     };
     let mut report = Vec::with_capacity(due.len());
     for (starts, ends, kms_key_id, state) in due {
-        let keys = window_keys(pool, starts).await?;
+        let keys = key_table::window_keys(pool, starts).await?;
         let (logins, quarantined): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM user_logins l JOIN login_vault v ON v.login_id = l.id
                      WHERE l.create_date >= $1 AND l.create_date < $2),
@@ -141,7 +193,7 @@ pub async fn expire<W: KeyWrapper>(
             let phase = format!("expiring window {}", &starts.to_string()[..7]);
             let total = stored as u64;
             progress.start(&phase, Unit::Count("logins"), Some(total));
-            let first_run = state == "active";
+            let first_run = state == WindowState::Active;
             let expired = expire_window(
                 pool,
                 keyring,
@@ -160,15 +212,6 @@ pub async fn expire<W: KeyWrapper>(
     Ok(report)
 }
 
-async fn window_keys(pool: &PgPool, starts: Date) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT id FROM vault_keys WHERE window_starts = $1 AND state <> 'destroyed' ORDER BY id",
-    )
-    .bind(starts)
-    .fetch_all(pool)
-    .await
-}
-
 async fn expire_window<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
@@ -177,7 +220,7 @@ async fn expire_window<W: KeyWrapper>(
     first_run: bool,
     progress: &dyn Progress,
     total: u64,
-) -> Result<(), RotateError> {
+) -> Result<(), LifecycleError> {
     let starts = window.starts;
     // Ingesters stop sealing into it once they see it expiring (within their
     // --key-check-seconds); what they write meanwhile is caught by the passes below.
@@ -187,12 +230,7 @@ async fn expire_window<W: KeyWrapper>(
     .bind(starts)
     .execute(pool)
     .await?;
-    sqlx::query(
-        "UPDATE vault_keys SET state = 'retiring' WHERE window_starts = $1 AND state = 'active'",
-    )
-    .bind(starts)
-    .execute(pool)
-    .await?;
+    key_table::start_window_retirement(pool, starts).await?;
     if first_run {
         let until = Instant::now() + expiry.grace;
         progress.waiting(GRACE, until);
@@ -202,7 +240,7 @@ async fn expire_window<W: KeyWrapper>(
     // count is capped at the total (its last page is not counted exactly).
     let mut looked = 0u64;
     loop {
-        let keys = window_keys(pool, starts).await?;
+        let keys = key_table::window_keys(pool, starts).await?;
         let mut after = 0i64;
         loop {
             let (_, walked_to): (i64, Option<i64>) =
@@ -222,23 +260,16 @@ async fn expire_window<W: KeyWrapper>(
             looked += expiry.batch_size as u64;
             progress.advance(looked.min(total));
         }
-        let live: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM vault_keys WHERE window_starts = $1 AND state IN ('active', 'retiring')",
-        )
-        .bind(starts)
-        .fetch_all(pool)
-        .await?;
-        if live.is_empty() || retire_unused(pool, &live, UNUSED_DATA_KEY).await?.is_some() {
+        let live = key_table::usable_in_window(pool, starts).await?;
+        if live.is_empty()
+            || key_table::retire_unused(pool, &live, Purpose::Data)
+                .await?
+                .is_some()
+        {
             break;
         }
     }
-    sqlx::query(
-        "UPDATE vault_keys SET state = 'destroyed', wrapped_key = NULL
-         WHERE window_starts = $1 AND state = 'retired'",
-    )
-    .bind(starts)
-    .execute(pool)
-    .await?;
+    key_table::destroy_retired_in_window(pool, starts).await?;
     keyring
         .wrapper()
         .schedule_deletion(&window.kms_key_id)

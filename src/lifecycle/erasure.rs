@@ -14,11 +14,12 @@ use std::collections::BTreeSet;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use super::RotateError;
+use super::LifecycleError;
 use crate::audit::witness::WitnessBucket;
 use crate::vault::KeyId;
 use crate::vault::erasure::WitnessedErasure;
 use crate::vault::key_cache::KeyCache;
+use crate::vault::key_table;
 use crate::vault::keyring::{Keyring, KeyringError};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::token::Tokenizer;
@@ -73,14 +74,14 @@ pub struct Erased {
 /// sent before it cannot bring the values back; audits it; all in one transaction. Then
 /// witnesses it in `witness` (a dry run changes nothing and witnesses nothing).
 ///
-/// Refuses ([`RotateError::NoSuchUser`]) a user id that nothing stored names, unless
+/// Refuses ([`LifecycleError::NoSuchUser`]) a user id that nothing stored names, unless
 /// `in_flight`.
 pub async fn erase<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     erasure: &Erasure<'_>,
     witness: Option<&WitnessBucket>,
-) -> Result<Erased, RotateError> {
+) -> Result<Erased, LifecycleError> {
     let tokenizers = tokenizing_keys(pool, keyring).await?;
     let erased = erase_at(pool, &tokenizers, erasure, None).await?;
     if let (false, Some(bucket)) = (erasure.dry_run, witness) {
@@ -92,11 +93,11 @@ pub async fn erase<W: KeyWrapper>(
             erasure.keep_tokens,
         )
         .await
-        .map_err(|e| RotateError::NotWitnessed(e.to_string()))?;
+        .map_err(|e| LifecycleError::NotWitnessed(e.to_string()))?;
         bucket
             .put_locked(&witnessed.name(), witnessed.to_json())
             .await
-            .map_err(|e| RotateError::NotWitnessed(e.to_string()))?;
+            .map_err(|e| LifecycleError::NotWitnessed(e.to_string()))?;
     }
     Ok(erased)
 }
@@ -107,7 +108,7 @@ async fn erase_at(
     tokenizers: &[Tokenizer],
     erasure: &Erasure<'_>,
     erased_at: Option<OffsetDateTime>,
-) -> Result<Erased, RotateError> {
+) -> Result<Erased, LifecycleError> {
     let (mut keys, mut tokens, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
     for tokenizer in tokenizers {
         let (token, sealed_id) = tokenizer.erased_user(erasure.user_id);
@@ -133,7 +134,7 @@ async fn erase_at(
     .await;
     let (logins, nulled, quarantined, erased_at) = match row {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NO_DATA_FOUND) => {
-            return Err(RotateError::NoSuchUser);
+            return Err(LifecycleError::NoSuchUser);
         }
         row => row?,
     };
@@ -153,13 +154,8 @@ const NO_DATA_FOUND: &str = "P0002";
 async fn tokenizing_keys<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
-) -> Result<Vec<Tokenizer>, RotateError> {
-    let ids: Vec<KeyId> = sqlx::query_scalar(
-        "SELECT id FROM vault_keys
-         WHERE purpose = 'token' AND state IN ('active', 'retiring') ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
+) -> Result<Vec<Tokenizer>, LifecycleError> {
+    let ids = key_table::tokenizing(pool).await?;
     let mut tokenizers = Vec::with_capacity(ids.len());
     for id in ids {
         tokenizers.push(keyring.tokenizer(id).await?);
@@ -173,11 +169,11 @@ async fn open_record<W: KeyWrapper>(
     keys: &mut KeyCache,
     keyring: &Keyring<W>,
     (record, key, token, sealed): (i64, KeyId, &str, &[u8]),
-) -> Result<String, RotateError> {
+) -> Result<String, LifecycleError> {
     keys.tokenizer(keyring, key, None)
         .await?
         .open_erased_user(token, sealed)
-        .map_err(|_| RotateError::ErasureRecord { id: record })
+        .map_err(|_| LifecycleError::ErasureRecord { id: record })
 }
 
 /// Erasure records carried per call of the door.
@@ -192,7 +188,7 @@ pub(super) async fn carry_erasures<W: KeyWrapper>(
     keyring: &Keyring<W>,
     retiring: &[i64],
     target: &Tokenizer,
-) -> Result<u64, RotateError> {
+) -> Result<u64, LifecycleError> {
     let mut keys = KeyCache::default();
     let mut carried = 0;
     loop {
@@ -246,7 +242,7 @@ pub async fn witness_erasures<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
     bucket: &WitnessBucket,
-) -> Result<Witnessed, RotateError> {
+) -> Result<Witnessed, LifecycleError> {
     let there = witnessed_names(bucket).await?;
     let erasures: Vec<ErasureRecord> = sqlx::query_as(
         "SELECT DISTINCT ON (erased_at)
@@ -288,7 +284,7 @@ pub async fn witness_erasures<W: KeyWrapper>(
     Ok(report)
 }
 
-async fn witnessed_names(bucket: &WitnessBucket) -> Result<BTreeSet<String>, RotateError> {
+async fn witnessed_names(bucket: &WitnessBucket) -> Result<BTreeSet<String>, LifecycleError> {
     Ok(bucket
         .versions_under(WITNESS_PREFIX)
         .await?
@@ -314,7 +310,7 @@ pub async fn reapply_erasures<W: KeyWrapper>(
     keyring: &Keyring<W>,
     bucket: &WitnessBucket,
     actor: &str,
-) -> Result<Reapplied, RotateError> {
+) -> Result<Reapplied, LifecycleError> {
     let tokenizers = tokenizing_keys(pool, keyring).await?;
     let keys: Vec<KeyId> = tokenizers.iter().map(Tokenizer::key_id).collect();
     let mut report = Reapplied::default();
@@ -322,11 +318,11 @@ pub async fn reapply_erasures<W: KeyWrapper>(
         let bytes = bucket.get(&name).await?;
         let witnessed = WitnessedErasure::from_json(&bytes)
             .filter(|w| w.name() == name)
-            .ok_or_else(|| RotateError::NotWitnessed(format!("{name} is not an erasure")))?;
+            .ok_or_else(|| LifecycleError::NotWitnessed(format!("{name} is not an erasure")))?;
         let user_id = witnessed
             .open(keyring.wrapper())
             .await
-            .map_err(|e| RotateError::NotWitnessed(e.to_string()))?;
+            .map_err(|e| LifecycleError::NotWitnessed(e.to_string()))?;
         let tokens: Vec<String> = tokenizers
             .iter()
             .map(|t| t.user_id(&user_id).to_string())
