@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use super::batch::{Batch, LoginRow, Withheld};
 use super::source::MessageKey;
 use crate::vault::erasure::erasure_lock;
-use crate::vault::key_use;
+use crate::vault::key_table::key_use;
 
 /// What one committed batch changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -71,13 +71,10 @@ pub enum WriteError {
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
 pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
-    // First hold the batch's keys, then check them (see `vault::key_use`): a rotation cannot
+    // First hold the batch's keys, then check them (see `vault::key_table::key_use`): a rotation cannot
     // retire them before this commits, and if it already has, nothing is written.
     let keys = [batch.token_key_id.0, batch.data_key_id.0];
-    let usable: i64 = sqlx::query_scalar(key_use::HOLD_KEYS_SHARED)
-        .bind(&keys[..])
-        .fetch_one(&mut *tx)
-        .await?;
+    let usable = key_use::hold_shared(&mut tx, &keys).await?;
     if usable < 2 {
         return Err(WriteError::KeyRetired); // dropping the transaction rolls it back
     }

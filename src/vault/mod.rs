@@ -10,7 +10,7 @@
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`key_table`]: the key table (`vault_keys`): every statement on it, its door and its locks,
 //!   and what a key's state ([`KeyState`](key_table::KeyState)) and [`Purpose`] can be;
-//!   [`key_use`] is its lock that writers hold shared while they write under a key and a
+//!   [`key_use`](key_table::key_use) is its lock that writers hold shared while they write under a key and a
 //!   rotation takes exclusively to retire it (`ingest` and `lifecycle` both take it).
 //! - [`keyring`]: keys created, unwrapped and re-wrapped through KMS, stored in the key table.
 //! - [`key_cache`]: keys opened once each, by id, for a reveal, a verification or a rotation.
@@ -34,9 +34,9 @@ pub mod retention;
 pub mod seal;
 pub mod token;
 
-// A key's purpose is in every KMS encryption context, and the writers take the key-use lock
-// by this path: both belong to the vault's surface, not only to the key table's.
-pub use key_table::{Purpose, key_use};
+// A key's purpose is in every KMS encryption context: it belongs to the vault's surface, not
+// only to the key table's.
+pub use key_table::Purpose;
 
 use std::collections::HashMap;
 use std::fmt;

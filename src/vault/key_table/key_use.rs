@@ -19,7 +19,7 @@
 use sqlx::PgConnection;
 
 /// Holds the keys of `$1::int8[]` shared; how many of them new rows may still use.
-pub const HOLD_KEYS_SHARED: &str = "SELECT vault_hold_keys($1)";
+const HOLD_KEYS_SHARED: &str = "SELECT vault_hold_keys($1)";
 
 /// Holds the keys of `$1::int8[]` exclusively.
 const HOLD_KEYS_EXCLUSIVE: &str =
