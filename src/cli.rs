@@ -12,7 +12,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::db::LOCAL_DATABASE_URL;
 use crate::ingest::source::SourceError;
-use crate::ingest::sqs_query::{self, Protocol};
+use crate::ingest::source::sqs::query::{self as sqs_query, Protocol};
 
 /// The flags of every binary that opens the vault (`ingest`, `unmask`, `rotate-keys`): how it
 /// logs, its database, and the KMS key that wraps new keys.

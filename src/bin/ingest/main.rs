@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pii_vault::cli::{self, OutputArgs, OutputFormat, Said, SqsArgs, UsageError, VaultArgs};
 use pii_vault::db;
-use pii_vault::ingest::file::FileSource;
+use pii_vault::ingest::source::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
-use pii_vault::ingest::sqs::{self, PollSettings, SqsQueue, SqsSource};
-use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource};
+use pii_vault::ingest::source::sqs::json::{self, PollSettings, SqsQueue, SqsSource};
+use pii_vault::ingest::source::sqs::query::{Protocol, QueryClient, QuerySqsSource};
 use pii_vault::ingest::{self, Settings, Stats, Summary};
 use pii_vault::progress::{Progress, Unit, alongside};
 use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
@@ -254,7 +254,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let queue = match protocol {
                 Protocol::Json => {
                     let sqs_client = aws_sdk_sqs::Client::new(&aws);
-                    let queue_url = sqs::resolve_queue_url(&sqs_client, &queue)
+                    let queue_url = json::resolve_queue_url(&sqs_client, &queue)
                         .await
                         .context("finding the queue")?;
                     SqsQueue::Json(SqsSource::new(sqs_client, queue_url, poll))

@@ -9,10 +9,13 @@ use std::time::Instant;
 
 use time::OffsetDateTime;
 
+pub mod file;
+pub mod sqs;
+
 /// One received message.
 pub struct Message {
     /// Stable across redeliveries (the SQS MessageId, or the first one a replay out of the
-    /// dead-letter queue carried: [`super::original`]): the idempotency key of the row.
+    /// dead-letter queue carried: [`sqs::original`]): the idempotency key of the row.
     pub id: String,
     pub body: Vec<u8>,
     /// When the producer sent it (SQS SentTimestamp, or the earlier first send time a replay

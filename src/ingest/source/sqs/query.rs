@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
-use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::sqs::{PollSettings, SQS_BATCH_LIMIT, is_permanent, observe_receive, queue_depth};
+use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::json::{PollSettings, SQS_BATCH_LIMIT, is_permanent, observe_receive, queue_depth};
 use crate::aws_http::{self, HttpClient, Signer, xml};
 use crate::retry::{Backoff, Policy, retry};
 use crate::telemetry::observed::QueueDepth;

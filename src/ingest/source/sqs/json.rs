@@ -1,12 +1,12 @@
 //! The SQS adapter: long-poll receive and batched delete through the AWS SDK (the JSON
-//! protocol; [`super::sqs_query`] speaks the older Query protocol), and [`SqsQueue`], either
+//! protocol; [`super::query`] speaks the older Query protocol), and [`SqsQueue`], either
 //! of the two behind one type.
 
 use std::time::Instant;
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
-use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::sqs_query::QuerySqsSource;
+use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use super::query::QuerySqsSource;
 use crate::telemetry::observed::{QueueDepth, observed};
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
