@@ -12,7 +12,8 @@ use tracing_subscriber::prelude::*;
 
 use crate::db::LOCAL_DATABASE_URL;
 use crate::ingest::source::SourceError;
-use crate::ingest::source::sqs::query::{self as sqs_query, Protocol};
+use crate::ingest::source::sqs::Protocol;
+use crate::ingest::source::sqs::probe;
 
 /// The flags of every binary that opens the vault (`ingest`, `unmask`, `rotate-keys`): how it
 /// logs, its database, and the KMS key that wraps new keys.
@@ -71,7 +72,7 @@ impl SqsArgs {
             SqsProtocol::Json => Ok(Protocol::Json),
             SqsProtocol::Query => Ok(Protocol::Query),
             SqsProtocol::Auto => {
-                let protocol = sqs_query::probe(aws, queue).await?;
+                let protocol = probe::probe(aws, queue).await?;
                 tracing::info!(
                     %protocol,
                     "--sqs-protocol auto: the SQS endpoint speaks the {protocol} protocol; using it"

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::source::sqs::json::SqsQueue;
+use super::source::sqs::queue::SqsQueue;
 use crate::telemetry::readiness::{Check, CheckFuture, Condition};
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;

@@ -24,9 +24,10 @@ use aws_sdk_sqs::types::{
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
 };
 
-use super::source::sqs::original::{self, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::SourceError;
-use super::source::sqs::json::{SQS_BATCH_LIMIT, attribute, sent_timestamp, source_error};
+use super::source::sqs::SQS_BATCH_LIMIT;
+use super::source::sqs::json::{attribute, sent_timestamp, source_error};
+use super::source::sqs::original::{self, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 
 /// What a replayed message carries when its send time cannot be known: not a number, so
 /// ingest reads it as unknown, which counts as sent before every erasure.

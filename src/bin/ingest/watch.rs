@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pii_vault::ingest::source::sqs::json::SqsQueue;
+use pii_vault::ingest::source::sqs::queue::SqsQueue;
 use pii_vault::telemetry::observed::KeyPurpose;
 use pii_vault::telemetry::{observed, process};
 use sqlx::PgPool;

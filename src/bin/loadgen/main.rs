@@ -13,8 +13,9 @@ use clap::Parser;
 use tokio::task::JoinSet;
 
 use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
-use pii_vault::ingest::source::sqs::json::{self, SQS_BATCH_LIMIT};
-use pii_vault::ingest::source::sqs::query::{Protocol, QueryClient};
+use pii_vault::ingest::source::sqs::json;
+use pii_vault::ingest::source::sqs::query::QueryClient;
+use pii_vault::ingest::source::sqs::{Protocol, SQS_BATCH_LIMIT};
 use pii_vault::progress::{Progress, Unit};
 use pii_vault::synth::Generator;
 

@@ -5,8 +5,7 @@
 //! old emulators speak nothing else, while the AWS SDK for Rust speaks only the JSON protocol
 //! and cannot switch back. [`QuerySqsSource`] is the pipeline's [`MessageSource`] over Query,
 //! so validation, sealing, writing and acknowledging are the same whichever protocol the queue
-//! speaks; [`QueryClient`] also gives `loadgen` GetQueueUrl, CreateQueue and SendMessageBatch;
-//! [`probe`] tells which protocol an endpoint speaks (`--sqs-protocol auto`).
+//! speaks; [`QueryClient`] also gives `loadgen` GetQueueUrl, CreateQueue and SendMessageBatch.
 //!
 //! Requests are SigV4-signed with the region and credentials of the usual AWS chain (the
 //! emulators take any credentials but expect a signed request, whose access key picks their
@@ -22,12 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
-use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::json::{PollSettings, SQS_BATCH_LIMIT, is_permanent, observe_receive, queue_depth};
+use super::{PollSettings, SQS_BATCH_LIMIT, is_permanent, is_url, observe_receive, queue_depth};
 use crate::aws_http::{self, HttpClient, Signer, xml};
+use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use crate::retry::{Backoff, Policy, retry};
 use crate::telemetry::observed::QueueDepth;
-use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sigv4::http_request::SigningSettings;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -42,24 +40,6 @@ const REQUEST_MARGIN: Duration = Duration::from_secs(10);
 const ATTEMPTS: u32 = 5;
 /// Ten messages of 256 KiB each, every byte of them escaped: an answer past this is no SQS's.
 const MAX_ANSWER_BYTES: usize = 32 << 20;
-
-/// Which protocol an SQS endpoint speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// AWS JSON 1.0 (`X-Amz-Target: AmazonSQS.ReceiveMessage`): AWS, LocalStack 3.0 and later.
-    Json,
-    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
-    Query,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Json => "json",
-            Protocol::Query => "query",
-        })
-    }
-}
 
 /// An SQS client for the Query protocol. Cheap to clone: clones share connections and
 /// credentials.
@@ -432,81 +412,6 @@ impl MessageSource for QuerySqsSource {
     }
 }
 
-/// Which protocol the SQS endpoint of `aws` speaks, found with one JSON-protocol GetQueueUrl
-/// for `queue` (a name, or a URL whose last segment is the name), not retried: JSON if the
-/// answer is JSON, success or error (a missing queue is reported later, in that protocol);
-/// Query if it is anything else or a JSON complaint that the operation is unknown.
-pub async fn probe(aws: &aws_config::SdkConfig, queue: &str) -> Result<Protocol, SourceError> {
-    use aws_sdk_sqs::config::retry::RetryConfig;
-    use aws_sdk_sqs::config::timeout::TimeoutConfig;
-
-    let name = if is_url(queue) {
-        queue
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(queue)
-    } else {
-        queue
-    };
-    let config = aws_sdk_sqs::config::Builder::from(aws)
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .operation_timeout(REQUEST_MARGIN)
-                .build(),
-        )
-        .build();
-    let client = aws_sdk_sqs::Client::from_conf(config);
-    let answered = match client.get_queue_url().queue_name(name).send().await {
-        Ok(output) => {
-            return Ok(if output.queue_url.is_some() {
-                Protocol::Json
-            } else {
-                Protocol::Query
-            });
-        }
-        Err(SdkError::ServiceError(error)) => {
-            speaks_json(error.raw().body().bytes(), error.err().code())
-        }
-        Err(SdkError::ResponseError(error)) => speaks_json(error.raw().body().bytes(), None),
-        Err(error) => {
-            return Err(SourceError {
-                message: format!(
-                    "probing which SQS protocol the endpoint speaks: {}",
-                    crate::aws_error::one_line(&error)
-                ),
-                transient: true,
-            });
-        }
-    };
-    Ok(if answered {
-        Protocol::Json
-    } else {
-        Protocol::Query
-    })
-}
-
-/// Whether an error answer to a JSON-protocol request shows the server speaks JSON.
-fn speaks_json(body: Option<&[u8]>, code: Option<&str>) -> bool {
-    let json = body.is_some_and(|b| b.trim_ascii_start().starts_with(b"{"));
-    let unknown_operation = code.is_some_and(|c| {
-        [
-            "UnknownOperation",
-            "InvalidAction",
-            "MissingAction",
-            "SerializationException",
-        ]
-        .iter()
-        .any(|unknown| c.contains(unknown))
-    });
-    json && !unknown_operation
-}
-
-fn is_url(queue: &str) -> bool {
-    queue.starts_with("http://") || queue.starts_with("https://")
-}
-
 /// This client speaks plain HTTP only; one clear line for anything else.
 fn check_plain_http(url: &str) -> Result<(), SourceError> {
     if url.starts_with("http://") {
@@ -681,19 +586,5 @@ mod tests {
             refused.message
         );
         assert!(!refused.message.contains('\n'));
-    }
-
-    #[test]
-    fn a_json_answer_means_json_unless_it_does_not_know_the_operation() {
-        assert!(speaks_json(
-            Some(b" {\"__type\": \"QueueDoesNotExist\"}"),
-            Some("QueueDoesNotExist")
-        ));
-        assert!(!speaks_json(
-            Some(b"{\"__type\": \"UnknownOperationException\"}"),
-            Some("UnknownOperationException")
-        ));
-        assert!(!speaks_json(Some(b"<ErrorResponse/>"), None));
-        assert!(!speaks_json(None, None));
     }
 }
