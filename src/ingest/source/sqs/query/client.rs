@@ -20,9 +20,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
-use super::{PollSettings, SQS_BATCH_LIMIT, is_permanent, is_url, observe_receive, queue_depth};
 use crate::aws_http::{self, HttpClient, Signer, xml};
+use crate::ingest::source::sqs::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
+use crate::ingest::source::sqs::{
+    PollSettings, SQS_BATCH_LIMIT, is_permanent, is_url, observe_receive, queue_depth,
+};
 use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use crate::retry::{Backoff, Policy, retry};
 use crate::telemetry::observed::QueueDepth;

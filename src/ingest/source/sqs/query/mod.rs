@@ -1,0 +1,5 @@
+//! SQS over the Query protocol.
+
+mod client;
+
+pub use client::*;
