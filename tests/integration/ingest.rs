@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{self, TestEnv, sample_bodies};
-use pii_vault::ingest::source::sqs::PollSettings;
-use pii_vault::ingest::source::sqs::Protocol;
 use pii_vault::ingest::source::sqs::json::SqsSource;
 use pii_vault::ingest::source::sqs::probe::probe;
 use pii_vault::ingest::source::sqs::query::{QueryClient, QuerySqsSource};
-use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use pii_vault::ingest::source::sqs::{PollSettings, Protocol};
+use pii_vault::ingest::source::{
+    Acknowledged, Message, MessageSource, Receipt, SourceError, SourceHealth,
+};
 use pii_vault::synth::Generator;
 use pii_vault::vault::KeyId;
 use pii_vault::vault::place::login_place;

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::ingest::source::sqs::json;
+use pii_vault::ingest::source::sqs::probe::ProtocolChoice;
 use pii_vault::ingest::source::sqs::query::QueryClient;
 use pii_vault::ingest::source::sqs::{Protocol, SQS_BATCH_LIMIT};
 use pii_vault::progress::{Progress, Unit};
@@ -130,9 +131,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let aws = cli::aws_config().await?;
-    let protocol = config
-        .sqs
-        .protocol(&aws, &config.queue)
+    let protocol = ProtocolChoice::from(config.sqs.sqs_protocol)
+        .resolve(&aws, &config.queue)
         .await
         .context("choosing the SQS protocol")?;
     let client = match protocol {

@@ -1,14 +1,26 @@
-//! Where messages come from: the [`MessageSource`] trait the pipeline reads through.
+//! Where messages come from: the [`MessageSource`] trait the pipeline reads through, and
+//! [`SourceHealth`], what operators ask of a source besides its messages.
 //!
 //! The contract is SQS's: a received message stays invisible for a while and comes back unless
 //! it is acknowledged (deleted). The pipeline acknowledges a message only after its row (or its
 //! quarantine entry) has committed, so a crash at any point loses nothing.
+//!
+//! The sources: [`file`] (a backfill or replay, one message per line) and [`sqs`] (the queue,
+//! in either of SQS's protocols). [`config`] is the one place that knows them all: a
+//! [`config::SourceConfig`] (what the binary's flags say) builds a [`config::Source`], which
+//! the pipeline reads and whose health readiness and telemetry ask through [`SourceHealth`],
+//! whatever its kind. Another kind of source is a module here, a variant in `config.rs`, and
+//! nothing in the pipeline, readiness or telemetry.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
 use time::OffsetDateTime;
 
+use crate::telemetry::observed::QueueDepth;
+
+pub mod config;
 pub mod file;
 pub mod sqs;
 
@@ -117,6 +129,44 @@ pub trait MessageSource: Send + Sync + 'static {
         &self,
         receipts: Vec<Receipt>,
     ) -> impl Future<Output = Result<Acknowledged, SourceError>> + Send;
+}
+
+/// A source that could not be opened: what was being done (`opening <path>`, `finding the
+/// queue`...), and why it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}")]
+pub struct OpenError {
+    pub doing: String,
+    #[source]
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl OpenError {
+    pub fn new(
+        doing: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            doing: doing.into(),
+            cause: Box::new(cause),
+        }
+    }
+}
+
+/// The future a [`SourceHealth`] method returns: boxed, so that readiness and telemetry hold
+/// any source's health as one `dyn SourceHealth`.
+pub type HealthFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
+
+/// What operators ask of a source besides its messages, while `ingest` serves `/readyz` and
+/// `/metrics`. A source with nothing to ask (a file, read or not) has none
+/// ([`config::Source::health`]).
+pub trait SourceHealth: Send + Sync {
+    /// Succeeds when the source answers: `/readyz`'s `queue` check.
+    fn check(&self) -> HealthFuture<'_, ()>;
+
+    /// How many messages wait in the source and how many are in flight:
+    /// `pii_vault_queue_messages`.
+    fn depth(&self) -> HealthFuture<'_, QueueDepth>;
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::{PollSettings, SQS_BATCH_LIMIT, is_permanent, is_url, observe_receive, queue_depth};
-use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use crate::ingest::source::{
+    Acknowledged, HealthFuture, Message, MessageSource, Receipt, SourceError, SourceHealth,
+};
 use crate::telemetry::observed::QueueDepth;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
@@ -29,37 +31,43 @@ impl SqsSource {
             settings,
         }
     }
+}
 
+impl SourceHealth for SqsSource {
     /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
-    pub async fn check(&self) -> Result<(), SourceError> {
-        self.client
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .map(drop)
-            .map_err(|e| source_error("GetQueueAttributes", e))
+    fn check(&self) -> HealthFuture<'_, ()> {
+        Box::pin(async move {
+            self.client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| source_error("GetQueueAttributes", e))
+        })
     }
 
     /// The queue's approximate message counts (GetQueueAttributes).
-    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
-        let output = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(|e| source_error("GetQueueAttributes", e))?;
-        let attributes = output.attributes.unwrap_or_default();
-        let count =
-            |name: QueueAttributeName| attributes.get(&name).map(String::as_str).unwrap_or("");
-        queue_depth(
-            count(QueueAttributeName::ApproximateNumberOfMessages),
-            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
+    fn depth(&self) -> HealthFuture<'_, QueueDepth> {
+        Box::pin(async move {
+            let output = self
+                .client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .send()
+                .await
+                .map_err(|e| source_error("GetQueueAttributes", e))?;
+            let attributes = output.attributes.unwrap_or_default();
+            let count =
+                |name: QueueAttributeName| attributes.get(&name).map(String::as_str).unwrap_or("");
+            queue_depth(
+                count(QueueAttributeName::ApproximateNumberOfMessages),
+                count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            )
+        })
     }
 }
 

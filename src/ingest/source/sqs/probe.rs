@@ -1,4 +1,5 @@
-//! Which protocol an SQS endpoint speaks (`--sqs-protocol auto`): one JSON-protocol request
+//! Which protocol to speak to SQS: the one configured, or the one the endpoint answers in
+//! ([`ProtocolChoice::Auto`], `--sqs-protocol auto`), found with one JSON-protocol request
 //! through the AWS SDK, whose answer tells JSON from Query.
 
 use std::time::Duration;
@@ -10,6 +11,38 @@ use crate::ingest::source::SourceError;
 
 /// Longest the one request may take, as long as a Query request beyond its long-poll wait.
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The protocol to speak, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    Json,
+    Query,
+    /// Ask the endpoint once ([`probe`]), log which it speaks, and use that.
+    Auto,
+}
+
+impl ProtocolChoice {
+    /// The protocol to use for `queue` (name or URL): the one asked for, or with `Auto` the one
+    /// the endpoint answers in.
+    pub async fn resolve(
+        self,
+        aws: &aws_config::SdkConfig,
+        queue: &str,
+    ) -> Result<Protocol, SourceError> {
+        match self {
+            ProtocolChoice::Json => Ok(Protocol::Json),
+            ProtocolChoice::Query => Ok(Protocol::Query),
+            ProtocolChoice::Auto => {
+                let protocol = probe(aws, queue).await?;
+                tracing::info!(
+                    %protocol,
+                    "--sqs-protocol auto: the SQS endpoint speaks the {protocol} protocol; using it"
+                );
+                Ok(protocol)
+            }
+        }
+    }
+}
 
 /// Which protocol the SQS endpoint of `aws` speaks, found with one JSON-protocol GetQueueUrl
 /// for `queue` (a name, or a URL whose last segment is the name), not retried: JSON if the

@@ -8,7 +8,9 @@ use super::client::{QueryClient, REQUEST_MARGIN};
 use super::form::Form;
 use crate::ingest::source::sqs::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use crate::ingest::source::sqs::{PollSettings, SQS_BATCH_LIMIT, observe_receive, queue_depth};
-use crate::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use crate::ingest::source::{
+    Acknowledged, HealthFuture, Message, MessageSource, Receipt, SourceError, SourceHealth,
+};
 use crate::telemetry::observed::QueueDepth;
 
 /// The pipeline's message source over the Query protocol.
@@ -27,37 +29,43 @@ impl QuerySqsSource {
             settings,
         }
     }
+}
 
+impl SourceHealth for QuerySqsSource {
     /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
-    pub async fn check(&self) -> Result<(), SourceError> {
-        let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
-        form.add("AttributeName.1", "QueueArn");
-        let target = self.client.target(&self.queue_url);
-        self.client
-            .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
-            .await
-            .map(drop)
+    fn check(&self) -> HealthFuture<'_, ()> {
+        Box::pin(async move {
+            let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
+            form.add("AttributeName.1", "QueueArn");
+            let target = self.client.target(&self.queue_url);
+            self.client
+                .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
+                .await
+                .map(drop)
+        })
     }
 
     /// The queue's approximate message counts (GetQueueAttributes).
-    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
-        const VISIBLE: &str = "ApproximateNumberOfMessages";
-        const IN_FLIGHT: &str = "ApproximateNumberOfMessagesNotVisible";
-        let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
-        form.add("AttributeName.1", VISIBLE);
-        form.add("AttributeName.2", IN_FLIGHT);
-        let target = self.client.target(&self.queue_url);
-        let answer = self
-            .client
-            .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
-            .await?;
-        let result = answer.child("GetQueueAttributesResult");
-        let count = |name: &str| {
-            result
-                .and_then(|r| system_attribute(r, name))
-                .unwrap_or_default()
-        };
-        queue_depth(count(VISIBLE), count(IN_FLIGHT))
+    fn depth(&self) -> HealthFuture<'_, QueueDepth> {
+        Box::pin(async move {
+            const VISIBLE: &str = "ApproximateNumberOfMessages";
+            const IN_FLIGHT: &str = "ApproximateNumberOfMessagesNotVisible";
+            let mut form = Form::for_queue("GetQueueAttributes", &self.queue_url);
+            form.add("AttributeName.1", VISIBLE);
+            form.add("AttributeName.2", IN_FLIGHT);
+            let target = self.client.target(&self.queue_url);
+            let answer = self
+                .client
+                .call("GetQueueAttributes", target, form, REQUEST_MARGIN)
+                .await?;
+            let result = answer.child("GetQueueAttributesResult");
+            let count = |name: &str| {
+                result
+                    .and_then(|r| system_attribute(r, name))
+                    .unwrap_or_default()
+            };
+            queue_depth(count(VISIBLE), count(IN_FLIGHT))
+        })
     }
 }
 
