@@ -9,7 +9,10 @@
 use std::sync::Arc;
 
 use super::file::FileSource;
-use super::sqs::queue::{SqsConfig, SqsQueue};
+use super::sqs::json::{self, SqsSource};
+use super::sqs::probe::ProtocolChoice;
+use super::sqs::query::{QueryClient, QuerySqsSource};
+use super::sqs::{PollSettings, Protocol};
 use super::{Acknowledged, Message, MessageSource, OpenError, Receipt, SourceError, SourceHealth};
 
 /// Where messages come from, as configured.
@@ -26,12 +29,21 @@ pub enum SourceConfig {
     },
 }
 
+/// The queue to read, and how.
+#[derive(Debug, Clone)]
+pub struct SqsConfig {
+    /// The queue's name or URL.
+    pub queue: String,
+    pub protocol: ProtocolChoice,
+    pub poll: PollSettings,
+}
+
 impl SourceConfig {
     /// The source, opened: the file opened, or the queue found in the protocol its endpoint
-    /// speaks.
+    /// speaks (asked once, for [`ProtocolChoice::Auto`]).
     pub async fn open(self, aws: &aws_config::SdkConfig) -> Result<Source, OpenError> {
         match self {
-            SourceConfig::Sqs(sqs) => Ok(Source::Sqs(Arc::new(sqs.open(aws).await?))),
+            SourceConfig::Sqs(sqs) => sqs.open(aws).await,
             SourceConfig::File { path, source_id } => {
                 match FileSource::open(&path, source_id.as_deref()) {
                     Ok(file) => Ok(Source::File(Arc::new(file))),
@@ -42,9 +54,37 @@ impl SourceConfig {
     }
 }
 
-/// An opened source.
+impl SqsConfig {
+    async fn open(self, aws: &aws_config::SdkConfig) -> Result<Source, OpenError> {
+        let protocol = self
+            .protocol
+            .resolve(aws, &self.queue)
+            .await
+            .map_err(|e| OpenError::new("choosing the SQS protocol", e))?;
+        let finding = |e| OpenError::new("finding the queue", e);
+        Ok(match protocol {
+            Protocol::Json => {
+                let client = aws_sdk_sqs::Client::new(aws);
+                let queue_url = json::resolve_queue_url(&client, &self.queue)
+                    .await
+                    .map_err(finding)?;
+                Source::SqsJson(Arc::new(SqsSource::new(client, queue_url, self.poll)))
+            }
+            Protocol::Query => {
+                let client = QueryClient::new(aws);
+                let queue_url = client.get_queue_url(&self.queue).await.map_err(finding)?;
+                Source::SqsQuery(Arc::new(QuerySqsSource::new(client, queue_url, self.poll)))
+            }
+        })
+    }
+}
+
+/// An opened source: one type for the pipeline, readiness and telemetry.
 pub enum Source {
-    Sqs(Arc<SqsQueue>),
+    /// An SQS queue through the AWS SDK (the JSON protocol): AWS, LocalStack 3.0 and later.
+    SqsJson(Arc<SqsSource>),
+    /// An SQS queue over the Query protocol: emulators older than LocalStack 3.0.
+    SqsQuery(Arc<QuerySqsSource>),
     File(Arc<FileSource>),
 }
 
@@ -53,7 +93,8 @@ impl Source {
     /// read or failed, with nothing to ask.
     pub fn health(&self) -> Option<Arc<dyn SourceHealth>> {
         match self {
-            Source::Sqs(queue) => Some(queue.clone()),
+            Source::SqsJson(queue) => Some(queue.clone()),
+            Source::SqsQuery(queue) => Some(queue.clone()),
             Source::File(_) => None,
         }
     }
@@ -62,14 +103,16 @@ impl Source {
 impl MessageSource for Source {
     async fn receive(&self) -> Result<Vec<Message>, SourceError> {
         match self {
-            Source::Sqs(queue) => queue.receive().await,
+            Source::SqsJson(queue) => queue.receive().await,
+            Source::SqsQuery(queue) => queue.receive().await,
             Source::File(file) => file.receive().await,
         }
     }
 
     async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
         match self {
-            Source::Sqs(queue) => queue.acknowledge(receipts).await,
+            Source::SqsJson(queue) => queue.acknowledge(receipts).await,
+            Source::SqsQuery(queue) => queue.acknowledge(receipts).await,
             Source::File(file) => file.acknowledge(receipts).await,
         }
     }

@@ -5,12 +5,12 @@
 //! it is acknowledged (deleted). The pipeline acknowledges a message only after its row (or its
 //! quarantine entry) has committed, so a crash at any point loses nothing.
 //!
-//! The sources: [`file`] (a backfill or replay, one message per line) and [`sqs`] (the queue,
-//! in either of SQS's protocols). [`config`] is the one place that knows them all: a
-//! [`config::SourceConfig`] (what the binary's flags say) builds a [`config::Source`], which
+//! The sources: [`file`](mod@file) (a backfill or replay, one message per line) and [`sqs`]
+//! (the queue, in either of SQS's protocols). [`config`] is the one place that names them all:
+//! a [`config::SourceConfig`] (what the binary's flags say) opens a [`config::Source`], which
 //! the pipeline reads and whose health readiness and telemetry ask through [`SourceHealth`],
-//! whatever its kind. Another kind of source is a module here, a variant in `config.rs`, and
-//! nothing in the pipeline, readiness or telemetry.
+//! whatever its kind. Another kind of source (Kafka, Kinesis) is a module here and a variant in
+//! `config.rs`; nothing in the pipeline, the binary's wiring, readiness or telemetry changes.
 
 use std::future::Future;
 use std::pin::Pin;

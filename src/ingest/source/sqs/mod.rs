@@ -2,8 +2,8 @@
 //!
 //! [`json`] reads the queue through the AWS SDK (the JSON protocol: AWS, LocalStack 3.0 and
 //! later); [`query`] through form requests and XML answers (the Query protocol, for emulators
-//! older than LocalStack 3.0); [`probe`] tells which one an endpoint speaks; [`queue`] is
-//! either of them behind one type, and its configuration. Both adapters read what a message
+//! older than LocalStack 3.0); [`probe`] tells which one an endpoint speaks (the configuration,
+//! [`super::config::SqsConfig`], opens the queue in it). Both adapters read what a message
 //! replayed out of the dead-letter queue says of its first sending ([`original`]).
 //!
 //! This module holds only what both protocols share (how to poll, the batch limit, which
@@ -19,7 +19,6 @@ pub mod json;
 pub mod original;
 pub mod probe;
 pub mod query;
-pub mod queue;
 
 /// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
 pub const SQS_BATCH_LIMIT: usize = 10;
