@@ -27,9 +27,9 @@ use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use tokio_util::sync::CancellationToken;
 
 use pii_vault::event;
-use pii_vault::ingest::file::{FileSource, line_id};
+use pii_vault::ingest::source::file::{FileSource, line_id};
+use pii_vault::ingest::source::sqs::PollSettings;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use pii_vault::ingest::sqs::PollSettings;
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
 use pii_vault::vault::place::login_place;

@@ -1,5 +1,5 @@
 //! SigV4-signed HTTP for the AWS services this crate speaks without an SDK client: SQS over
-//! the Query protocol (`ingest::sqs_query`, for old emulators) and the audit witness bucket on
+//! the Query protocol (`ingest::source::sqs::query`, for old emulators) and the audit witness bucket on
 //! S3 (`audit::witness`; the S3 SDK would double the build for four calls).
 //!
 //! One [`Signer`] per client holds the region and the usual AWS credential chain (fetched

@@ -12,7 +12,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::db::LOCAL_DATABASE_URL;
 use crate::ingest::source::SourceError;
-use crate::ingest::sqs_query::{self, Protocol};
+use crate::ingest::source::sqs::probe::ProtocolChoice;
 
 /// The flags of every binary that opens the vault (`ingest`, `unmask`, `rotate-keys`): how it
 /// logs, its database, and the KMS key that wraps new keys.
@@ -59,25 +59,12 @@ pub enum SqsProtocol {
     Auto,
 }
 
-impl SqsArgs {
-    /// The protocol to use for `queue` (name or URL): the one asked for, or with `auto` the one
-    /// the endpoint answers in.
-    pub async fn protocol(
-        &self,
-        aws: &aws_config::SdkConfig,
-        queue: &str,
-    ) -> Result<Protocol, SourceError> {
-        match self.sqs_protocol {
-            SqsProtocol::Json => Ok(Protocol::Json),
-            SqsProtocol::Query => Ok(Protocol::Query),
-            SqsProtocol::Auto => {
-                let protocol = sqs_query::probe(aws, queue).await?;
-                tracing::info!(
-                    %protocol,
-                    "--sqs-protocol auto: the SQS endpoint speaks the {protocol} protocol; using it"
-                );
-                Ok(protocol)
-            }
+impl From<SqsProtocol> for ProtocolChoice {
+    fn from(protocol: SqsProtocol) -> ProtocolChoice {
+        match protocol {
+            SqsProtocol::Json => ProtocolChoice::Json,
+            SqsProtocol::Query => ProtocolChoice::Query,
+            SqsProtocol::Auto => ProtocolChoice::Auto,
         }
     }
 }

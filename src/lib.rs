@@ -19,14 +19,20 @@
 //!     once each, shared by [`unmask`] and [`lifecycle`].
 //! - [`ingest`]: the pipeline: receive, batch, tokenize and seal, write, acknowledge.
 //!   [`ingest::run`] wires its stages (`stages.rs`: pollers, batcher, writers, acknowledging)
-//!   to the keys it follows through rotations, erasures and expiries (`keys.rs`), with [`ingest::Settings`] and a
-//!   run's [`ingest::Summary`] (`settings.rs`, `stats.rs`).
-//!   - [`ingest::source`]: the message-source trait; [`ingest::sqs`] is its SQS adapter (the
-//!     AWS SDK, JSON protocol), [`ingest::sqs_query`] the one for emulators that speak only the
-//!     older Query protocol.
+//!   to the keys it follows through rotations, erasures and expiries (`keys.rs`), with
+//!   [`ingest::Settings`] and a run's [`ingest::Summary`] (`settings.rs`, `stats.rs`).
+//!   - [`ingest::source`]: where messages come from: the message-source trait, and
+//!     [`ingest::source::SourceHealth`], what `/readyz` and `/metrics` ask of a source;
+//!     [`ingest::source::config`] opens the configured source, whatever its kind (the one
+//!     place that names every kind). The kinds: [`ingest::source::file`] (a line a message)
+//!     and [`ingest::source::sqs`] (what both SQS protocols share), with `sqs/json.rs` (the
+//!     AWS SDK, JSON protocol), `sqs/query/` (the older Query protocol, for old emulators:
+//!     client, source, form, answers), `sqs/probe.rs` (which one an endpoint speaks) and
+//!     `sqs/original.rs` (a message replayed out of the dead-letter queue: its first id and
+//!     send time).
 //!   - [`ingest::batch`]: messages to rows; [`ingest::writer`]: rows to PostgreSQL.
-//!   - [`ingest::readiness`]: the checks `ingest` hands to `/readyz` (database, queue, keys,
-//!     sealing).
+//!   - [`ingest::readiness`]: the checks `ingest` hands to `/readyz` (database, the source's
+//!     own check, keys, sealing).
 //! - [`unmask`]: audited recovery of original values through the database's door functions
 //!   (the texts handed to them as enums in `unmask/door_terms.rs`), and `verify_all` (every
 //!   stored value opened and checked, revealing nothing);
@@ -58,7 +64,7 @@
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
 //! - [`aws_http`]: SigV4-signed HTTP for what the crate speaks without an SDK client (SQS
 //!   Query, the audit witness bucket on S3), and the XML of their answers; used by
-//!   [`ingest::sqs_query`] and [`audit::witness`], built on nothing else in the crate.
+//!   [`ingest::source::sqs::query`] and [`audit::witness`], built on nothing else in the crate.
 //! - [`cli`]: what the binaries share: common flags (global: accepted after a subcommand),
 //!   logging, AWS configuration, `--format json`, one-line errors and one exit-code table
 //!   ([`cli::Failure`]); [`aws_error`]: an AWS SDK failure in one line that says what to do.

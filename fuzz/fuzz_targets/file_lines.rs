@@ -5,7 +5,7 @@
 use std::io::BufReader;
 
 use libfuzzer_sys::fuzz_target;
-use pii_vault::ingest::file::LineReader;
+use pii_vault::ingest::source::file::LineReader;
 
 /// Small, so that the fuzzer reaches the cut often.
 const LIMIT: usize = 16;

@@ -24,13 +24,9 @@
 //! is retried by the one loop of [`crate::retry::retry`].
 
 pub mod batch;
-pub mod file;
-pub mod original;
 pub mod readiness;
 pub mod replay;
 pub mod source;
-pub mod sqs;
-pub mod sqs_query;
 pub mod writer;
 
 mod keys;
@@ -151,7 +147,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::db::scratch::Scratch;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
-    use file::FileSource;
+    use source::file::FileSource;
 
     /// `ingest --from-file` of the 100 sample messages (99 logins, 1 malformed), in-process,
     /// with a file's `settings`, until the file is read.

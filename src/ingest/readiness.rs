@@ -1,21 +1,22 @@
 //! The checks behind `ingest`'s `/readyz` ([`crate::telemetry::readiness`] runs and reports
-//! them): the database answers, the queue answers, the keys are there (an active token key,
-//! and a usable KMS key to wrap new data keys), and sealing has not stopped.
+//! them): the database answers, the source answers (any source with a health check:
+//! [`SourceHealth`]), the keys are there (an active token key, and a usable KMS key to wrap new
+//! data keys), and sealing has not stopped.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::sqs::SqsQueue;
+use super::source::SourceHealth;
 use crate::telemetry::readiness::{Check, CheckFuture, Condition};
 use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 
-/// `ingest`'s checks, in the order `/readyz` reports them: `database`, `queue` (only when
-/// reading a queue, not a file), `keys`, `sealing`.
+/// `ingest`'s checks, in the order `/readyz` reports them: `database`, `queue` (only for a
+/// source with a health check, a queue and not a file: `Source::health`), `keys`, `sealing`.
 pub fn checks<W: KeyWrapper>(
     pool: PgPool,
-    queue: Option<Arc<SqsQueue>>,
+    queue: Option<Arc<dyn SourceHealth>>,
     keyring: Keyring<W>,
     sealing: Arc<Condition>,
 ) -> Vec<Box<dyn Check>> {
@@ -47,8 +48,8 @@ impl Check for Database {
     }
 }
 
-/// The queue answers GetQueueAttributes.
-struct Queue(Arc<SqsQueue>);
+/// The source answers its own health check (SQS: GetQueueAttributes).
+struct Queue(Arc<dyn SourceHealth>);
 
 impl Check for Queue {
     fn name(&self) -> &'static str {
@@ -83,5 +84,89 @@ impl Check for Sealing {
 
     fn check(&self) -> CheckFuture<'_> {
         Box::pin(async { self.0.get().map_or(Ok(()), Err) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::ingest::source::{HealthFuture, SourceError};
+    use crate::telemetry::observed::QueueDepth;
+    use crate::telemetry::readiness::Readiness;
+    use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
+    use tokio_util::sync::CancellationToken;
+
+    /// A source in memory that answers, or says why it does not.
+    #[derive(Default)]
+    struct InMemory {
+        refusal: Mutex<Option<String>>,
+    }
+
+    impl SourceHealth for InMemory {
+        fn check(&self) -> HealthFuture<'_, ()> {
+            let refusal = self.refusal.lock().unwrap().clone();
+            Box::pin(async move {
+                match refusal {
+                    None => Ok(()),
+                    Some(message) => Err(SourceError {
+                        message,
+                        transient: false,
+                    }),
+                }
+            })
+        }
+
+        fn depth(&self) -> HealthFuture<'_, QueueDepth> {
+            Box::pin(async {
+                Ok(QueueDepth {
+                    visible: 0,
+                    in_flight: 0,
+                })
+            })
+        }
+    }
+
+    /// Checks over a database that is never reached: only their names and the source's check
+    /// are run here.
+    fn checks_with(source: Option<Arc<dyn SourceHealth>>) -> Vec<Box<dyn Check>> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let keyring = Keyring::new(
+            pool.clone(),
+            Arc::new(MemoryKms::new()),
+            TEST_KMS_KEY,
+            "test",
+        );
+        checks(pool, source, keyring, Arc::default())
+    }
+
+    fn names(checks: &[Box<dyn Check>]) -> Vec<&'static str> {
+        checks.iter().map(|check| check.name()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_queue_check_is_the_sources_own_and_says_why_not() {
+        let source = Arc::new(InMemory::default());
+        let mut all = checks_with(Some(source.clone()));
+        assert_eq!(names(&all), ["database", "queue", "keys", "sealing"]);
+
+        let queue = all.remove(1);
+        let readiness = Readiness::new(vec![queue], CancellationToken::new());
+        assert_eq!(readiness.check().await.to_string(), "queue: ok\n");
+        *source.refusal.lock().unwrap() = Some("GetQueueAttributes: QueueDoesNotExist".into());
+        let report = readiness.check().await;
+        assert!(!report.is_ready());
+        assert_eq!(
+            report.to_string(),
+            "queue: GetQueueAttributes: QueueDoesNotExist\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_without_a_health_check_has_no_queue_line() {
+        assert_eq!(names(&checks_with(None)), ["database", "keys", "sealing"]);
     }
 }

@@ -1,5 +1,5 @@
 //! `ingest replay-dead-letters`: moves messages from the dead-letter queue back to the login
-//! queue, each carrying its first send time and its first id ([`super::original`]).
+//! queue, each carrying its first send time and its first id ([`super::source::sqs::original`]).
 //!
 //! Each round receives up to ten messages from the dead-letter queue (hidden from other
 //! readers for the visibility timeout), sends each to the login queue with the two message
@@ -24,9 +24,10 @@ use aws_sdk_sqs::types::{
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
 };
 
-use super::original::{self, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 use super::source::SourceError;
-use super::sqs::{SQS_BATCH_LIMIT, attribute, sent_timestamp, source_error};
+use super::source::sqs::SQS_BATCH_LIMIT;
+use super::source::sqs::json::{attribute, sent_timestamp, source_error};
+use super::source::sqs::original::{self, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
 
 /// What a replayed message carries when its send time cannot be known: not a number, so
 /// ingest reads it as unknown, which counts as sent before every erasure.

@@ -16,7 +16,8 @@ use crate::common::{
 // Base64 (standard alphabet, padded), to look for keys in the forms a log might print them.
 use pii_vault::aws_http::base64;
 use pii_vault::ingest::source::MessageSource;
-use pii_vault::ingest::sqs::{PollSettings, SqsSource};
+use pii_vault::ingest::source::sqs::PollSettings;
+use pii_vault::ingest::source::sqs::json::SqsSource;
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
 use pii_vault::vault::keyring::Keyring;

@@ -6,9 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{self, TestEnv, sample_bodies};
-use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use pii_vault::ingest::sqs::{PollSettings, SqsSource};
-use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource, probe};
+use pii_vault::ingest::source::sqs::json::SqsSource;
+use pii_vault::ingest::source::sqs::probe::probe;
+use pii_vault::ingest::source::sqs::query::{QueryClient, QuerySqsSource};
+use pii_vault::ingest::source::sqs::{PollSettings, Protocol};
+use pii_vault::ingest::source::{
+    Acknowledged, Message, MessageSource, Receipt, SourceError, SourceHealth,
+};
 use pii_vault::synth::Generator;
 use pii_vault::vault::KeyId;
 use pii_vault::vault::place::login_place;
@@ -918,7 +922,8 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
     keyadmin.close().await;
 
     let replay =
-        pii_vault::ingest::file::FileSource::open(common::SAMPLE_JSONL, Some("legacy")).unwrap();
+        pii_vault::ingest::source::file::FileSource::open(common::SAMPLE_JSONL, Some("legacy"))
+            .unwrap();
     let summary = env.drain_from(Arc::new(replay)).await;
     assert_eq!((summary.stored, summary.duplicates), (0, 99), "{summary}");
     assert_eq!(env.count("user_logins").await, 99);
@@ -1028,7 +1033,8 @@ fn batch_of<'a>(
 async fn every_promised_query_is_served_by_an_index() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
-    let file = pii_vault::ingest::file::FileSource::open(common::SAMPLE_JSONL, None).unwrap();
+    let file =
+        pii_vault::ingest::source::file::FileSource::open(common::SAMPLE_JSONL, None).unwrap();
     let summary = env.drain_from(Arc::new(file)).await;
     assert_eq!(summary.stored, 99, "{summary}");
     let queries = [

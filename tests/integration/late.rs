@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 
 use crate::common::{self, TestEnv, login, stderr, stdout, what_remains_of};
-use pii_vault::ingest::original::{ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
+use pii_vault::ingest::source::sqs::PollSettings;
+use pii_vault::ingest::source::sqs::json::SqsSource;
+use pii_vault::ingest::source::sqs::original::{ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
+use pii_vault::ingest::source::sqs::query::{QueryClient, QuerySqsSource};
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use pii_vault::ingest::sqs::{PollSettings, SqsSource};
-use pii_vault::ingest::sqs_query::{QueryClient, QuerySqsSource};
 use pii_vault::ingest::{batch, writer};
 use pii_vault::unmask;
 use pii_vault::vault::erasure::ErasedUsers;

@@ -12,17 +12,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use pii_vault::cli::{self, OutputArgs, OutputFormat, Said, SqsArgs, UsageError, VaultArgs};
 use pii_vault::db;
-use pii_vault::ingest::file::FileSource;
 use pii_vault::ingest::source::MessageSource;
-use pii_vault::ingest::sqs::{self, PollSettings, SqsQueue, SqsSource};
-use pii_vault::ingest::sqs_query::{Protocol, QueryClient, QuerySqsSource};
+use pii_vault::ingest::source::config::{Source, SourceConfig, SqsConfig};
+use pii_vault::ingest::source::sqs::PollSettings;
 use pii_vault::ingest::{self, Settings, Stats, Summary};
 use pii_vault::progress::{Progress, Unit, alongside};
 use pii_vault::telemetry::{self, readiness::Readiness, server::Endpoints};
@@ -117,23 +115,10 @@ struct Config {
     format: OutputFormat,
     database_url: String,
     kms_key_id: String,
-    input: InputConfig,
+    source: SourceConfig,
     settings: Settings,
     shutdown_deadline: Duration,
     metrics_addr: Option<SocketAddr>,
-}
-
-/// Where messages come from, as configured.
-enum InputConfig {
-    Queue {
-        queue: String,
-        sqs: SqsArgs,
-        poll: PollSettings,
-    },
-    File {
-        path: String,
-        source_id: Option<String>,
-    },
 }
 
 impl TryFrom<Args> for Config {
@@ -159,30 +144,28 @@ impl TryFrom<Args> for Config {
                     .into(),
             ));
         }
-        let input = match args.from_file {
-            Some(path) => InputConfig::File {
+        let source = match args.from_file {
+            Some(path) => SourceConfig::File {
                 path,
                 source_id: args.source_id,
             },
-            None => InputConfig::Queue {
+            None => SourceConfig::Sqs(SqsConfig {
                 queue: args.queue,
-                sqs: args.sqs,
+                protocol: args.sqs.sqs_protocol.into(),
                 poll: PollSettings {
                     wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
                     visibility_timeout_seconds: args.visibility_timeout,
                 },
-            },
+            }),
         };
+        let from_file = matches!(source, SourceConfig::File { .. });
         let settings = Settings {
             // A file's lines must be taken in order by one reader.
-            pollers: match input {
-                InputConfig::File { .. } => 1,
-                InputConfig::Queue { .. } => args.pollers as usize,
-            },
+            pollers: if from_file { 1 } else { args.pollers as usize },
             writers,
             batch_size,
             flush_interval: Duration::from_millis(args.flush_ms),
-            drain: args.drain || matches!(input, InputConfig::File { .. }),
+            drain: args.drain || from_file,
             data_key_max_records: args.data_key_max_records,
             data_key_max_age: Duration::from_secs(args.data_key_max_age),
             key_check_interval: Duration::from_secs(args.key_check_seconds),
@@ -192,7 +175,7 @@ impl TryFrom<Args> for Config {
             format: args.output.format,
             database_url: args.vault.database_url,
             kms_key_id: args.vault.kms_key_id,
-            input,
+            source,
             settings,
             shutdown_deadline: Duration::from_secs(args.shutdown_deadline),
             metrics_addr: args.metrics_addr,
@@ -220,7 +203,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         format,
         database_url,
         kms_key_id,
-        input,
+        source,
         settings,
         shutdown_deadline,
         metrics_addr,
@@ -241,36 +224,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let keyring =
         |created_by: &str| Keyring::new(pool.clone(), kms.clone(), &kms_key_id, created_by);
 
-    let input = match input {
-        InputConfig::File { path, source_id } => Input::File(Arc::new(
-            FileSource::open(&path, source_id.as_deref())
-                .with_context(|| format!("opening {path}"))?,
-        )),
-        InputConfig::Queue { queue, sqs, poll } => {
-            let protocol = sqs
-                .protocol(&aws, &queue)
-                .await
-                .context("choosing the SQS protocol")?;
-            let queue = match protocol {
-                Protocol::Json => {
-                    let sqs_client = aws_sdk_sqs::Client::new(&aws);
-                    let queue_url = sqs::resolve_queue_url(&sqs_client, &queue)
-                        .await
-                        .context("finding the queue")?;
-                    SqsQueue::Json(SqsSource::new(sqs_client, queue_url, poll))
-                }
-                Protocol::Query => {
-                    let client = QueryClient::new(&aws);
-                    let queue_url = client
-                        .get_queue_url(&queue)
-                        .await
-                        .context("finding the queue")?;
-                    SqsQueue::Query(QuerySqsSource::new(client, queue_url, poll))
-                }
-            };
-            Input::Queue(Arc::new(queue))
-        }
-    };
+    let source = Arc::new(source.open(&aws).await?);
 
     let shutdown = CancellationToken::new();
     let signalled = shutdown.clone();
@@ -285,22 +239,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let endpoint_stop = CancellationToken::new();
     let stats = Arc::new(Stats::default());
     if let Some((listener, metrics)) = endpoint {
+        let health = source.health();
         let checks = ingest::readiness::checks(
             pool.clone(),
-            match &input {
-                Input::Queue(queue) => Some(queue.clone()),
-                Input::File(_) => None,
-            },
+            health.clone(),
             keyring("ingest readiness check"),
             settings.sealing.clone(),
         );
-        let queue = match &input {
-            Input::Queue(queue) => Some(queue.clone()),
-            Input::File(_) => None,
-        };
         let created_by = cli::process_name("ingest");
         tokio::spawn(watch::run(
-            queue,
+            health,
             pool.clone(),
             created_by,
             endpoint_stop.clone(),
@@ -320,14 +268,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let deadline = shutdown_deadline;
     let keyring = keyring(&cli::process_name("ingest"));
-    let from_file = matches!(input, Input::File(_));
+    let file = match &*source {
+        Source::File(file) => Some(file.clone()),
+        _ => None,
+    };
+    let from_file = file.is_some();
     let drain = settings.drain;
-    let summary = match input {
+    let summary = match file {
         // A backfill: the file's bytes on a bar, or in log lines.
-        Input::File(source) => {
+        Some(file) => {
             let reporter = progress::Reporter::new();
-            reporter.start("reading the file", Unit::Bytes, source.size());
-            let file = source.clone();
+            reporter.start("reading the file", Unit::Bytes, file.size());
             let pipeline = run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline);
             alongside(pipeline, &reporter, progress::POLL_EVERY, || {
                 file.bytes_read()
@@ -335,7 +286,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await
         }
         // A queue drained: messages written, in log lines (how many are left is not known).
-        Input::Queue(source) if drain => {
+        None if drain => {
             let reporter = progress::Reporter::log_lines();
             reporter.start("draining the queue", Unit::Count("messages"), None);
             let counts = stats.clone();
@@ -346,9 +297,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let pipeline = run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline);
             alongside(pipeline, &reporter, progress::POLL_EVERY, written).await
         }
-        Input::Queue(source) => {
-            run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await
-        }
+        None => run_pipeline(source, pool, keyring, settings, stats, shutdown, deadline).await,
     };
     endpoint_stop.cancel();
     let summary = summary?;
@@ -363,12 +312,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Where messages come from.
-enum Input {
-    Queue(Arc<SqsQueue>),
-    File(Arc<FileSource>),
 }
 
 /// Installs the metrics recorder and binds the endpoint's address.

@@ -3,7 +3,7 @@
 
 use pii_vault::cli::{self, OutputFormat, Said, UsageError};
 use pii_vault::ingest::replay::{self, ReplaySettings};
-use pii_vault::ingest::sqs;
+use pii_vault::ingest::source::sqs::json;
 
 /// Move dead letters back to the login queue, keeping their first send time and message id.
 ///
@@ -65,8 +65,8 @@ impl TryFrom<ReplayArgs> for ReplayConfig {
 pub async fn run(config: ReplayConfig, format: OutputFormat) -> anyhow::Result<()> {
     let aws = cli::aws_config().await?;
     let client = aws_sdk_sqs::Client::new(&aws);
-    let dead_letter_queue = sqs::resolve_queue_url(&client, &config.dead_letter_queue).await?;
-    let queue = sqs::resolve_queue_url(&client, &config.queue).await?;
+    let dead_letter_queue = json::resolve_queue_url(&client, &config.dead_letter_queue).await?;
+    let queue = json::resolve_queue_url(&client, &config.queue).await?;
     let done =
         replay::replay_dead_letters(&client, &dead_letter_queue, &queue, config.settings).await?;
     let json = serde_json::json!({

@@ -1,16 +1,17 @@
 //! What `ingest` polls while it serves `/metrics`, for [`telemetry::observed`]: the queue's
 //! depth, when the keys it uses were created, and when the audit was last checkpointed.
 //!
-//! Everything here is what the ingester may already read: GetQueueAttributes on its queue, the
-//! key table's `created_at` (never the wrapped bytes), and the audit's newest checkpoint time
-//! through `audit_last_checkpoint_at()` (migration 0016). A poll that fails is logged once
+//! Everything here is what the ingester may already read: its source's depth (through
+//! `SourceHealth`; SQS: GetQueueAttributes on its queue), the key table's `created_at` (never
+//! the wrapped bytes), and the audit's newest checkpoint time through
+//! `audit_last_checkpoint_at()` (migration 0016). A poll that fails is logged once
 //! until one succeeds again; a failing queue poll hides the depth after a while
 //! (`observed::QUEUE_DEPTH_STALE`), and `/readyz` says what is wrong.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pii_vault::ingest::sqs::SqsQueue;
+use pii_vault::ingest::source::SourceHealth;
 use pii_vault::telemetry::observed::KeyPurpose;
 use pii_vault::telemetry::{observed, process};
 use pii_vault::vault::key_table;
@@ -28,7 +29,7 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// Polls until `stop`. `created_by` is the name the process's keyring writes into the data
 /// keys it makes.
 pub async fn run(
-    queue: Option<Arc<SqsQueue>>,
+    queue: Option<Arc<dyn SourceHealth>>,
     pool: PgPool,
     created_by: String,
     stop: CancellationToken,

@@ -13,8 +13,10 @@ use clap::Parser;
 use tokio::task::JoinSet;
 
 use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
-use pii_vault::ingest::sqs::{self, SQS_BATCH_LIMIT};
-use pii_vault::ingest::sqs_query::{Protocol, QueryClient};
+use pii_vault::ingest::source::sqs::json;
+use pii_vault::ingest::source::sqs::probe::ProtocolChoice;
+use pii_vault::ingest::source::sqs::query::QueryClient;
+use pii_vault::ingest::source::sqs::{Protocol, SQS_BATCH_LIMIT};
 use pii_vault::progress::{Progress, Unit};
 use pii_vault::synth::Generator;
 
@@ -129,9 +131,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let aws = cli::aws_config().await?;
-    let protocol = config
-        .sqs
-        .protocol(&aws, &config.queue)
+    let protocol = ProtocolChoice::from(config.sqs.sqs_protocol)
+        .resolve(&aws, &config.queue)
         .await
         .context("choosing the SQS protocol")?;
     let client = match protocol {
@@ -193,7 +194,7 @@ impl Sender {
             };
         }
         match self {
-            Sender::Json(client) => match sqs::resolve_queue_url(client, queue).await {
+            Sender::Json(client) => match json::resolve_queue_url(client, queue).await {
                 Ok(url) => Ok(url),
                 Err(missing) if !missing.transient => create_with_dead_letters(client, queue).await,
                 Err(fault) => Err(fault.into()),
@@ -223,7 +224,7 @@ async fn create_with_dead_letters(
     let dlq_url = create(dead_letters.clone())
         .send()
         .await
-        .map_err(|e| sqs::source_error(&format!("CreateQueue {dead_letters}"), e))?
+        .map_err(|e| json::source_error(&format!("CreateQueue {dead_letters}"), e))?
         .queue_url
         .context("CreateQueue returned no URL")?;
     let dlq_arn = client
@@ -232,7 +233,7 @@ async fn create_with_dead_letters(
         .attribute_names(QueueAttributeName::QueueArn)
         .send()
         .await
-        .map_err(|e| sqs::source_error(&format!("GetQueueAttributes {dead_letters}"), e))?
+        .map_err(|e| json::source_error(&format!("GetQueueAttributes {dead_letters}"), e))?
         .attributes
         .and_then(|mut attributes| attributes.remove(&QueueAttributeName::QueueArn))
         .context("GetQueueAttributes returned no QueueArn")?;
@@ -244,7 +245,7 @@ async fn create_with_dead_letters(
         .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
         .send()
         .await
-        .map_err(|e| sqs::source_error(&format!("CreateQueue {queue}"), e))?
+        .map_err(|e| json::source_error(&format!("CreateQueue {queue}"), e))?
         .queue_url
         .context("CreateQueue returned no URL")?;
     tracing::info!(queue, dead_letter_queue = %dead_letters, "created the queue and its dead-letter queue");
@@ -253,7 +254,7 @@ async fn create_with_dead_letters(
 
 async fn send_batch(client: Sender, queue_url: String, bodies: Vec<String>) -> anyhow::Result<u64> {
     let sent = match &client {
-        Sender::Json(client) => sqs::send_batch(client, &queue_url, &bodies).await?,
+        Sender::Json(client) => json::send_batch(client, &queue_url, &bodies).await?,
         Sender::Query(client) => client.send_batch(&queue_url, &bodies).await?,
     };
     Ok(sent as u64)

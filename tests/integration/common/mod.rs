@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use pii_vault::audit::witness::WitnessBucket;
 use pii_vault::db;
+use pii_vault::ingest::source::sqs::PollSettings;
+use pii_vault::ingest::source::sqs::json::SqsSource;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use pii_vault::ingest::sqs::{PollSettings, SqsSource};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
@@ -237,7 +238,7 @@ impl TestEnv {
 
     pub async fn send(&self, bodies: &[String]) {
         for chunk in bodies.chunks(10) {
-            pii_vault::ingest::sqs::send_batch(&self.sqs, &self.queue_url, chunk)
+            pii_vault::ingest::source::sqs::json::send_batch(&self.sqs, &self.queue_url, chunk)
                 .await
                 .expect("SendMessageBatch");
         }

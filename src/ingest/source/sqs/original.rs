@@ -1,6 +1,6 @@
 //! What a message replayed out of the dead-letter queue says about its first sending.
 //!
-//! A replay (`ingest replay-dead-letters`, [`super::replay`]) receives a message from the
+//! A replay (`ingest replay-dead-letters`, [`crate::ingest::replay`]) receives a message from the
 //! dead-letter queue and sends it again: SQS gives the copy a new `MessageId` and a new
 //! `SentTimestamp`. Were the pipeline to date and key the copy by those, a message sent before
 //! an erasure and replayed after it would be stored with its user's personal fields, and a
@@ -41,7 +41,7 @@ pub fn to_millis(at: OffsetDateTime) -> String {
 
 /// Whether `id` can be a message's first `MessageId`: SQS's are UUIDs in canonical form.
 pub fn is_message_id(id: &str) -> bool {
-    super::source::MessageKey::parse_canonical(id).is_some()
+    crate::ingest::source::MessageKey::parse_canonical(id).is_some()
 }
 
 /// What a received message says about when and as what it was first sent.

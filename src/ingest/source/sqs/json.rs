@@ -1,39 +1,20 @@
-//! The SQS adapter: long-poll receive and batched delete through the AWS SDK (the JSON
-//! protocol; [`super::sqs_query`] speaks the older Query protocol), and [`SqsQueue`], either
-//! of the two behind one type.
+//! The SQS adapter over the AWS SDK (the JSON protocol): long-poll receive and batched delete,
+//! and the SDK calls `loadgen` and the dead-letter replay share (GetQueueUrl, SendMessageBatch,
+//! an SDK error as a [`SourceError`]).
 
 use std::time::Instant;
 
 use super::original::{Claimed, ORIGINAL_MESSAGE_ID, ORIGINAL_SENT_TIMESTAMP};
-use super::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
-use super::sqs_query::QuerySqsSource;
-use crate::telemetry::observed::{QueueDepth, observed};
+use super::{PollSettings, SQS_BATCH_LIMIT, is_permanent, is_url, observe_receive, queue_depth};
+use crate::ingest::source::{
+    Acknowledged, HealthFuture, Message, MessageSource, Receipt, SourceError, SourceHealth,
+};
+use crate::telemetry::observed::QueueDepth;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
-
-/// SQS returns at most 10 messages per receive and deletes at most 10 per batch.
-pub const SQS_BATCH_LIMIT: usize = 10;
-
-/// How to poll the queue.
-#[derive(Debug, Clone, Copy)]
-pub struct PollSettings {
-    /// Long-poll wait, 0 to 20 s: a receive returns as soon as a message arrives.
-    pub wait_time_seconds: i32,
-    /// Overrides the queue's visibility timeout for received messages, if set.
-    pub visibility_timeout_seconds: Option<i32>,
-}
-
-impl Default for PollSettings {
-    fn default() -> Self {
-        Self {
-            wait_time_seconds: 20,
-            visibility_timeout_seconds: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct SqsSource {
@@ -50,71 +31,43 @@ impl SqsSource {
             settings,
         }
     }
+}
 
+impl SourceHealth for SqsSource {
     /// Succeeds when the queue answers (GetQueueAttributes): the readiness check.
-    pub async fn check(&self) -> Result<(), SourceError> {
-        self.client
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .map(drop)
-            .map_err(|e| source_error("GetQueueAttributes", e))
+    fn check(&self) -> HealthFuture<'_, ()> {
+        Box::pin(async move {
+            self.client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| source_error("GetQueueAttributes", e))
+        })
     }
 
     /// The queue's approximate message counts (GetQueueAttributes).
-    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
-        let output = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(|e| source_error("GetQueueAttributes", e))?;
-        let attributes = output.attributes.unwrap_or_default();
-        let count =
-            |name: QueueAttributeName| attributes.get(&name).map(String::as_str).unwrap_or("");
-        queue_depth(
-            count(QueueAttributeName::ApproximateNumberOfMessages),
-            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
-    }
-}
-
-/// The depth SQS answered, from its two counts as text (either protocol sends numbers as text).
-pub(crate) fn queue_depth(visible: &str, in_flight: &str) -> Result<QueueDepth, SourceError> {
-    let parse = |name: &str, text: &str| {
-        text.trim().parse::<u64>().map_err(|_| SourceError {
-            message: format!("GetQueueAttributes: {name} is {text:?}, not a count"),
-            transient: false,
+    fn depth(&self) -> HealthFuture<'_, QueueDepth> {
+        Box::pin(async move {
+            let output = self
+                .client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .send()
+                .await
+                .map_err(|e| source_error("GetQueueAttributes", e))?;
+            let attributes = output.attributes.unwrap_or_default();
+            let count =
+                |name: QueueAttributeName| attributes.get(&name).map(String::as_str).unwrap_or("");
+            queue_depth(
+                count(QueueAttributeName::ApproximateNumberOfMessages),
+                count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            )
         })
-    };
-    Ok(QueueDepth {
-        visible: parse("ApproximateNumberOfMessages", visible)?,
-        in_flight: parse("ApproximateNumberOfMessagesNotVisible", in_flight)?,
-    })
-}
-
-/// Tells telemetry what a receive found: the `SentTimestamp` of each message received, or
-/// nothing for an empty receive (`pii_vault_oldest_message_age_seconds`). SQS's own send time
-/// is meant, not the first one a replayed message carries: the age is the time on this queue.
-pub(crate) fn observe_receive<'a>(sent_timestamps: impl IntoIterator<Item = Option<&'a str>>) {
-    let mut received = false;
-    let mut oldest: Option<u64> = None;
-    for sent in sent_timestamps {
-        received = true;
-        if let Some(ms) = sent.and_then(|text| text.parse::<u64>().ok()) {
-            oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
-        }
-    }
-    match (received, oldest) {
-        (false, _) => observed().received(None),
-        (true, Some(ms)) => observed().received(Some(ms)),
-        // Messages without a send time say nothing about the queue's age.
-        (true, None) => {}
     }
 }
 
@@ -123,7 +76,7 @@ pub async fn resolve_queue_url(
     client: &aws_sdk_sqs::Client,
     queue: &str,
 ) -> Result<String, SourceError> {
-    if queue.starts_with("https://") || queue.starts_with("http://") {
+    if is_url(queue) {
         return Ok(queue.to_owned());
     }
     let output = client
@@ -151,28 +104,6 @@ where
         message: format!("{operation}: {}", crate::aws_error::one_line(&error)),
         transient,
     }
-}
-
-/// Error codes that retrying will not cure: the queue is missing, the credentials or the
-/// signature are refused, a parameter is wrong. Either protocol answers with these names.
-pub(crate) fn is_permanent(code: &str) -> bool {
-    [
-        "NonExistentQueue",
-        "QueueDoesNotExist",
-        "AccessDenied",
-        "InvalidParameter",
-        "InvalidAddress",
-        "InvalidClientTokenId",
-        "UnrecognizedClient",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "AuthFailure",
-        "InvalidAction",
-        "MissingParameter",
-    ]
-    .iter()
-    .any(|permanent| code.contains(permanent))
 }
 
 /// Sends up to [`SQS_BATCH_LIMIT`] bodies in one SendMessageBatch; fails if SQS refuses any.
@@ -316,49 +247,5 @@ impl MessageSource for SqsSource {
             }
         }
         Ok(outcome)
-    }
-}
-
-/// The queue `ingest` reads, through whichever protocol its endpoint speaks
-/// (`--sqs-protocol`): one type for the pipeline and the readiness check.
-#[derive(Debug, Clone)]
-pub enum SqsQueue {
-    /// The AWS SDK, JSON protocol: AWS and LocalStack 3.0 and later.
-    Json(SqsSource),
-    /// The Query protocol: emulators older than LocalStack 3.0.
-    Query(QuerySqsSource),
-}
-
-impl SqsQueue {
-    /// Succeeds when the queue answers: the readiness check.
-    pub async fn check(&self) -> Result<(), SourceError> {
-        match self {
-            SqsQueue::Json(source) => source.check().await,
-            SqsQueue::Query(source) => source.check().await,
-        }
-    }
-
-    /// The queue's approximate message counts: `pii_vault_queue_messages`.
-    pub async fn depth(&self) -> Result<QueueDepth, SourceError> {
-        match self {
-            SqsQueue::Json(source) => source.depth().await,
-            SqsQueue::Query(source) => source.depth().await,
-        }
-    }
-}
-
-impl MessageSource for SqsQueue {
-    async fn receive(&self) -> Result<Vec<Message>, SourceError> {
-        match self {
-            SqsQueue::Json(source) => source.receive().await,
-            SqsQueue::Query(source) => source.receive().await,
-        }
-    }
-
-    async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
-        match self {
-            SqsQueue::Json(source) => source.acknowledge(receipts).await,
-            SqsQueue::Query(source) => source.acknowledge(receipts).await,
-        }
     }
 }

@@ -1,18 +1,33 @@
-//! Where messages come from: the [`MessageSource`] trait the pipeline reads through.
+//! Where messages come from: the [`MessageSource`] trait the pipeline reads through, and
+//! [`SourceHealth`], what operators ask of a source besides its messages.
 //!
 //! The contract is SQS's: a received message stays invisible for a while and comes back unless
 //! it is acknowledged (deleted). The pipeline acknowledges a message only after its row (or its
 //! quarantine entry) has committed, so a crash at any point loses nothing.
+//!
+//! The sources: [`file`](mod@file) (a backfill or replay, one message per line) and [`sqs`]
+//! (the queue, in either of SQS's protocols). [`config`] is the one place that names them all:
+//! a [`config::SourceConfig`] (what the binary's flags say) opens a [`config::Source`], which
+//! the pipeline reads and whose health readiness and telemetry ask through [`SourceHealth`],
+//! whatever its kind. Another kind of source (Kafka, Kinesis) is a module here and a variant in
+//! `config.rs`; nothing in the pipeline, the binary's wiring, readiness or telemetry changes.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
 use time::OffsetDateTime;
 
+use crate::telemetry::observed::QueueDepth;
+
+pub mod config;
+pub mod file;
+pub mod sqs;
+
 /// One received message.
 pub struct Message {
     /// Stable across redeliveries (the SQS MessageId, or the first one a replay out of the
-    /// dead-letter queue carried: [`super::original`]): the idempotency key of the row.
+    /// dead-letter queue carried: [`sqs::original`]): the idempotency key of the row.
     pub id: String,
     pub body: Vec<u8>,
     /// When the producer sent it (SQS SentTimestamp, or the earlier first send time a replay
@@ -114,6 +129,44 @@ pub trait MessageSource: Send + Sync + 'static {
         &self,
         receipts: Vec<Receipt>,
     ) -> impl Future<Output = Result<Acknowledged, SourceError>> + Send;
+}
+
+/// A source that could not be opened: what was being done (`opening <path>`, `finding the
+/// queue`...), and why it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}")]
+pub struct OpenError {
+    pub doing: String,
+    #[source]
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl OpenError {
+    pub fn new(
+        doing: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            doing: doing.into(),
+            cause: Box::new(cause),
+        }
+    }
+}
+
+/// The future a [`SourceHealth`] method returns: boxed, so that readiness and telemetry hold
+/// any source's health as one `dyn SourceHealth`.
+pub type HealthFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
+
+/// What operators ask of a source besides its messages, while `ingest` serves `/readyz` and
+/// `/metrics`. A source with nothing to ask (a file, read or not) has none
+/// ([`config::Source::health`]).
+pub trait SourceHealth: Send + Sync {
+    /// Succeeds when the source answers: `/readyz`'s `queue` check.
+    fn check(&self) -> HealthFuture<'_, ()>;
+
+    /// How many messages wait in the source and how many are in flight:
+    /// `pii_vault_queue_messages`.
+    fn depth(&self) -> HealthFuture<'_, QueueDepth>;
 }
 
 #[cfg(test)]

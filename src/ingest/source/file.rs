@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::source::{Acknowledged, Message, MessageKey, MessageSource, Receipt, SourceError};
+use super::{Acknowledged, Message, MessageKey, MessageSource, Receipt, SourceError};
 
 /// The most of one line that is ever held: one byte over the body limit, so that the parser
 /// still refuses an over-long line as too large (`MAX_BODY_BYTES` itself plus a `\r`).
