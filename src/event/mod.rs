@@ -5,7 +5,7 @@
 //! the quarantine table and appear in logs, while the body itself may hold personal data.
 //!
 //! A field of the body is added in three places, all in this module: its name in
-//! [`json::FIELDS`](json), its check in `validate` below, and its place in [`LoginEvent`] (in
+//! `FIELDS` (event/json.rs), its check in `validate` below, and its place in [`LoginEvent`] (in
 //! [`InClear`] when analysts see it, which is what `user_logins` stores; then one line in the
 //! writer's column list, `ingest/writer.rs`).
 
