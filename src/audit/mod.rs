@@ -41,158 +41,24 @@
 //! docs/FORMAT.md §7 says the same byte for byte; `tests/data/vectors/audit.json` and a chain
 //! written by an earlier version (`fixture-audit-*.json`) pin it.
 
+mod chain;
+mod checkpoint;
 pub mod witness;
+
+pub use chain::Row;
+use chain::SELECT_ROWS;
+pub use checkpoint::{
+    Checkpoint, CheckpointKey, Signed, checkpoint_message, checkpoint_message_v2,
+};
 
 use std::collections::BTreeSet;
 
-use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};
-use p256::ecdsa::signature::Verifier;
-use p256::ecdsa::{DerSignature, VerifyingKey};
-use p256::pkcs8::DecodePublicKey;
-use sha2::{Digest, Sha256};
+use p256::ecdsa::VerifyingKey;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
-
-const FORMAT_1: &[u8] = b"pii-vault/audit/v1";
-const FORMAT_2: &[u8] = b"pii-vault/audit/v2";
-const CHECKPOINT_FORMAT: &[u8] = b"pii-vault/audit-checkpoint/v1";
-const CHECKPOINT_FORMAT_2: &[u8] = b"pii-vault/audit-checkpoint/v2";
-/// Serializes `audit-checkpoint` runs (transaction-scoped advisory lock): "piiwitns".
-const CHECKPOINT_LOCK: i64 = 0x7069_6977_6974_6e73;
-
-/// A stored row.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Row {
-    pub id: i64,
-    pub format: i16,
-    pub at: OffsetDateTime,
-    pub actor: String,
-    pub db_user: String,
-    pub purpose: Option<String>,
-    pub reason: String,
-    pub question: String,
-    pub values_revealed: i32,
-    pub outcome: String,
-    pub login_ids: Option<Vec<i64>>,
-    pub key_ids: Option<Vec<i64>>,
-    pub prev_hash: Vec<u8>,
-    pub hash: Vec<u8>,
-}
-
-const SELECT_ROWS: &str = "SELECT id, format, at, actor, db_user, purpose, reason, question,
-       values_revealed, outcome, login_ids, key_ids, prev_hash, hash FROM unmask_audit";
-
-/// SHA-256 over length-prefixed parts.
-fn hash_parts(parts: &[&[u8]]) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u32).to_be_bytes());
-        hasher.update(part);
-    }
-    hasher.finalize().into()
-}
-
-fn micros(at: OffsetDateTime) -> [u8; 8] {
-    ((at.unix_timestamp_nanos() / 1_000) as i64).to_be_bytes()
-}
-
-fn id_list(ids: &[i64]) -> Vec<u8> {
-    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
-}
-
-impl Row {
-    /// The hash this row's content and predecessor call for, in the row's format.
-    pub fn expected_hash(&self) -> [u8; 32] {
-        let at = micros(self.at);
-        let values = self.values_revealed.to_be_bytes();
-        if self.format == 1 {
-            return hash_parts(&[
-                FORMAT_1,
-                &self.prev_hash,
-                &at,
-                self.actor.as_bytes(),
-                self.db_user.as_bytes(),
-                self.reason.as_bytes(),
-                self.question.as_bytes(),
-                &values,
-                self.outcome.as_bytes(),
-            ]);
-        }
-        let logins = id_list(self.login_ids.as_deref().unwrap_or_default());
-        let keys = id_list(self.key_ids.as_deref().unwrap_or_default());
-        hash_parts(&[
-            FORMAT_2,
-            &self.prev_hash,
-            &at,
-            self.actor.as_bytes(),
-            self.db_user.as_bytes(),
-            self.purpose.as_deref().unwrap_or_default().as_bytes(),
-            self.reason.as_bytes(),
-            self.question.as_bytes(),
-            &values,
-            self.outcome.as_bytes(),
-            &logins,
-            &keys,
-        ])
-    }
-}
-
-/// A signed statement that the chain ended at `last_audit_id` with `head_hash`: a row of
-/// `audit_checkpoints`, or an object of the [`witness`] (whose `id` is 0).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Checkpoint {
-    pub id: i64,
-    /// The witnessed checkpoint's number, signed with it (format 2); `None` for checkpoints
-    /// signed before witnessing (format 1).
-    pub seq: Option<i64>,
-    pub last_audit_id: i64,
-    pub head_hash: Vec<u8>,
-    pub signed_at: OffsetDateTime,
-    /// The KMS key that signed it, as KMS named it.
-    pub kms_key_id: String,
-    pub signature: Vec<u8>,
-    /// The database user who inserted the row (named when it does not verify).
-    pub created_by: String,
-}
-
-impl Checkpoint {
-    /// The bytes its signature covers, in its format.
-    pub fn message(&self) -> Vec<u8> {
-        match self.seq {
-            None => checkpoint_message(self.last_audit_id, &self.head_hash, self.signed_at),
-            Some(seq) => {
-                checkpoint_message_v2(seq, self.last_audit_id, &self.head_hash, self.signed_at)
-            }
-        }
-    }
-
-    /// Whether `signer` signed it (never, without a key).
-    pub fn verifies(&self, signer: Option<&VerifyingKey>) -> bool {
-        signer.is_some_and(|key| {
-            DerSignature::from_bytes(&self.signature)
-                .is_ok_and(|signature| key.verify(&self.message(), &signature).is_ok())
-        })
-    }
-
-    /// Whether `other` states the same signed content (wherever each is stored).
-    pub fn states_the_same_as(&self, other: &Checkpoint) -> bool {
-        (
-            self.seq,
-            self.last_audit_id,
-            &self.head_hash,
-            self.signed_at,
-        ) == (
-            other.seq,
-            other.last_audit_id,
-            &other.head_hash,
-            other.signed_at,
-        )
-    }
-}
 
 fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
     let mut message = Vec::new();
@@ -203,34 +69,9 @@ fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
     message
 }
 
-/// The bytes a format-1 checkpoint's signature covers.
-pub fn checkpoint_message(
-    last_audit_id: i64,
-    head_hash: &[u8],
-    signed_at: OffsetDateTime,
-) -> Vec<u8> {
-    length_prefixed(&[
-        CHECKPOINT_FORMAT,
-        &last_audit_id.to_be_bytes(),
-        head_hash,
-        &micros(signed_at),
-    ])
-}
-
-/// The bytes a format-2 (witnessed, numbered) checkpoint's signature covers.
-pub fn checkpoint_message_v2(
-    seq: i64,
-    last_audit_id: i64,
-    head_hash: &[u8],
-    signed_at: OffsetDateTime,
-) -> Vec<u8> {
-    length_prefixed(&[
-        CHECKPOINT_FORMAT_2,
-        &seq.to_be_bytes(),
-        &last_audit_id.to_be_bytes(),
-        head_hash,
-        &micros(signed_at),
-    ])
+/// A time as big-endian i64 microseconds since the Unix epoch.
+fn micros(at: OffsetDateTime) -> [u8; 8] {
+    ((at.unix_timestamp_nanos() / 1_000) as i64).to_be_bytes()
 }
 
 /// The state of an intact chain.
@@ -530,155 +371,13 @@ pub async fn verify_with_witness(
     Ok(intact)
 }
 
-/// What `audit-checkpoint` did.
-#[derive(Debug, Clone)]
-pub struct Signed {
-    /// The new checkpoint, or `None` when the audit is empty.
-    pub checkpoint: Option<Checkpoint>,
-    /// Numbers of checkpoints an earlier run stored but did not witness, witnessed now.
-    pub completed: Vec<i64>,
-    /// Checkpoint rows and witness objects that did not verify and were skipped.
-    pub skipped: Vec<Skipped>,
-}
-
-/// The KMS asymmetric key that signs checkpoints.
-#[derive(Debug, Clone)]
-pub struct CheckpointKey {
-    pub client: aws_sdk_kms::Client,
-    /// Key id, ARN or alias (`alias/pii-vault-audit-signer`).
-    pub key_id: String,
-}
-
-impl CheckpointKey {
-    /// The public key, fetched once from KMS (GetPublicKey) and used locally.
-    pub async fn verifying_key(&self) -> Result<VerifyingKey, VerifyError> {
-        let output = self
-            .client
-            .get_public_key()
-            .key_id(&self.key_id)
-            .send()
-            .await
-            .map_err(|e| VerifyError::SigningKey(crate::aws_error::one_line(&e)))?;
-        let der = output
-            .public_key
-            .ok_or_else(|| VerifyError::SigningKey("KMS returned no public key".into()))?;
-        VerifyingKey::from_public_key_der(der.as_ref())
-            .map_err(|_| VerifyError::SigningKey("not an ECC_NIST_P256 public key".into()))
-    }
-
-    /// Verifies the chain against the witness, then signs its head with the next number (KMS
-    /// Sign), stores the checkpoint, and only then writes it to the witness.
-    ///
-    /// Database first: a run that ends between the two leaves a signed checkpoint the
-    /// witness lacks, which verifies (a number ahead of the witness is what a crash leaves,
-    /// and only the signer can sign one), and the next run witnesses it before signing
-    /// anew. Witness first would leave the witness ahead of the database, which is exactly
-    /// what a removed checkpoint looks like: a false alarm until repaired. Runs are
-    /// serialized by an advisory lock, so two signers never take one number.
-    pub async fn checkpoint(
-        &self,
-        pool: &PgPool,
-        witness: &witness::WitnessBucket,
-    ) -> Result<Signed, VerifyError> {
-        let key = self.verifying_key().await?;
-        let newest = witness.newest(&key).await?;
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CHECKPOINT_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let (rows, checkpoints) = read(&mut tx).await?;
-        // Only a chain that verifies is signed; rows appended meanwhile wait for the next one.
-        let mut intact =
-            verify_witnessed(&rows, &checkpoints, &key, newest.checkpoint.as_ref(), None)?;
-        intact.skipped.extend(newest.skipped);
-        let mut signed = Signed {
-            checkpoint: None,
-            completed: Vec::new(),
-            skipped: intact.skipped,
-        };
-        let witnessed = intact.witnessed.and_then(|c| c.seq).unwrap_or(0);
-        let mut pending: Vec<&Checkpoint> = checkpoints
-            .iter()
-            .filter(|c| c.seq.is_some_and(|seq| seq > witnessed) && c.verifies(Some(&key)))
-            .collect();
-        pending.sort_by_key(|c| (c.seq, c.id));
-        pending.dedup_by_key(|c| c.seq);
-        for checkpoint in pending {
-            witness.put(checkpoint).await?;
-            signed.completed.extend(checkpoint.seq);
-        }
-        if intact.rows == 0 {
-            tx.commit().await?;
-            return Ok(signed);
-        }
-        let seq = checkpoints
-            .iter()
-            .filter(|c| c.verifies(Some(&key)))
-            .filter_map(|c| c.seq)
-            .max()
-            .unwrap_or(0)
-            .max(witnessed)
-            + 1;
-        let (last_id, head) = (intact.last_id, intact.head.to_vec());
-        let signed_at: OffsetDateTime =
-            sqlx::query_scalar("SELECT date_trunc('milliseconds', clock_timestamp())")
-                .fetch_one(&mut *tx)
-                .await?;
-        let message = checkpoint_message_v2(seq, last_id, &head, signed_at);
-        let signature = self
-            .client
-            .sign()
-            .key_id(&self.key_id)
-            .message(Blob::new(message))
-            .message_type(MessageType::Raw)
-            .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
-            .send()
-            .await
-            .map_err(|e| VerifyError::SigningKey(crate::aws_error::one_line(&e)))?;
-        let kms_key_id = signature.key_id.unwrap_or_else(|| self.key_id.clone());
-        let signature = signature
-            .signature
-            .ok_or_else(|| VerifyError::SigningKey("KMS returned no signature".into()))?
-            .into_inner();
-        let (id, created_by): (i64, String) = sqlx::query_as(
-            "INSERT INTO audit_checkpoints (seq, last_audit_id, head_hash, signed_at, kms_key_id, signature)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, created_by",
-        )
-        .bind(seq)
-        .bind(last_id)
-        .bind(&head)
-        .bind(signed_at)
-        .bind(&kms_key_id)
-        .bind(&signature)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let checkpoint = Checkpoint {
-            id,
-            seq: Some(seq),
-            last_audit_id: last_id,
-            head_hash: head,
-            signed_at,
-            kms_key_id,
-            signature,
-            created_by,
-        };
-        witness
-            .put(&checkpoint)
-            .await
-            .map_err(|error| VerifyError::NotWitnessed { seq, error })?;
-        signed.checkpoint = Some(checkpoint);
-        Ok(signed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vault::testing::{self, bytes, hex, int, text};
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
+    use p256::pkcs8::DecodePublicKey;
 
     pub(super) fn chain(n: usize, format: i16) -> Vec<Row> {
         let mut rows = Vec::new();
