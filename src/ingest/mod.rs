@@ -149,7 +149,7 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::db::scratch::Scratch;
+    use crate::testing::Scratch;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
     use file::FileSource;
 

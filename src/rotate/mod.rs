@@ -310,7 +310,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::db::scratch::Scratch;
+    use crate::testing::Scratch;
     use crate::ingest::Settings;
     use crate::ingest::tests::ingest_sample;
     use crate::unmask::{Verified, verify_all};

@@ -430,7 +430,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::db::scratch::Scratch;
+    use crate::testing::Scratch;
     use crate::vault::kms::memory::{MemoryKms, TEST_KMS_KEY};
     use crate::vault::place::login_place;
     use crate::vault::token::Field;
