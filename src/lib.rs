@@ -62,6 +62,8 @@
 //!   [`telemetry::LatencyHistogram`] is the one read-to-commit histogram, read by a run's
 //!   [`ingest::Summary`] and rendered on `/metrics`.
 //! - [`synth`]: synthetic messages for the load generator, tests and benchmarks.
+//! - `testing` (the `testing` feature, on for tests and benches only): the test kit, a
+//!   scratch database per test (`testing::Scratch`) and the in-memory KMS.
 //! - [`aws_http`]: SigV4-signed HTTP for what the crate speaks without an SDK client (SQS
 //!   Query, the audit witness bucket on S3), and the XML of their answers; used by
 //!   [`ingest::source::sqs::query`] and [`audit::witness`], built on nothing else in the crate.
@@ -100,5 +102,7 @@ pub mod retry;
 pub mod sql_text;
 pub mod synth;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod unmask;
 pub mod vault;

@@ -877,20 +877,8 @@ mod tests {
             "{} exists: it is never rewritten",
             path.display()
         );
-        let base = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| crate::db::LOCAL_DATABASE_URL.to_owned());
-        let admin = crate::db::connect(&base, 1).await.unwrap();
-        let name = format!("pii_vault_fixture_{}", std::process::id());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (prefix, _) = base.rsplit_once('/').unwrap();
-        let pool = crate::db::connect(&format!("{prefix}/{name}"), 1)
-            .await
-            .unwrap();
-        let role_admin = crate::db::scratch::role_admin().await;
-        crate::db::migrate(&pool, Some(&role_admin)).await.unwrap();
+        let db = crate::testing::Scratch::new().await;
+        let pool = db.pool.clone();
 
         let vectors = testing::vectors("audit.json");
         for vector in vectors["rows"].as_array().unwrap() {
@@ -994,11 +982,7 @@ mod tests {
         ]
         .concat();
         assert!(VerifyingKey::from_public_key_der(&public).is_ok());
-        pool.close().await;
-        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .execute(&admin)
-            .await
-            .unwrap();
+        db.drop().await;
 
         let rows: Vec<serde_json::Value> = rows
             .iter()

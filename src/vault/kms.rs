@@ -5,11 +5,11 @@
 //! wrapped key unwraps only under the purpose and id it was created for, and KMS key policies
 //! can grant each role exactly the purposes it needs (see `keys/`).
 //!
-//! Unit tests run the vault's logic on `memory::MemoryKms` (`src/vault/kms/memory.rs`), which
-//! keeps the rules of KMS the vault relies on; every path over AWS's wire is tested against
-//! the emulator.
+//! Tests and benches run the vault's logic on `memory::MemoryKms` (`src/vault/kms/memory.rs`,
+//! built only for them: the `testing` feature), which keeps the rules of KMS the vault relies
+//! on; every path over AWS's wire is tested against the emulator.
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 
 use std::future::Future;
@@ -21,7 +21,7 @@ use aws_sdk_kms::types::{DataKeySpec, KeyState};
 
 use super::{EncryptionContext, SecretKey, WrappedKey};
 
-/// Creates and unwraps keys: [`AwsKms`] in production, `memory::MemoryKms` in unit tests.
+/// Creates and unwraps keys: [`AwsKms`] in production, `memory::MemoryKms` in tests.
 pub trait KeyWrapper: Send + Sync + 'static {
     /// A fresh 256-bit key, in plaintext and wrapped under `kms_key_id` with `context`.
     fn generate_key(

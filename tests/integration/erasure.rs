@@ -356,7 +356,9 @@ async fn a_restored_dump_forgets_again_once_the_witnessed_erasures_are_reapplied
 
     let restored = env.restore(&dump).await;
     std::fs::remove_file(&dump).unwrap();
-    let owner = pii_vault::db::connect(&restored.url, 2).await.unwrap();
+    let owner = pii_vault::db::connect(&restored.database_url, 2)
+        .await
+        .unwrap();
     let sealed_of_u1 = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(v.login_id) FROM user_logins l JOIN login_vault v ON v.login_id = l.id

@@ -588,7 +588,7 @@ impl Walk {
         self.restores += 1;
         // As the runbook restores a backup (common::TestEnv::restore).
         let restored_db = self.env.restore(&self.model.dumps[dump].path).await;
-        let url = restored_db.url.clone();
+        let url = restored_db.database_url.clone();
         let restored = db::connect(&url, 2).await.unwrap();
         run_restore_procedure(&self.env, &url).await;
 

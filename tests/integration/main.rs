@@ -22,6 +22,7 @@ mod hostile;
 mod ingest;
 mod keys;
 mod late;
+mod library;
 mod lifecycle;
 mod progress;
 mod retention;

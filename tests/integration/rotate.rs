@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::common::{
-    self, TestEnv, VecSource, login, logins, rotate_keys, stderr, stdout, what_remains_of,
+    self, Scratch, TestEnv, VecSource, login, logins, rotate_keys, stderr, stdout, what_remains_of,
 };
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{batch, writer};
@@ -821,12 +821,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     );
 
     // The backup, restored: January no longer opens, February does.
-    let restored_name = format!("{}_restored", env.database_name);
-    sqlx::query(&format!("CREATE DATABASE {restored_name}"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let restored_url = env.database_url.replace(&env.database_name, &restored_name);
+    let restored = Scratch::empty().await;
     // The door functions are owned by pii_vault_door: the restore runs in a window in which
     // the role administrator lends the owner that role, and pii_vault_door needs CREATE on
     // the schema (as while they were migrated). README, "Migrating a deployment".
@@ -839,7 +834,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
             std::process::Command::new("psql")
                 .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
                 .args(args)
-                .arg(&restored_url),
+                .arg(&restored.database_url),
         );
         assert!(output.status.success(), "{}", stderr(&output));
     };
@@ -848,7 +843,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     psql(&["-c", "REVOKE CREATE ON SCHEMA public FROM pii_vault_door"]);
     window.close().await.unwrap();
     role_admin.close().await;
-    let restored_admin = db_as(&env, "keyadmin", &restored_name).await;
+    let restored_admin = restored.pool_as("keyadmin").await;
     let keyring = env.keyring_on(&restored_admin);
     let key_of = |month: &'static str| {
         let pool = restored_admin.clone();
@@ -878,10 +873,7 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
         .await
         .expect("February still unwraps");
     restored_admin.close().await;
-    sqlx::query(&format!("DROP DATABASE {restored_name} WITH (FORCE)"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    restored.drop().await;
     let _ = std::fs::remove_file(&dump);
 
     // A January login that arrives now is stored without personal fields.
@@ -897,13 +889,6 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     .unwrap();
     assert_eq!(late, (605, 600), "five late logins, no tokens, no values");
     env.cleanup().await;
-}
-
-/// A pool on another database of the test server, as one of the local users.
-async fn db_as(env: &TestEnv, user: &str, database: &str) -> sqlx::PgPool {
-    pii_vault::db::connect(&env.url_as(user).replace(&env.database_name, database), 2)
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -9,8 +9,7 @@ use std::process::{Command, Output};
 
 use sqlx::PgPool;
 
-use crate::common::{self, output_of, stderr, stdout};
-use pii_vault::db;
+use crate::common::{self, Scratch, output_of, stderr, stdout};
 
 const ROTATE_KEYS: &str = env!("CARGO_BIN_EXE_rotate-keys");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/schema-dump");
@@ -75,20 +74,6 @@ fn the_check_shows_a_changed_door_and_how_to_regenerate() {
     assert!(said.contains(REGENERATE), "{said}");
 }
 
-/// A migrated database of its own (cloned from the migrated template, as every test's is).
-async fn migrated() -> (PgPool, String) {
-    let base = common::base_database_url();
-    let name = format!("pii_vault_schema_test_{}", common::unique_suffix());
-    let role_admin = common::role_admin().await;
-    db::template::create_migrated(&base, &name, &role_admin)
-        .await
-        .expect("creating a migrated database (see scripts/services)");
-    role_admin.close().await;
-    let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
-    let pool = db::connect(&format!("{prefix}/{name}"), 1).await.unwrap();
-    (pool, name)
-}
-
 /// What must be in the file: each line of one query's result.
 async fn expected(pool: &PgPool, sql: &str) -> Vec<String> {
     let found: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
@@ -107,7 +92,8 @@ fn section<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn every_object_body_owner_and_grant_of_a_migrated_database_is_in_the_committed_schema() {
     let text = committed();
-    let (pool, name) = migrated().await;
+    let db = Scratch::new().await;
+    let pool = db.pool.clone();
     let mut missing = Vec::new();
     let mut expect = |what: String| {
         if !text.contains(&what) {
@@ -264,14 +250,5 @@ async fn every_object_body_owner_and_grant_of_a_migrated_database_is_in_the_comm
          `{REGENERATE}`; if that does not help, scripts/schema-dump drops too much):\n{}",
         missing.join("\n")
     );
-    drop_database(&name).await;
-}
-
-async fn drop_database(name: &str) {
-    let admin = db::connect(&common::base_database_url(), 1).await.unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    db.drop().await;
 }

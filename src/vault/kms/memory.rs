@@ -1,5 +1,5 @@
-//! An in-memory [`KeyWrapper`] for unit tests: the rules of KMS that the vault relies on,
-//! without the emulator.
+//! An in-memory [`KeyWrapper`] for tests and benches (the `testing` feature): the rules of KMS
+//! that the vault relies on, without the emulator.
 //!
 //! What it keeps of KMS, because the code under test depends on it: a wrapped key unwraps only
 //! under the encryption context it was wrapped with, and only while its KMS key is enabled (AWS

@@ -1,6 +1,7 @@
-//! Shared set-up of the integration tests: each test gets its own freshly migrated database,
-//! its own queue, its own KMS keys and its own audit witness bucket, on the real PostgreSQL
-//! server and the AWS emulator, so tests run in parallel without seeing each other.
+//! Shared set-up of the integration tests: each test gets its own freshly migrated database
+//! (`pii_vault::testing::Scratch`), its own queue, its own KMS keys and its own audit witness
+//! bucket, on the real PostgreSQL server and the AWS emulator, so tests run in parallel without
+//! seeing each other.
 //!
 //! A missing service is a loud failure naming the command that starts it: `scripts/services up`
 //! (which `make test` runs first).
@@ -9,7 +10,7 @@ pub mod aws_policy;
 pub mod recording_proxy;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::ops::Deref;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,36 +27,16 @@ use pii_vault::ingest::source::sqs::PollSettings;
 use pii_vault::ingest::source::sqs::json::SqsSource;
 use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
 use pii_vault::ingest::{self, Settings, Summary};
+pub use pii_vault::testing::{
+    Scratch, base_database_url, role_admin, role_admin_url, unique_suffix,
+};
 use pii_vault::vault::keyring::Keyring;
 use pii_vault::vault::kms::AwsKms;
 
 pub const SAMPLE_JSONL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample_data.jsonl");
 
-pub fn base_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| db::LOCAL_DATABASE_URL.to_owned())
-}
-
-pub fn role_admin_url() -> String {
-    std::env::var("ROLE_ADMIN_DATABASE_URL").unwrap_or_else(|_| db::LOCAL_ROLE_ADMIN_URL.to_owned())
-}
-
-/// The role administrator (CREATEROLE) that opens migration windows (`db::migrate_with`).
-pub async fn role_admin() -> PgPool {
-    db::connect(&role_admin_url(), 1).await.unwrap_or_else(|e| {
-        panic!("the role administrator cannot log in ({e}); run `scripts/services up`")
-    })
-}
-
 pub fn aws_endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
-}
-
-/// A short random suffix for names of per-test resources.
-pub fn unique_suffix() -> String {
-    format!(
-        "{:012x}",
-        RandomState::new().hash_one(Instant::now()) & 0xffff_ffff_ffff
-    )
 }
 
 /// Every attribute of the queue at `url`.
@@ -91,11 +72,10 @@ async fn arn_of(
         .expect("key arn")
 }
 
-/// One test's world: a database, a queue and a KMS key of its own.
+/// One test's world: a database (its [`Scratch`], which it derefs to), a queue and a KMS key
+/// of its own.
 pub struct TestEnv {
-    pub database_url: String,
-    pub database_name: String,
-    pub pool: PgPool,
+    pub db: Scratch,
     pub sqs: aws_sdk_sqs::Client,
     pub kms: Arc<AwsKms>,
     pub queue_url: String,
@@ -123,35 +103,12 @@ impl TestEnv {
     }
 
     async fn create(visibility_timeout: u32, migrate: bool) -> Self {
-        let suffix = unique_suffix();
-        let base = base_database_url();
-        let admin = db::connect(&base, 1).await.unwrap_or_else(|e| {
-            panic!("PostgreSQL is not reachable ({e}); start it with `scripts/services up`")
-        });
-        let database_name = format!("pii_vault_test_{suffix}");
-        if migrate {
-            let role_admin = role_admin().await;
-            db::template::create_migrated(&base, &database_name, &role_admin)
-                .await
-                .expect(
-                    "creating the test database (the role needs CREATEDB; see scripts/services)",
-                );
-            role_admin.close().await;
+        let db = if migrate {
+            Scratch::new().await
         } else {
-            sqlx::query(&format!("CREATE DATABASE {database_name}"))
-                .execute(&admin)
-                .await
-                .expect(
-                    "creating the test database (the role needs CREATEDB; see scripts/services)",
-                );
-        }
-        admin.close().await;
-        let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
-        let database_url = format!("{prefix}/{database_name}");
-        let pool = db::connect(&database_url, 8)
-            .await
-            .expect("connecting to the test database");
-
+            Scratch::empty().await
+        };
+        let suffix = unique_suffix();
         let config = aws_config().await;
         let sqs = aws_sdk_sqs::Client::new(&config);
         let queue_url = sqs
@@ -185,9 +142,7 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("creating the audit witness bucket: {e}"));
         Self {
-            database_url,
-            database_name,
-            pool,
+            db,
             sqs,
             kms: Arc::new(AwsKms::new(kms_client)),
             queue_url,
@@ -204,14 +159,6 @@ impl TestEnv {
             &self.audit_witness_bucket,
             WITNESS_RETAIN_DAYS,
         )
-    }
-
-    /// A pool logged in as one of the local users that `scripts/services up` creates (see
-    /// [`TestEnv::url_as`]).
-    pub async fn pool_as(&self, user: &str) -> PgPool {
-        db::connect(&self.url_as(user), 4)
-            .await
-            .expect("connecting as a local user")
     }
 
     /// A keyring reading keys as `pool`'s user.
@@ -390,17 +337,6 @@ impl TestEnv {
         output_of(Command::new(path).args(args).envs(self.binary_env()))
     }
 
-    /// This test's database URL, logged in as one of the local users that `scripts/services up`
-    /// creates (`ingester`, `analyst`, `compliance`, `keyadmin`, and `nobody`, who holds no
-    /// role; password = name).
-    pub fn url_as(&self, user: &str) -> String {
-        let (_, host_and_db) = self
-            .database_url
-            .rsplit_once('@')
-            .expect("URL has credentials");
-        format!("postgres://{user}:{user}@{host_and_db}")
-    }
-
     /// This test's database URL, reached through a local port (a [`Proxy`]'s).
     pub fn database_url_through(&self, port: u16) -> String {
         self.database_url
@@ -422,58 +358,24 @@ impl TestEnv {
         self.drain_from(VecSource::new(bodies)).await
     }
 
-    /// Drops the test database (left in place when a test fails, for inspection).
+    /// Drops the test database (left in place when a test fails, for inspection) and the
+    /// queue.
     pub async fn cleanup(self) {
-        self.pool.close().await;
-        let admin = db::connect(&base_database_url(), 1).await.unwrap();
-        let drop = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database_name
-        );
-        // A binary that ran as another login user may still be leaving the server; FORCE
-        // cannot end its session (that takes membership in its role), so wait for it.
-        let mut tries = 0;
-        while let Err(error) = sqlx::query(&drop).execute(&admin).await {
-            tries += 1;
-            if tries == 100 {
-                // Seen under load: a session of another login outlives its pool's close() by
-                // more than ten seconds. The role administrator (pg_signal_backend) ends it,
-                // as an operator would, and says so.
-                let role_admin = role_admin().await;
-                let ended: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
-                     FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                )
-                .bind(&self.database_name)
-                .fetch_one(&role_admin)
-                .await
-                .unwrap_or(0);
-                role_admin.close().await;
-                eprintln!(
-                    "cleanup: ended {ended} session(s) left in {}",
-                    self.database_name
-                );
-            }
-            if tries == 300 {
-                let sessions: Vec<(Option<String>, Option<String>, Option<String>)> =
-                    sqlx::query_as(
-                        "SELECT usename::text, state, left(query, 200) FROM pg_stat_activity
-                         WHERE datname = $1",
-                    )
-                    .bind(&self.database_name)
-                    .fetch_all(&admin)
-                    .await
-                    .unwrap_or_default();
-                panic!("dropping the test database: {error}; sessions left: {sessions:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.db.drop().await;
         let _ = self
             .sqs
             .delete_queue()
             .queue_url(&self.queue_url)
             .send()
             .await;
+    }
+}
+
+impl Deref for TestEnv {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.db
     }
 }
 
@@ -1133,32 +1035,6 @@ pub fn pg_tool(name: &str) -> std::path::PathBuf {
     })
 }
 
-/// A database restored from a dump, as the runbook restores a backup.
-pub struct Restored {
-    pub name: String,
-    pub url: String,
-}
-
-impl Restored {
-    /// The restored database's URL, logged in as `user` (see [`TestEnv::url_as`]).
-    pub fn url_as(&self, user: &str) -> String {
-        let (_, host_and_db) = self.url.rsplit_once('@').expect("URL has credentials");
-        format!("postgres://{user}:{user}@{host_and_db}")
-    }
-
-    pub async fn drop(self) {
-        let admin = db::connect(&base_database_url(), 1).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&admin)
-        .await
-        .unwrap();
-        admin.close().await;
-    }
-}
-
 impl TestEnv {
     /// A custom-format `pg_dump` of this test's database, taken as its owner.
     pub fn dump(&self) -> std::path::PathBuf {
@@ -1178,17 +1054,9 @@ impl TestEnv {
     /// A fresh database restored from `dump` as the runbook restores a backup: created by the
     /// owner, restored by it inside a migration window (it owns the door functions for the
     /// time), with CREATE on the schema lent to the door role and taken back after.
-    pub async fn restore(&self, dump: &std::path::Path) -> Restored {
-        let name = format!("pii_vault_restored_{}", unique_suffix());
-        let base = base_database_url();
-        let admin = db::connect(&base, 1).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let (prefix, _) = base.rsplit_once('/').expect("database URL ends in /name");
-        let url = format!("{prefix}/{name}");
+    pub async fn restore(&self, dump: &std::path::Path) -> Scratch {
+        let restored = Scratch::empty().await;
+        let url = restored.database_url.clone();
         let owner = db::connect(&url, 1).await.unwrap();
         let role_admin = role_admin().await;
         let window = db::MigrationWindow::open(&role_admin, &owner)
@@ -1198,7 +1066,7 @@ impl TestEnv {
             .execute(&owner)
             .await
             .unwrap();
-        let restored = output_of(Command::new(pg_tool("pg_restore")).args([
+        let pg_restore = output_of(Command::new(pg_tool("pg_restore")).args([
             "--exit-on-error",
             "--single-transaction",
             "--dbname",
@@ -1213,10 +1081,10 @@ impl TestEnv {
         owner.close().await;
         role_admin.close().await;
         assert!(
-            restored.status.success(),
+            pg_restore.status.success(),
             "pg_restore: {}",
-            stderr(&restored)
+            stderr(&pg_restore)
         );
-        Restored { name, url }
+        restored
     }
 }
