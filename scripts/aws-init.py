@@ -45,6 +45,9 @@ def parse_args():
                    help="default COMPLIANCE retention of the witness bucket, in days "
                         "(default: $AUDIT_WITNESS_RETAIN_DAYS or %(default)s; in production the "
                         "audit's retention period, e.g. 2557)")
+    p.add_argument("--known-key", action="append", default=[], metavar="ARN",
+                   help="a KMS key the local database wraps keys under; printed as "
+                        "LOST_KMS_KEY=<arn> when the emulator no longer has it (repeatable)")
     args = p.parse_args()
     if args.dlq is None:
         args.dlq = args.queue + "-dlq"
@@ -165,6 +168,18 @@ def main():
     print(f"AUDIT_SIGNING_KEY_ARN={signing_arn}")
     print(f"AUDIT_SIGNING_KEY_ALIAS={args.signing_alias}")
     print(f"AUDIT_WITNESS_BUCKET={witness}")
+    for arn in args.known_key:
+        if not key_exists(kms, arn):
+            print(f"LOST_KMS_KEY={arn}")
+
+
+def key_exists(kms, key_id):
+    """Whether KMS still has `key_id` (an emulator keeps its keys in memory only)."""
+    try:
+        kms.describe_key(KeyId=key_id)
+        return True
+    except kms.exceptions.NotFoundException:
+        return False
 
 
 if __name__ == "__main__":
