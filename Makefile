@@ -9,9 +9,14 @@ ENV := source scripts/env.sh
 services:
 	scripts/services up
 
+# Local debug builds of the binaries are made as `cargo test` makes them, with the test kit
+# (the `testing` feature, Cargo.toml) on: one build of this crate serves both, so `make test`
+# after `make demo` compiles only the test harnesses. Release builds never turn it on.
+AS_TESTS_BUILD := --features testing
+
 ## Set everything up and ingest the 100 sample messages, then show what landed.
 demo: services
-	$(ENV); cargo build --locked --bins
+	$(ENV); cargo build --locked --bins $(AS_TESTS_BUILD)
 	$(ENV); target/debug/rotate-keys init
 	$(ENV); target/debug/loadgen --file tests/data/sample_data.jsonl
 	$(ENV); target/debug/ingest --drain

@@ -1,6 +1,6 @@
 //! SigV4-signed HTTP for the AWS services this crate speaks without an SDK client: SQS over
-//! the Query protocol (`ingest::source::sqs::query`, for old emulators) and the audit witness bucket on
-//! S3 (`audit::witness`; the S3 SDK would double the build for four calls).
+//! the Query protocol (`ingest::source::sqs::query`, for old emulators) and the audit witness
+//! bucket on S3 (`audit::witness`; the S3 SDK would double the build for four calls).
 //!
 //! One [`Signer`] per client holds the region and the usual AWS credential chain (fetched
 //! again only near expiry) and signs each request; [`http_client`] is the connection pool
@@ -286,9 +286,9 @@ pub fn percent_encode_into(out: &mut String, value: &str) {
     }
 }
 
-/// The XML of AWS answers (SQS Query, S3) as a small tree: names without namespace prefixes, and each
-/// element's text with references resolved. Answers are at most a few MiB, so a tree is the
-/// simplest thing to query; quick-xml's streaming reader builds it.
+/// The XML of AWS answers (SQS Query, S3) as a small tree: names without namespace prefixes,
+/// and each element's text with references resolved. Answers are at most a few MiB, so a tree
+/// is the simplest thing to query; quick-xml's streaming reader builds it.
 pub mod xml {
     use quick_xml::events::Event;
     use quick_xml::reader::Reader;

@@ -49,15 +49,17 @@
 //!   binaries draw a bar on a terminal (`src/bin/common/progress.rs`) or log a line every few
 //!   seconds ([`progress::LogLines`]).
 //! - [`db`]: connecting, embedded migrations, schema check, which faults are transient.
-//! - [`sql_text`]: the enums of fixed texts handed to SQL (key states and purposes, reveal
-//!   purposes and outcomes, door operations), each with the `ALL` that
-//!   `tests/integration/sql_lists.rs` holds to the database's own list.
+//! - [`sql_text`]: the one pattern (`sql_text!`) of the enums of fixed texts handed to SQL, each
+//!   defined beside its use (key states and purposes in [`vault::key_table`], reveal purposes
+//!   and outcomes in `unmask/door_terms.rs`, door operations, window states), each with the
+//!   `ALL` that `tests/integration/sql_lists.rs` holds to the database's own list.
 //! - [`retry`]: back-off for faults that pass, and [`retry::retry`], the one loop that retries
 //!   them.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` for operators. It runs the
 //!   readiness checks it is given and depends on nothing else in the crate (but
-//!   [`BUILD_COMMIT`]); [`telemetry::observed`](mod@telemetry::observed) is what the process sees around it (queue
-//!   depth, message and key ages), set by the SQS sources and `ingest`'s poller, and
+//!   [`BUILD_COMMIT`]); [`telemetry::observed`](mod@telemetry::observed) is what the process
+//!   sees around it (queue depth, message and key ages), set by the SQS sources and `ingest`'s
+//!   poller, and
 //!   [`telemetry::process`] its `/proc` figures;
 //!   [`telemetry::LatencyHistogram`] is the one read-to-commit histogram, read by a run's
 //!   [`ingest::Summary`] and rendered on `/metrics`.

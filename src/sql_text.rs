@@ -1,7 +1,8 @@
 //! Values that cross into SQL as fixed text: a key's state and purpose, a reveal's purpose and
-//! outcome, a door's operation. Each is an enum made by `sql_text!`, whose `ALL` lists every
-//! value, so that a test can hold the list the database keeps (a CHECK constraint, a door's
-//! body) to the one Rust has, and a value added on one side alone fails.
+//! outcome, a door's operation, a retention window's state. Each is an enum made by
+//! `sql_text!`, whose `ALL` lists every value, so that a test can hold the list the database
+//! keeps (a CHECK constraint, a door's body) to the one Rust has, and a value added on one side
+//! alone fails.
 
 /// Defines an enum of fixed texts: `as_str`, `parse`, `ALL` (in the order declared), `Display`,
 /// and sqlx's text encoding, so a row's column decodes into it (an unknown text is a decode

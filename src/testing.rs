@@ -1,5 +1,5 @@
-//! The test kit, for this crate's tests and benches (the `testing` feature, which `cargo build`
-//! leaves off: the binaries never hold it): [`Scratch`], a database of one's own on the
+//! The test kit, for this crate's tests and benches (the `testing` feature, which release builds
+//! leave off, so production binaries never hold it): [`Scratch`], a database of one's own on the
 //! PostgreSQL server `scripts/services up` runs, and [`MemoryKms`], the in-memory KMS (kept in
 //! `src/vault/kms/memory.rs`, with the rest of the code that handles key material).
 //!

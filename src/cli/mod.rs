@@ -49,31 +49,10 @@ pub struct VaultArgs {
 pub struct SqsArgs {
     /// The protocol to speak to SQS: LocalStack before 3.0 (as in the original take-home's
     /// docker-compose) knows only `query`.
-    #[arg(long, env = "SQS_PROTOCOL", value_enum, default_value_t = SqsProtocol::Json)]
-    pub sqs_protocol: SqsProtocol,
+    #[arg(long, env = "SQS_PROTOCOL", value_enum, default_value_t = ProtocolChoice::Json)]
+    pub sqs_protocol: ProtocolChoice,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SqsProtocol {
-    /// AWS JSON, through the AWS SDK: AWS, LocalStack 3.0 and later.
-    Json,
-    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
-    Query,
-    /// Ask the endpoint once (a JSON GetQueueUrl), log which it speaks, and use that.
-    Auto,
-}
-
-impl From<SqsProtocol> for ProtocolChoice {
-    fn from(protocol: SqsProtocol) -> ProtocolChoice {
-        match protocol {
-            SqsProtocol::Json => ProtocolChoice::Json,
-            SqsProtocol::Query => ProtocolChoice::Query,
-            SqsProtocol::Auto => ProtocolChoice::Auto,
-        }
-    }
-}
-
-/// `--log-format`, shared by every binary.
 /// The witness store: the S3 bucket (Object Lock, COMPLIANCE mode) that witnesses audit
 /// checkpoints and erasures.
 #[derive(Debug, Clone, clap::Args)]

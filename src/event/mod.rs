@@ -4,10 +4,10 @@
 //! precisely what is wrong **without quoting the body**: rejection reasons are stored in clear in
 //! the quarantine table and appear in logs, while the body itself may hold personal data.
 //!
-//! A field of the body is added in three places, all in this module: its name in
-//! `FIELDS` (event/json.rs), its check in `validate` below, and its place in [`LoginEvent`] (in
-//! [`InClear`] when analysts see it, which is what `user_logins` stores; then one line in the
-//! writer's column list, `ingest/writer.rs`).
+//! A field of the body is added in this module in three places: its name in `FIELDS`
+//! (`json.rs`), its check in `validate` below, and its place in [`LoginEvent`] (in [`InClear`]
+//! when analysts see it, as `user_logins` stores it). Storing it is then one line in the
+//! writer's column list (`ingest/writer.rs`) and a migration.
 
 mod app_version;
 mod json;

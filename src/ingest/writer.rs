@@ -71,8 +71,8 @@ pub enum WriteError {
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
 pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
-    // First hold the batch's keys, then check them (see `vault::key_table::key_use`): a rotation cannot
-    // retire them before this commits, and if it already has, nothing is written.
+    // First hold the batch's keys, then check them (see `vault::key_table::key_use`): a rotation
+    // cannot retire them before this commits, and if it already has, nothing is written.
     let keys = [batch.token_key_id.0, batch.data_key_id.0];
     let usable = key_use::hold_shared(&mut tx, &keys).await?;
     if usable < 2 {
@@ -195,6 +195,8 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
         }
     }
     let stored = copy(tx, logins).await?;
+    // A batch whose logins all keep no personal field (erased users, an expired window) has no
+    // vault rows, and sends no COPY to `login_vault` at all.
     copy(tx, vault).await?;
     Ok(stored)
 }

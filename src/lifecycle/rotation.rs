@@ -11,7 +11,8 @@
 //! 3. after a grace period, a last pass catches rows that slow ingesters wrote meanwhile, and a
 //!    key that no row references is retired under its exclusive key-use lock (an ingester
 //!    holds that lock shared from before its inserts until it commits, and checks the key's
-//!    state once it holds it, so no row can land under a retired key; see `vault::key_table::key_use`);
+//!    state once it holds it, so no row can land under a retired key; see
+//!    `vault::key_table::key_use`);
 //! 4. `--destroy-retired` drops retired keys' wrapped bytes for good.
 //!
 //! Re-running a rotation first finishes any unfinished one (keys still retiring).

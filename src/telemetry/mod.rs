@@ -5,8 +5,9 @@
 //! in the Prometheus text format and [`server`] serves them at `/metrics`, beside `/healthz`
 //! and `/readyz` ([`readiness`]). The exceptions are read when scraped, not recorded:
 //! [`READ_TO_COMMIT`] (a run keeps it in its own [`LatencyHistogram`], whose quantiles are the
-//! run's summary), [`READY`] (the last readiness outcome), what the process [`observed`](mod@observed) (queue
-//! depth, message and key ages, the audit's last checkpoint) and the [`process`] metrics.
+//! run's summary), [`READY`] (the last readiness outcome), what the process
+//! [`observed`](mod@observed) (queue depth, message and key ages, the audit's last checkpoint)
+//! and the [`process`] metrics.
 //!
 //! Names follow Prometheus's conventions (a unit suffix, `_total` on counters); dashboards and
 //! the alert rules in `deploy/` query them, and a test holds both to what `/metrics` serves.

@@ -10,8 +10,9 @@
 //! - [`erasure`]: erased users, by the tokens of their ids, for the ingester to honour.
 //! - [`key_table`]: the key table (`vault_keys`): every statement on it, its door and its locks,
 //!   and what a key's state ([`KeyState`](key_table::KeyState)) and [`Purpose`] can be;
-//!   [`key_use`](key_table::key_use) is its lock that writers hold shared while they write under a key and a
-//!   rotation takes exclusively to retire it (`ingest` and `lifecycle` both take it).
+//!   [`key_use`](key_table::key_use) is its lock that writers hold shared while they write
+//!   under a key and a rotation takes exclusively to retire it (`ingest` and `lifecycle` both
+//!   take it).
 //! - [`keyring`]: keys created, unwrapped and re-wrapped through KMS, stored in the key table.
 //! - [`key_cache`]: keys opened once each, by id, for a reveal, a verification or a rotation.
 //! - [`retention`]: retention windows: the KMS key behind a login month's data keys.

@@ -7,8 +7,8 @@
 //!   it carries (finding two keys with one commitment is a SHA-256 collision). So opening needs
 //!   no token key, and a compliance officer never holds one.
 //! - **Format 1**: `nonce || ciphertext || tag` under the data key itself. AES-GCM-SIV is not
-//!   key-committing; the value's token was its commitment ([`super::handed_out`]). Such values still
-//!   open, and a data-key rotation moves them to format 2.
+//!   key-committing; the value's token was its commitment ([`super::handed_out`]). Such values
+//!   still open, and a data-key rotation moves them to format 2.
 //!
 //! The nonce is random, from a userspace CSPRNG seeded by the OS. GCM-SIV stays safe even if one
 //! ever repeats (it then only reveals that two plaintexts at the same place were equal), and

@@ -151,7 +151,7 @@ impl TryFrom<Args> for Config {
             },
             None => SourceConfig::Sqs(SqsConfig {
                 queue: args.queue,
-                protocol: args.sqs.sqs_protocol.into(),
+                protocol: args.sqs.sqs_protocol,
                 poll: PollSettings {
                     wait_time_seconds: args.wait_seconds.unwrap_or(if args.drain { 2 } else { 20 }),
                     visibility_timeout_seconds: args.visibility_timeout,

@@ -14,7 +14,6 @@ use tokio::task::JoinSet;
 
 use pii_vault::cli::{self, LoggingArgs, SqsArgs, UsageError};
 use pii_vault::ingest::source::sqs::json;
-use pii_vault::ingest::source::sqs::probe::ProtocolChoice;
 use pii_vault::ingest::source::sqs::query::QueryClient;
 use pii_vault::ingest::source::sqs::{Protocol, SQS_BATCH_LIMIT};
 use pii_vault::progress::{Progress, Unit};
@@ -131,7 +130,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let aws = cli::aws_config().await?;
-    let protocol = ProtocolChoice::from(config.sqs.sqs_protocol)
+    let protocol = config
+        .sqs
+        .sqs_protocol
         .resolve(&aws, &config.queue)
         .await
         .context("choosing the SQS protocol")?;

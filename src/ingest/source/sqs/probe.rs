@@ -12,12 +12,14 @@ use crate::ingest::source::SourceError;
 /// Longest the one request may take, as long as a Query request beyond its long-poll wait.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The protocol to speak, as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The protocol to speak, as configured (`--sqs-protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProtocolChoice {
+    /// AWS JSON, through the AWS SDK: AWS, LocalStack 3.0 and later.
     Json,
+    /// Form requests and XML answers: LocalStack before 3.0, older ElasticMQ.
     Query,
-    /// Ask the endpoint once ([`probe`]), log which it speaks, and use that.
+    /// Ask the endpoint once (a JSON GetQueueUrl), log which it speaks, and use that.
     Auto,
 }
 

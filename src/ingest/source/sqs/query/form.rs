@@ -22,7 +22,8 @@ impl Form {
         form
     }
 
-    /// A request about one queue, which the form names (see [`QueryClient::target`](super::client::QueryClient::target)).
+    /// A request about one queue, which the form names (see
+    /// [`QueryClient::target`](super::client::QueryClient::target)).
     pub(super) fn for_queue(action: &'static str, queue_url: &str) -> Self {
         let mut form = Self::new(action);
         form.add("QueueUrl", queue_url);
