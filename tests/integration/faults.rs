@@ -130,6 +130,15 @@ async fn ingest_across_a_cut<S: MessageSource>(
         })
         .await
     );
+    // Acknowledging follows the commit: the first 10 must be off the queue before the cut, or
+    // a slow delete would count as a message the cut left there.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.messages_on_queue().await == 0
+        })
+        .await,
+        "the 10 stored before the cut are acknowledged"
+    );
 
     proxy.cut();
     env.send(&bodies[10..40]).await;
