@@ -41,9 +41,10 @@ async fn seed(env: &common::TestEnv, user_sql: &str, count: i64, date: &str, win
              SELECT {user_sql}, 'ios', md5(i::text) || md5(i::text), md5((-i)::text) || md5((-i)::text),
                     NULL, 1000000, $1::date, message_key('bench-' || $2::text || '-' || i), $3, '1.0'
              FROM generate_series(1, $4::int8) AS i
-             RETURNING id)
-         INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id)
-         SELECT id, $5, decode(repeat('ab', 36), 'hex'), decode(repeat('cd', 39), 'hex')
+             RETURNING id, create_date)
+         INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id, create_date)
+         SELECT id, $5, decode(repeat('ab', 36), 'hex'), decode(repeat('cd', 39), 'hex'),
+                create_date
          FROM logins"
     ))
     .bind(date)

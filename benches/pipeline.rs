@@ -184,7 +184,9 @@ async fn main() {
     // table plus index bytes on disk afterwards, per stored login.
     let (wal_bytes, disk_bytes): (f64, f64) = sqlx::query_as(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8,
-                (pg_total_relation_size('user_logins') + pg_total_relation_size('login_vault'))::float8",
+                ((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('user_logins'))
+                 + (SELECT sum(pg_total_relation_size(relid))
+                    FROM pg_partition_tree('login_vault')))::float8",
     )
     .bind(&wal_before)
     .fetch_one(&pool)
@@ -287,7 +289,7 @@ async fn main() {
             .unwrap();
             writeln!(
                 vault,
-                "{login_id}\t{}\t\\\\x{}\t\\\\x{}",
+                "{login_id}\t{}\t\\\\x{}\t\\\\x{}\t{today}",
                 sealer.key_id(),
                 hex(&ip),
                 hex(&device)
@@ -305,7 +307,7 @@ async fn main() {
         ),
         (
             &vault_copy,
-            "COPY login_vault (login_id, data_key_id, sealed_ip, sealed_device_id) FROM STDIN",
+            "COPY login_vault (login_id, data_key_id, sealed_ip, sealed_device_id, create_date) FROM STDIN",
         ),
     ] {
         let mut copy = tx.copy_in_raw(statement).await.unwrap();
@@ -490,11 +492,12 @@ async fn seed_design(input: &std::path::Path, logins: u64) -> f64 {
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-        sqlx::query("INSERT INTO login_vault VALUES ($1, $2, $3, $4)")
+        sqlx::query("INSERT INTO login_vault VALUES ($1, $2, $3, $4, $5)")
             .bind(id)
             .bind(sealer.key_id())
             .bind(&ip)
             .bind(&device)
+            .bind(today)
             .execute(&mut *tx)
             .await
             .unwrap();

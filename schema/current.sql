@@ -51,6 +51,7 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   message_key(text): EXECUTE
 --   quarantine_withhold_erased_body(): EXECUTE
 --   vault_keys_are_never_deleted(): EXECUTE
+--   vault_month_ready(date): EXECUTE
 --   vault_only_through_doors(): EXECUTE
 --   vault_reveal(bigint) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_reveal_request(text,text,text,text,text) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
@@ -90,7 +91,8 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   login_vault: INSERT
 --   quarantine: SELECT (message_id), INSERT
 --   retention_windows: SELECT
---   user_logins: SELECT (id, message_id, message_id_text), INSERT
+--   undated_gate: SELECT, UPDATE
+--   user_logins: SELECT (create_date, id, message_id, message_id_text), INSERT
 --   vault_keys: SELECT (id, purpose, state, kms_key_id, created_by, created_at, retired_at, window_starts, format), INSERT
 --   user_logins_id_seq: USAGE
 --   vault_keys_id_seq: USAGE
@@ -112,6 +114,7 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   user_logins: SELECT
 --   vault_keys: SELECT (id, purpose, state, kms_key_id, created_by, created_at, retired_at, window_starts, format), INSERT, UPDATE
 --   vault_keys_id_seq: USAGE
+--   vault_add_month(date) [SECURITY DEFINER, owner pii_vault]: EXECUTE
 --   vault_carry_erasures(bigint,bigint[],text[],bytea[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_erase_user(text,text,text,boolean,bigint[],text[],bytea[],boolean,boolean,timestamp with time zone) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_expire_page(date,date,bigint,bigint,boolean,bigint[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
@@ -452,6 +455,51 @@ $$;
 
 
 ALTER FUNCTION public.quarantine_withhold_erased_body() OWNER TO pii_vault;
+
+--
+-- Name: vault_add_month(date); Type: FUNCTION; Schema: public; Owner: pii_vault
+--
+
+CREATE FUNCTION public.vault_add_month(p_month date) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET lock_timeout TO '5s'
+    AS $$
+DECLARE
+    starts date := date_trunc('month', p_month)::date;
+    ends date := (date_trunc('month', p_month) + interval '1 month')::date;
+    added boolean := false;
+    parent text;
+    partition text;
+BEGIN
+    IF NOT pg_has_role(session_user, current_user, 'MEMBER')
+       AND NOT pg_has_role(session_user, 'pii_vault_keyadmin', 'MEMBER') THEN
+        RAISE EXCEPTION 'adding months is for the key admin (pii_vault_keyadmin)'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF p_month IS NULL OR p_month < date '2000-01-01'
+       OR p_month >= date_trunc('month', current_date) + interval '25 months' THEN
+        RAISE EXCEPTION 'a month from 2000-01 to 24 months ahead, not %', p_month
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One adder at a time (two racing on one month would both find it missing), by the mode
+    -- ATTACH takes anyway: it conflicts with itself and with no reader or writer.
+    LOCK TABLE user_logins, login_vault IN SHARE UPDATE EXCLUSIVE MODE;
+    FOREACH parent IN ARRAY ARRAY['user_logins', 'login_vault'] LOOP
+        partition := parent || '_' || to_char(starts, 'YYYY_MM');
+        CONTINUE WHEN to_regclass('public.' || partition) IS NOT NULL;
+        EXECUTE format('CREATE TABLE public.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                       partition, parent);
+        EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES FROM (%L) TO (%L)',
+                       parent, partition, starts, ends);
+        added := true;
+    END LOOP;
+    RETURN added;
+END
+$$;
+
+
+ALTER FUNCTION public.vault_add_month(p_month date) OWNER TO pii_vault;
 
 --
 -- Name: vault_carry_erasures(bigint, bigint[], text[], bytea[]); Type: FUNCTION; Schema: public; Owner: pii_vault_door
@@ -821,6 +869,21 @@ $$;
 
 
 ALTER FUNCTION public.vault_keys_named_are_kept() OWNER TO pii_vault_door;
+
+--
+-- Name: vault_month_ready(date); Type: FUNCTION; Schema: public; Owner: pii_vault
+--
+
+CREATE FUNCTION public.vault_month_ready(p_day date) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+    SELECT to_regclass('public.user_logins_' || to_char(p_day, 'YYYY_MM')) IS NOT NULL
+       AND to_regclass('public.login_vault_' || to_char(p_day, 'YYYY_MM')) IS NOT NULL
+$$;
+
+
+ALTER FUNCTION public.vault_month_ready(p_day date) OWNER TO pii_vault;
 
 --
 -- Name: vault_only_through_doors(); Type: FUNCTION; Schema: public; Owner: pii_vault_door
@@ -1398,8 +1461,10 @@ CREATE TABLE public.login_vault (
     login_id bigint NOT NULL,
     data_key_id bigint NOT NULL,
     sealed_ip bytea NOT NULL,
-    sealed_device_id bytea NOT NULL
-);
+    sealed_device_id bytea NOT NULL,
+    create_date date NOT NULL
+)
+PARTITION BY RANGE (create_date);
 
 
 ALTER TABLE public.login_vault OWNER TO pii_vault;
@@ -1472,6 +1537,18 @@ CREATE TABLE public.retention_windows (
 ALTER TABLE public.retention_windows OWNER TO pii_vault;
 
 --
+-- Name: undated_gate; Type: TABLE; Schema: public; Owner: pii_vault
+--
+
+CREATE TABLE public.undated_gate (
+    only_row boolean DEFAULT true NOT NULL,
+    CONSTRAINT undated_gate_only_row_check CHECK (only_row)
+);
+
+
+ALTER TABLE public.undated_gate OWNER TO pii_vault;
+
+--
 -- Name: unmask_audit; Type: TABLE; Schema: public; Owner: pii_vault
 --
 
@@ -1529,7 +1606,8 @@ CREATE TABLE public.user_logins (
     ingested_at timestamp with time zone DEFAULT now() NOT NULL,
     message_id_text text,
     CONSTRAINT user_logins_message_id_text_only_when_not_a_uuid CHECK (((message_id_text IS NULL) OR (public.message_key(message_id_text) = message_id)))
-);
+)
+PARTITION BY RANGE (create_date);
 
 
 ALTER TABLE public.user_logins OWNER TO pii_vault;
@@ -1538,14 +1616,21 @@ ALTER TABLE public.user_logins OWNER TO pii_vault;
 -- Name: user_logins_id_seq; Type: SEQUENCE; Schema: public; Owner: pii_vault
 --
 
-ALTER TABLE public.user_logins ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME public.user_logins_id_seq
+CREATE SEQUENCE public.user_logins_id_seq
     START WITH 1
     INCREMENT BY 1
     NO MINVALUE
     NO MAXVALUE
-    CACHE 1
-);
+    CACHE 1;
+
+
+ALTER TABLE public.user_logins_id_seq OWNER TO pii_vault;
+
+--
+-- Name: user_logins_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: pii_vault
+--
+
+ALTER SEQUENCE public.user_logins_id_seq OWNED BY public.user_logins.id;
 
 
 --
@@ -1584,6 +1669,13 @@ ALTER TABLE public.vault_keys ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTI
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: user_logins id; Type: DEFAULT; Schema: public; Owner: pii_vault
+--
+
+ALTER TABLE ONLY public.user_logins ALTER COLUMN id SET DEFAULT nextval('public.user_logins_id_seq'::regclass);
 
 
 --
@@ -1639,7 +1731,7 @@ ALTER TABLE ONLY public.erasures
 --
 
 ALTER TABLE ONLY public.login_vault
-    ADD CONSTRAINT login_vault_pkey PRIMARY KEY (login_id);
+    ADD CONSTRAINT login_vault_pkey PRIMARY KEY (login_id, create_date);
 
 
 --
@@ -1675,6 +1767,14 @@ ALTER TABLE ONLY public.retention_windows
 
 
 --
+-- Name: undated_gate undated_gate_pkey; Type: CONSTRAINT; Schema: public; Owner: pii_vault
+--
+
+ALTER TABLE ONLY public.undated_gate
+    ADD CONSTRAINT undated_gate_pkey PRIMARY KEY (only_row);
+
+
+--
 -- Name: unmask_audit unmask_audit_hash_key; Type: CONSTRAINT; Schema: public; Owner: pii_vault
 --
 
@@ -1695,7 +1795,7 @@ ALTER TABLE ONLY public.unmask_audit
 --
 
 ALTER TABLE ONLY public.user_logins
-    ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id);
+    ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id, create_date);
 
 
 --
@@ -1703,7 +1803,7 @@ ALTER TABLE ONLY public.user_logins
 --
 
 ALTER TABLE ONLY public.user_logins
-    ADD CONSTRAINT user_logins_pkey PRIMARY KEY (id);
+    ADD CONSTRAINT user_logins_pkey PRIMARY KEY (id, create_date);
 
 
 --
@@ -1732,7 +1832,7 @@ CREATE INDEX erasures_token ON public.erasures USING btree (token_key_id, user_t
 -- Name: login_vault_data_key_id; Type: INDEX; Schema: public; Owner: pii_vault
 --
 
-CREATE INDEX login_vault_data_key_id ON public.login_vault USING brin (data_key_id) WITH (pages_per_range='16', autosummarize='on');
+CREATE INDEX login_vault_data_key_id ON ONLY public.login_vault USING brin (data_key_id) WITH (pages_per_range='16', autosummarize='on');
 
 
 --
@@ -1753,21 +1853,21 @@ CREATE UNIQUE INDEX unmask_audit_one_successor ON public.unmask_audit USING btre
 -- Name: user_logins_masked_device_id; Type: INDEX; Schema: public; Owner: pii_vault
 --
 
-CREATE INDEX user_logins_masked_device_id ON public.user_logins USING hash (masked_device_id);
+CREATE INDEX user_logins_masked_device_id ON ONLY public.user_logins USING hash (masked_device_id);
 
 
 --
 -- Name: user_logins_masked_ip; Type: INDEX; Schema: public; Owner: pii_vault
 --
 
-CREATE INDEX user_logins_masked_ip ON public.user_logins USING hash (masked_ip);
+CREATE INDEX user_logins_masked_ip ON ONLY public.user_logins USING hash (masked_ip);
 
 
 --
 -- Name: user_logins_user_id; Type: INDEX; Schema: public; Owner: pii_vault
 --
 
-CREATE INDEX user_logins_user_id ON public.user_logins USING hash (user_id);
+CREATE INDEX user_logins_user_id ON ONLY public.user_logins USING hash (user_id);
 
 
 --
@@ -1919,6 +2019,14 @@ REVOKE ALL ON FUNCTION public.door_hand_out(p_request bigint, p_door text) FROM 
 --
 
 REVOKE ALL ON FUNCTION public.door_in_hand(p_request bigint, p_door text, p_operation text, p_ids bigint[]) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION vault_add_month(p_month date); Type: ACL; Schema: public; Owner: pii_vault
+--
+
+REVOKE ALL ON FUNCTION public.vault_add_month(p_month date) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.vault_add_month(p_month date) TO pii_vault_keyadmin;
 
 
 --
@@ -2273,6 +2381,13 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.retention_windows TO pii_vault_keyadm
 
 
 --
+-- Name: TABLE undated_gate; Type: ACL; Schema: public; Owner: pii_vault
+--
+
+GRANT SELECT,UPDATE ON TABLE public.undated_gate TO pii_vault_ingester;
+
+
+--
 -- Name: TABLE unmask_audit; Type: ACL; Schema: public; Owner: pii_vault
 --
 
@@ -2304,6 +2419,13 @@ GRANT UPDATE(masked_ip) ON TABLE public.user_logins TO pii_vault_door;
 --
 
 GRANT UPDATE(masked_device_id) ON TABLE public.user_logins TO pii_vault_door;
+
+
+--
+-- Name: COLUMN user_logins.create_date; Type: ACL; Schema: public; Owner: pii_vault
+--
+
+GRANT SELECT(create_date) ON TABLE public.user_logins TO pii_vault_ingester;
 
 
 --

@@ -22,10 +22,28 @@ pub struct LoginRow {
     pub message_id: String,
     /// The columns analysts read, as the event gave them.
     pub in_clear: InClear,
-    pub create_date: Date,
+    pub create_date: LoginDate,
     /// `None` for a login of a user erased after it was sent: stored without them.
     pub personal: Option<PersonalFields>,
     pub deliveries: Deliveries,
+}
+
+/// A login's `create_date`, which also picks its month's partition (migration 0017).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginDate {
+    /// The day the queue received it (SQS's SentTimestamp): every redelivery repeats it.
+    Sent(Date),
+    /// The day it was ingested, for a source without send times (a file): a replay on a later
+    /// day dates it again, differently.
+    Ingested(Date),
+}
+
+impl LoginDate {
+    pub fn day(self) -> Date {
+        match self {
+            LoginDate::Sent(day) | LoginDate::Ingested(day) => day,
+        }
+    }
 }
 
 /// A login's personal fields as stored: tokens for analysts, sealed originals for the vault.
@@ -127,6 +145,15 @@ impl Batch {
     /// Messages (not deliveries) in the batch.
     pub fn len(&self) -> usize {
         self.logins.len() + self.quarantined.len()
+    }
+
+    /// Whether the batch holds logins dated in `month` (`YYYY-MM`) and nothing else.
+    pub fn all_of_month(&self, month: &str) -> bool {
+        self.quarantined.is_empty()
+            && self
+                .logins
+                .iter()
+                .all(|row| row.create_date.day().to_string().starts_with(month))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -279,8 +306,10 @@ fn login_row(
     LoginRow {
         message_id: message_id.to_owned(),
         in_clear: login.in_clear,
-        // A source without send times (a file) dates rows by when they were ingested.
-        create_date: sent_at.unwrap_or_else(OffsetDateTime::now_utc).date(),
+        create_date: match sent_at {
+            Some(sent_at) => LoginDate::Sent(sent_at.date()),
+            None => LoginDate::Ingested(OffsetDateTime::now_utc().date()),
+        },
         personal: Some(personal),
         deliveries: Deliveries {
             receipts: Vec::new(),
@@ -366,7 +395,7 @@ mod tests {
         let batch = build_plain(vec![message("m-1", VALID, "r-1")], &tokenizer, &sealer);
         assert_eq!((batch.logins.len(), batch.quarantined.len()), (1, 0));
         let row = &batch.logins[0];
-        assert_eq!(row.create_date.to_string(), "2023-11-14");
+        assert_eq!(row.create_date.day().to_string(), "2023-11-14");
         assert_eq!(
             (
                 row.in_clear.app_version.encoded,

@@ -126,6 +126,7 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
             pool.clone(),
             stats.clone(),
             keys_retired.clone(),
+            settings.storage.clone(),
         ));
     }
     tasks.close();

@@ -1,7 +1,7 @@
 //! The checks behind `ingest`'s `/readyz` ([`crate::telemetry::readiness`] runs and reports
 //! them): the database answers, the source answers (any source with a health check:
 //! [`SourceHealth`]), the keys are there (an active token key, and a usable KMS key to wrap new
-//! data keys), and sealing has not stopped.
+//! data keys), sealing has not stopped, and logins have partitions to go to.
 
 use std::sync::Arc;
 
@@ -13,19 +13,25 @@ use crate::vault::keyring::Keyring;
 use crate::vault::kms::KeyWrapper;
 
 /// `ingest`'s checks, in the order `/readyz` reports them: `database`, `queue` (only for a
-/// source with a health check, a queue and not a file: `Source::health`), `keys`, `sealing`.
+/// source with a health check, a queue and not a file: `Source::health`), `keys`, `sealing`,
+/// `storage`.
 pub fn checks<W: KeyWrapper>(
     pool: PgPool,
     queue: Option<Arc<dyn SourceHealth>>,
     keyring: Keyring<W>,
     sealing: Arc<Condition>,
+    storage: Arc<Condition>,
 ) -> Vec<Box<dyn Check>> {
-    let mut checks: Vec<Box<dyn Check>> = vec![Box::new(Database(pool))];
+    let mut checks: Vec<Box<dyn Check>> = vec![Box::new(Database(pool.clone()))];
     if let Some(queue) = queue {
         checks.push(Box::new(Queue(queue)));
     }
     checks.push(Box::new(Keys(keyring)));
     checks.push(Box::new(Sealing(sealing)));
+    checks.push(Box::new(Storage {
+        pool,
+        refused: storage,
+    }));
     checks
 }
 
@@ -87,6 +93,39 @@ impl Check for Sealing {
     }
 }
 
+/// Today's logins have a month to go to (migration 0017's partitions), and no batch has been
+/// refused for a month without one since the last batch stored.
+struct Storage {
+    pool: PgPool,
+    refused: Arc<Condition>,
+}
+
+impl Check for Storage {
+    fn name(&self) -> &'static str {
+        "storage"
+    }
+
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async {
+            if let Some(why) = self.refused.get() {
+                return Err(why);
+            }
+            let today: Option<String> = sqlx::query_scalar(
+                "SELECT to_char(current_date, 'YYYY-MM') WHERE NOT vault_month_ready(current_date)",
+            )
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            match today {
+                None => Ok(()),
+                Some(month) => Err(format!(
+                    "no partition for logins of {month}: `rotate-keys partitions --ahead N` adds months"
+                )),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -140,7 +179,7 @@ mod tests {
             TEST_KMS_KEY,
             "test",
         );
-        checks(pool, source, keyring, Arc::default())
+        checks(pool, source, keyring, Arc::default(), Arc::default())
     }
 
     fn names(checks: &[Box<dyn Check>]) -> Vec<&'static str> {
@@ -151,7 +190,10 @@ mod tests {
     async fn the_queue_check_is_the_sources_own_and_says_why_not() {
         let source = Arc::new(InMemory::default());
         let mut all = checks_with(Some(source.clone()));
-        assert_eq!(names(&all), ["database", "queue", "keys", "sealing"]);
+        assert_eq!(
+            names(&all),
+            ["database", "queue", "keys", "sealing", "storage"]
+        );
 
         let queue = all.remove(1);
         let readiness = Readiness::new(vec![queue], CancellationToken::new());
@@ -167,6 +209,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_source_without_a_health_check_has_no_queue_line() {
-        assert_eq!(names(&checks_with(None)), ["database", "keys", "sealing"]);
+        assert_eq!(
+            names(&checks_with(None)),
+            ["database", "keys", "sealing", "storage"]
+        );
     }
 }

@@ -29,6 +29,8 @@ pub struct Settings {
     pub key_check_interval: Duration,
     /// Set while sealing is stopped, for `/readyz`.
     pub sealing: Arc<Condition>,
+    /// Set while a login's month has no partition to store it in, for `/readyz`.
+    pub storage: Arc<Condition>,
 }
 
 impl Settings {
@@ -55,6 +57,7 @@ impl Default for Settings {
             data_key_max_age: Duration::from_secs(24 * 3600),
             key_check_interval: Duration::from_secs(5),
             sealing: Arc::default(),
+            storage: Arc::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::source::{Message, MessageSource, Receipt, SourceError};
 use super::stats::{Stats, add};
 use super::writer::{self, WriteError};
 use crate::retry::{Backoff, Policy, retry};
+use crate::telemetry::readiness::Condition;
 use crate::telemetry::{self, retried};
 use crate::vault::kms::KeyWrapper;
 use crate::vault::retention::{Placement, Windows};
@@ -197,28 +198,46 @@ pub(super) async fn write_batches<S: MessageSource>(
     pool: PgPool,
     stats: Arc<Stats>,
     keys_retired: Arc<AtomicBool>,
+    storage: Arc<Condition>,
 ) {
     loop {
         // Hold the lock only while taking a batch, so the writers share one queue.
         let next = batches.lock().await.recv().await;
         let Some(batch) = next else { return };
-        write_and_acknowledge(batch, source.as_ref(), &pool, &stats, &keys_retired).await;
+        let writing = Writing {
+            pool: &pool,
+            stats: &stats,
+            keys_retired: &keys_retired,
+            storage: &storage,
+        };
+        write_and_acknowledge(batch, source.as_ref(), writing).await;
     }
+}
+
+/// What every writer shares.
+#[derive(Clone, Copy)]
+struct Writing<'w> {
+    pool: &'w PgPool,
+    stats: &'w Stats,
+    keys_retired: &'w AtomicBool,
+    /// Set while a login's month has no partition, for `/readyz`.
+    storage: &'w Condition,
 }
 
 /// Writes a batch (retrying faults, splitting it to isolate a bad message) and acknowledges
 /// exactly the messages that committed.
-async fn write_and_acknowledge<S: MessageSource>(
-    batch: Batch,
-    source: &S,
-    pool: &PgPool,
-    stats: &Stats,
-    keys_retired: &AtomicBool,
-) {
+async fn write_and_acknowledge<S: MessageSource>(batch: Batch, source: &S, writing: Writing<'_>) {
+    let Writing {
+        pool,
+        stats,
+        keys_retired,
+        storage,
+    } = writing;
     let mut work = vec![batch];
     while let Some(batch) = work.pop() {
         match write_with_retry(pool, &batch, stats).await {
             Ok(written) => {
+                storage.clear();
                 add(&stats.stored, telemetry::STORED, written.stored);
                 add(
                     &stats.quarantined,
@@ -264,6 +283,20 @@ async fn write_and_acknowledge<S: MessageSource>(
                     "batch refused ({refused}); it will be redelivered"
                 );
                 keys_retired.store(true, Ordering::Relaxed);
+                add(
+                    &stats.left_on_queue,
+                    telemetry::LEFT_ON_QUEUE,
+                    batch.len() as u64,
+                );
+            }
+            Err(WriteError::NoPartition { month }) if batch.all_of_month(&month) => {
+                // Splitting the batch would not help: each of its logins is refused alike.
+                let why = WriteError::NoPartition { month }.to_string();
+                tracing::error!(
+                    messages = batch.len(),
+                    "{why}; the messages stay on the queue"
+                );
+                storage.set(why);
                 add(
                     &stats.left_on_queue,
                     telemetry::LEFT_ON_QUEUE,

@@ -7,7 +7,17 @@
 //! reserved from the sequence, so the login and its vault row go in together. Should another
 //! replica commit the same message between the look-up and the copy (a redelivery racing its
 //! first delivery), the unique index refuses the copy and the batch is written again
-//! ([`WriteError::Raced`]), when the look-up sees it. A login never exists without its sealed
+//! ([`WriteError::Raced`]), when the look-up sees it.
+//!
+//! Both tables are partitioned by login month (migration 0017), and a unique index holds only
+//! within a month, so the look-up and the unique index go by (message key, login date). A
+//! message from a queue keeps its date over every redelivery ([`LoginDate::Sent`]); a file
+//! line is dated when it is ingested ([`LoginDate::Ingested`]), so a replay on a later day
+//! has another date: such lines are looked up in every month, with `undated_gate`'s row held
+//! so that two replays cannot both miss each other. A month without partitions refuses the
+//! copy ([`WriteError::NoPartition`]): nothing is written, and the messages stay on the queue.
+//!
+//! A login never exists without its sealed
 //! values (unless its user was erased after it was sent: then it has neither tokens nor
 //! sealed values). Quarantined messages, rare, go in by `INSERT ... ON CONFLICT`, with their
 //! bodies sealed, or withheld when their person is gone.
@@ -15,8 +25,9 @@
 use std::collections::HashSet;
 
 use sqlx::PgPool;
+use sqlx::postgres::PgDatabaseError;
 
-use super::batch::{Batch, LoginRow, Withheld};
+use super::batch::{Batch, LoginDate, LoginRow, Withheld};
 use super::source::MessageKey;
 use crate::vault::erasure::erasure_lock;
 use crate::vault::key_table::key_use;
@@ -30,14 +41,23 @@ pub struct Written {
     pub duplicates: u64,
 }
 
-const STORED_KEYS: &str =
+/// Searches only the months of the batch's dates (the other months' partitions are pruned).
+const STORED_KEYS_OF_DAYS: &str = "SELECT message_id::text FROM user_logins
+     WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date = ANY ($2::date[])";
+
+/// Searches every month, for lines whose date a replay does not repeat.
+const STORED_KEYS_ANY_DAY: &str =
     "SELECT message_id::text FROM user_logins WHERE message_id = ANY ($1::text[]::uuid[])";
+
+/// Held until the commit by a writer of undated lines (migration 0017).
+const HOLD_UNDATED_GATE: &str = "SELECT 1 FROM undated_gate FOR UPDATE";
 
 const RESERVE_LOGIN_IDS: &str =
     "SELECT nextval('user_logins_id_seq') FROM generate_series(1, $1::int4)";
 
-/// The unique index whose refusal means another writer stored one of the batch's messages.
-const MESSAGE_KEY_INDEX: &str = "user_logins_message_id_key";
+/// How the unique index whose refusal means another writer stored one of the batch's messages
+/// ends its name, in each month's partition (`user_logins_2026_12_message_id_create_date_key`).
+const MESSAGE_KEY_INDEX: &str = "_message_id_create_date_key";
 
 /// A withheld body (migration 0013) has neither a data key nor a user token.
 const INSERT_QUARANTINE: &str = "
@@ -66,6 +86,9 @@ pub enum WriteError {
     /// writing the batch again skips it.
     #[error("another writer stored a message of this batch meanwhile")]
     Raced,
+    /// A login's month has no partition: `rotate-keys partitions` (or `window`) adds it.
+    #[error("no partition for logins of {month}: `rotate-keys partitions --ahead N` adds months")]
+    NoPartition { month: String },
 }
 
 /// Writes `batch` in one transaction. Nothing is visible (or acknowledged) unless it commits.
@@ -139,12 +162,22 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
         })
         .collect();
     let texts: Vec<&str> = keys.iter().map(|(_, text)| text.as_str()).collect();
-    let stored: HashSet<String> = sqlx::query_scalar(STORED_KEYS)
-        .bind(&texts)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+    let undated = batch
+        .logins
+        .iter()
+        .any(|row| matches!(row.create_date, LoginDate::Ingested(_)));
+    let look_up = if undated {
+        sqlx::query(HOLD_UNDATED_GATE).execute(&mut *tx).await?;
+        sqlx::query_scalar(STORED_KEYS_ANY_DAY).bind(&texts)
+    } else {
+        let mut days: Vec<time::Date> = batch.logins.iter().map(|r| r.create_date.day()).collect();
+        days.sort_unstable();
+        days.dedup();
+        sqlx::query_scalar(STORED_KEYS_OF_DAYS)
+            .bind(&texts)
+            .bind(days)
+    };
+    let stored: HashSet<String> = look_up.fetch_all(&mut *tx).await?.into_iter().collect();
     let mut copied = HashSet::with_capacity(keys.len());
     let new: Vec<(&LoginRow, &(MessageKey, String))> = batch
         .logins
@@ -182,7 +215,7 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
             r.text("locale", clear.locale.as_deref());
             r.int4("app_version", clear.app_version.encoded);
             r.text("app_version_text", Some(&clear.app_version.text));
-            r.date("create_date", row.create_date);
+            r.date("create_date", row.create_date.day());
             r.int8("token_key_id", batch.token_key_id.0);
         });
         if let Some(personal) = personal {
@@ -191,6 +224,7 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
                 r.int8("data_key_id", batch.data_key_id.0);
                 r.bytes("sealed_ip", Some(&personal.sealed_ip));
                 r.bytes("sealed_device_id", Some(&personal.sealed_device_id));
+                r.date("create_date", row.create_date.day());
             });
         }
     }
@@ -209,9 +243,29 @@ async fn copy(tx: &mut sqlx::PgConnection, rows: CopyRows) -> Result<u64, WriteE
     let mut copy = tx.copy_in_raw(&statement).await?;
     copy.send(rows.finish()).await?;
     copy.finish().await.map_err(|error| match &error {
-        sqlx::Error::Database(e) if e.constraint() == Some(MESSAGE_KEY_INDEX) => WriteError::Raced,
+        sqlx::Error::Database(e)
+            if e.constraint()
+                .is_some_and(|name| name.ends_with(MESSAGE_KEY_INDEX)) =>
+        {
+            WriteError::Raced
+        }
+        sqlx::Error::Database(e) if e.message().starts_with("no partition of relation") => {
+            WriteError::NoPartition {
+                month: failing_month(e.try_downcast_ref::<PgDatabaseError>()),
+            }
+        }
         _ => WriteError::Database(error),
     })
+}
+
+/// The month of the row a partitioned table had no partition for, from the error's detail:
+/// "Partition key of the failing row contains (create_date) = (2027-05-01)." (a date, never
+/// personal).
+fn failing_month(error: Option<&PgDatabaseError>) -> String {
+    error
+        .and_then(PgDatabaseError::detail)
+        .and_then(|detail| detail.split_once("= (")?.1.get(..7).map(str::to_owned))
+        .unwrap_or_else(|| "a month".to_owned())
 }
 
 /// One table's rows in PostgreSQL's binary `COPY` format: a header, then per row a field count

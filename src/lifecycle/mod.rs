@@ -16,9 +16,11 @@
 //!   key, witnessed outside the database, and re-applied to a restored database;
 //! - `retention`: retention windows: registering one (and what its KMS key may be), and
 //!   expiring them;
+//! - `months`: the month partitions logins are stored in, added ahead of time;
 //! - [`status`]: every key with what it protects, from the key table.
 
 mod erasure;
+mod months;
 mod retention;
 mod rewrap;
 mod rewrite;
@@ -35,6 +37,7 @@ pub use crate::vault::key_table::{KeyStatus, status};
 pub use erasure::{
     Erased, Erasure, Reapplied, Witnessed, erase, reapply_erasures, witness_erasures,
 };
+pub use months::{add_month, add_months_ahead};
 pub use retention::{Expiry, WindowExpiry, add_window, expire};
 pub use rewrap::{Rewrapped, rewrap};
 pub use rotation::{Options, Report, replace_keys};

@@ -57,6 +57,8 @@ pub async fn add_window<W: KeyWrapper>(
     kms_key_id: &str,
 ) -> Result<bool, LifecycleError> {
     let kms_key_id = &check_window_key(pool, keyring, month, kms_key_id).await?;
+    // A window's logins need their month's partitions: made with the window, never after.
+    super::add_month(pool, month).await?;
     let added = sqlx::query(
         "INSERT INTO retention_windows (starts, ends, kms_key_id) VALUES ($1, $2, $3)
          ON CONFLICT (starts) DO NOTHING",

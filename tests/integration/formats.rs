@@ -186,14 +186,17 @@ async fn format_1_values_open_uncommitted_until_a_data_key_rotation_moves_them_t
     let seal = |field, value: &str| {
         sealer.seal(&login_place(field, message_id, "u-old"), value.as_bytes())
     };
-    sqlx::query("INSERT INTO login_vault VALUES ($1, $2, $3, $4)")
-        .bind(login_id)
-        .bind(sealer.key_id())
-        .bind(seal(Field::Ip, ip))
-        .bind(seal(Field::DeviceId, device_id))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO login_vault (login_id, data_key_id, sealed_ip, sealed_device_id, create_date)
+         SELECT $1, $2, $3, $4, create_date FROM user_logins WHERE id = $1",
+    )
+    .bind(login_id)
+    .bind(sealer.key_id())
+    .bind(seal(Field::Ip, ip))
+    .bind(seal(Field::DeviceId, device_id))
+    .execute(&env.pool)
+    .await
+    .unwrap();
     // A new login, ingested now, is sealed in format 2 beside it.
     assert_eq!(
         env.ingest_bodies(&[login("u-old", "10.9.8.8", "dev-format-2")])

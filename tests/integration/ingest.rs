@@ -885,7 +885,7 @@ async fn logins_stored_before_the_16_byte_message_key_still_open_and_still_dedup
         .bind(personal.masked_device_id.as_str())
         .bind(row.in_clear.locale.as_deref())
         .bind(row.in_clear.app_version.encoded)
-        .bind(row.create_date)
+        .bind(row.create_date.day())
         .bind(&row.message_id)
         .bind(tokenizer.key_id())
         .bind(&row.in_clear.app_version.text)
@@ -970,20 +970,10 @@ async fn a_writer_that_loses_a_race_for_a_message_stores_the_rest_when_written_a
         let result = writer::write(&pool, &batch).await;
         (result, batch)
     });
-    common::within(
-        Duration::from_secs(10),
+    common::until_waiting_on_a_lock(
+        &env,
         "the writer waiting on the rival's entry",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE 'COPY user_logins%'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            waiting == 1
-        },
+        "COPY user_logins%",
     )
     .await;
     rival.commit().await.unwrap();
@@ -1026,65 +1016,158 @@ fn batch_of<'a>(
     pii_vault::ingest::batch::build(messages, tokenizer, sealer, &erased, false)
 }
 
-/// Every query the README promises is served by an index, after migration 0008 slimmed them:
-/// unmask by user and by token, idempotency on the message key, the rotation and expiry walks
-/// by id, a login's vault row, and the proof that a data key seals nothing.
+/// Every query the README promises is served by an index in every month it reaches, after
+/// migration 0008 slimmed them and 0017 split the tables by month: unmask by user and by
+/// token, idempotency on the message key (pruned to its month), the rotation walk by id, a
+/// login's vault row, and the proof that a data key seals nothing.
 #[tokio::test]
-async fn every_promised_query_is_served_by_an_index() {
+async fn every_promised_query_is_served_by_an_index_in_every_month() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
     let file =
         pii_vault::ingest::source::file::FileSource::open(common::SAMPLE_JSONL, None).unwrap();
     let summary = env.drain_from(Arc::new(file)).await;
     assert_eq!(summary.stored, 99, "{summary}");
+    // Logins in a second month, so that every query meets two partitions of each table.
+    let earlier = time::Date::from_calendar_date(2025, time::Month::June, 15)
+        .unwrap()
+        .with_hms(12, 0, 0)
+        .unwrap()
+        .assume_utc();
+    env.add_month(earlier.date()).await;
+    let summary = env
+        .drain_from(common::VecSource::sent_at(&sample_bodies()[..10], earlier))
+        .await;
+    assert!(summary.stored >= 9, "{summary}");
+    let months_with_logins: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT date_trunc('month', create_date)) FROM user_logins",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(months_with_logins, 2);
+    let partitions = |table: &str| {
+        let table = table.to_owned();
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_partition_tree($1::regclass) WHERE isleaf",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap() as usize
+        }
+    };
+    let (login_months, vault_months) = (
+        partitions("user_logins").await,
+        partitions("login_vault").await,
+    );
+    assert!(
+        login_months >= 5 && vault_months == login_months,
+        "{login_months} {vault_months}"
+    );
+    // (query, the parent index each partition's scan must use, partitions it must reach)
     let queries = [
         (
             "SELECT id FROM user_logins WHERE user_id = 'u'",
             "user_logins_user_id",
+            login_months,
         ),
         (
             "SELECT id FROM user_logins WHERE masked_ip = 'x'",
             "user_logins_masked_ip",
+            login_months,
         ),
         (
             "SELECT id FROM user_logins WHERE masked_device_id = 'x'",
             "user_logins_masked_device_id",
+            login_months,
+        ),
+        (
+            "SELECT message_id FROM user_logins
+             WHERE message_id = ANY ('{0b1e4c8e-3f7a-4c55-9d0e-6a0f5c1e2d3b}'::uuid[])
+               AND create_date = ANY ('{2025-06-15}'::date[])",
+            "user_logins_message_id_key",
+            1,
         ),
         (
             "SELECT message_id FROM user_logins
              WHERE message_id = ANY ('{0b1e4c8e-3f7a-4c55-9d0e-6a0f5c1e2d3b}'::uuid[])",
             "user_logins_message_id_key",
+            login_months,
         ),
         (
             "SELECT id FROM user_logins WHERE id > 10 ORDER BY id LIMIT 5",
             "user_logins_pkey",
+            login_months,
         ),
         (
             "SELECT sealed_ip FROM login_vault WHERE login_id = 7",
             "login_vault_pkey",
+            vault_months,
         ),
         (
             "SELECT 1 FROM login_vault WHERE data_key_id = 2",
             "login_vault_data_key_id",
+            vault_months,
         ),
     ];
     let mut connection = env.pool.acquire().await.unwrap();
-    // Whether an index can serve the query, not whether 99 rows are worth it.
+    // Whether an index can serve the query, not whether a few rows are worth it.
     sqlx::query("SET enable_seqscan = off")
         .execute(&mut *connection)
         .await
         .unwrap();
-    for (query, index) in queries {
-        let plan: String = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {query}"))
+    for (query, index, reached) in queries {
+        let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {query}"))
             .fetch_one(&mut *connection)
             .await
-            .map(|plan: serde_json::Value| plan.to_string())
             .unwrap();
+        let mut scans = Vec::new();
+        relation_scans(&plan, &mut scans);
         assert!(
-            plan.contains(&format!("\"Index Name\":\"{index}\"")),
+            scans.iter().all(|(node, _)| node != "Seq Scan"),
             "{query}: {plan}"
         );
+        let roots: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_partition_root(i::regclass)::text FROM unnest($1::text[]) AS i",
+        )
+        .bind(
+            scans
+                .iter()
+                .filter(|(_, index)| !index.is_empty())
+                .map(|(_, index)| index.clone())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *connection)
+        .await
+        .unwrap();
+        assert_eq!(roots.len(), reached, "{query}: {plan}");
+        assert!(roots.iter().all(|root| root == index), "{query}: {roots:?}");
     }
     drop(connection);
     env.cleanup().await;
+}
+
+/// Each node of `plan` that scans a table or an index: its type and the index ("" for none).
+fn relation_scans(plan: &serde_json::Value, scans: &mut Vec<(String, String)>) {
+    match plan {
+        serde_json::Value::Array(items) => {
+            items.iter().for_each(|item| relation_scans(item, scans))
+        }
+        serde_json::Value::Object(node) => {
+            if node.contains_key("Relation Name") || node.contains_key("Index Name") {
+                let text = |key: &str| {
+                    node.get(key)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                scans.push((text("Node Type"), text("Index Name")));
+            }
+            node.values().for_each(|value| relation_scans(value, scans));
+        }
+        _ => {}
+    }
 }

@@ -511,6 +511,7 @@ async fn a_replay_keeps_the_first_send_date_over_both_protocols_and_a_forged_one
     let letters = DeadLetters::attach(&env, 5).await;
     let first_sent = time::OffsetDateTime::from_unix_timestamp(1_709_294_400).unwrap();
     assert_eq!(first_sent.date().to_string(), "2024-03-01");
+    env.add_month(first_sent.date()).await;
     let millis = (first_sent.unix_timestamp() * 1000).to_string();
     let today = time::OffsetDateTime::now_utc().date();
 

@@ -242,6 +242,11 @@ impl Walk {
         let env = TestEnv::new(30).await;
         let init = rotate_keys(&env, &["init"]).await;
         assert!(init.status.success(), "rotate-keys init: {}", stderr(&init));
+        for (year, month) in MONTHS {
+            let month = time::Month::try_from(month).unwrap();
+            env.add_month(Date::from_calendar_date(year, month, 1).unwrap())
+                .await;
+        }
         let ingester = db::connect(&url_as(&env.database_url, "ingester"), 4)
             .await
             .expect("the ingester logs in");

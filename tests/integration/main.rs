@@ -24,6 +24,7 @@ mod keys;
 mod late;
 mod library;
 mod lifecycle;
+mod months;
 mod progress;
 mod retention;
 mod rotate;

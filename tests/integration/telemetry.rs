@@ -100,7 +100,10 @@ async fn metrics_count_an_ingest_and_readiness_follows_the_database() {
     let (status, readiness) = get(port, "/readyz").await.unwrap();
     assert_eq!(
         (status, readiness.as_str()),
-        (200, "database: ok\nqueue: ok\nkeys: ok\nsealing: ok\n")
+        (
+            200,
+            "database: ok\nqueue: ok\nkeys: ok\nsealing: ok\nstorage: ok\n"
+        )
     );
     assert_eq!(get(port, "/nothing-here").await.unwrap().0, 404);
 

@@ -170,6 +170,7 @@ impl TryFrom<Args> for Config {
             data_key_max_age: Duration::from_secs(args.data_key_max_age),
             key_check_interval: Duration::from_secs(args.key_check_seconds),
             sealing: Arc::default(),
+            storage: Arc::default(),
         };
         Ok(Config {
             format: args.output.format,
@@ -245,6 +246,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             health.clone(),
             keyring("ingest readiness check"),
             settings.sealing.clone(),
+            settings.storage.clone(),
         );
         let created_by = cli::process_name("ingest");
         tokio::spawn(watch::run(

@@ -104,6 +104,13 @@ enum Command {
         #[arg(long = "key", id = "window_kms_key_id", value_name = "KMS_KEY")]
         kms_key_id: String,
     },
+    /// Add the month partitions logins are stored in: this month's and the next N. A login of
+    /// a month without them stays on the queue; run this on a schedule (e.g. daily).
+    Partitions {
+        /// Months after this one to add.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=24))]
+        ahead: u32,
+    },
     /// Expire the retention windows that end before the horizon: delete their logins' sealed
     /// values and quarantined bodies, destroy their data keys and schedule their KMS keys for
     /// deletion, so backups cannot open them either. A dry run unless --apply; resumable.
@@ -190,6 +197,9 @@ pub enum Task {
         month: time::Date,
         kms_key_id: String,
     },
+    Partitions {
+        ahead: u32,
+    },
     Expire(Expiry),
 }
 
@@ -266,6 +276,7 @@ impl TryFrom<Args> for Config {
                 }
                 Task::Window { month, kms_key_id }
             }
+            Command::Partitions { ahead } => Task::Partitions { ahead },
             Command::Expire {
                 older_than,
                 apply,

@@ -86,6 +86,7 @@ async fn execute(config: Config) -> anyhow::Result<Said> {
         Task::Window { month, kms_key_id } => {
             retention::add_window(&admin, month, &kms_key_id).await?
         }
+        Task::Partitions { ahead } => retention::add_months(&admin, ahead).await?,
         Task::Expire(expiry) => retention::expire(&admin, &expiry).await?,
     })
 }

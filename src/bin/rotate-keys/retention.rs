@@ -1,4 +1,5 @@
-//! `window` and `expire`: retention windows registered, and expired.
+//! `window`, `partitions` and `expire`: retention windows registered, the months logins are
+//! stored in added, and windows expired.
 
 use pii_vault::cli::Said;
 use pii_vault::lifecycle::{self, Expiry, WindowExpiry};
@@ -22,6 +23,29 @@ pub async fn add_window(
             format!("retention window {month} already registered under {kms_key_id}; nothing to do")
         },
         json!({"month": month, "kms_key_id": kms_key_id, "added": added}),
+    ))
+}
+
+pub async fn add_months(admin: &Admin, ahead: u32) -> anyhow::Result<Said> {
+    let today = time::OffsetDateTime::now_utc().date();
+    let months = lifecycle::add_months_ahead(&admin.pool, today, ahead).await?;
+    let name = |month: &time::Date| month.to_string()[..7].to_owned();
+    let added: Vec<String> = months
+        .iter()
+        .filter(|(_, added)| *added)
+        .map(|(month, _)| name(month))
+        .collect();
+    let (first, last) = (name(&months[0].0), name(&months[months.len() - 1].0));
+    Ok(Said::new(
+        if added.is_empty() {
+            format!("months {first} to {last} have their partitions; nothing to do")
+        } else {
+            format!(
+                "months {first} to {last} have their partitions; added {}",
+                added.join(", ")
+            )
+        },
+        json!({"first": first, "last": last, "added": added}),
     ))
 }
 

@@ -175,6 +175,14 @@ impl TestEnv {
         )
     }
 
+    /// Adds the partitions of `day`'s month, as `rotate-keys partitions` would for a month
+    /// ahead: a login is stored only in its month's partitions (migration 0017).
+    pub async fn add_month(&self, day: time::Date) {
+        pii_vault::lifecycle::add_month(&self.pool, day)
+            .await
+            .expect("vault_add_month");
+    }
+
     /// `rotate-keys init`, in-process.
     pub async fn init_token_key(&self) {
         self.keyring()
@@ -910,6 +918,24 @@ impl Replica {
     pub fn wait(self, limit: Duration) -> Ended {
         self.process.wait(limit)
     }
+}
+
+/// Waits (up to 10 s) until one session of `env`'s database waits on a lock while running a
+/// statement like `statement` (a LIKE pattern): proof that it reached the lock, not just ran.
+pub async fn until_waiting_on_a_lock(env: &TestEnv, what: &str, statement: &str) {
+    within(Duration::from_secs(10), what, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE $1",
+        )
+        .bind(statement)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
 }
 
 /// Asserts that `condition` holds within `limit`, naming `what` otherwise.

@@ -1,0 +1,343 @@
+//! Logins stored by month (migration 0017): a month without partitions keeps its messages on
+//! the queue and readiness names it; idempotency holds across months, for a redelivered
+//! message and for a file replayed on a later day; the months are added by the key admin
+//! alone, and a partition is no way around the parents' grants.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{self, TestEnv, login, rotate_keys, sample_bodies, stderr, stdout};
+use pii_vault::ingest::source::file::FileSource;
+use pii_vault::ingest::source::{Message, Receipt};
+use pii_vault::ingest::{self, Settings};
+use pii_vault::telemetry::readiness::Condition;
+use time::{Date, Month, OffsetDateTime};
+
+fn at(year: i32, month: Month, day: u8, hms: (u8, u8, u8)) -> OffsetDateTime {
+    Date::from_calendar_date(year, month, day)
+        .unwrap()
+        .with_hms(hms.0, hms.1, hms.2)
+        .unwrap()
+        .assume_utc()
+}
+
+async fn partitions_of(env: &TestEnv, month: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits
+          WHERE inhparent IN ('user_logins'::regclass, 'login_vault'::regclass)
+            AND inhrelid::regclass::text IN ('user_logins_' || $1, 'login_vault_' || $1)",
+    )
+    .bind(month)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_month_without_partitions_keeps_its_logins_on_the_queue_and_readiness_names_it() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let sent = at(2021, Month::March, 15, (12, 0, 0));
+    assert_eq!(partitions_of(&env, "2021_03").await, 0);
+    let messages = || -> Vec<Message> {
+        (0..3)
+            .map(|n| Message {
+                id: format!("march-{n}"),
+                body: login(&format!("u-{n}"), "10.1.1.1", "dev").into_bytes(),
+                sent_at: Some(sent),
+                receipt: Receipt(format!("r-{n}")),
+                read_at: Instant::now(),
+            })
+            .collect()
+    };
+    let storage = Arc::new(Condition::default());
+    let run = |messages: Vec<Message>| {
+        let settings = Settings {
+            drain: true,
+            flush_interval: Duration::from_millis(20),
+            storage: storage.clone(),
+            ..Settings::default()
+        };
+        ingest::run(
+            common::VecSource::of_messages(messages),
+            env.pool.clone(),
+            env.keyring(),
+            settings,
+            Arc::default(),
+            CancellationToken::new(),
+        )
+    };
+    let summary = run(messages()).await.unwrap();
+    assert_eq!(
+        (summary.stored, summary.left_on_queue, summary.acknowledged),
+        (0, 3, 0),
+        "{summary}"
+    );
+    let why = storage.get().expect("readiness says why");
+    assert!(why.contains("no partition for logins of 2021-03"), "{why}");
+    assert!(why.contains("rotate-keys partitions"), "{why}");
+    assert_eq!(env.count("user_logins").await, 0);
+
+    // The key admin adds the month: the same messages, delivered again, are stored.
+    env.add_month(sent.date()).await;
+    assert_eq!(partitions_of(&env, "2021_03").await, 2);
+    let summary = run(messages()).await.unwrap();
+    assert_eq!((summary.stored, summary.left_on_queue), (3, 0), "{summary}");
+    assert_eq!(storage.get(), None, "a stored batch clears it");
+
+    // Without this month's partitions, readiness fails before any message does.
+    let this_month: String = sqlx::query_scalar("SELECT to_char(current_date, 'YYYY_MM')")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let report = |env: &TestEnv| {
+        let checks = ingest::readiness::checks(
+            env.pool.clone(),
+            None,
+            env.keyring(),
+            Arc::default(),
+            Arc::default(),
+        );
+        pii_vault::telemetry::readiness::Readiness::new(checks, CancellationToken::new())
+    };
+    let ready = report(&env).check().await;
+    assert!(ready.is_ready(), "{ready}");
+    sqlx::query(&format!("DROP TABLE login_vault_{this_month}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let ready = report(&env).check().await;
+    assert!(!ready.is_ready());
+    let month = this_month.replace('_', "-");
+    assert!(
+        ready
+            .to_string()
+            .contains(&format!("storage: no partition for logins of {month}")),
+        "{ready}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_delivered_again_in_the_next_month_is_stored_once_in_its_send_month() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let sent = at(2025, Month::January, 31, (23, 59, 59));
+    env.add_month(sent.date()).await;
+    env.add_month(at(2025, Month::February, 1, (0, 0, 0)).date())
+        .await;
+    let delivery = |receipt: &str| Message {
+        id: "a4f0c1de-0000-4c55-9f31-0e8d2a7b9c10".to_owned(),
+        body: login("u-1", "10.1.1.1", "dev").into_bytes(),
+        sent_at: Some(sent),
+        receipt: Receipt(receipt.to_owned()),
+        read_at: Instant::now(),
+    };
+    let first = env
+        .drain_from(common::VecSource::of_messages(vec![delivery("first")]))
+        .await;
+    assert_eq!(first.stored, 1, "{first}");
+    // Redelivered in February (its visibility timeout passed across midnight): SQS keeps its
+    // SentTimestamp, so its date and its month are the first delivery's.
+    let again = env
+        .drain_from(common::VecSource::of_messages(vec![delivery("again")]))
+        .await;
+    assert_eq!((again.stored, again.duplicates), (0, 1), "{again}");
+    let rows: Vec<(String, Date)> =
+        sqlx::query_as("SELECT tableoid::regclass::text, create_date FROM user_logins")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, [("user_logins_2025_01".to_owned(), sent.date())]);
+    env.cleanup().await;
+}
+
+/// Moves every stored login and vault row `days` into the past: the file was first ingested
+/// then. Rows change partition as their date changes month.
+async fn backdate(env: &TestEnv, days: i32) {
+    for table in ["user_logins", "login_vault"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET create_date = create_date - $1"
+        ))
+        .bind(days)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_file_replayed_in_a_later_month_stores_nothing_again() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let first_day = OffsetDateTime::now_utc().date() - time::Duration::days(40);
+    env.add_month(first_day).await;
+    let file = || Arc::new(FileSource::open(common::SAMPLE_JSONL, None).unwrap());
+    let first = env.drain_from(file()).await;
+    assert_eq!((first.stored, first.quarantined), (99, 1), "{first}");
+    backdate(&env, 40).await;
+    assert_eq!(
+        env.count("login_vault").await,
+        99,
+        "moving a row is no delete"
+    );
+    let months: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tableoid::regclass::text FROM user_logins")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let first_month = format!(
+        "user_logins_{}",
+        &first_day.to_string()[..7].replace('-', "_")
+    );
+    assert_eq!(
+        months,
+        [first_month],
+        "the first ingest is in an earlier month"
+    );
+
+    let replay = env.drain_from(file()).await;
+    assert_eq!(
+        (replay.stored, replay.quarantined, replay.duplicates),
+        (0, 0, 100),
+        "{replay}"
+    );
+    assert_eq!(env.count("user_logins").await, 99);
+    env.cleanup().await;
+}
+
+/// Two writers of undated lines cannot both miss each other: the second waits on
+/// `undated_gate` until the first commits, then finds its rows in whatever month they are.
+#[tokio::test]
+async fn a_writer_of_file_lines_waits_for_the_one_before_and_finds_its_rows_in_another_month() {
+    use pii_vault::ingest::writer;
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let earlier = OffsetDateTime::now_utc().date() - time::Duration::days(40);
+    env.add_month(earlier).await;
+    let keyring = env.keyring();
+    let tokenizer = keyring.active_tokenizer().await.unwrap();
+    let sealer = keyring.new_sealer().await.unwrap();
+    let line = pii_vault::ingest::source::file::line_id("replayed.jsonl", 1);
+    let batch = pii_vault::ingest::batch::build(
+        vec![Message {
+            id: line.clone(),
+            body: sample_bodies()[0].clone().into_bytes(),
+            sent_at: None,
+            receipt: Receipt(String::new()),
+            read_at: Instant::now(),
+        }],
+        &tokenizer,
+        &sealer,
+        &Default::default(),
+        false,
+    );
+    assert_eq!(batch.logins.len(), 1);
+
+    // The earlier replay holds the gate, its copy of the line (dated 40 days ago) uncommitted.
+    let mut earlier_replay = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM undated_gate FOR UPDATE")
+        .execute(&mut *earlier_replay)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO user_logins (user_id, device_type, app_version, create_date, message_id,
+                                  token_key_id, app_version_text)
+         VALUES ('earlier', 'ios', 1, $1, $2::uuid, $3, '1')",
+    )
+    .bind(earlier)
+    .bind(&line)
+    .bind(tokenizer.key_id())
+    .execute(&mut *earlier_replay)
+    .await
+    .unwrap();
+    let pool = env.pool.clone();
+    let writing = tokio::spawn(async move { writer::write(&pool, &batch).await });
+    common::until_waiting_on_a_lock(&env, "the writer waiting on the gate", "%undated_gate%").await;
+    earlier_replay.commit().await.unwrap();
+    let written = writing.await.unwrap().unwrap();
+    assert_eq!((written.stored, written.duplicates), (0, 1));
+    let owners: Vec<String> = sqlx::query_scalar("SELECT user_id::text FROM user_logins")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["earlier"]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn months_are_added_by_the_key_admin_alone_and_partitions_are_no_way_around_grants() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let output = rotate_keys(&env, &["partitions", "--ahead", "6"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let said = stdout(&output);
+    assert!(said.contains("have their partitions; added"), "{said}");
+    let in_six: String =
+        sqlx::query_scalar("SELECT to_char(current_date + interval '6 months', 'YYYY_MM')")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(partitions_of(&env, &in_six).await, 2);
+    let again = rotate_keys(&env, &["partitions", "--ahead", "6"]).await;
+    assert!(
+        stdout(&again).contains("nothing to do"),
+        "{}",
+        stdout(&again)
+    );
+
+    for role in ["ingester", "analyst", "compliance", "nobody"] {
+        let pool = env.pool_as(role).await;
+        let refused = sqlx::query("SELECT vault_add_month('2030-01-01')")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("permission denied"),
+            "{role}: {refused}"
+        );
+        pool.close().await;
+    }
+    let keyadmin = env.pool_as("keyadmin").await;
+    let far = sqlx::query("SELECT vault_add_month((current_date + interval '5 years')::date)")
+        .execute(&keyadmin)
+        .await
+        .unwrap_err();
+    assert!(far.to_string().contains("24 months ahead"), "{far}");
+    let own = sqlx::query(
+        "CREATE TABLE mine PARTITION OF user_logins FOR VALUES FROM ('2040-01-01') TO ('2040-02-01')",
+    )
+    .execute(&keyadmin)
+    .await
+    .unwrap_err();
+    assert!(
+        own.to_string().contains("permission denied") || own.to_string().contains("must be owner"),
+        "{own}"
+    );
+    keyadmin.close().await;
+
+    // Through a partition no role reads more than through its parent: sealed columns not at
+    // all, and a partition's rows not even where the parent's may be read.
+    env.ingest_bodies(&sample_bodies()[..5]).await;
+    let this_month: String = sqlx::query_scalar("SELECT to_char(current_date, 'YYYY_MM')")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    for role in ["ingester", "analyst", "compliance", "keyadmin", "nobody"] {
+        let pool = env.pool_as(role).await;
+        for query in [
+            format!("SELECT sealed_ip FROM login_vault_{this_month}"),
+            format!("SELECT count(*) FROM user_logins_{this_month}"),
+        ] {
+            let refused = sqlx::query(&query).execute(&pool).await.unwrap_err();
+            assert!(
+                refused.to_string().contains("permission denied"),
+                "{role}: {query}: {refused}"
+            );
+        }
+        pool.close().await;
+    }
+    env.cleanup().await;
+}
