@@ -780,6 +780,7 @@ fn k20_the_scheduler_starts_the_scheduled_jobs_under_their_roles_and_the_ecs_age
         "verify-audit",
         "witness-erasures",
         "expire",
+        "partitions",
     ]
     .iter()
     .map(|f| format!("arn:aws:ecs:us-east-1:111122223333:task-definition/pii-vault-{f}:*"))
