@@ -307,6 +307,23 @@ $$;
 ALTER FUNCTION public.door_check_new_keys(p_keys bigint[], p_purpose text) OWNER TO pii_vault_door;
 
 --
+-- Name: door_data_keys(bigint[], date[]); Type: FUNCTION; Schema: public; Owner: pii_vault_door
+--
+
+CREATE FUNCTION public.door_data_keys(p_ids bigint[], p_days date[]) RETURNS bigint[]
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+    SELECT coalesce(array_agg(DISTINCT v.data_key_id), '{}')
+    FROM unnest(p_ids, p_days) AS h(id, day)
+    CROSS JOIN LATERAL (SELECT v.data_key_id FROM login_vault v
+                        WHERE v.login_id = h.id AND v.create_date = h.day OFFSET 0) AS v
+$$;
+
+
+ALTER FUNCTION public.door_data_keys(p_ids bigint[], p_days date[]) OWNER TO pii_vault_door;
+
+--
 -- Name: door_requests; Type: TABLE; Schema: public; Owner: pii_vault
 --
 
@@ -324,12 +341,20 @@ CREATE TABLE public.door_requests (
     keys bigint[] DEFAULT '{}'::bigint[] NOT NULL,
     detail text,
     used_xact xid8,
+    days date[] DEFAULT '{}'::date[] NOT NULL,
     CONSTRAINT door_requests_detail_check CHECK ((length(detail) <= 2000)),
     CONSTRAINT door_requests_door_check CHECK ((door = ANY (ARRAY['reveal'::text, 'rotation'::text, 'quarantine'::text, 'keys'::text])))
 );
 
 
 ALTER TABLE public.door_requests OWNER TO pii_vault;
+
+--
+-- Name: COLUMN door_requests.days; Type: COMMENT; Schema: public; Owner: pii_vault
+--
+
+COMMENT ON COLUMN public.door_requests.days IS 'create_date of each login in ids, in the same order (empty for requests made before 0018)';
+
 
 --
 -- Name: door_hand_out(bigint, text); Type: FUNCTION; Schema: public; Owner: pii_vault_door
@@ -397,6 +422,27 @@ $$;
 
 
 ALTER FUNCTION public.door_in_hand(p_request bigint, p_door text, p_operation text, p_ids bigint[]) OWNER TO pii_vault_door;
+
+--
+-- Name: door_logins(public.door_requests); Type: FUNCTION; Schema: public; Owner: pii_vault_door
+--
+
+CREATE FUNCTION public.door_logins(r public.door_requests) RETURNS TABLE(id bigint, day date)
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+BEGIN
+    IF cardinality(r.days) = cardinality(r.ids) THEN
+        RETURN QUERY SELECT h.id, h.day FROM unnest(r.ids, r.days) AS h(id, day);
+    ELSE
+        RETURN QUERY SELECT l.id, l.create_date FROM user_logins l WHERE l.id = ANY (r.ids)
+                     ORDER BY l.id;
+    END IF;
+END
+$$;
+
+
+ALTER FUNCTION public.door_logins(r public.door_requests) OWNER TO pii_vault_door;
 
 --
 -- Name: login_vault_follows_its_logins(); Type: FUNCTION; Schema: public; Owner: pii_vault
@@ -1102,6 +1148,7 @@ ALTER FUNCTION public.vault_retokenize_quarantine(p_request bigint, p_token_key 
 CREATE FUNCTION public.vault_reveal(p_request bigint) RETURNS TABLE(audit_id bigint, outcome text, login_id bigint, message_id text, user_id text, device_type text, create_date date, masked_ip text, masked_device_id text, data_key_id bigint, data_key_format smallint, data_key_kms text, data_key_wrapped bytea, sealed_ip bytea, sealed_device_id bytea)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET jit TO 'off'
     AS $$
 DECLARE
     r door_requests := door_hand_out(p_request, 'reveal');
@@ -1112,16 +1159,20 @@ BEGIN
             NULL::text, NULL::bytea, NULL::bytea, NULL::bytea;
         RETURN;
     END IF;
+    -- OFFSET 0: see door_data_keys.
     RETURN QUERY
         SELECT r.audit_id, 'handed-out'::text, l.id,
                coalesce(l.message_id_text, l.message_id::text), l.user_id::text,
                l.device_type::text, l.create_date, l.masked_ip::text, l.masked_device_id::text,
                v.data_key_id, dk.format, dk.kms_key_id, dk.wrapped_key, v.sealed_ip,
                v.sealed_device_id
-        FROM user_logins l
-        LEFT JOIN login_vault v ON v.login_id = l.id
+        FROM door_logins(r) AS h
+        CROSS JOIN LATERAL (SELECT * FROM user_logins l
+                            WHERE l.id = h.id AND l.create_date = h.day OFFSET 0) AS l
+        LEFT JOIN LATERAL (SELECT * FROM login_vault v
+                           WHERE v.login_id = h.id AND v.create_date = h.day OFFSET 0) AS v
+               ON true
         LEFT JOIN vault_keys dk ON dk.id = v.data_key_id
-        WHERE l.id = ANY (r.ids)
         ORDER BY l.create_date, l.id;
 END
 $$;
@@ -1170,6 +1221,7 @@ ALTER FUNCTION public.vault_reveal_outcome(p_handout bigint, p_outcome text, p_v
 CREATE FUNCTION public.vault_reveal_request(p_question text, p_value text, p_purpose text, p_reason text, p_actor text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET jit TO 'off'
     AS $$
 DECLARE
     lim record := audit_limits();
@@ -1177,6 +1229,7 @@ DECLARE
                             coalesce(left(p_value, lim.value), '(none)'));
     refusal text;
     ids bigint[] := '{}';
+    days date[] := '{}';
     keys bigint[] := '{}';
     outcome text;
     audit bigint;
@@ -1207,7 +1260,10 @@ BEGIN
     END IF;
 
     IF refusal IS NULL THEN
-        SELECT coalesce(array_agg(l.id ORDER BY l.id), '{}') INTO ids
+        SELECT coalesce(array_agg(l.id ORDER BY l.id), '{}'),
+               coalesce(array_agg(l.create_date ORDER BY l.id), '{}'),
+               coalesce(array_agg(DISTINCT l.token_key_id), '{}')
+          INTO ids, days, keys
         FROM user_logins l
         WHERE CASE p_question
                 WHEN 'user_id' THEN l.user_id = p_value
@@ -1215,15 +1271,14 @@ BEGIN
                 ELSE l.masked_device_id = p_value
               END;
         SELECT coalesce(array_agg(DISTINCT k ORDER BY k), '{}') INTO keys
-        FROM (SELECT l.token_key_id FROM user_logins l WHERE l.id = ANY (ids)
-              UNION SELECT v.data_key_id FROM login_vault v WHERE v.login_id = ANY (ids)) AS used(k);
+        FROM unnest(keys || door_data_keys(ids, days)) AS used(k);
     END IF;
     outcome := coalesce(refusal, CASE WHEN cardinality(ids) = 0 THEN 'nothing-found'
                                       ELSE 'handed-out' END);
     audit := audit_append(left(coalesce(p_actor, ''), lim.actor), coalesce(left(p_purpose, 64), ''),
                           left(coalesce(p_reason, ''), lim.reason), question, 0, outcome, ids, keys);
-    INSERT INTO door_requests (door, operation, audit_id, outcome, ids, keys)
-    VALUES ('reveal', 'reveal', audit, outcome, ids, keys)
+    INSERT INTO door_requests (door, operation, audit_id, outcome, ids, days, keys)
+    VALUES ('reveal', 'reveal', audit, outcome, ids, days, keys)
     RETURNING id INTO request;
     RAISE LOG 'pii-vault: reveal request % by %: %, audit row %', request, session_user, outcome,
         audit;
@@ -1241,21 +1296,34 @@ ALTER FUNCTION public.vault_reveal_request(p_question text, p_value text, p_purp
 CREATE FUNCTION public.vault_rotation_page(p_request bigint) RETURNS TABLE(audit_id bigint, login_id bigint, message_id text, user_id text, create_date date, masked_ip text, masked_device_id text, token_key_id bigint, data_key_id bigint, sealed_ip bytea, sealed_device_id bytea)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET jit TO 'off'
     AS $$
 DECLARE
     r door_requests := door_hand_out(p_request, 'rotation');
 BEGIN
+    -- The rows are locked in the order of the request's ids, ascending, as before 0018.
     IF r.operation = 'reseal' THEN
-        PERFORM 1 FROM login_vault v WHERE v.login_id = ANY (r.ids) ORDER BY v.login_id FOR UPDATE;
+        PERFORM 1 FROM door_logins(r) AS h
+        CROSS JOIN LATERAL (SELECT 1 FROM login_vault v
+                            WHERE v.login_id = h.id AND v.create_date = h.day OFFSET 0
+                            FOR UPDATE) AS v;
     ELSIF r.operation = 'retokenize' THEN
-        PERFORM 1 FROM user_logins l WHERE l.id = ANY (r.ids) ORDER BY l.id FOR UPDATE;
+        PERFORM 1 FROM door_logins(r) AS h
+        CROSS JOIN LATERAL (SELECT 1 FROM user_logins l
+                            WHERE l.id = h.id AND l.create_date = h.day OFFSET 0
+                            FOR UPDATE) AS l;
     END IF;
+    -- OFFSET 0: see door_data_keys.
     RETURN QUERY
         SELECT r.audit_id, l.id, coalesce(l.message_id_text, l.message_id::text),
                l.user_id::text, l.create_date, l.masked_ip::text, l.masked_device_id::text,
                l.token_key_id, v.data_key_id, v.sealed_ip, v.sealed_device_id
-        FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
-        WHERE l.id = ANY (r.ids)
+        FROM door_logins(r) AS h
+        CROSS JOIN LATERAL (SELECT * FROM user_logins l
+                            WHERE l.id = h.id AND l.create_date = h.day OFFSET 0) AS l
+        LEFT JOIN LATERAL (SELECT * FROM login_vault v
+                           WHERE v.login_id = h.id AND v.create_date = h.day OFFSET 0) AS v
+               ON true
         ORDER BY l.id;
 END
 $$;
@@ -1270,9 +1338,11 @@ ALTER FUNCTION public.vault_rotation_page(p_request bigint) OWNER TO pii_vault_d
 CREATE FUNCTION public.vault_rotation_request(p_operation text, p_after bigint, p_limit bigint, p_keys bigint[]) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET jit TO 'off'
     AS $$
 DECLARE
     ids bigint[];
+    days date[];
     keys bigint[];
     audit bigint;
     request bigint;
@@ -1282,18 +1352,24 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF p_operation = 'reseal' THEN
-        SELECT coalesce(array_agg(page.login_id ORDER BY page.login_id), '{}') INTO ids
-        FROM (SELECT v.login_id FROM login_vault v
+        SELECT coalesce(array_agg(page.login_id ORDER BY page.login_id), '{}'),
+               coalesce(array_agg(page.create_date ORDER BY page.login_id), '{}')
+          INTO ids, days
+        FROM (SELECT v.login_id, v.create_date FROM login_vault v
               WHERE v.login_id > p_after AND v.data_key_id = ANY (p_keys)
               ORDER BY v.login_id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
     ELSIF p_operation = 'retokenize' THEN
-        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-        FROM (SELECT l.id FROM user_logins l
+        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}'),
+               coalesce(array_agg(page.create_date ORDER BY page.id), '{}')
+          INTO ids, days
+        FROM (SELECT l.id, l.create_date FROM user_logins l
               WHERE l.id > p_after AND l.token_key_id = ANY (p_keys)
               ORDER BY l.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
     ELSIF p_operation = 'verify' THEN
-        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}') INTO ids
-        FROM (SELECT l.id FROM user_logins l WHERE l.id > p_after
+        SELECT coalesce(array_agg(page.id ORDER BY page.id), '{}'),
+               coalesce(array_agg(page.create_date ORDER BY page.id), '{}')
+          INTO ids, days
+        FROM (SELECT l.id, l.create_date FROM user_logins l WHERE l.id > p_after
               ORDER BY l.id LIMIT p_limit) AS page;
     ELSE
         RAISE EXCEPTION 'unknown rotation operation %', p_operation
@@ -1303,13 +1379,16 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT coalesce(array_agg(DISTINCT k ORDER BY k), '{}') INTO keys
-    FROM (SELECT l.token_key_id FROM user_logins l WHERE l.id = ANY (ids)
-          UNION SELECT v.data_key_id FROM login_vault v WHERE v.login_id = ANY (ids)) AS used(k);
+    FROM (SELECT l.token_key_id
+          FROM unnest(ids, days) AS h(id, day)
+          CROSS JOIN LATERAL (SELECT l.token_key_id FROM user_logins l
+                              WHERE l.id = h.id AND l.create_date = h.day OFFSET 0) AS l
+          UNION SELECT unnest(door_data_keys(ids, days))) AS used(k);
     audit := audit_append(session_user, 'key-administration', 'rotate-keys ' || p_operation,
                           format('%s logins %s..%s', p_operation, ids[1], ids[cardinality(ids)]),
                           cardinality(ids), p_operation, ids, keys);
-    INSERT INTO door_requests (door, operation, audit_id, outcome, ids, keys)
-    VALUES ('rotation', p_operation, audit, p_operation, ids, keys)
+    INSERT INTO door_requests (door, operation, audit_id, outcome, ids, days, keys)
+    VALUES ('rotation', p_operation, audit, p_operation, ids, days, keys)
     RETURNING id INTO request;
     RETURN request;
 END
@@ -1992,6 +2071,13 @@ REVOKE ALL ON FUNCTION public.door_check_new_keys(p_keys bigint[], p_purpose tex
 
 
 --
+-- Name: FUNCTION door_data_keys(p_ids bigint[], p_days date[]); Type: ACL; Schema: public; Owner: pii_vault_door
+--
+
+REVOKE ALL ON FUNCTION public.door_data_keys(p_ids bigint[], p_days date[]) FROM PUBLIC;
+
+
+--
 -- Name: TABLE door_requests; Type: ACL; Schema: public; Owner: pii_vault
 --
 
@@ -2019,6 +2105,13 @@ REVOKE ALL ON FUNCTION public.door_hand_out(p_request bigint, p_door text) FROM 
 --
 
 REVOKE ALL ON FUNCTION public.door_in_hand(p_request bigint, p_door text, p_operation text, p_ids bigint[]) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION door_logins(r public.door_requests); Type: ACL; Schema: public; Owner: pii_vault_door
+--
+
+REVOKE ALL ON FUNCTION public.door_logins(r public.door_requests) FROM PUBLIC;
 
 
 --

@@ -1,7 +1,8 @@
 //! Logins stored by month (migration 0017): a month without partitions keeps its messages on
 //! the queue and readiness names it; idempotency holds across months, for a redelivered
 //! message and for a file replayed on a later day; the months are added by the key admin
-//! alone, and a partition is no way around the parents' grants.
+//! alone, and a partition is no way around the parents' grants; the doors hand out a user's
+//! logins of several months together (0018).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -339,5 +340,112 @@ async fn months_are_added_by_the_key_admin_alone_and_partitions_are_no_way_aroun
         }
         pool.close().await;
     }
+    env.cleanup().await;
+}
+
+/// A user's logins in three months are revealed together, each read in its own month: the
+/// request records each login's month beside its id (migration 0018). A request made before
+/// 0018 recorded no months; its hand-out finds them by id and hands out the same logins.
+#[tokio::test]
+async fn a_users_logins_in_three_months_are_revealed_together_with_or_without_their_months() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let sent = [
+        at(2025, Month::January, 31, (23, 0, 0)),
+        at(2025, Month::February, 14, (8, 0, 0)),
+        at(2025, Month::March, 1, (0, 0, 1)),
+    ];
+    let mut messages = Vec::new();
+    for (n, sent_at) in sent.iter().enumerate() {
+        env.add_month(sent_at.date()).await;
+        messages.push(Message {
+            id: format!("a4f0c1de-0000-4c55-9f31-0e8d2a7b9c1{n}"),
+            body: login("u-1", &format!("10.9.9.{n}"), &format!("dev-{n}")).into_bytes(),
+            sent_at: Some(*sent_at),
+            receipt: Receipt(format!("r{n}")),
+            read_at: Instant::now(),
+        });
+    }
+    let stored = env
+        .drain_from(common::VecSource::of_messages(messages))
+        .await;
+    assert_eq!(stored.stored, 3, "{stored}");
+
+    let output = env.run_binary_as(
+        "compliance",
+        env!("CARGO_BIN_EXE_unmask"),
+        &[
+            "--purpose",
+            "legal-request",
+            "--user-id",
+            "u-1",
+            "--reason",
+            "t",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let shown = stdout(&output);
+    for (n, sent_at) in sent.iter().enumerate() {
+        assert!(
+            shown.contains(&format!("10.9.9.{n}")) && shown.contains(&sent_at.date().to_string()),
+            "{shown}"
+        );
+    }
+    let days: Vec<(Vec<i64>, Vec<Date>)> =
+        sqlx::query_as("SELECT ids, days FROM door_requests WHERE door = 'reveal' ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let dates: Vec<Date> = sent.iter().map(|s| s.date()).collect();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].1, dates, "each id's month, in the ids' order");
+
+    // A request as made before 0018: its days are empty.
+    let compliance = env.pool_as("compliance").await;
+    let request: i64 = sqlx::query_scalar(
+        "SELECT vault_reveal_request('user_id', 'u-1', 'legal-request', 'before 0018', 'ann')",
+    )
+    .fetch_one(&compliance)
+    .await
+    .unwrap();
+    let mut owner = env.pool.begin().await.unwrap();
+    let trigger = "door_requests_only_through_doors";
+    sqlx::query(&format!(
+        "ALTER TABLE door_requests DISABLE TRIGGER {trigger}"
+    ))
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE door_requests SET days = '{}' WHERE id = $1")
+        .bind(request)
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE door_requests ENABLE TRIGGER {trigger}"
+    ))
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    owner.commit().await.unwrap();
+    let mut tx = compliance.begin().await.unwrap();
+    let handed: Vec<(Date, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT create_date, sealed_ip FROM vault_reveal($1)")
+            .bind(request)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        handed.iter().map(|(day, _)| *day).collect::<Vec<_>>(),
+        dates
+    );
+    assert!(
+        handed.iter().all(|(_, sealed)| sealed.is_some()),
+        "vault rows found by id"
+    );
+    compliance.close().await;
     env.cleanup().await;
 }

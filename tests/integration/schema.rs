@@ -199,12 +199,17 @@ async fn every_object_body_owner_and_grant_of_a_migrated_database_is_in_the_comm
     }
 
     // Functions: each with its owner, its whole body, SECURITY DEFINER where it is a door, and
-    // a line for each role granted EXECUTE. pg_dump prints no grant for a function everyone
+    // a line for each role granted EXECUTE. pg_dump names our own argument types with their
+    // schema (`door_logins(public.door_requests)`). pg_dump prints no grant for a function everyone
     // may call (its privileges are the default ones), so the file's summary must say it.
     let functions: Vec<(String, String, String, bool, Vec<String>, String)> = sqlx::query_as(
         "SELECT format('%s(%s); Type: FUNCTION; Schema: public; Owner: %s', p.proname,
-                       array_to_string(ARRAY(SELECT format_type(t, NULL)
-                                             FROM unnest(p.proargtypes) t), ', '),
+                       array_to_string(ARRAY(SELECT CASE WHEN ty.typnamespace = 'public'::regnamespace
+                                                         THEN 'public.' ELSE '' END
+                                                    || format_type(a.t, NULL)
+                                             FROM unnest(p.proargtypes) WITH ORDINALITY a(t, n)
+                                             JOIN pg_type ty ON ty.oid = a.t
+                                             ORDER BY a.n), ', '),
                        pg_get_userbyid(p.proowner)),
                 p.proname::text, p.prosrc, p.prosecdef,
                 ARRAY(SELECT CASE a.grantee WHEN 0 THEN 'PUBLIC'
