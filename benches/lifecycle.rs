@@ -179,8 +179,6 @@ async fn main() {
     let expiry = Expiry {
         horizon,
         apply: true,
-        drop_tokens: false,
-        batch_size: 1_000,
         grace: Duration::ZERO,
     };
     let started = Instant::now();

@@ -84,6 +84,7 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   unmask_audit: SELECT, INSERT
 --   user_logins: SELECT, UPDATE (masked_ip, masked_device_id, token_key_id)
 --   vault_keys: SELECT, UPDATE (state)
+--   vault_drop_month(date) [SECURITY DEFINER, owner pii_vault]: EXECUTE
 --
 -- pii_vault_ingester
 --   _sqlx_migrations: SELECT
@@ -117,7 +118,7 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 --   vault_add_month(date) [SECURITY DEFINER, owner pii_vault]: EXECUTE
 --   vault_carry_erasures(bigint,bigint[],text[],bytea[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_erase_user(text,text,text,boolean,bigint[],text[],bytea[],boolean,boolean,timestamp with time zone) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
---   vault_expire_page(date,date,bigint,bigint,boolean,bigint[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
+--   vault_expire_month(date,bigint[]) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_key_hand_out(bigint) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_key_named(bigint) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
 --   vault_key_request(bigint[],text) [SECURITY DEFINER, owner pii_vault_door]: EXECUTE
@@ -528,6 +529,11 @@ BEGIN
         RAISE EXCEPTION 'a month from 2000-01 to 24 months ahead, not %', p_month
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF EXISTS (SELECT 1 FROM retention_windows w
+               WHERE w.starts = date_trunc('month', p_month) AND w.state <> 'active') THEN
+        RAISE EXCEPTION 'the retention window of % has expired: its logins are not stored',
+            to_char(starts, 'YYYY-MM') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- One adder at a time (two racing on one month would both find it missing), by the mode
     -- ATTACH takes anyway: it conflicts with itself and with no reader or writer.
     LOCK TABLE user_logins, login_vault IN SHARE UPDATE EXCLUSIVE MODE;
@@ -598,6 +604,56 @@ $$;
 
 
 ALTER FUNCTION public.vault_carry_erasures(p_token_key bigint, p_ids bigint[], p_user_tokens text[], p_sealed_user_ids bytea[]) OWNER TO pii_vault_door;
+
+--
+-- Name: vault_drop_month(date); Type: FUNCTION; Schema: public; Owner: pii_vault
+--
+
+CREATE FUNCTION public.vault_drop_month(p_month date) RETURNS TABLE(logins bigint, first_id bigint, last_id bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    SET lock_timeout TO '2s'
+    AS $$
+DECLARE
+    logins_partition text := 'user_logins_' || to_char(p_month, 'YYYY_MM');
+    vault_partition text := 'login_vault_' || to_char(p_month, 'YYYY_MM');
+    estimate real;
+BEGIN
+    IF p_month IS NULL OR p_month <> date_trunc('month', p_month)
+       OR NOT EXISTS (SELECT 1 FROM retention_windows w
+                      WHERE w.starts = p_month AND w.state IN ('expiring', 'expired')
+                        AND w.ends <= current_date) THEN
+        RAISE EXCEPTION 'only the month of an expiring window that has ended is dropped, not %',
+            p_month USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    logins := 0;
+    IF to_regclass('public.' || logins_partition) IS NULL
+       AND to_regclass('public.' || vault_partition) IS NULL THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- Parents first, in the order writers take them (logins, then the vault): no deadlock.
+    LOCK TABLE user_logins, login_vault IN ACCESS EXCLUSIVE MODE;
+    IF to_regclass('public.' || logins_partition) IS NOT NULL THEN
+        -- A partition never analyzed (a small one) is counted; a large one has statistics.
+        SELECT c.reltuples INTO estimate FROM pg_class c
+        WHERE c.oid = ('public.' || logins_partition)::regclass;
+        IF estimate < 0 THEN
+            EXECUTE format('SELECT count(*) FROM public.%I', logins_partition) INTO logins;
+        ELSE
+            logins := estimate::bigint;
+        END IF;
+        EXECUTE format('SELECT min(id), max(id) FROM public.%I', logins_partition)
+            INTO first_id, last_id;
+    END IF;
+    EXECUTE format('DROP TABLE IF EXISTS public.%I, public.%I', vault_partition,
+                   logins_partition);
+    RETURN NEXT;
+END
+$$;
+
+
+ALTER FUNCTION public.vault_drop_month(p_month date) OWNER TO pii_vault;
 
 --
 -- Name: vault_erase_user(text, text, text, boolean, bigint[], text[], bytea[], boolean, boolean, timestamp with time zone); Type: FUNCTION; Schema: public; Owner: pii_vault_door
@@ -700,59 +756,43 @@ $$;
 ALTER FUNCTION public.vault_erase_user(p_user_id text, p_reason text, p_actor text, p_keep_tokens boolean, p_token_keys bigint[], p_user_tokens text[], p_sealed_user_ids bytea[], p_in_flight boolean, p_dry_run boolean, p_erased_at timestamp with time zone) OWNER TO pii_vault_door;
 
 --
--- Name: vault_expire_page(date, date, bigint, bigint, boolean, bigint[]); Type: FUNCTION; Schema: public; Owner: pii_vault_door
+-- Name: vault_expire_month(date, bigint[]); Type: FUNCTION; Schema: public; Owner: pii_vault_door
 --
 
-CREATE FUNCTION public.vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint, p_drop_tokens boolean, p_keys bigint[]) RETURNS TABLE(touched bigint, walked_to bigint)
+CREATE FUNCTION public.vault_expire_month(p_starts date, p_keys bigint[]) RETURNS TABLE(logins bigint, quarantined bigint)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
     AS $$
 DECLARE
-    ids bigint[];
-    keys bigint[];
+    dropped record;
     n_quarantined bigint;
-    last_id bigint;
 BEGIN
     IF NOT pg_has_role(session_user, 'pii_vault_keyadmin', 'MEMBER') THEN
         RAISE EXCEPTION 'expiry is for the key admin (pii_vault_keyadmin)'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    -- Walks the primary key: every row is looked at once over the whole expiry.
-    SELECT max(page.id), coalesce(array_agg(page.id ORDER BY page.id)
-                                      FILTER (WHERE page.in_window), '{}')
-    INTO last_id, ids
-    FROM (SELECT l.id,
-                 l.create_date >= p_starts AND l.create_date < p_ends
-                 AND (EXISTS (SELECT 1 FROM login_vault v WHERE v.login_id = l.id)
-                      OR p_drop_tokens AND (l.masked_ip IS NOT NULL
-                                            OR l.masked_device_id IS NOT NULL)) AS in_window
-          FROM user_logins l WHERE l.id > p_after
-          ORDER BY l.id LIMIT p_limit FOR UPDATE SKIP LOCKED) AS page;
-    WITH gone AS (DELETE FROM login_vault v WHERE v.login_id = ANY (ids) RETURNING v.data_key_id)
-    SELECT coalesce(array_agg(DISTINCT g.data_key_id), '{}') INTO keys FROM gone g;
-    IF p_drop_tokens THEN
-        UPDATE user_logins SET masked_ip = NULL, masked_device_id = NULL
-        WHERE id = ANY (ids);
-    END IF;
     DELETE FROM quarantine q
     WHERE q.data_key_id = ANY (p_keys)
        OR (q.sealed_body IS NOT NULL
            AND q.sent_at >= p_starts::timestamp AT TIME ZONE 'UTC'
-           AND q.sent_at < p_ends::timestamp AT TIME ZONE 'UTC');
+           AND q.sent_at < (p_starts + interval '1 month') AT TIME ZONE 'UTC');
     GET DIAGNOSTICS n_quarantined = ROW_COUNT;
-    IF cardinality(ids) > 0 OR n_quarantined > 0 THEN
+    SELECT * INTO dropped FROM vault_drop_month(p_starts);
+    IF dropped.first_id IS NOT NULL OR n_quarantined > 0 THEN
         PERFORM audit_append(session_user, 'retention', 'rotate-keys expire',
-                             format('expire logins dated %s..%s: %s logins, %s quarantined messages%s',
-                                    p_starts, p_ends - 1, cardinality(ids), n_quarantined,
-                                    CASE WHEN p_drop_tokens THEN ', tokens too' ELSE '' END),
-                             cardinality(ids), 'expired', ids, keys);
+                             format('expire logins dated %s..%s: dropped the month''s %s logins (ids %s..%s) and their sealed values, %s quarantined messages',
+                                    p_starts, (p_starts + interval '1 month')::date - 1,
+                                    dropped.logins, coalesce(dropped.first_id::text, '-'),
+                                    coalesce(dropped.last_id::text, '-'), n_quarantined),
+                             least(dropped.logins, 2147483647)::integer, 'expired', '{}',
+                             coalesce(p_keys, '{}'));
     END IF;
-    RETURN QUERY SELECT cardinality(ids) + n_quarantined, last_id;
+    RETURN QUERY SELECT dropped.logins, n_quarantined;
 END
 $$;
 
 
-ALTER FUNCTION public.vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint, p_drop_tokens boolean, p_keys bigint[]) OWNER TO pii_vault_door;
+ALTER FUNCTION public.vault_expire_month(p_starts date, p_keys bigint[]) OWNER TO pii_vault_door;
 
 --
 -- Name: vault_hold_erasures(); Type: FUNCTION; Schema: public; Owner: pii_vault_door
@@ -2131,6 +2171,14 @@ GRANT ALL ON FUNCTION public.vault_carry_erasures(p_token_key bigint, p_ids bigi
 
 
 --
+-- Name: FUNCTION vault_drop_month(p_month date); Type: ACL; Schema: public; Owner: pii_vault
+--
+
+REVOKE ALL ON FUNCTION public.vault_drop_month(p_month date) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.vault_drop_month(p_month date) TO pii_vault_door;
+
+
+--
 -- Name: FUNCTION vault_erase_user(p_user_id text, p_reason text, p_actor text, p_keep_tokens boolean, p_token_keys bigint[], p_user_tokens text[], p_sealed_user_ids bytea[], p_in_flight boolean, p_dry_run boolean, p_erased_at timestamp with time zone); Type: ACL; Schema: public; Owner: pii_vault_door
 --
 
@@ -2139,11 +2187,11 @@ GRANT ALL ON FUNCTION public.vault_erase_user(p_user_id text, p_reason text, p_a
 
 
 --
--- Name: FUNCTION vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint, p_drop_tokens boolean, p_keys bigint[]); Type: ACL; Schema: public; Owner: pii_vault_door
+-- Name: FUNCTION vault_expire_month(p_starts date, p_keys bigint[]); Type: ACL; Schema: public; Owner: pii_vault_door
 --
 
-REVOKE ALL ON FUNCTION public.vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint, p_drop_tokens boolean, p_keys bigint[]) FROM PUBLIC;
-GRANT ALL ON FUNCTION public.vault_expire_page(p_starts date, p_ends date, p_after bigint, p_limit bigint, p_drop_tokens boolean, p_keys bigint[]) TO pii_vault_keyadmin;
+REVOKE ALL ON FUNCTION public.vault_expire_month(p_starts date, p_keys bigint[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.vault_expire_month(p_starts date, p_keys bigint[]) TO pii_vault_keyadmin;
 
 
 --

@@ -197,13 +197,18 @@ impl Batch {
     }
 }
 
+/// The quarantine reason of a valid login sent in a retention window that has expired.
+pub const LATE_FOR_ITS_WINDOW: &str =
+    "sent in a retention window that has expired: the login is not stored";
+
 /// Validates, tokenizes and seals `messages` into one batch.
 ///
 /// A message delivered twice becomes one row carrying both receipts; a message that fails
 /// validation becomes a quarantine row with its body sealed; a login of a user erased after
-/// it was sent, or of a retention window that has expired (`window_expired`), keeps no
-/// personal field, and a rejected body that names such a user, or was sent in such a window,
-/// is withheld. The batch carries the newest erasure record `erased` knows: the writer commits
+/// it was sent keeps no personal field, and a rejected body that names such a user is
+/// withheld. Every message sent in a retention window that has expired (`window_expired`)
+/// becomes a quarantine row with its body withheld: a valid login with the reason
+/// [`LATE_FOR_ITS_WINDOW`], a rejected one with its rejection. The batch carries the newest erasure record `erased` knows: the writer commits
 /// it only while no newer one exists.
 pub fn build(
     messages: Vec<Message>,
@@ -234,10 +239,24 @@ pub fn build(
             receipts: vec![message.receipt],
             first_read: message.read_at,
         };
-        let slot = match event::parse(&message.body) {
+        let parsed = event::parse(&message.body);
+        // A login of an expired window has no month to go to (its partitions were dropped
+        // with it): its arrival is recorded, and nothing of it is kept.
+        if window_expired && parsed.is_ok() {
+            batch.quarantined.push(QuarantineRow {
+                body: QuarantinedBody::Withheld(Withheld::WindowExpired),
+                body_bytes: i32::try_from(message.body.len()).unwrap_or(i32::MAX),
+                reason: LATE_FOR_ITS_WINDOW.to_owned(),
+                sent_at: message.sent_at,
+                message_id: message.id.clone(),
+                deliveries,
+            });
+            seen.insert(message.id, Err(batch.quarantined.len() - 1));
+            continue;
+        }
+        let slot = match parsed {
             Ok(login) => {
-                let personal =
-                    !window_expired && !erased.erased(&login.in_clear.user_id, message.sent_at);
+                let personal = !erased.erased(&login.in_clear.user_id, message.sent_at);
                 let row = login_row(&message.id, message.sent_at, login, tokenizer, sealer);
                 let row = LoginRow {
                     personal: row.personal.filter(|_| personal),
@@ -447,7 +466,8 @@ mod tests {
     }
 
     #[test]
-    fn a_login_of_a_user_erased_after_it_was_sent_keeps_no_personal_field() {
+    fn a_late_login_keeps_no_personal_field_if_its_user_was_erased_and_nothing_if_its_window_expired()
+     {
         let (tokenizer, sealer) = keys();
         let sent = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         let erased = ErasedUsers::with(tokenizer.clone(), "u-1", sent + time::Duration::seconds(1));
@@ -485,9 +505,15 @@ mod tests {
             &ErasedUsers::default(),
             true,
         );
-        assert!(
-            expired.logins[0].personal.is_none(),
-            "its window has expired"
+        assert!(expired.logins.is_empty(), "its window has expired");
+        let row = &expired.quarantined[0];
+        assert_eq!(
+            (
+                row.reason.as_str(),
+                row.body.withheld(),
+                row.message_id.as_str()
+            ),
+            (LATE_FOR_ITS_WINDOW, Some(Withheld::WindowExpired), "m-1")
         );
     }
 

@@ -78,6 +78,12 @@ pub enum LifecycleError {
     NotWitnessed(String),
     #[error("{0}")]
     Witness(#[from] WitnessError),
+    /// `expire` could not drop a month: open transactions held its tables every time.
+    #[error(
+        "the logins of {month} were not dropped: open transactions on user_logins or login_vault \
+         held them through {attempts} attempts; nothing of the month was dropped, run expire again"
+    )]
+    MonthHeld { month: Date, attempts: u32 },
     /// `add-window` with a KMS key that wraps something outside the window.
     #[error("{kms_key} cannot be the KMS key of retention window {month}: {why}")]
     WindowKeyRefused {

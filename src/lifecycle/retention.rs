@@ -1,6 +1,6 @@
 //! Retention windows: registering a month's window, and expiring windows through the key
-//! admin's door (`vault_expire_page`), which shreds their data keys and schedules their KMS
-//! key for deletion.
+//! admin's door (`vault_expire_month`), which drops the month's logins, then shredding their
+//! data keys and scheduling their KMS key for deletion.
 
 use std::time::{Duration, Instant};
 
@@ -23,10 +23,6 @@ pub struct Expiry {
     pub horizon: Date,
     /// Without it, nothing changes: the plan is reported.
     pub apply: bool,
-    /// Also set the expired logins' tokens to NULL.
-    pub drop_tokens: bool,
-    /// Logins per transaction.
-    pub batch_size: i64,
     /// Time given to running ingesters to stop sealing into an expiring window.
     pub grace: Duration,
 }
@@ -36,8 +32,8 @@ pub struct Expiry {
 pub struct WindowExpiry {
     pub starts: Date,
     pub ends: Date,
-    /// Logins whose sealed values go (or went), and quarantined bodies, in the plan; rows
-    /// touched, when applied.
+    /// Logins of the month that go (or went, as the database counted or estimated them), with
+    /// their tokens and sealed values, and quarantined bodies.
     pub logins: u64,
     pub quarantined: u64,
     /// The window's data keys, destroyed when applied.
@@ -136,15 +132,15 @@ async fn check_window_key<W: KeyWrapper>(
     }
 }
 
-/// Expires every retention window that ends on or before the horizon: deletes the sealed
-/// values of its logins and its quarantined bodies (pages through the key admin's door, each
-/// audited), retires and destroys its data keys once nothing uses them (under their use lock,
-/// like a rotation), then schedules its KMS key for deletion, which makes the data keys in
-/// every earlier backup impossible to unwrap. Resumable: each step finds what is left.
+/// Expires every retention window that ends on or before the horizon: drops its month's
+/// logins (their tokens and sealed values with them) and deletes its quarantined bodies
+/// through the key admin's door, audited; retires and destroys its data keys once nothing
+/// uses them (under their use lock, like a rotation), then schedules its KMS key for deletion,
+/// which makes the data keys in every earlier backup impossible to unwrap. Resumable: each
+/// step finds what is left. A window expired before its month could be dropped (before
+/// migration 0019) is taken again until its month is gone.
 ///
-/// Applied, each window is a phase of `progress`: the logins looked at (the walk goes over
-/// every login, in primary-key order) out of those stored when the expiry began, and the
-/// grace wait.
+/// Applied, each window is a phase of `progress`: the grace wait, then the drop.
 pub async fn expire<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
@@ -153,59 +149,51 @@ pub async fn expire<W: KeyWrapper>(
 ) -> Result<Vec<WindowExpiry>, LifecycleError> {
     let due: Vec<(Date, Date, String, WindowState)> = sqlx::query_as(
         "SELECT starts, ends, kms_key_id, state FROM retention_windows
-         WHERE ends <= $1 AND state <> 'expired' ORDER BY starts",
+         WHERE ends <= $1
+           AND (state <> 'expired'
+                OR to_regclass('public.user_logins_' || to_char(starts, 'YYYY_MM')) IS NOT NULL
+                OR to_regclass('public.login_vault_' || to_char(starts, 'YYYY_MM')) IS NOT NULL)
+         ORDER BY starts",
     )
     .bind(expiry.horizon)
     .fetch_all(pool)
     .await?;
-    let stored: i64 = if expiry.apply && !due.is_empty() {
-        sqlx::query_scalar("SELECT count(*) FROM user_logins")
-            .fetch_one(pool)
-            .await?
-    } else {
-        0
-    };
     let mut report = Vec::with_capacity(due.len());
     for (starts, ends, kms_key_id, state) in due {
         let keys = key_table::window_keys(pool, starts).await?;
-        let (logins, quarantined): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM user_logins l JOIN login_vault v ON v.login_id = l.id
-                     WHERE l.create_date >= $1 AND l.create_date < $2),
-                    (SELECT count(*) FROM quarantine
-                     WHERE data_key_id = ANY($3)
-                        OR (body_withheld IS NULL
-                            AND sent_at >= $1::timestamp AT TIME ZONE 'UTC'
-                            AND sent_at < $2::timestamp AT TIME ZONE 'UTC'))",
-        )
-        .bind(starts)
-        .bind(ends)
-        .bind(&keys)
-        .fetch_one(pool)
-        .await?;
         let mut window = WindowExpiry {
             starts,
             ends,
-            logins: logins as u64,
-            quarantined: quarantined as u64,
+            logins: 0,
+            quarantined: 0,
             data_keys: keys,
             kms_key_id,
             applied: false,
         };
-        if expiry.apply {
-            let phase = format!("expiring window {}", &starts.to_string()[..7]);
-            let total = stored as u64;
-            progress.start(&phase, Unit::Count("logins"), Some(total));
-            let first_run = state == WindowState::Active;
-            let expired = expire_window(
-                pool,
-                keyring,
-                expiry,
-                &mut window,
-                first_run,
-                progress,
-                total,
+        if !expiry.apply {
+            // A dry run counts: it may take a while on a large month, and changes nothing. (The
+            // key admin cannot read sealed_body: a body not withheld is sealed.)
+            let (logins, quarantined): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM user_logins
+                         WHERE create_date >= $1 AND create_date < $2),
+                        (SELECT count(*) FROM quarantine
+                         WHERE data_key_id = ANY($3)
+                            OR (body_withheld IS NULL
+                                AND sent_at >= $1::timestamp AT TIME ZONE 'UTC'
+                                AND sent_at < $2::timestamp AT TIME ZONE 'UTC'))",
             )
-            .await;
+            .bind(starts)
+            .bind(ends)
+            .bind(&window.data_keys)
+            .fetch_one(pool)
+            .await?;
+            (window.logins, window.quarantined) = (logins as u64, quarantined as u64);
+        } else {
+            let phase = format!("expiring window {}", &starts.to_string()[..7]);
+            progress.start(&phase, Unit::Count("logins"), None);
+            let first_run = state == WindowState::Active;
+            let expired =
+                expire_window(pool, keyring, expiry, &mut window, first_run, progress).await;
             progress.finish();
             expired?;
         }
@@ -214,6 +202,13 @@ pub async fn expire<W: KeyWrapper>(
     Ok(report)
 }
 
+/// How long an expiry keeps asking to drop a month that open transactions hold, and how long
+/// it pauses between asks (each ask queues every new reader behind it for up to the door's
+/// 2 s lock timeout, so it does not ask back to back).
+const DROP_ATTEMPTS: u32 = 20;
+const DROP_PAUSE: Duration = Duration::from_secs(3);
+const WAITING_TO_DROP: &str = "open transactions on the logins tables";
+
 async fn expire_window<W: KeyWrapper>(
     pool: &PgPool,
     keyring: &Keyring<W>,
@@ -221,11 +216,11 @@ async fn expire_window<W: KeyWrapper>(
     window: &mut WindowExpiry,
     first_run: bool,
     progress: &dyn Progress,
-    total: u64,
 ) -> Result<(), LifecycleError> {
     let starts = window.starts;
     // Ingesters stop sealing into it once they see it expiring (within their
-    // --key-check-seconds); what they write meanwhile is caught by the passes below.
+    // --key-check-seconds), and quarantine its late logins without their bodies; a batch
+    // they write meanwhile goes with the month, or is caught by the next pass below.
     sqlx::query(
         "UPDATE retention_windows SET state = 'expiring' WHERE starts = $1 AND state = 'active'",
     )
@@ -238,30 +233,12 @@ async fn expire_window<W: KeyWrapper>(
         progress.waiting(GRACE, until);
         tokio::time::sleep_until(until.into()).await;
     }
-    // Logins looked at: a page holds `batch_size` of them but at the end of a pass, so the
-    // count is capped at the total (its last page is not counted exactly).
-    let mut looked = 0u64;
     loop {
         let keys = key_table::window_keys(pool, starts).await?;
-        let mut after = 0i64;
-        loop {
-            let (_, walked_to): (i64, Option<i64>) =
-                sqlx::query_as("SELECT * FROM vault_expire_page($1, $2, $3, $4, $5, $6)")
-                    .bind(starts)
-                    .bind(window.ends)
-                    .bind(after)
-                    .bind(expiry.batch_size)
-                    .bind(expiry.drop_tokens)
-                    .bind(&keys)
-                    .fetch_one(pool)
-                    .await?;
-            match walked_to {
-                Some(id) => after = id,
-                None => break,
-            }
-            looked += expiry.batch_size as u64;
-            progress.advance(looked.min(total));
-        }
+        let (logins, quarantined) = drop_month(pool, starts, &keys, progress).await?;
+        window.logins += logins;
+        window.quarantined += quarantined;
+        progress.advance(window.logins);
         let live = key_table::usable_in_window(pool, starts).await?;
         if live.is_empty()
             || key_table::retire_unused(pool, &live, Purpose::Data)
@@ -278,7 +255,8 @@ async fn expire_window<W: KeyWrapper>(
         .await
         .map_err(KeyringError::WrappingKey)?;
     sqlx::query(
-        "UPDATE retention_windows SET state = 'expired', expired_at = now() WHERE starts = $1",
+        "UPDATE retention_windows SET state = 'expired', expired_at = coalesce(expired_at, now())
+         WHERE starts = $1",
     )
     .bind(starts)
     .execute(pool)
@@ -286,4 +264,47 @@ async fn expire_window<W: KeyWrapper>(
     window.applied = true;
     tracing::info!(window = %starts, "retention window expired");
     Ok(())
+}
+
+/// The door's drop of the month of the window `starts` (its logins and quarantined bodies
+/// gone), asked again while open transactions hold the tables past the door's lock timeout.
+async fn drop_month(
+    pool: &PgPool,
+    starts: Date,
+    keys: &[i64],
+    progress: &dyn Progress,
+) -> Result<(u64, u64), LifecycleError> {
+    let mut attempt = 1;
+    loop {
+        let dropped: Result<(i64, i64), sqlx::Error> =
+            sqlx::query_as("SELECT * FROM vault_expire_month($1, $2)")
+                .bind(starts)
+                .bind(keys)
+                .fetch_one(pool)
+                .await;
+        match dropped {
+            Ok((logins, quarantined)) => return Ok((logins as u64, quarantined as u64)),
+            Err(error) if lock_not_available(&error) && attempt < DROP_ATTEMPTS => {
+                attempt += 1;
+                let until = Instant::now() + DROP_PAUSE;
+                progress.waiting(WAITING_TO_DROP, until);
+                tokio::time::sleep_until(until.into()).await;
+            }
+            Err(error) if lock_not_available(&error) => {
+                return Err(LifecycleError::MonthHeld {
+                    month: starts,
+                    attempts: attempt,
+                });
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// SQLSTATE 55P03: a lock timeout ran out.
+fn lock_not_available(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
 }

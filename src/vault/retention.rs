@@ -37,7 +37,7 @@ pub struct Window {
 pub enum Placement<'a> {
     /// Sealed under a data key of this window.
     Window(&'a Window),
-    /// Its window has expired (or is expiring): stored without personal fields.
+    /// Its window has expired (or is expiring): not stored, quarantined without its body.
     Expired,
     /// No window covers it: sealed under a data key of the default KMS key.
     Unwindowed,

@@ -172,6 +172,8 @@ struct Sent {
     user: &'static str,
     /// `None`: unknown (a file source), which counts as sent before every erasure.
     sent_at: Option<OffsetDateTime>,
+    /// Stored as a login: false for a rejected body, and for a login sent in a window that had
+    /// expired (quarantined without its body).
     valid: bool,
 }
 
@@ -523,6 +525,8 @@ impl Walk {
                 .assume_utc(),
             None => OffsetDateTime::now_utc(),
         };
+        // A login of an expired window is not stored: quarantined without its body (0019).
+        let expired = month.is_some_and(|m| self.model.windows.get(&m).is_some_and(|w| w.expired));
         let mut messages = Vec::new();
         let mut bodies: Vec<(&'static str, String, bool)> = logins
             .iter()
@@ -538,7 +542,7 @@ impl Walk {
                 Sent {
                     user,
                     sent_at: Some(sent_at),
-                    valid,
+                    valid: valid && !expired,
                 },
             );
             messages.push(Message {
@@ -582,8 +586,17 @@ impl Walk {
                 summary.duplicates,
                 summary.left_on_queue
             ),
-            (logins.len() as u64, u64::from(invalid.is_some()), 0, 0),
-            "every message of the batch stored once"
+            if expired {
+                (
+                    0,
+                    (logins.len() + usize::from(invalid.is_some())) as u64,
+                    0,
+                    0,
+                )
+            } else {
+                (logins.len() as u64, u64::from(invalid.is_some()), 0, 0)
+            },
+            "every message of the batch stored once, or quarantined once if its window expired"
         );
     }
 

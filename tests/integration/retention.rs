@@ -1,9 +1,11 @@
 //! Retention windows among the other key commands, through the binary and the emulator's KMS:
 //! `rewrap` leaves each window's data keys under the window's own KMS key and puts nothing else
 //! under one, and `window` refuses a KMS key that wraps anything outside its window, so that
-//! expiring a window shreds exactly that window.
+//! expiring a window shreds exactly that window; expiry drops the month, by the key admin's
+//! door alone, and late logins of an expired month keep nothing.
 
 use crate::common::{TestEnv, VecSource, logins, rotate_keys, stderr, stdout, unique_suffix};
+use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::unmask;
 
 const MONTHS: [&str; 3] = ["2025-01", "2025-02", "2025-03"];
@@ -184,7 +186,11 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
     for key in [&window_keys[1], &window_keys[2], &new_key] {
         assert_eq!(key_state(&env, key).await, KeyState::Enabled);
     }
-    assert_eq!(verified_logins(&env).await, all, "what is left opens");
+    assert_eq!(
+        verified_logins(&env).await,
+        all - LOGINS_PER_MONTH as u64,
+        "what is left opens; January's logins went with its month"
+    );
     let sealed: Vec<(String, i64)> = sqlx::query_as(
         "SELECT to_char(l.create_date, 'YYYY-MM'), count(*) FROM user_logins l
          JOIN login_vault v ON v.login_id = l.id GROUP BY 1 ORDER BY 1",
@@ -252,5 +258,157 @@ async fn expiry_deletes_a_body_of_its_month_quarantined_before_the_window_existe
         "January's body is gone, whatever key sealed it; plan: {}",
         stdout(&plan)
     );
+    env.cleanup().await;
+}
+
+/// Expiry drops the month (migration 0019): only through the key admin's door, only for a
+/// window that is expiring and has ended; a login of the expired month that arrives late is
+/// quarantined without its body, and the month's partitions do not come back.
+#[tokio::test]
+async fn an_expired_month_is_dropped_and_its_late_logins_keep_nothing() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let mut window_keys = Vec::new();
+    for month in ["2025-01", "2025-02"] {
+        let arn = env.new_kms_key("pii-vault test: retention window").await;
+        let output = rotate_keys(&env, &["window", "--month", month, "--key", &arn]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        window_keys.push(arn);
+    }
+    let mid = |month| month_start(month).with_hms(12, 0, 0).unwrap().assume_utc();
+    env.drain_from(VecSource::sent_at(&logins(20, 51), mid("2025-01")))
+        .await;
+    env.drain_from(VecSource::sent_at(&logins(10, 52), mid("2025-02")))
+        .await;
+    let january_partitions = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_class
+              WHERE relname IN ('user_logins_2025_01', 'login_vault_2025_01')",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(january_partitions().await, 2);
+
+    // From outside: the door refuses an active window; nobody calls the drop itself.
+    let keyadmin = env.pool_as("keyadmin").await;
+    let active = sqlx::query("SELECT * FROM vault_expire_month('2025-01-01', '{}')")
+        .execute(&keyadmin)
+        .await
+        .unwrap_err();
+    assert!(
+        active
+            .to_string()
+            .contains("only the month of an expiring window"),
+        "{active}"
+    );
+    for user in ["keyadmin", "analyst", "compliance", "ingester"] {
+        let pool = env.pool_as(user).await;
+        for statement in [
+            "SELECT * FROM vault_drop_month('2025-01-01')",
+            "DROP TABLE user_logins_2025_01",
+        ] {
+            let refused = sqlx::query(statement).execute(&pool).await.unwrap_err();
+            assert!(
+                refused.to_string().contains("permission denied")
+                    || refused.to_string().contains("must be owner"),
+                "{user}: {statement}: {refused}"
+            );
+        }
+        pool.close().await;
+    }
+    assert_eq!(january_partitions().await, 2, "nothing dropped");
+
+    let today = time::OffsetDateTime::now_utc().date();
+    let days = (today - month_start("2025-02")).whole_days();
+    let expire = [
+        "expire",
+        "--older-than",
+        &format!("{days}d"),
+        "--apply",
+        "--grace-seconds",
+        "0",
+    ];
+    let output = rotate_keys(&env, &expire).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains(
+            "expired window 2025-01 (logins dated 2025-01-01 to 2025-01-31): 20 login(s)"
+        ),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(january_partitions().await, 0, "the month is dropped");
+    let per_month: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT to_char(create_date, 'YYYY-MM'), count(*) FROM user_logins GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_month, [("2025-02".to_owned(), 10)]);
+
+    // Late for January: a valid login and an invalid one, each delivered twice.
+    let late = || {
+        let bodies = [
+            crate::common::login("u-late", "10.7.7.7", "late-device"),
+            r#"{"user_id": "u-late", "ip": 5}"#.to_owned(),
+        ];
+        let messages = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Message {
+                id: format!("late-{i}"),
+                body: body.into_bytes(),
+                sent_at: Some(mid("2025-01")),
+                receipt: Receipt(format!("late-{i}")),
+                read_at: std::time::Instant::now(),
+            })
+            .collect();
+        VecSource::of_messages(messages)
+    };
+    let first = env.drain_from(late()).await;
+    assert_eq!((first.stored, first.quarantined), (0, 2), "{first}");
+    let again = env.drain_from(late()).await;
+    assert_eq!((again.stored, again.quarantined), (0, 0), "{again}");
+    let kept: Vec<(String, Option<String>, bool, bool)> = sqlx::query_as(
+        "SELECT reason, body_withheld, sealed_body IS NULL, user_token IS NULL FROM quarantine
+          WHERE sent_at < '2025-02-01' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept.len(), 2, "each late message recorded once: {kept:?}");
+    assert_eq!(
+        kept[0],
+        (
+            pii_vault::ingest::batch::LATE_FOR_ITS_WINDOW.to_owned(),
+            Some("window-expired".to_owned()),
+            true,
+            true
+        )
+    );
+    assert_eq!(
+        (kept[1].1.as_deref(), kept[1].2, kept[1].3),
+        (Some("window-expired"), true, true)
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = 'u-late'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+
+    // The month does not come back, by `window` or the door.
+    let fresh = env.new_kms_key("pii-vault test: retention window").await;
+    let again = rotate_keys(&env, &["window", "--month", "2025-01", "--key", &fresh]).await;
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("has expired"), "{}", stderr(&again));
+    let added = sqlx::query("SELECT vault_add_month('2025-01-01')")
+        .execute(&keyadmin)
+        .await
+        .unwrap_err();
+    assert!(added.to_string().contains("has expired"), "{added}");
+    assert_eq!(january_partitions().await, 0);
+    keyadmin.close().await;
     env.cleanup().await;
 }

@@ -720,7 +720,9 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     let plan = stdout(&dry);
     assert!(
         plan.contains("would expire window 2025-01")
-            && plan.contains("sealed values of 600 login(s), 1 quarantined message(s)")
+            && plan.contains(
+                "600 login(s) with their tokens and sealed values, 1 quarantined message(s)"
+            )
             && !plan.contains("2025-02 ("),
         "{plan}"
     );
@@ -730,27 +732,112 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
         "a dry run changes nothing"
     );
 
-    // kill -9 in the middle of the expiry, then run it again.
-    let expiring = common::Running::spawn(
-        std::process::Command::new(ROTATE_KEYS)
-            .args(["expire", "--older-than", &older_than, "--apply"])
-            .args(["--batch-size", "2", "--grace-seconds", "0"])
-            .envs(env.binary_env())
-            .env("DATABASE_URL", env.url_as("keyadmin")),
-    );
-    common::within(
-        Duration::from_secs(60),
-        "the expiry deletes values",
-        || async { sealed_per_month(&env, &env.pool).await[0].1 < 600 },
+    // kill -9 while the door waits to drop January: an analyst's open transaction has read
+    // the logins, so the door's lock waits (2 s at a time, then asked again). Its transaction
+    // has deleted January's quarantined body already; killed, none of it commits.
+    let analyst = env.pool_as("analyst").await;
+    let mut reading = analyst.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
+        .fetch_one(&mut *reading)
+        .await
+        .unwrap();
+    let expiry = || {
+        common::Running::spawn(
+            std::process::Command::new(ROTATE_KEYS)
+                .args(["expire", "--older-than", &older_than, "--apply"])
+                .args(["--grace-seconds", "0"])
+                .envs(env.binary_env())
+                .env("DATABASE_URL", env.url_as("keyadmin")),
+        )
+    };
+    let expiring = expiry();
+    common::until_blocked(
+        &env,
+        "keyadmin",
+        "the door waits for the analyst's transaction",
     )
     .await;
-    let ended = expiring.kill();
-    assert!(!ended.status.success(), "killed mid-way, not finished");
-    let left = sealed_per_month(&env, &env.pool).await[0].clone();
-    assert!(
-        left.0 == "2025-01" && left.1 > 0,
-        "killed mid-way: {left:?}"
+    let awaited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+          WHERE NOT granted AND mode = 'AccessExclusiveLock'
+            AND relation = 'user_logins'::regclass",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        awaited, 1,
+        "it waits to drop, inside the door's transaction"
     );
+    let ended = expiring.kill();
+    assert!(
+        !ended.status.success(),
+        "killed while waiting, not finished"
+    );
+    // The server goes on with the statement of a killed client: the door's lock timeout ends
+    // it, rolled back, before the analyst lets go.
+    common::within(
+        Duration::from_secs(10),
+        "the killed expiry's session ends",
+        || async {
+            let sessions: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND usename = 'keyadmin'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            sessions == 0
+        },
+    )
+    .await;
+    reading.rollback().await.unwrap();
+    assert_eq!(
+        sealed_per_month(&env, &env.pool).await,
+        before,
+        "killed before its drop committed: nothing went"
+    );
+    assert_eq!(env.count("quarantine").await, 1, "nor the quarantined body");
+
+    // kill -9 after the drop committed, while it waits to retire January's data keys: an
+    // ingester holds them for a batch.
+    let ingester = env.pool_as("ingester").await;
+    let mut batch = ingester.begin().await.unwrap();
+    let januarys_data_keys: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM vault_keys WHERE window_starts = '2025-01-01'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    key_use::hold_shared(&mut batch, &januarys_data_keys)
+        .await
+        .unwrap();
+    let expiring = expiry();
+    common::until_blocked(
+        &env,
+        "keyadmin",
+        "the expiry waits for the ingester's batch",
+    )
+    .await;
+    let january_gone: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT to_regclass('user_logins_2025_01')::text, to_regclass('login_vault_2025_01')::text",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(january_gone, (None, None), "January's partitions dropped");
+    let ended = expiring.kill();
+    assert!(
+        !ended.status.success(),
+        "killed while waiting, not finished"
+    );
+    batch.rollback().await.unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM retention_windows WHERE starts = '2025-01-01'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "expiring", "killed before the keys were destroyed");
+
     let rerun = rotate_keys(&env, &["expire", "--older-than", &older_than, "--apply"]).await;
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     assert!(
@@ -767,16 +854,12 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
         0,
         "January's quarantined body went too"
     );
-    let tokens_kept: i64 = sqlx::query_scalar(
-        "SELECT count(masked_ip) FROM user_logins WHERE create_date < '2025-02-01'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        tokens_kept, 600,
-        "tokens and analytic rows stay without --tokens"
-    );
+    let january_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE create_date < '2025-02-01'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(january_rows, 0, "the analysts' rows went with the month");
     let january_keys: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(
         "SELECT state, wrapped_key FROM vault_keys WHERE window_starts = '2025-01-01'",
     )
@@ -802,22 +885,24 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
         .key_state
         .unwrap();
     assert_eq!(kms_state, aws_sdk_kms::types::KeyState::PendingDeletion);
-    let (pages, audited): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), sum(cardinality(login_ids))::int8 FROM unmask_audit
+    let audited: Vec<(String, i32, Vec<i64>)> = sqlx::query_as(
+        "SELECT question, values_revealed, login_ids FROM unmask_audit
          WHERE outcome = 'expired' AND db_user = 'keyadmin'",
     )
-    .fetch_one(&env.pool)
+    .fetch_all(&env.pool)
     .await
     .unwrap();
+    assert_eq!(audited.len(), 1, "one audit row for the month: {audited:?}");
+    let (question, values, ids) = &audited[0];
     assert!(
-        pages >= 2,
-        "a row per page, across the killed run and the rerun: {pages}"
+        question.contains("dropped the month's 600 logins") && question.contains("1 quarantined"),
+        "{question}"
     );
-    assert_eq!(audited, 600, "every expired login named once in the audit");
+    assert_eq!((*values, ids.len()), (600, 0), "counted, not listed");
     assert_eq!(
         verify_all(&env).await,
-        1_250,
-        "the other windows still open"
+        650,
+        "the other windows still open; January's 600 logins are gone"
     );
 
     // The backup, restored: January no longer opens, February does.
@@ -876,18 +961,17 @@ async fn expiry_shreds_whole_windows_so_earlier_backups_cannot_open_them() {
     restored.drop().await;
     let _ = std::fs::remove_file(&dump);
 
-    // A January login that arrives now is stored without personal fields.
-    env.drain_from(VecSource::sent_at(&logins(5, 45), january))
+    // January logins that arrive now are not stored: quarantined without their bodies.
+    let late = env
+        .drain_from(VecSource::sent_at(&logins(5, 45), january))
         .await;
-    let late: (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(masked_ip) FROM user_logins l
-         WHERE create_date < '2025-02-01'
-           AND NOT EXISTS (SELECT 1 FROM login_vault v WHERE v.login_id = l.id)",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(late, (605, 600), "five late logins, no tokens, no values");
+    assert_eq!((late.stored, late.quarantined), (0, 5), "{late}");
+    let january_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE create_date < '2025-02-01'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(january_rows, 0, "five late logins, none stored");
     env.cleanup().await;
 }
 

@@ -304,7 +304,7 @@ enum Verdict {
 /// Every table, sealed column and door, by operation, as psql would try it. `true`: the
 /// statement must also return a row to count as allowed (the reveal door answers everyone,
 /// but hands values only to compliance).
-const MATRIX: [(&str, &str, bool); 58] = [
+const MATRIX: [(&str, &str, bool); 59] = [
     (
         "SELECT user_logins",
         "SELECT * FROM user_logins LIMIT 0",
@@ -562,8 +562,13 @@ const MATRIX: [(&str, &str, bool); 58] = [
         false,
     ),
     (
-        "door vault_expire_page",
-        "SELECT * FROM vault_expire_page('2025-01-01', '2025-02-01', 0, 10, false, '{}')",
+        "door vault_expire_month",
+        "SELECT * FROM vault_expire_month('2025-01-01', '{}')",
+        false,
+    ),
+    (
+        "function vault_drop_month (the expiry door's own)",
+        "SELECT * FROM vault_drop_month('2025-01-01')",
         false,
     ),
     (
@@ -631,7 +636,7 @@ fn allowed_for(user: &str) -> &'static [&'static str] {
             "function vault_key_named",
             "SELECT erasures.(id, token_key_id, user_token, erased_at)",
             "SELECT erasures.sealed_user_id",
-            "door vault_expire_page",
+            "door vault_expire_month",
             "lock vault_keys rows",
         ],
         _ => &["door vault_reveal_request", "door vault_reveal"],

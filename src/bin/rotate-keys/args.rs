@@ -111,9 +111,10 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=24))]
         ahead: u32,
     },
-    /// Expire the retention windows that end before the horizon: delete their logins' sealed
-    /// values and quarantined bodies, destroy their data keys and schedule their KMS keys for
-    /// deletion, so backups cannot open them either. A dry run unless --apply; resumable.
+    /// Expire the retention windows that end before the horizon: drop their months' logins
+    /// (tokens and sealed values with them) and delete their quarantined bodies, destroy their
+    /// data keys and schedule their KMS keys for deletion, so backups cannot open them either.
+    /// A dry run unless --apply; resumable.
     Expire {
         /// The horizon, in days (e.g. 400d): windows ending on or before today minus this.
         #[arg(long, value_parser = parse_days)]
@@ -121,13 +122,6 @@ enum Command {
         /// Do it (without it, the plan is printed and nothing changes).
         #[arg(long)]
         apply: bool,
-        /// Also set the expired logins' tokens to NULL.
-        #[arg(long)]
-        tokens: bool,
-        /// Logins per transaction.
-        #[arg(long, default_value_t = 1_000,
-              value_parser = clap::value_parser!(i64).range(1..=100_000))]
-        batch_size: i64,
         /// Seconds given to running ingesters to stop sealing into an expiring window (at
         /// least their --key-check-seconds).
         #[arg(long, default_value_t = 15)]
@@ -280,16 +274,12 @@ impl TryFrom<Args> for Config {
             Command::Expire {
                 older_than,
                 apply,
-                tokens,
-                batch_size,
                 grace_seconds,
             } => {
                 let today = time::OffsetDateTime::now_utc().date();
                 Task::Expire(Expiry {
                     horizon: today - time::Duration::days(i64::from(older_than)),
                     apply,
-                    drop_tokens: tokens,
-                    batch_size,
                     grace: Duration::from_secs(grace_seconds),
                 })
             }

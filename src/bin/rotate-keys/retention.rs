@@ -67,7 +67,7 @@ fn expiry_said(expiry: &Expiry, windows: &[WindowExpiry]) -> Said {
     for window in windows {
         let month = &window.starts.to_string()[..7];
         let what = format!(
-            "window {month} (logins dated {} to {}): sealed values of {} login(s), {} quarantined message(s), data keys {:?}, KMS key {}",
+            "window {month} (logins dated {} to {}): {} login(s) with their tokens and sealed values, {} quarantined message(s), data keys {:?}, KMS key {}",
             window.starts,
             window.ends - time::Duration::days(1),
             window.logins,
@@ -77,7 +77,7 @@ fn expiry_said(expiry: &Expiry, windows: &[WindowExpiry]) -> Said {
         );
         if window.applied {
             text += &format!(
-                "expired {what}: values deleted, data keys destroyed, KMS key scheduled for deletion\n"
+                "expired {what}: the month's logins dropped, data keys destroyed, KMS key scheduled for deletion\n"
             );
         } else {
             text += &format!("would expire {what}\n");

@@ -938,6 +938,24 @@ pub async fn until_waiting_on_a_lock(env: &TestEnv, what: &str, statement: &str)
     .await;
 }
 
+/// Waits (up to 10 s) until a session of `env`'s database logged in as `user` waits for a
+/// lock another session holds. Unlike [`until_waiting_on_a_lock`] it needs no right to read
+/// other users' statements: `pg_blocking_pids` and the user names are open to every login.
+pub async fn until_blocked(env: &TestEnv, user: &str, what: &str) {
+    within(Duration::from_secs(10), what, || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND usename = $1
+                               AND cardinality(pg_blocking_pids(pid)) > 0)",
+        )
+        .bind(user)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+}
+
 /// Asserts that `condition` holds within `limit`, naming `what` otherwise.
 pub async fn within<F, Fut>(limit: Duration, what: &str, condition: F)
 where
