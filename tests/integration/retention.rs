@@ -52,6 +52,21 @@ fn month_start(month: &str) -> time::Date {
     time::Date::from_calendar_date(year.parse().unwrap(), month, 1).unwrap()
 }
 
+/// `rotate-keys expire` up to 2025-02-01 (January's window and nothing later), applied or
+/// planned; it must succeed.
+async fn expire_january(env: &TestEnv, apply: bool) -> std::process::Output {
+    let today = time::OffsetDateTime::now_utc().date();
+    let days = (today - month_start("2025-02")).whole_days();
+    let horizon = format!("{days}d");
+    let mut args = vec!["expire", "--older-than", &horizon];
+    if apply {
+        args.extend(["--apply", "--grace-seconds", "0"]);
+    }
+    let output = rotate_keys(env, &args).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    output
+}
+
 #[tokio::test]
 async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_under_one() {
     let env = TestEnv::new(30).await;
@@ -161,18 +176,7 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
 
     // Expiring January (the horizon is 2025-02-01) shreds January alone: its KMS key is
     // scheduled for deletion, and the token key and the other windows open as before.
-    let today = time::OffsetDateTime::now_utc().date();
-    let days = (today - month_start("2025-02")).whole_days();
-    let expire = [
-        "expire",
-        "--older-than",
-        &format!("{days}d"),
-        "--apply",
-        "--grace-seconds",
-        "0",
-    ];
-    let output = rotate_keys(&env, &expire).await;
-    assert!(output.status.success(), "{}", stderr(&output));
+    let output = expire_january(&env, true).await;
     let said = stdout(&output);
     assert!(
         said.contains("expired window 2025-01") && !said.contains("2025-02"),
@@ -199,7 +203,7 @@ async fn rewrap_leaves_each_window_under_its_own_kms_key_and_puts_nothing_else_u
     .await
     .unwrap();
     let per_month = LOGINS_PER_MONTH as i64;
-    let this_month = today.to_string()[..7].to_owned();
+    let this_month = time::OffsetDateTime::now_utc().date().to_string()[..7].to_owned();
     assert_eq!(
         sealed,
         [
@@ -227,24 +231,8 @@ async fn expiry_deletes_a_body_of_its_month_quarantined_before_the_window_existe
     let arn = env.new_kms_key("pii-vault test: retention window").await;
     let output = rotate_keys(&env, &["window", "--month", "2025-01", "--key", &arn]).await;
     assert!(output.status.success(), "{}", stderr(&output));
-    let today = time::OffsetDateTime::now_utc().date();
-    let days = (today - month_start("2025-02")).whole_days();
-    let horizon = format!("{days}d");
-    let plan = rotate_keys(&env, &["expire", "--older-than", &horizon]).await;
-    assert!(plan.status.success(), "{}", stderr(&plan));
-    let expired = rotate_keys(
-        &env,
-        &[
-            "expire",
-            "--older-than",
-            &horizon,
-            "--apply",
-            "--grace-seconds",
-            "0",
-        ],
-    )
-    .await;
-    assert!(expired.status.success(), "{}", stderr(&expired));
+    let plan = expire_january(&env, false).await;
+    expire_january(&env, true).await;
     let left: Vec<String> = sqlx::query_scalar(
         "SELECT to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM') FROM quarantine
          WHERE sealed_body IS NOT NULL",
@@ -320,18 +308,7 @@ async fn an_expired_month_is_dropped_and_its_late_logins_keep_nothing() {
     }
     assert_eq!(january_partitions().await, 2, "nothing dropped");
 
-    let today = time::OffsetDateTime::now_utc().date();
-    let days = (today - month_start("2025-02")).whole_days();
-    let expire = [
-        "expire",
-        "--older-than",
-        &format!("{days}d"),
-        "--apply",
-        "--grace-seconds",
-        "0",
-    ];
-    let output = rotate_keys(&env, &expire).await;
-    assert!(output.status.success(), "{}", stderr(&output));
+    let output = expire_january(&env, true).await;
     assert!(
         stdout(&output).contains(
             "expired window 2025-01 (logins dated 2025-01-01 to 2025-01-31): 20 login(s)"
