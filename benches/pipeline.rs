@@ -8,7 +8,9 @@
 //!    the real `--from-file` path into a fresh database with durable commits: msgs/s, machine
 //!    CPU per record, peak RSS, KMS calls, and the row and quarantine counts checked.
 //! 2. Read-to-commit latency when fed at half that rate.
-//! 3. The same rows, already masked, loaded by COPY into another fresh database: the limit.
+//! 3. The same rows, already masked, loaded by COPY into another fresh database: the limit;
+//!    and again into unpartitioned tables of the same columns and indexes, for what the
+//!    monthly partitions cost at that limit.
 //! 4. The SQS path: the emulator's bare drain rate (receive + delete, no processing) against
 //!    ingest's over the same queue.
 //!
@@ -297,33 +299,22 @@ async fn main() {
             .unwrap();
         }
     }
-    let mut connection = reference.pool.acquire().await.unwrap();
-    let started = Instant::now();
-    let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
-    for (file, statement) in [
-        (
-            &logins_copy,
-            "COPY user_logins (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id, token_key_id, app_version_text) FROM STDIN",
-        ),
-        (
-            &vault_copy,
-            "COPY login_vault (login_id, data_key_id, sealed_ip, sealed_device_id, create_date) FROM STDIN",
-        ),
-    ] {
-        let mut copy = tx.copy_in_raw(statement).await.unwrap();
-        let mut reader = BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap());
-        loop {
-            let chunk = reader.fill_buf().unwrap().to_vec();
-            if chunk.is_empty() {
-                break;
-            }
-            reader.consume(chunk.len());
-            copy.send(chunk).await.unwrap();
-        }
-        copy.finish().await.unwrap();
-    }
-    tx.commit().await.unwrap();
-    let copy_seconds = started.elapsed().as_secs_f64();
+    let logins_columns = "(user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id, token_key_id, app_version_text)";
+    let vault_columns = "(login_id, data_key_id, sealed_ip, sealed_device_id, create_date)";
+    let copy_seconds = copy_into(
+        &reference.pool,
+        [
+            (
+                &logins_copy,
+                format!("COPY user_logins {logins_columns} FROM STDIN"),
+            ),
+            (
+                &vault_copy,
+                format!("COPY login_vault {vault_columns} FROM STDIN"),
+            ),
+        ],
+    )
+    .await;
     let copied = reference.count("user_logins").await as u64;
     assert_eq!(copied, count - malformed);
     let copy_per_s = copied as f64 / copy_seconds;
@@ -332,7 +323,34 @@ async fn main() {
         "raw COPY: {copied} rows in {copy_seconds:.2}s = {copy_per_s:.0} rows/s; pipeline stores {:.0} rows/s = {ratio_to_copy:.2}x",
         rows as f64 / seconds
     );
-    drop(connection);
+    // The same COPY into unpartitioned tables of the same columns and indexes: what the
+    // monthly partitions (migration 0017) cost at the limit.
+    sqlx::raw_sql(
+        "CREATE TABLE flat_logins (LIKE user_logins INCLUDING ALL);
+         CREATE TABLE flat_vault (LIKE login_vault INCLUDING ALL);",
+    )
+    .execute(&reference.pool)
+    .await
+    .unwrap();
+    let flat_seconds = copy_into(
+        &reference.pool,
+        [
+            (
+                &logins_copy,
+                format!("COPY flat_logins {logins_columns} FROM STDIN"),
+            ),
+            (
+                &vault_copy,
+                format!("COPY flat_vault {vault_columns} FROM STDIN"),
+            ),
+        ],
+    )
+    .await;
+    let partitioned_to_flat = flat_seconds / copy_seconds;
+    println!(
+        "raw COPY into unpartitioned tables: {:.0} rows/s; into the monthly partitions = {partitioned_to_flat:.2}x",
+        copied as f64 / flat_seconds
+    );
 
     // 5. Beside the seed's design (one INSERT and one COMMIT per login, on one connection, in
     //    the same schema), the whole process on the same logins.
@@ -390,7 +408,7 @@ async fn main() {
     );
 
     println!(
-        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}, \"checkpoints_during_run\": {checkpoints_during_run}}}"
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"partitioned_copy_to_flat\": {partitioned_to_flat:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}, \"checkpoints_during_run\": {checkpoints_during_run}}}"
     );
     pool.close().await;
     env.cleanup().await;
@@ -417,6 +435,28 @@ fn seal_login(
 }
 
 /// Checkpoints the server has made so far.
+/// COPYs each file with its statement, all in one transaction; the seconds it took.
+async fn copy_into(pool: &sqlx::PgPool, copies: [(&std::path::PathBuf, String); 2]) -> f64 {
+    let mut connection = pool.acquire().await.unwrap();
+    let started = Instant::now();
+    let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+    for (file, statement) in copies {
+        let mut copy = tx.copy_in_raw(&statement).await.unwrap();
+        let mut reader = BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap());
+        loop {
+            let chunk = reader.fill_buf().unwrap().to_vec();
+            if chunk.is_empty() {
+                break;
+            }
+            reader.consume(chunk.len());
+            copy.send(chunk).await.unwrap();
+        }
+        copy.finish().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    started.elapsed().as_secs_f64()
+}
+
 async fn checkpoints(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
         .fetch_one(pool)
