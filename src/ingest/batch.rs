@@ -208,8 +208,8 @@ pub const LATE_FOR_ITS_WINDOW: &str =
 /// it was sent keeps no personal field, and a rejected body that names such a user is
 /// withheld. Every message sent in a retention window that has expired (`window_expired`)
 /// becomes a quarantine row with its body withheld: a valid login with the reason
-/// [`LATE_FOR_ITS_WINDOW`], a rejected one with its rejection. The batch carries the newest erasure record `erased` knows: the writer commits
-/// it only while no newer one exists.
+/// [`LATE_FOR_ITS_WINDOW`], a rejected one with its rejection. The batch carries the newest
+/// erasure record `erased` knows: the writer commits it only while no newer one exists.
 pub fn build(
     messages: Vec<Message>,
     tokenizer: &Tokenizer,
@@ -239,23 +239,8 @@ pub fn build(
             receipts: vec![message.receipt],
             first_read: message.read_at,
         };
-        let parsed = event::parse(&message.body);
-        // A login of an expired window has no month to go to (its partitions were dropped
-        // with it): its arrival is recorded, and nothing of it is kept.
-        if window_expired && parsed.is_ok() {
-            batch.quarantined.push(QuarantineRow {
-                body: QuarantinedBody::Withheld(Withheld::WindowExpired),
-                body_bytes: i32::try_from(message.body.len()).unwrap_or(i32::MAX),
-                reason: LATE_FOR_ITS_WINDOW.to_owned(),
-                sent_at: message.sent_at,
-                message_id: message.id.clone(),
-                deliveries,
-            });
-            seen.insert(message.id, Err(batch.quarantined.len() - 1));
-            continue;
-        }
-        let slot = match parsed {
-            Ok(login) => {
+        let slot = match event::parse(&message.body) {
+            Ok(login) if !window_expired => {
                 let personal = !erased.erased(&login.in_clear.user_id, message.sent_at);
                 let row = login_row(&message.id, message.sent_at, login, tokenizer, sealer);
                 let row = LoginRow {
@@ -265,29 +250,31 @@ pub fn build(
                 batch.logins.push(LoginRow { deliveries, ..row });
                 Ok(batch.logins.len() - 1)
             }
-            Err(rejection) => {
-                let named = user_id_named_in(&message.body);
-                let withheld = if named
-                    .as_deref()
-                    .is_some_and(|user| erased.erased(user, message.sent_at))
-                {
-                    Some(Withheld::UserErased)
-                } else if window_expired {
-                    Some(Withheld::WindowExpired)
-                } else {
-                    None
-                };
-                let body = match withheld {
-                    Some(why) => QuarantinedBody::Withheld(why),
-                    None => QuarantinedBody::Sealed {
-                        sealed: sealer.seal(&quarantine_place(&message.id), &message.body),
-                        user_token: named.map(|user| tokenizer.user_id(&user)),
-                    },
+            parsed => {
+                // A login of an expired window has no month to go to (its partitions were
+                // dropped with it): its arrival is recorded, and nothing of it is kept.
+                let (reason, body) = match parsed {
+                    Ok(_) => (
+                        LATE_FOR_ITS_WINDOW.to_owned(),
+                        QuarantinedBody::Withheld(Withheld::WindowExpired),
+                    ),
+                    Err(rejection) => (
+                        rejection.to_string(),
+                        rejected_body(
+                            &message.id,
+                            &message.body,
+                            message.sent_at,
+                            tokenizer,
+                            sealer,
+                            erased,
+                            window_expired,
+                        ),
+                    ),
                 };
                 batch.quarantined.push(QuarantineRow {
                     body,
                     body_bytes: i32::try_from(message.body.len()).unwrap_or(i32::MAX),
-                    reason: rejection.to_string(),
+                    reason,
                     sent_at: message.sent_at,
                     message_id: message.id.clone(),
                     deliveries,
@@ -298,6 +285,38 @@ pub fn build(
         seen.insert(message.id, slot);
     }
     batch
+}
+
+/// What a quarantine row keeps of a rejected body: nothing if it names a user erased after it
+/// was sent or was sent in an expired window, else the body sealed, with the token of the user
+/// id it names.
+fn rejected_body(
+    message_id: &str,
+    body: &[u8],
+    sent_at: Option<OffsetDateTime>,
+    tokenizer: &Tokenizer,
+    sealer: &Sealer,
+    erased: &ErasedUsers,
+    window_expired: bool,
+) -> QuarantinedBody {
+    let named = user_id_named_in(body);
+    let withheld = if named
+        .as_deref()
+        .is_some_and(|user| erased.erased(user, sent_at))
+    {
+        Some(Withheld::UserErased)
+    } else if window_expired {
+        Some(Withheld::WindowExpired)
+    } else {
+        None
+    };
+    match withheld {
+        Some(why) => QuarantinedBody::Withheld(why),
+        None => QuarantinedBody::Sealed {
+            sealed: sealer.seal(&quarantine_place(message_id), body),
+            user_token: named.map(|user| tokenizer.user_id(&user)),
+        },
+    }
 }
 
 /// A valid login's row: its personal fields tokenized and sealed (bound to the message and
