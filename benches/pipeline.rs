@@ -434,7 +434,6 @@ fn seal_login(
     )
 }
 
-/// Checkpoints the server has made so far.
 /// COPYs each file with its statement, all in one transaction; the seconds it took.
 async fn copy_into(pool: &sqlx::PgPool, copies: [(&std::path::PathBuf, String); 2]) -> f64 {
     let mut connection = pool.acquire().await.unwrap();
@@ -457,6 +456,7 @@ async fn copy_into(pool: &sqlx::PgPool, copies: [(&std::path::PathBuf, String); 
     started.elapsed().as_secs_f64()
 }
 
+/// Checkpoints the server has made so far.
 async fn checkpoints(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
         .fetch_one(pool)
