@@ -632,8 +632,9 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    -- Parents first, in the order writers take them (logins, then the vault): no deadlock.
-    LOCK TABLE user_logins, login_vault IN ACCESS EXCLUSIVE MODE;
+    -- Parents first, in the order writers take them (logins, then the vault): no deadlock. The
+    -- parents alone: the partitions of other months are no business of this (see above).
+    LOCK TABLE ONLY user_logins, ONLY login_vault IN ACCESS EXCLUSIVE MODE;
     IF to_regclass('public.' || logins_partition) IS NOT NULL THEN
         -- A partition never analyzed (a small one) is counted; a large one has statistics.
         SELECT c.reltuples INTO estimate FROM pg_class c
@@ -664,8 +665,11 @@ CREATE FUNCTION public.vault_erase_user(p_user_id text, p_reason text, p_actor t
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
     AS $$
 DECLARE
-    ids bigint[];
-    keys bigint[];
+    ids bigint[] := '{}';
+    keys bigint[] := '{}';
+    month_ids bigint[];
+    month_keys bigint[];
+    month date;
     n_logins bigint;
     n_tokens bigint := 0;
     n_quarantined bigint;
@@ -699,7 +703,8 @@ BEGIN
         SELECT count(v.login_id), count(*) FILTER (WHERE l.masked_ip IS NOT NULL
                                                       OR l.masked_device_id IS NOT NULL)
         INTO n_logins, n_tokens
-        FROM user_logins l LEFT JOIN login_vault v ON v.login_id = l.id
+        FROM user_logins l
+        LEFT JOIN login_vault v ON v.login_id = l.id AND v.create_date = l.create_date
         WHERE l.user_id = p_user_id;
         SELECT count(*) INTO n_quarantined FROM quarantine q
         JOIN unnest(p_token_keys, p_user_tokens) AS t(key_id, token)
@@ -720,13 +725,22 @@ BEGIN
     END IF;
     -- Waits for every ingester batch in progress; later ones see this erasure.
     UPDATE erasure_gate SET erasures = erasures + 1;
-    WITH erased AS (
-        DELETE FROM login_vault v USING user_logins l
-        WHERE l.id = v.login_id AND l.user_id = p_user_id
-        RETURNING v.login_id, v.data_key_id)
-    SELECT coalesce(array_agg(e.login_id ORDER BY e.login_id), '{}'),
-           coalesce(array_agg(DISTINCT e.data_key_id), '{}')
-    INTO ids, keys FROM erased e;
+    FOR month IN SELECT DISTINCT date_trunc('month', l.create_date)::date FROM user_logins l
+                 WHERE l.user_id = p_user_id LOOP
+        WITH erased AS (
+            DELETE FROM login_vault v USING user_logins l
+            WHERE l.id = v.login_id AND l.create_date = v.create_date
+              AND l.user_id = p_user_id
+              AND v.create_date >= month AND v.create_date < (month + interval '1 month')::date
+              AND l.create_date >= month AND l.create_date < (month + interval '1 month')::date
+            RETURNING v.login_id, v.data_key_id)
+        SELECT coalesce(array_agg(e.login_id), '{}'), coalesce(array_agg(DISTINCT e.data_key_id), '{}')
+        INTO month_ids, month_keys FROM erased e;
+        ids := ids || month_ids;
+        keys := keys || month_keys;
+    END LOOP;
+    SELECT coalesce(array_agg(i ORDER BY i), '{}') INTO ids FROM unnest(ids) i;
+    SELECT coalesce(array_agg(DISTINCT k ORDER BY k), '{}') INTO keys FROM unnest(keys) k;
     IF NOT p_keep_tokens THEN
         UPDATE user_logins SET masked_ip = NULL, masked_device_id = NULL
         WHERE user_logins.user_id = p_user_id
@@ -1072,17 +1086,25 @@ CREATE FUNCTION public.vault_reseal_logins(p_request bigint, p_ids bigint[], p_d
     AS $$
 DECLARE
     r door_requests := door_in_hand(p_request, 'rotation', 'reseal', p_ids);
-    n bigint;
+    n bigint := 0;
+    in_month bigint;
+    month date;
     new_keys bigint[];
 BEGIN
     SELECT coalesce(array_agg(DISTINCT k ORDER BY k), '{}') INTO new_keys FROM unnest(p_data_keys) k;
     PERFORM door_check_new_keys(new_keys, 'data');
-    UPDATE login_vault v
-    SET data_key_id = u.data_key_id, sealed_ip = u.sealed_ip, sealed_device_id = u.sealed_device_id
-    FROM unnest(p_ids, p_data_keys, p_sealed_ip, p_sealed_device_id)
-         AS u(login_id, data_key_id, sealed_ip, sealed_device_id)
-    WHERE v.login_id = u.login_id;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    FOR month IN SELECT DISTINCT date_trunc('month', h.day)::date FROM door_logins(r) h
+                 WHERE h.id = ANY (p_ids) LOOP
+        UPDATE login_vault v
+        SET data_key_id = u.data_key_id, sealed_ip = u.sealed_ip,
+            sealed_device_id = u.sealed_device_id
+        FROM unnest(p_ids, p_data_keys, p_sealed_ip, p_sealed_device_id)
+             AS u(login_id, data_key_id, sealed_ip, sealed_device_id)
+        WHERE v.login_id = u.login_id
+          AND v.create_date >= month AND v.create_date < (month + interval '1 month')::date;
+        GET DIAGNOSTICS in_month = ROW_COUNT;
+        n := n + in_month;
+    END LOOP;
     PERFORM audit_append(session_user, 'key-administration', 'rotate-keys reseal',
                          format('resealed %s logins of audit row %s', n, r.audit_id),
                          n::integer, 'resealed', p_ids, new_keys);
@@ -1132,14 +1154,22 @@ CREATE FUNCTION public.vault_retokenize_logins(p_request bigint, p_token_key big
     AS $$
 DECLARE
     r door_requests := door_in_hand(p_request, 'rotation', 'retokenize', p_ids);
-    n bigint;
+    n bigint := 0;
+    in_month bigint;
+    month date;
 BEGIN
     PERFORM door_check_new_keys(ARRAY[p_token_key], 'token');
-    UPDATE user_logins l
-    SET masked_ip = u.masked_ip, masked_device_id = u.masked_device_id, token_key_id = p_token_key
-    FROM unnest(p_ids, p_masked_ip, p_masked_device_id) AS u(id, masked_ip, masked_device_id)
-    WHERE l.id = u.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    FOR month IN SELECT DISTINCT date_trunc('month', h.day)::date FROM door_logins(r) h
+                 WHERE h.id = ANY (p_ids) LOOP
+        UPDATE user_logins l
+        SET masked_ip = u.masked_ip, masked_device_id = u.masked_device_id,
+            token_key_id = p_token_key
+        FROM unnest(p_ids, p_masked_ip, p_masked_device_id) AS u(id, masked_ip, masked_device_id)
+        WHERE l.id = u.id
+          AND l.create_date >= month AND l.create_date < (month + interval '1 month')::date;
+        GET DIAGNOSTICS in_month = ROW_COUNT;
+        n := n + in_month;
+    END LOOP;
     PERFORM audit_append(session_user, 'key-administration', 'rotate-keys retokenize',
                          format('retokenized %s logins of audit row %s', n, r.audit_id),
                          n::integer, 'retokenized', p_ids, ARRAY[p_token_key]);

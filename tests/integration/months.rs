@@ -449,3 +449,176 @@ async fn a_users_logins_in_three_months_are_revealed_together_with_or_without_th
     compliance.close().await;
     env.cleanup().await;
 }
+
+/// Scans of each partition of `table` that this transaction has made so far, by month
+/// ("2025_02"): sequential and index scans together.
+async fn scans_so_far(conn: &mut sqlx::PgConnection, table: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT right(s.relname, 7), coalesce(s.seq_scan, 0) + coalesce(s.idx_scan, 0)
+           FROM pg_stat_xact_user_tables s
+           JOIN pg_inherits i ON i.inhrelid = s.relid AND i.inhparent = $1::regclass
+          ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+/// Partitions of `table` scanned between two `scans_so_far`.
+fn scanned(before: &[(String, i64)], after: &[(String, i64)]) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(month, n)| before.iter().any(|(m, b)| m == month && b < n))
+        .map(|(month, _)| month.clone())
+        .collect()
+}
+
+/// The doors that write logins reach only the months of the logins they write (migration
+/// 0020): a rotation page's reseal and retokenize, and a user's erasure, leave a month they
+/// have no login of unread, as counted by the caller's own transaction statistics.
+#[tokio::test]
+async fn rotation_and_erasure_write_only_in_the_months_of_their_logins() {
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let sent = [
+        ("u-1", at(2025, Month::January, 20, (9, 0, 0))),
+        ("u-2", at(2025, Month::February, 10, (9, 0, 0))),
+        ("u-1", at(2025, Month::March, 5, (9, 0, 0))),
+    ];
+    let mut messages = Vec::new();
+    for (n, (user, sent_at)) in sent.iter().enumerate() {
+        env.add_month(sent_at.date()).await;
+        messages.push(Message {
+            id: format!("b5e1d2ef-0000-4c55-9f31-0e8d2a7b9c1{n}"),
+            body: login(user, &format!("10.8.8.{n}"), &format!("dev-{n}")).into_bytes(),
+            sent_at: Some(*sent_at),
+            receipt: Receipt(format!("r{n}")),
+            read_at: Instant::now(),
+        });
+    }
+    let stored = env
+        .drain_from(common::VecSource::of_messages(messages))
+        .await;
+    assert_eq!(stored.stored, 3, "{stored}");
+    let (token_key, data_key): (i64, i64) =
+        sqlx::query_as("SELECT l.token_key_id, v.data_key_id FROM user_logins l JOIN login_vault v ON v.login_id = l.id LIMIT 1")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    let written_months = ["2025_01", "2025_03"];
+    let keyadmin = env.pool_as("keyadmin").await;
+
+    // A rotation page of every month's logins, of which the January and March ones are
+    // written back (unchanged: the door checks only that the keys are active).
+    for (operation, key, table) in [
+        ("reseal", data_key, "login_vault"),
+        ("retokenize", token_key, "user_logins"),
+    ] {
+        // The request commits first; the hand-out and the write share a transaction.
+        let request: i64 = sqlx::query_scalar("SELECT vault_rotation_request($1, 0, 100, $2)")
+            .bind(operation)
+            .bind(vec![key])
+            .fetch_one(&keyadmin)
+            .await
+            .unwrap();
+        let mut tx = keyadmin.begin().await.unwrap();
+        type PageRow = (
+            i64,
+            Date,
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
+        let page: Vec<PageRow> = sqlx::query_as(
+            "SELECT login_id, create_date, masked_ip, masked_device_id, sealed_ip, sealed_device_id
+               FROM vault_rotation_page($1)",
+        )
+        .bind(request)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(
+            page.len(),
+            3,
+            "{operation}: every month's login is on the page"
+        );
+        let written: Vec<&PageRow> = page
+            .iter()
+            .filter(|row| row.1.month() != Month::February)
+            .collect();
+        let ids: Vec<i64> = written.iter().map(|row| row.0).collect();
+        let before = scans_so_far(&mut tx, table).await;
+        let n: i64 = if operation == "reseal" {
+            sqlx::query_scalar("SELECT vault_reseal_logins($1, $2, $3, $4, $5)")
+                .bind(request)
+                .bind(&ids)
+                .bind(vec![data_key; ids.len()])
+                .bind(
+                    written
+                        .iter()
+                        .map(|row| row.4.clone().unwrap())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    written
+                        .iter()
+                        .map(|row| row.5.clone().unwrap())
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap()
+        } else {
+            sqlx::query_scalar("SELECT vault_retokenize_logins($1, $2, $3, $4, $5)")
+                .bind(request)
+                .bind(token_key)
+                .bind(&ids)
+                .bind(written.iter().map(|row| row.2.clone()).collect::<Vec<_>>())
+                .bind(written.iter().map(|row| row.3.clone()).collect::<Vec<_>>())
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap()
+        };
+        let after = scans_so_far(&mut tx, table).await;
+        tx.commit().await.unwrap();
+        assert_eq!(n, 2, "{operation}");
+        assert_eq!(
+            scanned(&before, &after),
+            written_months,
+            "{operation}: {before:?} -> {after:?}"
+        );
+    }
+
+    // u-1's erasure: its logins are looked for in every month, its vault rows only in theirs.
+    let mut tx = keyadmin.begin().await.unwrap();
+    let before = scans_so_far(&mut tx, "login_vault").await;
+    let (logins,): (i64,) = sqlx::query_as(
+        "SELECT logins FROM vault_erase_user('u-1', 'test', 'ann', false, $1, '{t}', '{\\x00}',
+                                             false, false, NULL)",
+    )
+    .bind(vec![token_key])
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let after = scans_so_far(&mut tx, "login_vault").await;
+    tx.commit().await.unwrap();
+    assert_eq!(logins, 2);
+    assert_eq!(
+        scanned(&before, &after),
+        written_months,
+        "{before:?} -> {after:?}"
+    );
+    let sealed: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT l.user_id, count(v.login_id) FROM user_logins l
+           LEFT JOIN login_vault v ON v.login_id = l.id AND v.create_date = l.create_date
+          GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(sealed, [("u-1".to_owned(), 0), ("u-2".to_owned(), 1)]);
+    keyadmin.close().await;
+    env.cleanup().await;
+}
