@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use pii_vault::event;
 use pii_vault::ingest::source::file::{FileSource, line_id};
 use pii_vault::ingest::source::sqs::PollSettings;
-use pii_vault::ingest::source::{Acknowledged, Message, MessageSource, Receipt, SourceError};
+use pii_vault::ingest::source::{
+    Acknowledged, Message, MessageKey, MessageSource, Receipt, SourceError,
+};
 use pii_vault::ingest::{self, Settings, Summary};
 use pii_vault::synth::Generator;
 use pii_vault::vault::place::login_place;
@@ -104,6 +106,10 @@ impl<S: MessageSource> MessageSource for Paced<S> {
 
     async fn acknowledge(&self, receipts: Vec<Receipt>) -> Result<Acknowledged, SourceError> {
         self.inner.acknowledge(receipts).await
+    }
+
+    fn undated_source_key(&self) -> Option<MessageKey> {
+        self.inner.undated_source_key()
     }
 }
 

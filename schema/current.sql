@@ -89,6 +89,8 @@ CREATE ROLE pii_vault_keyadmin WITH NOLOGIN NOSUPERUSER INHERIT NOCREATEROLE NOC
 -- pii_vault_ingester
 --   _sqlx_migrations: SELECT
 --   erasures: SELECT (id, token_key_id, user_token, erased_at)
+--   file_sources: SELECT, INSERT
+--   lines_dated_when_ingested: SELECT
 --   login_vault: INSERT
 --   quarantine: SELECT (message_id), INSERT
 --   retention_windows: SELECT
@@ -1603,6 +1605,52 @@ ALTER TABLE public.erasures ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: file_sources; Type: TABLE; Schema: public; Owner: pii_vault
+--
+
+CREATE TABLE public.file_sources (
+    source_key uuid NOT NULL,
+    first_day date NOT NULL
+);
+
+
+ALTER TABLE public.file_sources OWNER TO pii_vault;
+
+--
+-- Name: TABLE file_sources; Type: COMMENT; Schema: public; Owner: pii_vault
+--
+
+COMMENT ON TABLE public.file_sources IS 'the day each file source was first ingested, the day its lines are dated (migration 0021)';
+
+
+--
+-- Name: COLUMN file_sources.source_key; Type: COMMENT; Schema: public; Owner: pii_vault
+--
+
+COMMENT ON COLUMN public.file_sources.source_key IS 'message_key(source id): the source id itself, often a path, is not kept';
+
+
+--
+-- Name: lines_dated_when_ingested; Type: TABLE; Schema: public; Owner: pii_vault
+--
+
+CREATE TABLE public.lines_dated_when_ingested (
+    only_row boolean DEFAULT true NOT NULL,
+    through date,
+    CONSTRAINT lines_dated_when_ingested_only_row_check CHECK (only_row)
+);
+
+
+ALTER TABLE public.lines_dated_when_ingested OWNER TO pii_vault;
+
+--
+-- Name: TABLE lines_dated_when_ingested; Type: COMMENT; Schema: public; Owner: pii_vault
+--
+
+COMMENT ON TABLE public.lines_dated_when_ingested IS 'file lines stored before migration 0021 were dated when ingested, up to this day';
+
+
+--
 -- Name: login_vault; Type: TABLE; Schema: public; Owner: pii_vault
 --
 
@@ -1696,6 +1744,13 @@ CREATE TABLE public.undated_gate (
 
 
 ALTER TABLE public.undated_gate OWNER TO pii_vault;
+
+--
+-- Name: TABLE undated_gate; Type: COMMENT; Schema: public; Owner: pii_vault
+--
+
+COMMENT ON TABLE public.undated_gate IS 'no longer taken since migration 0021; kept for ingesters of the previous release';
+
 
 --
 -- Name: unmask_audit; Type: TABLE; Schema: public; Owner: pii_vault
@@ -1873,6 +1928,22 @@ ALTER TABLE ONLY public.erasure_gate
 
 ALTER TABLE ONLY public.erasures
     ADD CONSTRAINT erasures_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: file_sources file_sources_pkey; Type: CONSTRAINT; Schema: public; Owner: pii_vault
+--
+
+ALTER TABLE ONLY public.file_sources
+    ADD CONSTRAINT file_sources_pkey PRIMARY KEY (source_key);
+
+
+--
+-- Name: lines_dated_when_ingested lines_dated_when_ingested_pkey; Type: CONSTRAINT; Schema: public; Owner: pii_vault
+--
+
+ALTER TABLE ONLY public.lines_dated_when_ingested
+    ADD CONSTRAINT lines_dated_when_ingested_pkey PRIMARY KEY (only_row);
 
 
 --
@@ -2413,6 +2484,20 @@ GRANT SELECT(user_token) ON TABLE public.erasures TO pii_vault_ingester;
 --
 
 GRANT SELECT(erased_at) ON TABLE public.erasures TO pii_vault_ingester;
+
+
+--
+-- Name: TABLE file_sources; Type: ACL; Schema: public; Owner: pii_vault
+--
+
+GRANT SELECT,INSERT ON TABLE public.file_sources TO pii_vault_ingester;
+
+
+--
+-- Name: TABLE lines_dated_when_ingested; Type: ACL; Schema: public; Owner: pii_vault
+--
+
+GRANT SELECT ON TABLE public.lines_dated_when_ingested TO pii_vault_ingester;
 
 
 --

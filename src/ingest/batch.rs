@@ -33,8 +33,9 @@ pub struct LoginRow {
 pub enum LoginDate {
     /// The day the queue received it (SQS's SentTimestamp): every redelivery repeats it.
     Sent(Date),
-    /// The day it was ingested, for a source without send times (a file): a replay on a later
-    /// day dates it again, differently.
+    /// For a source without send times (a file): the day the source was first ingested
+    /// (migration 0021), which every replay repeats ([`Batch::date_undated_logins`]); until
+    /// then, and for a source that has no key, the day it is ingested.
     Ingested(Date),
 }
 
@@ -142,6 +143,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Dates the logins without a send time `day`: their source's first day.
+    pub fn date_undated_logins(&mut self, day: Date) {
+        for login in &mut self.logins {
+            if let LoginDate::Ingested(_) = login.create_date {
+                login.create_date = LoginDate::Ingested(day);
+            }
+        }
+    }
+
     /// Messages (not deliveries) in the batch.
     pub fn len(&self) -> usize {
         self.logins.len() + self.quarantined.len()

@@ -57,6 +57,8 @@ pub enum IngestError {
     Keys(#[from] KeyringError),
     #[error("message source failed: {0}")]
     Source(#[from] source::SourceError),
+    #[error("looking up the day the file's lines are dated: {0}")]
+    SourceDay(#[source] sqlx::Error),
 }
 
 /// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry,
@@ -70,6 +72,14 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<Summary, IngestError> {
+    let undated_day = match source.undated_source_key() {
+        Some(key) => Some(
+            writer::first_day(&pool, key)
+                .await
+                .map_err(IngestError::SourceDay)?,
+        ),
+        None => None,
+    };
     let keys_retired = Arc::new(AtomicBool::new(false));
     let mut keys = Keys::load(
         Arc::new(keyring),
@@ -113,6 +123,7 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
             batch_tx,
             &mut keys,
             &batcher_settings,
+            undated_day,
             &batcher_stats,
             &batcher_shutdown,
         )

@@ -95,6 +95,7 @@ pub(super) async fn make_batches<W: KeyWrapper>(
     batches: mpsc::Sender<Batch>,
     keys: &mut Keys<W>,
     settings: &Settings,
+    undated_day: Option<Date>,
     stats: &Stats,
     shutdown: &CancellationToken,
 ) {
@@ -115,7 +116,8 @@ pub(super) async fn make_batches<W: KeyWrapper>(
         }
         keys.follow_changes(settings, shutdown).await;
         // One batch per retention window the messages fall in (nearly always one).
-        for (placement, messages) in by_window(std::mem::take(&mut pending), &keys.windows) {
+        let batches_of_window = by_window(std::mem::take(&mut pending), &keys.windows, undated_day);
+        for (placement, messages) in batches_of_window {
             let window = match placement {
                 Placed::Window(starts) => keys.windows.get(starts).cloned(),
                 Placed::Expired | Placed::Unwindowed => None,
@@ -139,13 +141,16 @@ pub(super) async fn make_batches<W: KeyWrapper>(
                 }
             };
             backoff.reset();
-            let batch = batch::build(
+            let mut batch = batch::build(
                 messages,
                 &keys.tokenizer,
                 &keys.data_keys[at].sealer,
                 &keys.erased,
                 placement == Placed::Expired,
             );
+            if let Some(day) = undated_day {
+                batch.date_undated_logins(day);
+            }
             keys.data_keys[at].sealed +=
                 2 * batch.logins.len() as u64 + batch.quarantined.len() as u64;
             if batches.send(batch).await.is_err() {
@@ -165,13 +170,18 @@ enum Placed {
 
 /// Groups messages by the retention window of their login date (the send date, as the row
 /// will have it), keeping their order within each group.
-fn by_window(messages: Vec<Message>, windows: &Windows) -> Vec<(Placed, Vec<Message>)> {
-    let today = OffsetDateTime::now_utc().date();
+/// Messages without a send time are placed by `undated_day` (their source's), or today.
+fn by_window(
+    messages: Vec<Message>,
+    windows: &Windows,
+    undated_day: Option<Date>,
+) -> Vec<(Placed, Vec<Message>)> {
+    let undated = undated_day.unwrap_or_else(|| OffsetDateTime::now_utc().date());
     let mut groups: Vec<(Placed, Vec<Message>)> = Vec::new();
     // Consecutive messages nearly always share a date: look the window up once per date.
     let mut last: Option<(Date, Placed)> = None;
     for message in messages {
-        let date = message.sent_at.map_or(today, |sent| sent.date());
+        let date = message.sent_at.map_or(undated, |sent| sent.date());
         let placed = match last {
             Some((seen, placed)) if seen == date => placed,
             _ => {

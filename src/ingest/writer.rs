@@ -12,10 +12,12 @@
 //! Both tables are partitioned by login month (migration 0017), and a unique index holds only
 //! within a month, so the look-up and the unique index go by (message key, login date). A
 //! message from a queue keeps its date over every redelivery ([`LoginDate::Sent`]); a file
-//! line is dated when it is ingested ([`LoginDate::Ingested`]), so a replay on a later day
-//! has another date: such lines are looked up in every month, with `undated_gate`'s row held
-//! so that two replays cannot both miss each other. A month without partitions refuses the
-//! copy ([`WriteError::NoPartition`]): nothing is written, and the messages stay on the queue.
+//! line is dated the day its source was first ingested ([`LoginDate::Ingested`],
+//! [`first_day`]), which every replay repeats. So a message is looked up in the months of its
+//! batch's dates only, and two deliveries racing meet at the unique index; file lines are also
+//! looked up in the months of lines stored before migration 0021, which were dated when
+//! ingested. A month without partitions refuses the copy ([`WriteError::NoPartition`]):
+//! nothing is written, and the messages stay on the queue.
 //!
 //! A login never exists without its sealed
 //! values (unless its user was erased after it was sent: then it has neither tokens nor
@@ -45,12 +47,23 @@ pub struct Written {
 const STORED_KEYS_OF_DAYS: &str = "SELECT message_id::text FROM user_logins
      WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date = ANY ($2::date[])";
 
-/// Searches every month, for lines whose date a replay does not repeat.
-const STORED_KEYS_ANY_DAY: &str =
-    "SELECT message_id::text FROM user_logins WHERE message_id = ANY ($1::text[]::uuid[])";
+/// For file lines, also the months up to `lines_dated_when_ingested.through`: lines stored
+/// before migration 0021 were dated the day they were ingested, not the day their source was
+/// first ingested. No such month is read once they have expired (pruned as the query runs).
+const STORED_KEYS_OF_FILE_LINES: &str = "
+SELECT message_id::text FROM user_logins
+ WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date = ANY ($2::date[])
+UNION ALL
+SELECT message_id::text FROM user_logins
+ WHERE message_id = ANY ($1::text[]::uuid[])
+   AND create_date <= (SELECT through FROM lines_dated_when_ingested)";
 
-/// Held until the commit by a writer of undated lines (migration 0017).
-const HOLD_UNDATED_GATE: &str = "SELECT 1 FROM undated_gate FOR UPDATE";
+/// Records `$1`'s first day, today, unless a run before this one did.
+const ADD_FILE_SOURCE: &str = "INSERT INTO file_sources (source_key, first_day)
+     VALUES ($1::text::uuid, (now() AT TIME ZONE 'UTC')::date) ON CONFLICT DO NOTHING";
+
+const FILE_SOURCE_DAY: &str =
+    "SELECT first_day FROM file_sources WHERE source_key = $1::text::uuid";
 
 const RESERVE_LOGIN_IDS: &str =
     "SELECT nextval('user_logins_id_seq') FROM generate_series(1, $1::int4)";
@@ -149,6 +162,20 @@ pub async fn write(pool: &PgPool, batch: &Batch) -> Result<Written, WriteError> 
     Ok(written)
 }
 
+/// The day the lines of the file source `source` are dated: the day it was first ingested,
+/// recorded now if this is its first run (migration 0021). Two first runs at once record one.
+pub async fn first_day(pool: &PgPool, source: MessageKey) -> Result<time::Date, sqlx::Error> {
+    let key = source.to_text();
+    sqlx::query(ADD_FILE_SOURCE)
+        .bind(&key)
+        .execute(pool)
+        .await?;
+    sqlx::query_scalar(FILE_SOURCE_DAY)
+        .bind(&key)
+        .fetch_one(pool)
+        .await
+}
+
 /// Copies the batch's logins not stored yet, and their vault rows; returns how many.
 async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, WriteError> {
     // Each message's key, and the key's text: what the look-up binds and, where it differs
@@ -162,22 +189,25 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
         })
         .collect();
     let texts: Vec<&str> = keys.iter().map(|(_, text)| text.as_str()).collect();
-    let undated = batch
+    let file_lines = batch
         .logins
         .iter()
         .any(|row| matches!(row.create_date, LoginDate::Ingested(_)));
-    let look_up = if undated {
-        sqlx::query(HOLD_UNDATED_GATE).execute(&mut *tx).await?;
-        sqlx::query_scalar(STORED_KEYS_ANY_DAY).bind(&texts)
+    let mut days: Vec<time::Date> = batch.logins.iter().map(|r| r.create_date.day()).collect();
+    days.sort_unstable();
+    days.dedup();
+    let look_up = if file_lines {
+        STORED_KEYS_OF_FILE_LINES
     } else {
-        let mut days: Vec<time::Date> = batch.logins.iter().map(|r| r.create_date.day()).collect();
-        days.sort_unstable();
-        days.dedup();
-        sqlx::query_scalar(STORED_KEYS_OF_DAYS)
-            .bind(&texts)
-            .bind(days)
+        STORED_KEYS_OF_DAYS
     };
-    let stored: HashSet<String> = look_up.fetch_all(&mut *tx).await?.into_iter().collect();
+    let stored: HashSet<String> = sqlx::query_scalar(look_up)
+        .bind(&texts)
+        .bind(days)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
     let mut copied = HashSet::with_capacity(keys.len());
     let new: Vec<(&LoginRow, &(MessageKey, String))> = batch
         .logins

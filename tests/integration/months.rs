@@ -1,8 +1,9 @@
 //! Logins stored by month (migration 0017): a month without partitions keeps its messages on
 //! the queue and readiness names it; idempotency holds across months, for a redelivered
-//! message and for a file replayed on a later day; the months are added by the key admin
-//! alone, and a partition is no way around the parents' grants; the doors hand out a user's
-//! logins of several months together (0018).
+//! message, for a file replayed on a later day (its lines dated by their source, 0021) and for
+//! lines stored before that; the months are added by the key admin alone, and a partition is
+//! no way around the parents' grants; the doors hand out a user's logins of several months
+//! together (0018), and rotation and erasure write only in their logins' months (0020).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,10 +11,13 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, TestEnv, login, rotate_keys, sample_bodies, stderr, stdout};
+use pii_vault::ingest::batch::Batch;
 use pii_vault::ingest::source::file::FileSource;
 use pii_vault::ingest::source::{Message, Receipt};
 use pii_vault::ingest::{self, Settings};
 use pii_vault::telemetry::readiness::Condition;
+use pii_vault::vault::seal::Sealer;
+use pii_vault::vault::token::Tokenizer;
 use time::{Date, Month, OffsetDateTime};
 
 fn at(year: i32, month: Month, day: u8, hms: (u8, u8, u8)) -> OffsetDateTime {
@@ -155,94 +159,178 @@ async fn a_message_delivered_again_in_the_next_month_is_stored_once_in_its_send_
     env.cleanup().await;
 }
 
-/// Moves every stored login and vault row `days` into the past: the file was first ingested
-/// then. Rows change partition as their date changes month.
+/// Moves every stored login and vault row, and the day each file source was first ingested,
+/// `days` into the past: the file was first ingested then. Rows change partition as their
+/// date changes month.
 async fn backdate(env: &TestEnv, days: i32) {
-    for table in ["user_logins", "login_vault"] {
-        sqlx::query(&format!(
-            "UPDATE {table} SET create_date = create_date - $1"
-        ))
-        .bind(days)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    for (table, column) in [
+        ("user_logins", "create_date"),
+        ("login_vault", "create_date"),
+        ("file_sources", "first_day"),
+    ] {
+        sqlx::query(&format!("UPDATE {table} SET {column} = {column} - $1"))
+            .bind(days)
+            .execute(&env.pool)
+            .await
+            .unwrap();
     }
 }
 
+/// A file's lines are dated the day its source was first ingested (migration 0021): a replay
+/// a month later finds them in that month, and a line added since is dated that day too.
 #[tokio::test]
 async fn a_file_replayed_in_a_later_month_stores_nothing_again() {
     let env = TestEnv::new(30).await;
     env.init_token_key().await;
-    let first_day = OffsetDateTime::now_utc().date() - time::Duration::days(40);
+    let today = OffsetDateTime::now_utc().date();
+    let first_day = today - time::Duration::days(40);
     env.add_month(first_day).await;
-    let file = || Arc::new(FileSource::open(common::SAMPLE_JSONL, None).unwrap());
+    let path = std::env::temp_dir().join(format!("pii-vault-{}.jsonl", common::unique_suffix()));
+    std::fs::copy(common::SAMPLE_JSONL, &path).unwrap();
+    let file = || Arc::new(FileSource::open(path.to_str().unwrap(), Some("backfill-7")).unwrap());
     let first = env.drain_from(file()).await;
     assert_eq!((first.stored, first.quarantined), (99, 1), "{first}");
+    let recorded: Vec<Date> = sqlx::query_scalar("SELECT first_day FROM file_sources")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, [today], "one source, first ingested today");
     backdate(&env, 40).await;
     assert_eq!(
         env.count("login_vault").await,
         99,
         "moving a row is no delete"
     );
-    let months: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT tableoid::regclass::text FROM user_logins")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
     let first_month = format!(
         "user_logins_{}",
         &first_day.to_string()[..7].replace('-', "_")
     );
-    assert_eq!(
-        months,
-        [first_month],
-        "the first ingest is in an earlier month"
-    );
+    let months = async || -> Vec<(String, i64)> {
+        sqlx::query_as(
+            "SELECT tableoid::regclass::text, count(*) FROM user_logins GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(months().await, [(first_month.clone(), 99)]);
 
+    // Replayed today with one more line: the 100 lines it had are found in the first month,
+    // and the new line is dated the source's first day, in that month too.
+    let mut more = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut more,
+        format!("{}\n", login("u-new", "10.1.2.3", "new-device")).as_bytes(),
+    )
+    .unwrap();
     let replay = env.drain_from(file()).await;
     assert_eq!(
         (replay.stored, replay.quarantined, replay.duplicates),
-        (0, 0, 100),
+        (1, 0, 100),
         "{replay}"
     );
-    assert_eq!(env.count("user_logins").await, 99);
+    assert_eq!(months().await, [(first_month, 100)]);
+    std::fs::remove_file(&path).unwrap();
     env.cleanup().await;
 }
 
-/// Two writers of undated lines cannot both miss each other: the second waits on
-/// `undated_gate` until the first commits, then finds its rows in whatever month they are.
-#[tokio::test]
-async fn a_writer_of_file_lines_waits_for_the_one_before_and_finds_its_rows_in_another_month() {
-    use pii_vault::ingest::writer;
-    let env = TestEnv::new(30).await;
-    env.init_token_key().await;
-    let earlier = OffsetDateTime::now_utc().date() - time::Duration::days(40);
-    env.add_month(earlier).await;
-    let keyring = env.keyring();
-    let tokenizer = keyring.active_tokenizer().await.unwrap();
-    let sealer = keyring.new_sealer().await.unwrap();
-    let line = pii_vault::ingest::source::file::line_id("replayed.jsonl", 1);
-    let batch = pii_vault::ingest::batch::build(
+/// A batch of the first line of a file whose source id is `source`, its login dated `day` (its
+/// source's first day), with the keys of `keys`.
+fn file_line_batch(keys: &(Tokenizer, Sealer), source: &str, day: Date) -> Batch {
+    let mut batch = pii_vault::ingest::batch::build(
         vec![Message {
-            id: line.clone(),
+            id: pii_vault::ingest::source::file::line_id(source, 1),
             body: sample_bodies()[0].clone().into_bytes(),
             sent_at: None,
             receipt: Receipt(String::new()),
             read_at: Instant::now(),
         }],
-        &tokenizer,
-        &sealer,
+        &keys.0,
+        &keys.1,
         &Default::default(),
         false,
     );
-    assert_eq!(batch.logins.len(), 1);
+    batch.date_undated_logins(day);
+    batch
+}
 
-    // The earlier replay holds the gate, its copy of the line (dated 40 days ago) uncommitted.
-    let mut earlier_replay = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM undated_gate FOR UPDATE")
-        .execute(&mut *earlier_replay)
+async fn batch_keys(env: &TestEnv) -> (Tokenizer, Sealer) {
+    let keyring = env.keyring();
+    (
+        keyring.active_tokenizer().await.unwrap(),
+        keyring.new_sealer().await.unwrap(),
+    )
+}
+
+/// Two replays of one file at once store each line once, with no lock between them: both date
+/// the line its source's first day, so the second meets the first's uncommitted copy at the
+/// month's unique index, is refused once it commits (`Raced`), and written again stores nothing.
+#[tokio::test]
+async fn two_replays_of_a_file_at_once_store_each_line_once() {
+    use pii_vault::ingest::writer::{self, WriteError};
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let keys = batch_keys(&env).await;
+    let today = OffsetDateTime::now_utc().date();
+    let mut first_replay = env.pool.begin().await.unwrap();
+    let copy = file_line_batch(&keys, "twice.jsonl", today);
+    sqlx::query(
+        "INSERT INTO user_logins (user_id, device_type, app_version, create_date, message_id,
+                                  token_key_id, app_version_text)
+         VALUES ('first', 'ios', 1, $1, $2::uuid, $3, '1')",
+    )
+    .bind(today)
+    .bind(&copy.logins[0].message_id)
+    .bind(keys.0.key_id())
+    .execute(&mut *first_replay)
+    .await
+    .unwrap();
+    let pool = env.pool.clone();
+    let writing = tokio::spawn(async move { writer::write(&pool, &copy).await });
+    common::until_waiting_on_a_lock(
+        &env,
+        "the second replay's copy waiting",
+        "COPY user_logins%",
+    )
+    .await;
+    first_replay.commit().await.unwrap();
+    let raced = writing.await.unwrap();
+    assert!(matches!(raced, Err(WriteError::Raced)), "{raced:?}");
+    let again = writer::write(&env.pool, &file_line_batch(&keys, "twice.jsonl", today))
         .await
         .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 1));
+    let owners: Vec<String> = sqlx::query_scalar("SELECT user_id::text FROM user_logins")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["first"]);
+    env.cleanup().await;
+}
+
+/// Lines stored before migration 0021 were dated the day they were ingested, in any month up to
+/// the migration's day (`lines_dated_when_ingested`): a file line is looked up in those months
+/// too, and only there. In a database that had no logins then, those months are not read.
+#[tokio::test]
+async fn a_line_stored_before_lines_were_dated_by_their_source_is_found_in_its_month() {
+    use pii_vault::ingest::writer;
+    let env = TestEnv::new(30).await;
+    env.init_token_key().await;
+    let earlier = OffsetDateTime::now_utc().date() - time::Duration::days(40);
+    env.add_month(earlier).await;
+    let keys = batch_keys(&env).await;
+    let today = OffsetDateTime::now_utc().date();
+    let batch = || file_line_batch(&keys, "replayed.jsonl", today);
+    let line = batch().logins[0].message_id.clone();
+    let through: Option<Date> = sqlx::query_scalar("SELECT through FROM lines_dated_when_ingested")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(through, None, "migrated with no logins");
+    // The line as an ingester before 0021 stored it: dated the day of that ingest.
     sqlx::query(
         "INSERT INTO user_logins (user_id, device_type, app_version, create_date, message_id,
                                   token_key_id, app_version_text)
@@ -250,21 +338,25 @@ async fn a_writer_of_file_lines_waits_for_the_one_before_and_finds_its_rows_in_a
     )
     .bind(earlier)
     .bind(&line)
-    .bind(tokenizer.key_id())
-    .execute(&mut *earlier_replay)
+    .bind(keys.0.key_id())
+    .execute(&env.pool)
     .await
     .unwrap();
-    let pool = env.pool.clone();
-    let writing = tokio::spawn(async move { writer::write(&pool, &batch).await });
-    common::until_waiting_on_a_lock(&env, "the writer waiting on the gate", "%undated_gate%").await;
-    earlier_replay.commit().await.unwrap();
-    let written = writing.await.unwrap().unwrap();
-    assert_eq!((written.stored, written.duplicates), (0, 1));
-    let owners: Vec<String> = sqlx::query_scalar("SELECT user_id::text FROM user_logins")
-        .fetch_all(&env.pool)
+    sqlx::query("UPDATE lines_dated_when_ingested SET through = $1")
+        .bind(earlier + time::Duration::days(1))
+        .execute(&env.pool)
         .await
         .unwrap();
-    assert_eq!(owners, ["earlier"]);
+    let written = writer::write(&env.pool, &batch()).await.unwrap();
+    assert_eq!((written.stored, written.duplicates), (0, 1));
+
+    // Without the months of dated-when-ingested lines, the same batch would store it again.
+    sqlx::query("UPDATE lines_dated_when_ingested SET through = NULL")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let written = writer::write(&env.pool, &batch()).await.unwrap();
+    assert_eq!((written.stored, written.duplicates), (1, 0));
     env.cleanup().await;
 }
 

@@ -304,7 +304,7 @@ enum Verdict {
 /// Every table, sealed column and door, by operation, as psql would try it. `true`: the
 /// statement must also return a row to count as allowed (the reveal door answers everyone,
 /// but hands values only to compliance).
-const MATRIX: [(&str, &str, bool); 59] = [
+const MATRIX: [(&str, &str, bool); 63] = [
     (
         "SELECT user_logins",
         "SELECT * FROM user_logins LIMIT 0",
@@ -527,6 +527,26 @@ const MATRIX: [(&str, &str, bool); 59] = [
         false,
     ),
     (
+        "INSERT file_sources",
+        "INSERT INTO file_sources VALUES ('00000000-0000-0000-0000-000000000001', '2025-01-01')",
+        false,
+    ),
+    (
+        "SELECT file_sources",
+        "SELECT first_day FROM file_sources",
+        false,
+    ),
+    (
+        "UPDATE file_sources",
+        "UPDATE file_sources SET first_day = first_day",
+        false,
+    ),
+    (
+        "UPDATE lines_dated_when_ingested",
+        "UPDATE lines_dated_when_ingested SET through = NULL",
+        false,
+    ),
+    (
         "lock erasure_gate",
         "SELECT 1 FROM erasure_gate FOR SHARE",
         false,
@@ -593,6 +613,9 @@ fn allowed_for(user: &str) -> &'static [&'static str] {
             "SELECT erasures.(id, token_key_id, user_token, erased_at)",
             "door vault_reveal_request",
             "door vault_reveal",
+            // The day each file source was first ingested, which dates its lines (0021).
+            "INSERT file_sources",
+            "SELECT file_sources",
         ],
         "analyst" => &[
             "SELECT user_logins",

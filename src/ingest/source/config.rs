@@ -13,7 +13,9 @@ use super::sqs::json::{self, SqsSource};
 use super::sqs::probe::ProtocolChoice;
 use super::sqs::query::{QueryClient, QuerySqsSource};
 use super::sqs::{PollSettings, Protocol};
-use super::{Acknowledged, Message, MessageSource, OpenError, Receipt, SourceError, SourceHealth};
+use super::{
+    Acknowledged, Message, MessageKey, MessageSource, OpenError, Receipt, SourceError, SourceHealth,
+};
 
 /// Where messages come from, as configured.
 #[derive(Debug, Clone)]
@@ -114,6 +116,13 @@ impl MessageSource for Source {
             Source::SqsJson(queue) => queue.acknowledge(receipts).await,
             Source::SqsQuery(queue) => queue.acknowledge(receipts).await,
             Source::File(file) => file.acknowledge(receipts).await,
+        }
+    }
+
+    fn undated_source_key(&self) -> Option<MessageKey> {
+        match self {
+            Source::SqsJson(_) | Source::SqsQuery(_) => None,
+            Source::File(file) => file.undated_source_key(),
         }
     }
 }

@@ -4,9 +4,11 @@
 //! Each line's message id is the [`MessageKey`] of `<source id>:<line number>` in UUID form,
 //! stable across runs, so replaying the same file adds nothing; it is 16 bytes in the
 //! database however long the path. The source id defaults to the file's absolute path; give
-//! the same `--source-id` to replay a file that moved. Lines are read on
-//! a thread of their own, a bounded number of chunks ahead, so memory stays flat whatever the
-//! file's size. Acknowledging is a no-op: a file has nothing to delete.
+//! the same `--source-id` to replay a file that moved. A line has no send time: its login is
+//! dated the day its source id was first ingested, which the database keeps
+//! ([`MessageSource::undated_source_key`], migration 0021), so every replay dates it the same.
+//! Lines are read on a thread of their own, a bounded number of chunks ahead, so memory stays
+//! flat whatever the file's size. Acknowledging is a no-op: a file has nothing to delete.
 //!
 //! Each line is read with a bound ([`LineReader`]): at most [`MAX_LINE_BYTES`] of it is held,
 //! so one huge line, or a gzip bomb that decompresses to one, cannot exhaust memory. A longer
@@ -43,6 +45,8 @@ pub struct FileSource {
     read: Arc<AtomicU64>,
     /// The file's size, when it is a regular file.
     size: Option<u64>,
+    /// The key of the source id, which every replay repeats.
+    source_key: MessageKey,
 }
 
 impl FileSource {
@@ -67,6 +71,7 @@ impl FileSource {
             (reader, absolute, size)
         };
         let source_id = source_id.map_or(default_id, str::to_owned);
+        let source_key = MessageKey::of(&source_id);
         let (sender, receiver) = mpsc::channel(CHUNKS_AHEAD);
         std::thread::Builder::new()
             .name("file-source".into())
@@ -82,6 +87,7 @@ impl FileSource {
             failed: Mutex::new(None),
             read,
             size,
+            source_key,
         })
     }
 
@@ -293,6 +299,10 @@ impl MessageSource for FileSource {
         Ok(Acknowledged {
             deleted: receipts.len(),
         })
+    }
+
+    fn undated_source_key(&self) -> Option<MessageKey> {
+        Some(self.source_key)
     }
 }
 

@@ -129,6 +129,13 @@ pub trait MessageSource: Send + Sync + 'static {
         &self,
         receipts: Vec<Receipt>,
     ) -> impl Future<Output = Result<Acknowledged, SourceError>> + Send;
+
+    /// For a source whose messages carry no send time (a file): the key it is known by in
+    /// every run, under which the database keeps the day it was first ingested, the day its
+    /// logins are dated (migration 0021). `None` for a source with send times.
+    fn undated_source_key(&self) -> Option<MessageKey> {
+        None
+    }
 }
 
 /// A source that could not be opened: what was being done (`opening <path>`, `finding the
