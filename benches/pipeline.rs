@@ -6,11 +6,14 @@
 //!
 //! 1. N generated messages (1% malformed, 20% repeated ip/device_id) in a JSONL file, through
 //!    the real `--from-file` path into a fresh database with durable commits: msgs/s, machine
-//!    CPU per record, peak RSS, KMS calls, and the row and quarantine counts checked.
+//!    CPU per record, peak RSS, KMS calls, WAL and disk per login (disk by table and index),
+//!    and the row and quarantine counts checked; then the same into a database whose two
+//!    tables are not partitioned and keyed as before migration 0017, for what the monthly
+//!    partitions cost the pipeline and each login's bytes.
 //! 2. Read-to-commit latency when fed at half that rate.
-//! 3. The same rows, already masked, loaded by COPY into another fresh database: the limit;
-//!    and again into unpartitioned tables of the same columns and indexes, for what the
-//!    monthly partitions cost at that limit.
+//! 3. The same rows, already masked, loaded by COPY on one connection into another fresh
+//!    database: the limit; and again into those unpartitioned tables, for what the monthly
+//!    partitions cost at that limit.
 //! 4. The SQS path: the emulator's bare drain rate (receive + delete, no processing) against
 //!    ingest's over the same queue.
 //!
@@ -188,20 +191,8 @@ async fn main() {
         (count - malformed, malformed),
         "every message once"
     );
-    // What a login costs PostgreSQL: WAL written during the run (the bench runs alone), and
-    // table plus index bytes on disk afterwards, per stored login.
-    let (wal_bytes, disk_bytes): (f64, f64) = sqlx::query_as(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8,
-                ((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('user_logins'))
-                 + (SELECT sum(pg_total_relation_size(relid))
-                    FROM pg_partition_tree('login_vault')))::float8",
-    )
-    .bind(&wal_before)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let (wal_bytes_per_login, disk_bytes_per_login) =
-        (wal_bytes / rows as f64, disk_bytes / rows as f64);
+    let footprint = Footprint::measure(&pool, &wal_before, rows).await;
+    let (wal_bytes_per_login, disk_bytes_per_login) = (footprint.wal, footprint.disk);
     let checkpoints_during_run = checkpoints(&pool).await - checkpoints_before;
     if !checkpointed || checkpoints_during_run > 0 {
         println!(
@@ -214,9 +205,19 @@ async fn main() {
     );
     // The same input through the whole process, `ingest --from-file`, into a fresh database.
     let whole_process_msgs_per_s = whole_process(&input, count, count - malformed).await;
+    println!("disk per login: {}", footprint.parts());
     println!(
         "whole process (ingest --from-file, defaults): {whole_process_msgs_per_s:.0} msgs/s = {:.2}x the in-process run",
         whole_process_msgs_per_s / msgs_per_s
+    );
+    // The same pipeline into tables that are not partitioned: what the months cost it.
+    let (flat_msgs_per_s, flat) = unpartitioned_pipeline(&input, count, count - malformed).await;
+    let pipeline_partitioned_to_flat = msgs_per_s / flat_msgs_per_s;
+    println!(
+        "pipeline into unpartitioned tables: {flat_msgs_per_s:.0} msgs/s; into the monthly partitions = {pipeline_partitioned_to_flat:.2}x; unpartitioned WAL {:.0} B/login, disk {:.0} B/login: {}",
+        flat.wal,
+        flat.disk,
+        flat.parts()
     );
 
     // 2. Latency at half the rate just measured.
@@ -331,13 +332,10 @@ async fn main() {
     );
     // The same COPY into unpartitioned tables of the same columns and indexes: what the
     // monthly partitions (migration 0017) cost at the limit.
-    sqlx::raw_sql(
-        "CREATE TABLE flat_logins (LIKE user_logins INCLUDING ALL);
-         CREATE TABLE flat_vault (LIKE login_vault INCLUDING ALL);",
-    )
-    .execute(&reference.pool)
-    .await
-    .unwrap();
+    sqlx::raw_sql(&unpartitioned_tables("flat_logins", "flat_vault"))
+        .execute(&reference.pool)
+        .await
+        .unwrap();
     let flat_seconds = copy_into(
         &reference.pool,
         [
@@ -414,7 +412,7 @@ async fn main() {
     );
 
     println!(
-        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"partitioned_copy_to_flat\": {partitioned_to_flat:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}, \"checkpoints_during_run\": {checkpoints_during_run}}}"
+        "{{\"msgs_per_s\": {msgs_per_s:.0}, \"ratio_to_copy\": {ratio_to_copy:.3}, \"partitioned_copy_to_flat\": {partitioned_to_flat:.3}, \"partitioned_pipeline_to_flat\": {pipeline_partitioned_to_flat:.3}, \"cpu_us_per_record\": {cpu_us_per_record:.2}, \"p50_ms\": {p50_ms:.2}, \"p99_ms\": {p99_ms:.2}, \"peak_rss_mib\": {peak_rss:.1}, \"kms_calls\": {kms_calls}, \"sqs_ratio\": {sqs_ratio:.3}, \"rows\": {rows}, \"quarantined\": {quarantined}, \"wal_bytes_per_login\": {wal_bytes_per_login:.0}, \"disk_bytes_per_login\": {disk_bytes_per_login:.0}, \"whole_process_msgs_per_s\": {whole_process_msgs_per_s:.0}, \"seed_design_msgs_per_s\": {seed_msgs_per_s:.0}, \"ratio_to_seed\": {ratio_to_seed:.1}, \"checkpoints_during_run\": {checkpoints_during_run}}}"
     );
     pool.close().await;
     env.cleanup().await;
@@ -460,6 +458,135 @@ async fn copy_into(pool: &sqlx::PgPool, copies: [(&std::path::PathBuf, String); 
     }
     tx.commit().await.unwrap();
     started.elapsed().as_secs_f64()
+}
+
+/// What stored logins cost PostgreSQL, per login: WAL written since `wal_before` (the bench
+/// runs alone), and table plus index bytes on disk, also by table (its partitions together)
+/// and by index.
+struct Footprint {
+    wal: f64,
+    disk: f64,
+    by_relation: Vec<(String, f64)>,
+}
+
+impl Footprint {
+    async fn measure(pool: &sqlx::PgPool, wal_before: &str, logins: u64) -> Footprint {
+        let (wal, by_relation): (f64, Vec<(String, f64)>) = (
+            sqlx::query_scalar(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8 / $2",
+            )
+            .bind(wal_before)
+            .bind(logins as f64)
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+            sqlx::query_as(
+                "SELECT name, (sum(size) / $1)::float8 FROM (
+                   SELECT t::text || ' table' AS name, pg_table_size(p.relid) AS size
+                     FROM unnest('{user_logins,login_vault}'::regclass[]) AS t,
+                          LATERAL (SELECT relid FROM pg_partition_tree(t) UNION SELECT t) AS p
+                   UNION ALL
+                   SELECT i.indexrelid::regclass::text, pg_relation_size(p.relid)
+                     FROM pg_index i,
+                          LATERAL (SELECT relid FROM pg_partition_tree(i.indexrelid)
+                                   UNION SELECT i.indexrelid) AS p
+                    WHERE i.indrelid IN ('user_logins'::regclass, 'login_vault'::regclass)) AS s
+                 GROUP BY name ORDER BY name",
+            )
+            .bind(logins as f64)
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+        );
+        let disk = by_relation.iter().map(|(_, bytes)| bytes).sum();
+        Footprint {
+            wal,
+            disk,
+            by_relation,
+        }
+    }
+
+    fn parts(&self) -> String {
+        self.by_relation
+            .iter()
+            .map(|(name, bytes)| format!("{name} {bytes:.0} B"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Tables `logins` and `vault` with the columns, defaults and checks of `user_logins` and
+/// `login_vault`, not partitioned, and the indexes they had before migration 0017: keys
+/// without the login date.
+fn unpartitioned_tables(logins: &str, vault: &str) -> String {
+    format!(
+        "CREATE TABLE {logins} (LIKE user_logins INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+         CREATE TABLE {vault} (LIKE login_vault INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+         ALTER TABLE {logins} ADD PRIMARY KEY (id), ADD UNIQUE (message_id);
+         ALTER TABLE {vault} ADD PRIMARY KEY (login_id);
+         CREATE INDEX ON {logins} USING hash (user_id);
+         CREATE INDEX ON {logins} USING hash (masked_ip);
+         CREATE INDEX ON {logins} USING hash (masked_device_id);
+         CREATE INDEX ON {vault} USING brin (data_key_id)
+             WITH (pages_per_range = 16, autosummarize = on);"
+    )
+}
+
+/// The in-process pipeline over `input` into a fresh database whose `user_logins` and
+/// `login_vault` are replaced by [`unpartitioned_tables`] (the writer's SQL names only the
+/// parents): messages per second, and what the logins cost.
+async fn unpartitioned_pipeline(
+    input: &std::path::Path,
+    messages: u64,
+    logins: u64,
+) -> (f64, Footprint) {
+    let env = common::TestEnv::new(30).await;
+    env.init_token_key().await;
+    sqlx::raw_sql(&format!(
+        "ALTER SEQUENCE user_logins_id_seq OWNED BY NONE;
+         {}
+         DROP TABLE user_logins, login_vault CASCADE;
+         ALTER TABLE flat_logins RENAME TO user_logins;
+         ALTER TABLE flat_vault RENAME TO login_vault;
+         CHECKPOINT;",
+        unpartitioned_tables("flat_logins", "flat_vault")
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&env.database_url)
+        .await
+        .unwrap();
+    let keyring = pii_vault::vault::keyring::Keyring::new(
+        pool.clone(),
+        env.kms.clone(),
+        &env.kms_key_id,
+        "bench",
+    );
+    let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let source = FileSource::open(input.to_str().unwrap(), Some("bench")).unwrap();
+    let started = Instant::now();
+    ingest::run(
+        Arc::new(source),
+        pool.clone(),
+        keyring,
+        settings(),
+        Arc::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(env.count("user_logins").await as u64, logins);
+    let footprint = Footprint::measure(&pool, &wal_before, logins).await;
+    pool.close().await;
+    env.cleanup().await;
+    (messages as f64 / seconds, footprint)
 }
 
 /// Checkpoints the server has made so far.
