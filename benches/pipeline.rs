@@ -145,17 +145,8 @@ async fn main() {
     // 1. The pipeline, from the file.
     let env = common::TestEnv::new(30).await;
     env.init_token_key().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&env.database_url)
-        .await
-        .unwrap();
-    let keyring = pii_vault::vault::keyring::Keyring::new(
-        pool.clone(),
-        env.kms.clone(),
-        &env.kms_key_id,
-        "bench",
-    );
+    let pool = pipeline_pool(&env).await;
+    let keyring = env.keyring_on(&pool);
     let kms_before = env.kms.calls();
     // A checkpoint during the run would add full-page images to the WAL measured: start
     // right after one (the next is minutes away), and say if one ran anyway.
@@ -230,12 +221,7 @@ async fn main() {
         started: Instant::now(),
         handed: AtomicU64::new(0),
     };
-    let keyring = pii_vault::vault::keyring::Keyring::new(
-        pool.clone(),
-        env.kms.clone(),
-        &env.kms_key_id,
-        "bench",
-    );
+    let keyring = env.keyring_on(&pool);
     let latency = ingest::run(
         Arc::new(paced),
         pool.clone(),
@@ -382,12 +368,7 @@ async fn main() {
         wait_time_seconds: 1,
         visibility_timeout_seconds: None,
     });
-    let keyring = pii_vault::vault::keyring::Keyring::new(
-        pool.clone(),
-        env.kms.clone(),
-        &env.kms_key_id,
-        "bench",
-    );
+    let keyring = env.keyring_on(&pool);
     let started = Instant::now();
     let run = tokio::spawn(ingest::run(
         source,
@@ -515,6 +496,16 @@ impl Footprint {
     }
 }
 
+/// A pool of the ingester's size: its pollers and writers need more than the test kit's few
+/// connections.
+async fn pipeline_pool(env: &common::TestEnv) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&env.database_url)
+        .await
+        .unwrap()
+}
+
 /// Tables `logins` and `vault` with the columns, defaults and checks of `user_logins` and
 /// `login_vault`, not partitioned, and the indexes they had before migration 0017: keys
 /// without the login date.
@@ -554,17 +545,8 @@ async fn unpartitioned_pipeline(
     .execute(&env.pool)
     .await
     .unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&env.database_url)
-        .await
-        .unwrap();
-    let keyring = pii_vault::vault::keyring::Keyring::new(
-        pool.clone(),
-        env.kms.clone(),
-        &env.kms_key_id,
-        "bench",
-    );
+    let pool = pipeline_pool(&env).await;
+    let keyring = env.keyring_on(&pool);
     let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&pool)
         .await

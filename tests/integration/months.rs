@@ -435,6 +435,26 @@ async fn months_are_added_by_the_key_admin_alone_and_partitions_are_no_way_aroun
     env.cleanup().await;
 }
 
+/// Stores one login of `user` sent at `sent_at` for each pair, the n-th from ip 10.9.9.n,
+/// adding each login's month first.
+async fn store_one_login_each(env: &TestEnv, logins: &[(&str, OffsetDateTime)]) {
+    let mut messages = Vec::new();
+    for (n, (user, sent_at)) in logins.iter().enumerate() {
+        env.add_month(sent_at.date()).await;
+        messages.push(Message {
+            id: format!("a4f0c1de-0000-4c55-9f31-0e8d2a7b9c1{n}"),
+            body: login(user, &format!("10.9.9.{n}"), &format!("dev-{n}")).into_bytes(),
+            sent_at: Some(*sent_at),
+            receipt: Receipt(format!("r{n}")),
+            read_at: Instant::now(),
+        });
+    }
+    let stored = env
+        .drain_from(common::VecSource::of_messages(messages))
+        .await;
+    assert_eq!(stored.stored, logins.len() as u64, "{stored}");
+}
+
 /// A user's logins in three months are revealed together, each read in its own month: the
 /// request records each login's month beside its id (migration 0018). A request made before
 /// 0018 recorded no months; its hand-out finds them by id and hands out the same logins.
@@ -447,21 +467,7 @@ async fn a_users_logins_in_three_months_are_revealed_together_with_or_without_th
         at(2025, Month::February, 14, (8, 0, 0)),
         at(2025, Month::March, 1, (0, 0, 1)),
     ];
-    let mut messages = Vec::new();
-    for (n, sent_at) in sent.iter().enumerate() {
-        env.add_month(sent_at.date()).await;
-        messages.push(Message {
-            id: format!("a4f0c1de-0000-4c55-9f31-0e8d2a7b9c1{n}"),
-            body: login("u-1", &format!("10.9.9.{n}"), &format!("dev-{n}")).into_bytes(),
-            sent_at: Some(*sent_at),
-            receipt: Receipt(format!("r{n}")),
-            read_at: Instant::now(),
-        });
-    }
-    let stored = env
-        .drain_from(common::VecSource::of_messages(messages))
-        .await;
-    assert_eq!(stored.stored, 3, "{stored}");
+    store_one_login_each(&env, &sent.map(|sent_at| ("u-1", sent_at))).await;
 
     let output = env.run_binary_as(
         "compliance",
@@ -578,21 +584,7 @@ async fn rotation_and_erasure_write_only_in_the_months_of_their_logins() {
         ("u-2", at(2025, Month::February, 10, (9, 0, 0))),
         ("u-1", at(2025, Month::March, 5, (9, 0, 0))),
     ];
-    let mut messages = Vec::new();
-    for (n, (user, sent_at)) in sent.iter().enumerate() {
-        env.add_month(sent_at.date()).await;
-        messages.push(Message {
-            id: format!("b5e1d2ef-0000-4c55-9f31-0e8d2a7b9c1{n}"),
-            body: login(user, &format!("10.8.8.{n}"), &format!("dev-{n}")).into_bytes(),
-            sent_at: Some(*sent_at),
-            receipt: Receipt(format!("r{n}")),
-            read_at: Instant::now(),
-        });
-    }
-    let stored = env
-        .drain_from(common::VecSource::of_messages(messages))
-        .await;
-    assert_eq!(stored.stored, 3, "{stored}");
+    store_one_login_each(&env, &sent).await;
     let (token_key, data_key): (i64, i64) =
         sqlx::query_as("SELECT l.token_key_id, v.data_key_id FROM user_logins l JOIN login_vault v ON v.login_id = l.id LIMIT 1")
             .fetch_one(&env.pool)
