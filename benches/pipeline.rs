@@ -146,29 +146,14 @@ async fn main() {
     let env = common::TestEnv::new(30).await;
     env.init_token_key().await;
     let pool = pipeline_pool(&env).await;
-    let keyring = env.keyring_on(&pool);
     let kms_before = env.kms.calls();
     // A checkpoint during the run would add full-page images to the WAL measured: start
     // right after one (the next is minutes away), and say if one ran anyway.
     let checkpointed = sqlx::query("CHECKPOINT").execute(&pool).await.is_ok();
     let checkpoints_before = checkpoints(&pool).await;
-    let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let source = FileSource::open(input.to_str().unwrap(), Some("bench")).unwrap();
-    let (cpu_before, started) = (machine_busy_micros(), Instant::now());
-    let summary: Summary = ingest::run(
-        Arc::new(source),
-        pool.clone(),
-        keyring,
-        settings(),
-        Arc::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let seconds = started.elapsed().as_secs_f64();
+    let wal_before = wal_position(&pool).await;
+    let cpu_before = machine_busy_micros();
+    let (summary, seconds) = ingest_file(&env, &pool, &input).await;
     let cpu_us_per_record = (machine_busy_micros() - cpu_before) as f64 / count as f64;
     let peak_rss = peak_rss_mib();
     let kms_calls = env.kms.calls() - kms_before;
@@ -546,29 +531,43 @@ async fn unpartitioned_pipeline(
     .await
     .unwrap();
     let pool = pipeline_pool(&env).await;
-    let keyring = env.keyring_on(&pool);
-    let wal_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let wal_before = wal_position(&pool).await;
+    let (_, seconds) = ingest_file(&env, &pool, input).await;
+    assert_eq!(env.count("user_logins").await as u64, logins);
+    let footprint = Footprint::measure(&pool, &wal_before, logins).await;
+    pool.close().await;
+    env.cleanup().await;
+    (messages as f64 / seconds, footprint)
+}
+
+/// `input` through the in-process pipeline, with the bench's settings, into `env`'s database
+/// on `pool`: its summary, and the seconds it took.
+async fn ingest_file(
+    env: &common::TestEnv,
+    pool: &sqlx::PgPool,
+    input: &std::path::Path,
+) -> (Summary, f64) {
     let source = FileSource::open(input.to_str().unwrap(), Some("bench")).unwrap();
     let started = Instant::now();
-    ingest::run(
+    let summary = ingest::run(
         Arc::new(source),
         pool.clone(),
-        keyring,
+        env.keyring_on(pool),
         settings(),
         Arc::default(),
         CancellationToken::new(),
     )
     .await
     .unwrap();
-    let seconds = started.elapsed().as_secs_f64();
-    assert_eq!(env.count("user_logins").await as u64, logins);
-    let footprint = Footprint::measure(&pool, &wal_before, logins).await;
-    pool.close().await;
-    env.cleanup().await;
-    (messages as f64 / seconds, footprint)
+    (summary, started.elapsed().as_secs_f64())
+}
+
+/// The server's WAL position now.
+async fn wal_position(pool: &sqlx::PgPool) -> String {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Checkpoints the server has made so far.
