@@ -58,7 +58,7 @@ pub enum IngestError {
     #[error("message source failed: {0}")]
     Source(#[from] source::SourceError),
     #[error("looking up the day the file's lines are dated: {0}")]
-    SourceDay(#[source] sqlx::Error),
+    SourceDay(#[source] KeyringError),
 }
 
 /// Runs the pipeline until `shutdown` is cancelled or, with `drain`, the source runs dry,
@@ -72,11 +72,14 @@ pub async fn run<S: MessageSource, W: KeyWrapper>(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<Summary, IngestError> {
+    // Retried as the batcher's other start-up state is (`Keys::load`).
     let undated_day = match source.undated_source_key() {
         Some(key) => Some(
-            writer::first_day(&pool, key)
-                .await
-                .map_err(IngestError::SourceDay)?,
+            keys::with_retry("recording the file's first day", &shutdown, || async {
+                Ok(writer::first_day(&pool, key).await?)
+            })
+            .await
+            .map_err(IngestError::SourceDay)?,
         ),
         None => None,
     };
