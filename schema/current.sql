@@ -538,12 +538,13 @@ BEGIN
     END IF;
     -- One adder at a time (two racing on one month would both find it missing), by the mode
     -- ATTACH takes anyway: it conflicts with itself and with no reader or writer.
-    LOCK TABLE user_logins, login_vault IN SHARE UPDATE EXCLUSIVE MODE;
+    LOCK TABLE ONLY user_logins, ONLY login_vault IN SHARE UPDATE EXCLUSIVE MODE;
     FOREACH parent IN ARRAY ARRAY['user_logins', 'login_vault'] LOOP
         partition := parent || '_' || to_char(starts, 'YYYY_MM');
         CONTINUE WHEN to_regclass('public.' || partition) IS NOT NULL;
         EXECUTE format('CREATE TABLE public.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                        partition, parent);
+        PERFORM vault_month_keys(parent, partition);
         EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES FROM (%L) TO (%L)',
                        parent, partition, starts, ends);
         added := true;
@@ -971,6 +972,31 @@ $$;
 
 
 ALTER FUNCTION public.vault_keys_named_are_kept() OWNER TO pii_vault_door;
+
+--
+-- Name: vault_month_keys(text, text); Type: FUNCTION; Schema: public; Owner: pii_vault
+--
+
+CREATE FUNCTION public.vault_month_keys(p_parent text, p_partition text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+BEGIN
+    IF p_parent = 'user_logins' THEN
+        EXECUTE format('ALTER TABLE public.%I ADD CONSTRAINT %I PRIMARY KEY (id),'
+                       ' ADD CONSTRAINT %I UNIQUE (message_id)',
+                       p_partition, p_partition || '_pkey', p_partition || '_message_id_key');
+    ELSIF p_parent = 'login_vault' THEN
+        EXECUTE format('ALTER TABLE public.%I ADD CONSTRAINT %I PRIMARY KEY (login_id)',
+                       p_partition, p_partition || '_pkey');
+    ELSE
+        RAISE EXCEPTION 'months are kept for user_logins and login_vault, not %', p_parent;
+    END IF;
+END
+$$;
+
+
+ALTER FUNCTION public.vault_month_keys(p_parent text, p_partition text) OWNER TO pii_vault;
 
 --
 -- Name: vault_month_ready(date); Type: FUNCTION; Schema: public; Owner: pii_vault
@@ -1947,14 +1973,6 @@ ALTER TABLE ONLY public.lines_dated_when_ingested
 
 
 --
--- Name: login_vault login_vault_pkey; Type: CONSTRAINT; Schema: public; Owner: pii_vault
---
-
-ALTER TABLE ONLY public.login_vault
-    ADD CONSTRAINT login_vault_pkey PRIMARY KEY (login_id, create_date);
-
-
---
 -- Name: quarantine quarantine_message_id_key; Type: CONSTRAINT; Schema: public; Owner: pii_vault
 --
 
@@ -2008,22 +2026,6 @@ ALTER TABLE ONLY public.unmask_audit
 
 ALTER TABLE ONLY public.unmask_audit
     ADD CONSTRAINT unmask_audit_pkey PRIMARY KEY (id);
-
-
---
--- Name: user_logins user_logins_message_id_key; Type: CONSTRAINT; Schema: public; Owner: pii_vault
---
-
-ALTER TABLE ONLY public.user_logins
-    ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id, create_date);
-
-
---
--- Name: user_logins user_logins_pkey; Type: CONSTRAINT; Schema: public; Owner: pii_vault
---
-
-ALTER TABLE ONLY public.user_logins
-    ADD CONSTRAINT user_logins_pkey PRIMARY KEY (id, create_date);
 
 
 --
@@ -2346,6 +2348,13 @@ GRANT ALL ON FUNCTION public.vault_key_request(p_keys bigint[], p_reason text) T
 --
 
 REVOKE ALL ON FUNCTION public.vault_keys_named_are_kept() FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION vault_month_keys(p_parent text, p_partition text); Type: ACL; Schema: public; Owner: pii_vault
+--
+
+REVOKE ALL ON FUNCTION public.vault_month_keys(p_parent text, p_partition text) FROM PUBLIC;
 
 
 --

@@ -9,14 +9,14 @@
 //! first delivery), the unique index refuses the copy and the batch is written again
 //! ([`WriteError::Raced`]), when the look-up sees it.
 //!
-//! Both tables are partitioned by login month (migration 0017), and a unique index holds only
-//! within a month, so the look-up and the unique index go by (message key, login date). A
-//! message from a queue keeps its date over every redelivery ([`LoginDate::Sent`]); a file
-//! line is dated the day its source was first ingested ([`LoginDate::Ingested`],
-//! [`first_day`]), which every replay repeats. So a message is looked up in the months of its
-//! batch's dates only, and two deliveries racing meet at the unique index; file lines are also
-//! looked up in the months of lines stored before migration 0021, which were dated when
-//! ingested. A month without partitions refuses the copy ([`WriteError::NoPartition`]):
+//! Both tables are partitioned by login month (migration 0017), and each month has its own
+//! unique index of message keys (0022), so the look-up and the unique index go by (message key,
+//! login month). A message from a queue keeps its date over every redelivery
+//! ([`LoginDate::Sent`]); a file line is dated the day its source was first ingested
+//! ([`LoginDate::Ingested`], [`first_day`]), which every replay repeats. So a message is looked
+//! up in its batch's months only, and two deliveries racing meet at the unique index; file
+//! lines are also looked up in the months of lines stored before migration 0021, which were
+//! dated when ingested. A month without partitions refuses the copy ([`WriteError::NoPartition`]):
 //! nothing is written, and the messages stay on the queue.
 //!
 //! A login never exists without its sealed
@@ -43,16 +43,19 @@ pub struct Written {
     pub duplicates: u64,
 }
 
-/// Searches only the months of the batch's dates (the other months' partitions are pruned).
-const STORED_KEYS_OF_DAYS: &str = "SELECT message_id::text FROM user_logins
-     WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date = ANY ($2::date[])";
+/// Searches only the batch's months, from `$2` (the first day of its first) to `$3` (the first
+/// day after its last): each month's unique index holds for the whole month. A range prunes the
+/// other months in a generic plan too, where a list of days (`= ANY`) prunes only in a plan
+/// made for its values.
+pub const STORED_KEYS_OF_MONTHS: &str = "SELECT message_id::text FROM user_logins
+     WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date >= $2 AND create_date < $3";
 
 /// For file lines, also the months up to `lines_dated_when_ingested.through`: lines stored
 /// before migration 0021 were dated the day they were ingested, not the day their source was
 /// first ingested. No such month is read once they have expired (pruned as the query runs).
 const STORED_KEYS_OF_FILE_LINES: &str = "
 SELECT message_id::text FROM user_logins
- WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date = ANY ($2::date[])
+ WHERE message_id = ANY ($1::text[]::uuid[]) AND create_date >= $2 AND create_date < $3
 UNION ALL
 SELECT message_id::text FROM user_logins
  WHERE message_id = ANY ($1::text[]::uuid[])
@@ -69,8 +72,8 @@ const RESERVE_LOGIN_IDS: &str =
     "SELECT nextval('user_logins_id_seq') FROM generate_series(1, $1::int4)";
 
 /// How the unique index whose refusal means another writer stored one of the batch's messages
-/// ends its name, in each month's partition (`user_logins_2026_12_message_id_create_date_key`).
-const MESSAGE_KEY_INDEX: &str = "_message_id_create_date_key";
+/// ends its name, in each month's partition (`user_logins_2026_12_message_id_key`, 0022).
+const MESSAGE_KEY_INDEX: &str = "_message_id_key";
 
 /// A withheld body (migration 0013) has neither a data key nor a user token.
 const INSERT_QUARANTINE: &str = "
@@ -193,17 +196,18 @@ async fn copy_logins(tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<u64, 
         .logins
         .iter()
         .any(|row| matches!(row.create_date, LoginDate::Ingested(_)));
-    let mut days: Vec<time::Date> = batch.logins.iter().map(|r| r.create_date.day()).collect();
-    days.sort_unstable();
-    days.dedup();
+    let (first_day, after_last_day) =
+        months_spanned(batch.logins.iter().map(|r| r.create_date.day()))
+            .expect("a batch with logins");
     let look_up = if file_lines {
         STORED_KEYS_OF_FILE_LINES
     } else {
-        STORED_KEYS_OF_DAYS
+        STORED_KEYS_OF_MONTHS
     };
     let stored: HashSet<String> = sqlx::query_scalar(look_up)
         .bind(&texts)
-        .bind(days)
+        .bind(first_day)
+        .bind(after_last_day)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -286,6 +290,24 @@ async fn copy(tx: &mut sqlx::PgConnection, rows: CopyRows) -> Result<u64, WriteE
         }
         _ => WriteError::Database(error),
     })
+}
+
+/// The first day of the first month of `days`, and the first day after the last month: the
+/// months a batch's keys are looked up in (none without days).
+fn months_spanned(days: impl IntoIterator<Item = time::Date>) -> Option<(time::Date, time::Date)> {
+    let (first, last) = days.into_iter().fold(None, |span, day| match span {
+        None => Some((day, day)),
+        Some((first, last)) => Some((day.min(first), day.max(last))),
+    })?;
+    let month_after_last = match last.month() {
+        time::Month::December => (last.year() + 1, time::Month::January),
+        month => (last.year(), month.next()),
+    };
+    Some((
+        first.replace_day(1).expect("every month has a first day"),
+        time::Date::from_calendar_date(month_after_last.0, month_after_last.1, 1)
+            .expect("a valid month"),
+    ))
 }
 
 /// The month of the row a partitioned table had no partition for, from the error's detail:
@@ -411,7 +433,30 @@ impl Row<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::CopyRows;
+    use super::{CopyRows, months_spanned};
+    use time::{Date, Month};
+
+    #[test]
+    fn a_batch_is_looked_up_from_its_first_month_to_its_last() {
+        let day = |y, m, d| Date::from_calendar_date(y, m, d).unwrap();
+        assert_eq!(
+            months_spanned([
+                day(2024, Month::March, 9),
+                day(2024, Month::February, 29),
+                day(2024, Month::March, 1),
+            ]),
+            Some((day(2024, Month::February, 1), day(2024, Month::April, 1)))
+        );
+        assert_eq!(
+            months_spanned([day(2027, Month::January, 1), day(2026, Month::December, 31)]),
+            Some((day(2026, Month::December, 1), day(2027, Month::February, 1)))
+        );
+        assert_eq!(
+            months_spanned([day(2026, Month::December, 31)]),
+            Some((day(2026, Month::December, 1), day(2027, Month::January, 1)))
+        );
+        assert_eq!(months_spanned([]), None);
+    }
 
     #[test]
     fn rows_are_framed_and_the_column_list_comes_from_the_fields() {

@@ -1,5 +1,6 @@
 //! Logins stored by month (migration 0017): a month without partitions keeps its messages on
-//! the queue and readiness names it; idempotency holds across months, for a redelivered
+//! the queue and readiness names it; each month has its own keys, without the login date
+//! (0022), and stores a message once; idempotency holds across months, for a redelivered
 //! message, for a file replayed on a later day (its lines dated by their source, 0021) and for
 //! lines stored before that; the months are added by the key admin alone, and a partition is
 //! no way around the parents' grants; the doors hand out a user's logins of several months
@@ -156,6 +157,146 @@ async fn a_message_delivered_again_in_the_next_month_is_stored_once_in_its_send_
             .await
             .unwrap();
     assert_eq!(rows, [("user_logins_2025_01".to_owned(), sent.date())]);
+    env.cleanup().await;
+}
+
+/// Migration 0022 gives each month its own keys, without the login date: built for the months
+/// stored before it, made with every month added after. A message is then stored once a month
+/// whatever day it carries, as the owner finds when writing past the writer. A month that
+/// already held a message on two days (possible before 0022) keeps its key by day and loses
+/// nothing, and the writer's look-up by month still finds both.
+#[tokio::test]
+async fn each_month_keys_its_logins_without_their_date_and_stores_a_message_once_a_month() {
+    let env = TestEnv::unmigrated().await;
+    let role_admin = env.migrate_before(22).await;
+    env.init_token_key().await;
+    let store = |id: &str, sent_at: OffsetDateTime| {
+        env.drain_from(common::VecSource::of_messages(vec![Message {
+            id: id.to_owned(),
+            body: login("u-1", "10.1.1.1", "dev").into_bytes(),
+            sent_at: Some(sent_at),
+            receipt: Receipt(String::new()),
+            read_at: Instant::now(),
+        }]))
+    };
+    let (once, twice, new) = (
+        "b5e1d2ef-0000-4c55-9f31-0e8d2a7b9c10",
+        "c6f2e3f0-0000-4c55-9f31-0e8d2a7b9c10",
+        "d7a3f4a1-0000-4c55-9f31-0e8d2a7b9c10",
+    );
+    let december = at(2024, Month::December, 3, (8, 0, 0));
+    let january = at(2025, Month::January, 3, (8, 0, 0));
+    env.add_month(december.date()).await;
+    env.add_month(january.date()).await;
+    let stored = |summary: ingest::Summary| (summary.stored, summary.duplicates);
+    assert_eq!(stored(store(once, december).await), (1, 0));
+    assert_eq!(stored(store(twice, january).await), (1, 0));
+    // The owner stores a login again on another day, past the writer: before 0022 a message
+    // key held for its day only, so the month takes it.
+    let copy_to_another_day = |from: &str, to: &str| {
+        sqlx::query(
+            "INSERT INTO user_logins
+             SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version,
+                    $2::date, nextval('user_logins_id_seq'), message_id, token_key_id,
+                    app_version_text, ingested_at, message_id_text
+             FROM user_logins WHERE create_date = $1::date",
+        )
+        .bind(from.to_owned())
+        .bind(to.to_owned())
+        .execute(&env.pool)
+    };
+    copy_to_another_day("2025-01-03", "2025-01-20")
+        .await
+        .unwrap();
+
+    pii_vault::db::migrate(&env.pool, Some(&role_admin))
+        .await
+        .unwrap();
+    env.add_month(at(2025, Month::February, 1, (0, 0, 0)).date())
+        .await;
+    let keys: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT x.indrelid::regclass::text, x.indexrelid::regclass::text,
+                string_agg(a.attname, ', ' ORDER BY k.n)
+         FROM pg_index x
+         CROSS JOIN LATERAL unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+         JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+         WHERE x.indisunique
+           AND x.indrelid IN (SELECT 'user_logins'::regclass UNION ALL
+                              SELECT 'login_vault'::regclass UNION ALL
+                              SELECT inhrelid FROM pg_inherits
+                              WHERE inhparent IN ('user_logins'::regclass, 'login_vault'::regclass))
+         GROUP BY 1, 2 ORDER BY 2",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    // The test's three months and those `init` added ahead, each table's; no parent.
+    let months: std::collections::BTreeSet<&str> =
+        keys.iter().map(|(table, _, _)| table.as_str()).collect();
+    assert!(months.len() >= 6, "{months:?}");
+    assert!(
+        months.is_superset(
+            &[
+                "user_logins_2024_12",
+                "user_logins_2025_01",
+                "login_vault_2025_02"
+            ]
+            .into()
+        )
+    );
+    assert!(!months.contains("user_logins") && !months.contains("login_vault"));
+    let want: Vec<(String, String, String)> = months
+        .iter()
+        .flat_map(|&table| {
+            let key = |index: &str, columns: &str| {
+                (
+                    table.to_owned(),
+                    format!("{table}_{index}"),
+                    columns.to_owned(),
+                )
+            };
+            if table.starts_with("login_vault") {
+                vec![key("pkey", "login_id")]
+            } else if table == "user_logins_2025_01" {
+                vec![
+                    key("message_id_key", "message_id, create_date"),
+                    key("pkey", "id"),
+                ]
+            } else {
+                vec![key("message_id_key", "message_id"), key("pkey", "id")]
+            }
+        })
+        .collect();
+    assert_eq!(keys, want);
+
+    // Another day of a stored message's month finds it, where the same in January before 0022
+    // stored it again; the month that kept its key by day finds either of its two rows.
+    let later_in_december = at(2024, Month::December, 28, (8, 0, 0));
+    assert_eq!(stored(store(once, later_in_december).await), (0, 1));
+    assert_eq!(
+        stored(store(twice, at(2025, Month::January, 25, (8, 0, 0))).await),
+        (0, 1)
+    );
+    assert_eq!(
+        stored(store(new, at(2025, Month::February, 2, (8, 0, 0))).await),
+        (1, 0)
+    );
+    assert_eq!(
+        stored(store(new, at(2025, Month::February, 27, (8, 0, 0))).await),
+        (0, 1)
+    );
+    assert_eq!(env.count("user_logins").await, 4);
+
+    // The owner writing past the writer meets the month's key as well.
+    let refused = copy_to_another_day("2025-02-02", "2025-02-14")
+        .await
+        .unwrap_err();
+    let constraint = refused.as_database_error().and_then(|e| e.constraint());
+    assert_eq!(
+        constraint,
+        Some("user_logins_2025_02_message_id_key"),
+        "{refused}"
+    );
     env.cleanup().await;
 }
 

@@ -175,6 +175,28 @@ impl TestEnv {
         )
     }
 
+    /// Runs, on an [`TestEnv::unmigrated`] database, the migrations before `version`: the
+    /// schema a release before it left. `pii_vault::db::migrate` then runs the rest.
+    pub async fn migrate_before(&self, version: i64) -> PgPool {
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                pii_vault::db::MIGRATOR
+                    .iter()
+                    .filter(|m| m.version < version)
+                    .cloned()
+                    .collect(),
+            ),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+        };
+        let role_admin = role_admin().await;
+        pii_vault::db::migrate_with(&before, &self.pool, Some(&role_admin))
+            .await
+            .unwrap();
+        role_admin
+    }
+
     /// Adds the partitions of `day`'s month, as `rotate-keys partitions` would for a month
     /// ahead: a login is stored only in its month's partitions (migration 0017).
     pub async fn add_month(&self, day: time::Date) {
