@@ -428,7 +428,8 @@ async fn copy_into(pool: &sqlx::PgPool, copies: [(&std::path::PathBuf, String); 
 
 /// What stored logins cost PostgreSQL, per login: WAL written since `wal_before` (the bench
 /// runs alone), and table plus index bytes on disk, also by table (its partitions together)
-/// and by index.
+/// and by index (a parent's index with its partitions', a month's own key with the other
+/// months').
 struct Footprint {
     wal: f64,
     disk: f64,
@@ -447,16 +448,19 @@ impl Footprint {
             .await
             .unwrap(),
             sqlx::query_as(
-                "SELECT name, (sum(size) / $1)::float8 FROM (
-                   SELECT t::text || ' table' AS name, pg_table_size(p.relid) AS size
+                "WITH relations AS (
+                   SELECT t, p.relid
                      FROM unnest('{user_logins,login_vault}'::regclass[]) AS t,
-                          LATERAL (SELECT relid FROM pg_partition_tree(t) UNION SELECT t) AS p
+                          LATERAL (SELECT relid FROM pg_partition_tree(t) UNION SELECT t) AS p)
+                 SELECT name, (sum(size) / $1)::float8 FROM (
+                   SELECT t::text || ' table' AS name, pg_table_size(relid) AS size
+                     FROM relations
                    UNION ALL
-                   SELECT i.indexrelid::regclass::text, pg_relation_size(p.relid)
-                     FROM pg_index i,
-                          LATERAL (SELECT relid FROM pg_partition_tree(i.indexrelid)
-                                   UNION SELECT i.indexrelid) AS p
-                    WHERE i.indrelid IN ('user_logins'::regclass, 'login_vault'::regclass)) AS s
+                   SELECT coalesce(pg_partition_root(i.indexrelid)::text,
+                                   regexp_replace(i.indexrelid::regclass::text,
+                                                  '_[0-9]{4}_[0-9]{2}_', '_')),
+                          pg_relation_size(i.indexrelid)
+                     FROM pg_index i JOIN relations r ON r.relid = i.indrelid) AS s
                  GROUP BY name ORDER BY name",
             )
             .bind(logins as f64)

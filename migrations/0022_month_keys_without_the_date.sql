@@ -18,8 +18,9 @@
 -- - A vault row per login.
 --
 -- `vault_add_month` makes a month's keys before it attaches it; the months already there get
--- theirs here, built in this migration's transaction (each month's table is locked against
--- writes while its keys are built: about a second per million logins).
+-- theirs here, built in this migration's transaction, which holds the two tables against writes
+-- meanwhile: on a 2-core machine 1.2 s per million logins for the logins' two keys and 0.4 s for
+-- the vault's, plus a read of each month's message keys.
 
 ALTER TABLE user_logins DROP CONSTRAINT user_logins_pkey,
                         DROP CONSTRAINT user_logins_message_id_key;
