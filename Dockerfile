@@ -21,8 +21,12 @@ WORKDIR /app
 
 # Only what `cargo build --bins` reads. migrations/ is compiled into the binaries
 # (sqlx::migrate!), and benches/ is needed because Cargo.toml declares a [[bench]] target:
-# cargo refuses a manifest whose target file is missing, even when not building it.
+# cargo refuses a manifest whose target file is missing, even when not building it. .sqlx/
+# holds what the checked queries (`sqlx::query_as!`) are checked against, and .cargo/ says to
+# read it instead of connecting to a database.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY .cargo ./.cargo
+COPY .sqlx ./.sqlx
 COPY benches ./benches
 COPY migrations ./migrations
 COPY src ./src

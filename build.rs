@@ -5,6 +5,11 @@ fn main() {
     // `sqlx::migrate!()` embeds migrations/ at compile time but, on stable Rust, does not tell
     // cargo to watch it: without this, a new migration alone would not rebuild the binaries.
     println!("cargo:rerun-if-changed=migrations");
+    // The query macros check against .sqlx/ or, with these set, a live database: either change
+    // must expand them again.
+    println!("cargo:rerun-if-changed=.sqlx");
+    println!("cargo:rerun-if-env-changed=SQLX_OFFLINE");
+    println!("cargo:rerun-if-env-changed=SQLX_OFFLINE_DIR");
     println!("cargo:rustc-env=PII_VAULT_COMMIT={}", commit());
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::Date;
@@ -15,7 +15,7 @@ use super::erasure::carry_erasures;
 use super::walk::{Pages, Rotation, Tally, pass_over};
 use crate::event::user_id_named_in;
 use crate::vault::handed_out::DoorOperation::{self, Reseal, Retokenize};
-use crate::vault::handed_out::{IntegrityError, SealedBody, SealedLogin, Walk};
+use crate::vault::handed_out::{self, HandedOutRow, IntegrityError, SealedBody, SealedLogin};
 use crate::vault::key_cache::KeyCache;
 use crate::vault::key_table;
 use crate::vault::keyring::Keyring;
@@ -43,18 +43,16 @@ type PageTx = (Transaction<'static, Postgres>, i64);
 type Update = Query<'static, Postgres, PgArguments>;
 
 impl<W> Scope<'_, W> {
-    /// One table's pages of `operation` through the doors of `walk`, opened with `keys` and
+    /// One table's pages of `operation` through the doors of its rows, opened with `keys` and
     /// rewritten by `table`.
     fn pages<'s, T>(
         &'s self,
-        walk: Walk,
         operation: DoorOperation,
         keys: &'s mut KeyCache,
         table: T,
     ) -> DoorPages<'s, W, T> {
         DoorPages {
             scope: self,
-            walk,
             operation,
             keys,
             table,
@@ -67,27 +65,9 @@ impl<W> Scope<'_, W> {
 /// transaction the page was handed out in, which then commits.
 struct DoorPages<'s, W, T> {
     scope: &'s Scope<'s, W>,
-    walk: Walk,
     operation: DoorOperation,
     keys: &'s mut KeyCache,
     table: T,
-}
-
-/// A row as a door of the key admin's hands it out; the door's pages follow its primary key.
-trait DoorRow: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin {
-    fn id(&self) -> i64;
-}
-
-impl DoorRow for SealedLogin {
-    fn id(&self) -> i64 {
-        self.login_id
-    }
-}
-
-impl DoorRow for SealedBody {
-    fn id(&self) -> i64 {
-        self.id
-    }
 }
 
 /// A page as a table's rewrite gets it: the request it was handed out against, its rows, with
@@ -101,7 +81,7 @@ struct Page<'p, W, R> {
 
 /// What a rotation does to one of its tables.
 trait Rewrite<W> {
-    type Row: DoorRow;
+    type Row: HandedOutRow;
 
     /// The write door's call that puts the page's rows under the new key.
     async fn update(&mut self, page: Page<'_, W, Self::Row>) -> Result<Update, LifecycleError>;
@@ -118,17 +98,15 @@ impl<W: KeyWrapper, T: Rewrite<W>> Pages for DoorPages<'_, W, T> {
     async fn fetch(&mut self, after: i64) -> Result<(PageTx, Vec<T::Row>), LifecycleError> {
         let scope = self.scope;
         let mut tx = scope.pool.begin().await?;
-        let page = self
-            .walk
-            .page(
-                scope.pool,
-                &mut tx,
-                self.operation,
-                after,
-                scope.batch_size,
-                scope.retiring,
-            )
-            .await?;
+        let page = handed_out::page::<T::Row>(
+            scope.pool,
+            &mut tx,
+            self.operation,
+            after,
+            scope.batch_size,
+            scope.retiring,
+        )
+        .await?;
         Ok(match page {
             Some(page) => ((tx, page.request), page.rows),
             None => ((tx, 0), Vec::new()),
@@ -165,7 +143,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
         let logins = LoginValues {
             targets: &mut self.targets,
         };
-        let mut pages = scope.pages(Walk::Logins, Reseal, &mut self.keys, logins);
+        let mut pages = scope.pages(Reseal, &mut self.keys, logins);
         pass_over(&mut pages, tally).await?;
         // A body stays in the window its old key served (its month when it was quarantined).
         let windows = key_table::windows_of(scope.pool, scope.retiring).await?;
@@ -173,7 +151,7 @@ impl<W: KeyWrapper> Rotation for DataKeys<'_, W> {
             targets: &mut self.targets,
             windows,
         };
-        let mut pages = scope.pages(Walk::Quarantine, Reseal, &mut self.keys, bodies);
+        let mut pages = scope.pages(Reseal, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await
     }
 
@@ -195,18 +173,14 @@ impl<W: KeyWrapper> Rotation for TokenKeys<'_, W> {
         let tokens = LoginTokens {
             target: &self.target,
         };
-        let mut pages = self
-            .scope
-            .pages(Walk::Logins, Retokenize, &mut self.keys, tokens);
+        let mut pages = self.scope.pages(Retokenize, &mut self.keys, tokens);
         pass_over(&mut pages, tally).await?;
         // What links a quarantined message or an erasure record to its user moves too: no
         // retiring key may stay named, or it could never be destroyed.
         let bodies = QuarantineTokens {
             target: &self.target,
         };
-        let mut pages = self
-            .scope
-            .pages(Walk::Quarantine, Retokenize, &mut self.keys, bodies);
+        let mut pages = self.scope.pages(Retokenize, &mut self.keys, bodies);
         pass_over(&mut pages, tally).await?;
         let scope = &self.scope;
         carry_erasures(scope.pool, scope.keyring, scope.retiring, &self.target).await?;

@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 use crate::progress::{Progress, Unit};
 use crate::vault::handed_out::DoorOperation::Verify;
 use crate::vault::handed_out::{
-    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, Walk, open_checked,
+    IntegrityError, OpenRowError, RowId, SealedBody, SealedLogin, SealedValue, open_checked, page,
 };
 use crate::vault::key_cache::KeyCache;
 use crate::vault::key_table;
@@ -157,7 +157,6 @@ pub struct Request {
 
 /// A row of the door's answer: the outcome, and for a hand-out one login with its sealed
 /// values and the wrapped keys that open them.
-#[derive(sqlx::FromRow)]
 struct HandedOut {
     /// `None` for a knock by a caller without the compliance role: it is no audit row.
     audit_id: Option<i64>,
@@ -201,10 +200,17 @@ pub async fn unmask<W: KeyWrapper>(
         .bind(&request.actor)
         .fetch_one(pool)
         .await?;
-    let handed: Vec<HandedOut> = sqlx::query_as("SELECT * FROM vault_reveal($1)")
-        .bind(request_id)
-        .fetch_all(pool)
-        .await?;
+    // Checked against the door's result columns at build time (`.sqlx/`).
+    let handed = sqlx::query_as!(
+        HandedOut,
+        r#"SELECT audit_id, outcome AS "outcome!", login_id, message_id, user_id, device_type,
+                  create_date, masked_ip, masked_device_id, data_key_id AS "data_key_id: KeyId",
+                  data_key_format, data_key_kms, data_key_wrapped, sealed_ip, sealed_device_id
+             FROM vault_reveal($1)"#,
+        request_id
+    )
+    .fetch_all(pool)
+    .await?;
     let Some(first) = handed.first() else {
         return Err(UnmaskError::Database(sqlx::Error::RowNotFound));
     };
@@ -396,8 +402,7 @@ async fn verify_pages<W: KeyWrapper>(
     };
     let mut conn = pool.acquire().await.map_err(KeyringError::Database)?;
     let mut after = 0i64;
-    while let Some(page) = Walk::Logins
-        .page::<SealedLogin>(pool, &mut conn, Verify, after, VERIFY_PAGE, &[])
+    while let Some(page) = page::<SealedLogin>(pool, &mut conn, Verify, after, VERIFY_PAGE, &[])
         .await
         .map_err(KeyringError::Database)?
     {
@@ -412,10 +417,10 @@ async fn verify_pages<W: KeyWrapper>(
         .await
         .map_err(KeyringError::Database)?;
     let mut after = 0i64;
-    while let Some(page) = Walk::Quarantine
-        .page::<SealedBody>(pool, &mut conn, Verify, after, VERIFY_PAGE, &data_keys)
-        .await
-        .map_err(KeyringError::Database)?
+    while let Some(page) =
+        page::<SealedBody>(pool, &mut conn, Verify, after, VERIFY_PAGE, &data_keys)
+            .await
+            .map_err(KeyringError::Database)?
     {
         for body in &page.rows {
             body.open(keyring, &mut keys).await?;

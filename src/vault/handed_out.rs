@@ -10,8 +10,7 @@
 
 use std::fmt;
 
-use sqlx::postgres::PgRow;
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use time::Date;
 use zeroize::Zeroizing;
 
@@ -136,7 +135,7 @@ pub enum OpenRowError {
 
 /// A login as the key admin's rotation door hands it out (`vault_rotation_page`): sealed
 /// values are `None` where the user's values were erased.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct SealedLogin {
     pub login_id: i64,
     pub message_id: String,
@@ -201,23 +200,12 @@ impl SealedLogin {
 
 /// A quarantined message's sealed body as the key admin's quarantine door hands it out
 /// (`vault_quarantine_page`).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct SealedBody {
     pub id: i64,
     pub message_id: String,
     pub data_key_id: KeyId,
     pub sealed_body: Vec<u8>,
-}
-
-/// The key admin's walks over sealed rows, each through its pair of doors: a request, whose
-/// audit row commits on its own, then the hand-out against it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Walk {
-    /// Logins ([`SealedLogin`]), through `vault_rotation_request` / `vault_rotation_page`.
-    Logins,
-    /// Quarantined bodies ([`SealedBody`]), through `vault_quarantine_request` /
-    /// `vault_quarantine_page`.
-    Quarantine,
 }
 
 sql_text! {
@@ -241,53 +229,94 @@ pub struct DoorPage<R> {
     pub rows: Vec<R>,
 }
 
-impl Walk {
-    /// The next page of `operation` after row `after`, at most `limit` rows, under `keys` (the
-    /// operation says what they select). The request runs on `pool` and commits on its own;
-    /// the hand-out runs on `conn`, usually the transaction that will write the page. `None`
-    /// once no row is left to hand out.
-    pub async fn page<R>(
-        self,
-        pool: &PgPool,
+/// A row the key admin's walks hand out, a page at a time, through a pair of doors: a request,
+/// whose audit row commits on its own, then the hand-out against it. The hand-out's result
+/// columns are checked against the schema at build time (`query_as!`, with the metadata in
+/// `.sqlx/`: migrations/README.md).
+pub trait HandedOutRow: Sized + Send + Unpin {
+    /// The request door's call: (operation, after, limit, keys), answering the request's id, or
+    /// NULL when nothing is left.
+    const REQUEST: &'static str;
+
+    /// The walk's order: the row's primary key.
+    fn id(&self) -> i64;
+
+    /// The rows handed out against `request`, on `conn`.
+    fn hand_out(
         conn: &mut PgConnection,
-        operation: DoorOperation,
-        after: i64,
-        limit: i64,
-        keys: &[i64],
-    ) -> Result<Option<DoorPage<R>>, sqlx::Error>
-    where
-        R: for<'r> FromRow<'r, PgRow> + Send + Unpin,
-    {
-        let (request, hand_out) = match self {
-            Walk::Logins => (
-                "SELECT vault_rotation_request($1, $2, $3, $4)",
-                "SELECT login_id, message_id, user_id, create_date, masked_ip, masked_device_id,
-                        token_key_id, data_key_id, sealed_ip, sealed_device_id
-                 FROM vault_rotation_page($1)",
-            ),
-            Walk::Quarantine => (
-                "SELECT vault_quarantine_request($1, $2, $3, $4)",
-                "SELECT id, message_id, data_key_id, sealed_body FROM vault_quarantine_page($1)",
-            ),
-        };
-        let request: Option<i64> = sqlx::query_scalar(request)
-            .bind(operation)
-            .bind(after)
-            .bind(limit)
-            .bind(keys)
-            .fetch_one(pool)
-            .await?;
-        let Some(request) = request else {
-            return Ok(None);
-        };
-        let rows: Vec<R> = sqlx::query_as(hand_out)
-            .bind(request)
-            .fetch_all(&mut *conn)
-            .await?;
-        // Rows erased between the two steps are not handed out; a page left empty ends the
-        // walk like the end of the table (a rotation's next pass finds what remains).
-        Ok((!rows.is_empty()).then_some(DoorPage { request, rows }))
+        request: i64,
+    ) -> impl Future<Output = Result<Vec<Self>, sqlx::Error>> + Send;
+}
+
+impl HandedOutRow for SealedLogin {
+    const REQUEST: &'static str = "SELECT vault_rotation_request($1, $2, $3, $4)";
+
+    fn id(&self) -> i64 {
+        self.login_id
     }
+
+    async fn hand_out(conn: &mut PgConnection, request: i64) -> Result<Vec<Self>, sqlx::Error> {
+        // A function's result columns carry no NOT NULL: "!" says which ones the door fills.
+        sqlx::query_as!(
+            SealedLogin,
+            r#"SELECT login_id AS "login_id!", message_id AS "message_id!",
+                      user_id AS "user_id!", create_date AS "create_date!",
+                      masked_ip, masked_device_id, token_key_id AS "token_key_id!: KeyId",
+                      data_key_id AS "data_key_id: KeyId", sealed_ip, sealed_device_id
+                 FROM vault_rotation_page($1)"#,
+            request
+        )
+        .fetch_all(conn)
+        .await
+    }
+}
+
+impl HandedOutRow for SealedBody {
+    const REQUEST: &'static str = "SELECT vault_quarantine_request($1, $2, $3, $4)";
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    async fn hand_out(conn: &mut PgConnection, request: i64) -> Result<Vec<Self>, sqlx::Error> {
+        sqlx::query_as!(
+            SealedBody,
+            r#"SELECT id AS "id!", message_id AS "message_id!",
+                      data_key_id AS "data_key_id!: KeyId", sealed_body AS "sealed_body!"
+                 FROM vault_quarantine_page($1)"#,
+            request
+        )
+        .fetch_all(conn)
+        .await
+    }
+}
+
+/// The next page of `operation` after row `after`, at most `limit` rows, under `keys` (the
+/// operation says what they select). The request runs on `pool` and commits on its own; the
+/// hand-out runs on `conn`, usually the transaction that will write the page. `None` once no
+/// row is left to hand out.
+pub async fn page<R: HandedOutRow>(
+    pool: &PgPool,
+    conn: &mut PgConnection,
+    operation: DoorOperation,
+    after: i64,
+    limit: i64,
+    keys: &[i64],
+) -> Result<Option<DoorPage<R>>, sqlx::Error> {
+    let request: Option<i64> = sqlx::query_scalar(R::REQUEST)
+        .bind(operation)
+        .bind(after)
+        .bind(limit)
+        .bind(keys)
+        .fetch_one(pool)
+        .await?;
+    let Some(request) = request else {
+        return Ok(None);
+    };
+    let rows = R::hand_out(conn, request).await?;
+    // Rows erased between the two steps are not handed out; a page left empty ends the walk
+    // like the end of the table (a rotation's next pass finds what remains).
+    Ok((!rows.is_empty()).then_some(DoorPage { request, rows }))
 }
 
 impl SealedBody {

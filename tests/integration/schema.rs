@@ -273,3 +273,104 @@ async fn every_object_body_owner_and_grant_of_a_migrated_database_is_in_the_comm
     );
     db.drop().await;
 }
+
+const CHECKED_QUERIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.sqlx");
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The build checks each `query_as!` against .sqlx/ (offline: .cargo/config.toml), and this
+/// holds .sqlx/ to what the migrations make: each query, described by a migrated database as
+/// a login that runs it in production (a door's role, not a superuser), has the columns, types,
+/// parameters and nullability recorded, under its own hash; and no file is left of a query the
+/// code no longer has.
+#[tokio::test]
+async fn the_checked_queries_metadata_is_what_the_migrations_make() {
+    use sha2::{Digest, Sha256};
+    use sqlx::Executor;
+
+    let regenerate = "regenerate .sqlx/ with `scripts/schema-dump --write`";
+    let db = Scratch::new().await;
+    let logins = ["compliance", "keyadmin", "ingester"];
+    let mut pools = Vec::new();
+    for login in logins {
+        pools.push(db.pool_as(login).await);
+    }
+    let mut files: Vec<_> = std::fs::read_dir(CHECKED_QUERIES)
+        .unwrap_or_else(|e| panic!("reading {CHECKED_QUERIES} ({e}): {regenerate}"))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    let mut wrong = Vec::new();
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let stored: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let query = stored["query"].as_str().expect("a query text");
+        let hash = hex::encode(Sha256::digest(query.as_bytes()));
+        if name != format!("query-{hash}.json") || stored["hash"] != hash.as_str() {
+            wrong.push(format!("{name}: not named by its query's hash"));
+        }
+        let mut described = None;
+        for (login, pool) in logins.iter().zip(&pools) {
+            if let Ok(describe) = pool.describe(query).await {
+                described = Some((login, serde_json::to_value(&describe).unwrap()));
+                break;
+            }
+        }
+        match described {
+            None => wrong.push(format!("{name}: no login of {logins:?} can run it")),
+            Some((login, describe)) if describe != stored["describe"] => wrong.push(format!(
+                "{name}: described as {login}, the database says {describe}, the file {}",
+                stored["describe"]
+            )),
+            Some(_) => {}
+        }
+    }
+    // The comparison sees a column's type: the key door's `format` read as int4 is refused.
+    let key_door = files
+        .iter()
+        .map(|file| std::fs::read_to_string(file).unwrap())
+        .find(|text| text.contains("FROM vault_key_hand_out($1)"))
+        .expect("the key door's hand-out is a checked query");
+    let stored: serde_json::Value = serde_json::from_str(&key_door).unwrap();
+    let retyped = stored["query"]
+        .as_str()
+        .unwrap()
+        .replace("format AS", "format::int4 AS");
+    let keyadmin = &pools[1];
+    let describe = serde_json::to_value(keyadmin.describe(retyped.as_str()).await.unwrap());
+    assert_ne!(describe.unwrap(), stored["describe"], "{retyped}");
+    let in_code: usize = rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            ["query!(", "query_as!(", "query_scalar!("]
+                .iter()
+                .map(|mac| text.matches(&format!("sqlx::{mac}")).count())
+                .sum::<usize>()
+        })
+        .sum();
+    for pool in pools {
+        pool.close().await;
+    }
+    assert!(in_code > 0, "no checked query found in src/");
+    assert_eq!(
+        files.len(),
+        in_code,
+        "one .sqlx/ file per checked query in src/: {regenerate}"
+    );
+    assert!(wrong.is_empty(), "{regenerate}:\n{}", wrong.join("\n"));
+    db.drop().await;
+}

@@ -63,7 +63,7 @@ pub async fn set_wrapped(
 }
 
 /// A row of `vault_keys` as the key door hands it out (no wrapped bytes once destroyed).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct StoredKey {
     pub purpose: Purpose,
     pub format: i16,
@@ -84,10 +84,17 @@ pub async fn hand_out(
         .bind(reason)
         .fetch_one(pool)
         .await?;
-    sqlx::query_as("SELECT purpose, format, kms_key_id, wrapped_key FROM vault_key_hand_out($1)")
-        .bind(request)
-        .fetch_optional(pool)
-        .await
+    // Checked against the door's result columns at build time (`.sqlx/`); a function's
+    // columns carry no NOT NULL, so "!" says which ones the door fills.
+    sqlx::query_as!(
+        StoredKey,
+        r#"SELECT purpose AS "purpose!: Purpose", format AS "format!",
+                  kms_key_id AS "kms_key_id!", wrapped_key
+             FROM vault_key_hand_out($1)"#,
+        request
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// The active token key, if there is one (`rotate-keys init` makes the first).
